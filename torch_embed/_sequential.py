@@ -1,0 +1,303 @@
+"""Read an ``nn.Sequential`` MLP into a :class:`Layout`, and the element-wise registry.
+
+A network torch_embed can widen is an ``nn.Sequential`` of ``nn.Linear`` layers with,
+between two of them, an optional ``nn.BatchNorm1d`` right after the first Linear and
+any number of element-wise modules (activations, ``nn.Dropout``). Every module that is
+not of that form is refused here, with a message that names its index, its type and
+what would have been accepted; nothing is ever skipped silently.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = [
+    "ElementwiseInfo",
+    "HiddenLayer",
+    "Layout",
+    "LinearLayer",
+    "elementwise_info",
+    "read_sequential",
+    "register_elementwise",
+]
+
+
+@dataclass(frozen=True)
+class ElementwiseInfo:
+    """What torch_embed knows about an element-wise module type.
+
+    Attributes:
+        lipschitz: A bound on ``|σ'|`` used by the floating-point error bound of
+            :func:`torch_embed.forward_error_bound` (its module argument gives the
+            instance, so parametrised modules such as ``LeakyReLU`` compute it).
+        positively_homogeneous: ``σ(c·z) = c·σ(z)`` for ``c > 0`` (ReLU family);
+            condensation may then merge parallel fan-in vectors.
+        twice_differentiable: PyTorch can differentiate the module twice, so Hessians
+            exist (``False`` for e.g. ``Hardsigmoid``, whose double backward PyTorch
+            does not implement).
+    """
+
+    lipschitz: Callable[[nn.Module], float]
+    positively_homogeneous: bool = False
+    twice_differentiable: bool = True
+
+
+def _const(value: float) -> Callable[[nn.Module], float]:
+    return lambda _module: value
+
+
+def _leaky(module: nn.Module) -> float:
+    return max(1.0, abs(float(getattr(module, "negative_slope", 0.01))))
+
+
+def _elu(module: nn.Module) -> float:
+    return max(1.0, abs(float(getattr(module, "alpha", 1.0))))
+
+
+def _prelu(module: nn.Module) -> float:
+    return max(1.0, float(module.weight.detach().abs().max()))  # type: ignore[operator]
+
+
+def _softplus(module: nn.Module) -> float:
+    return 1.0
+
+
+_REGISTRY: dict[type[nn.Module], ElementwiseInfo] = {
+    nn.Identity: ElementwiseInfo(_const(1.0), positively_homogeneous=True),
+    nn.Tanh: ElementwiseInfo(_const(1.0)),
+    nn.Sigmoid: ElementwiseInfo(_const(0.25)),
+    nn.ReLU: ElementwiseInfo(_const(1.0), positively_homogeneous=True),
+    nn.ReLU6: ElementwiseInfo(_const(1.0)),
+    nn.LeakyReLU: ElementwiseInfo(_leaky, positively_homogeneous=True),
+    nn.PReLU: ElementwiseInfo(_prelu, positively_homogeneous=True),
+    nn.GELU: ElementwiseInfo(_const(1.13)),
+    nn.SiLU: ElementwiseInfo(_const(1.1)),
+    nn.Mish: ElementwiseInfo(_const(1.09)),
+    nn.Softplus: ElementwiseInfo(_softplus),
+    nn.ELU: ElementwiseInfo(_elu),
+    nn.CELU: ElementwiseInfo(_elu),
+    nn.SELU: ElementwiseInfo(_const(1.0507 * 1.6733)),
+    nn.Hardtanh: ElementwiseInfo(_const(1.0)),
+    nn.Softsign: ElementwiseInfo(_const(1.0)),
+    nn.Tanhshrink: ElementwiseInfo(_const(1.0)),
+    nn.LogSigmoid: ElementwiseInfo(_const(1.0)),
+    nn.Hardswish: ElementwiseInfo(_const(1.5)),
+    nn.Hardsigmoid: ElementwiseInfo(_const(1.0 / 6.0), twice_differentiable=False),
+    nn.Softshrink: ElementwiseInfo(_const(1.0)),
+    nn.Hardshrink: ElementwiseInfo(_const(1.0)),
+    nn.Dropout: ElementwiseInfo(_const(math.inf)),
+}
+# Dropout is element-wise but random: copies of a neuron get different masks in train
+# mode. Its Lipschitz constant 1/(1-p) applies in train mode only; in eval mode it is
+# the identity. The error bound refuses train-mode dropout, so inf is never used.
+
+
+def register_elementwise(
+    module_type: type[nn.Module],
+    *,
+    lipschitz: float | Callable[[nn.Module], float] = math.inf,
+    positively_homogeneous: bool = False,
+    twice_differentiable: bool = True,
+) -> None:
+    """Declare a module type as element-wise, so :func:`torch_embed.widen` accepts it.
+
+    The module must apply the same scalar function to every feature independently:
+    copies of a neuron then stay copies after it.
+
+    Args:
+        module_type: The ``nn.Module`` subclass.
+        lipschitz: A bound on the derivative's magnitude (a number, or a function of the
+            module instance). Only used by the floating-point error bound; the default
+            ``inf`` makes that bound refuse the module instead of guessing.
+        positively_homogeneous: ``σ(c z) = c σ(z)`` for ``c > 0``.
+        twice_differentiable: PyTorch can take its second derivative.
+
+    Raises:
+        TypeError: If ``module_type`` is not an ``nn.Module`` subclass.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import torch_embed
+        >>> class Cube(nn.Module):
+        ...     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ...         return x**3
+        >>> torch_embed.register_elementwise(Cube)
+        >>> net = nn.Sequential(nn.Linear(2, 3), Cube(), nn.Linear(3, 1))
+        >>> _ = torch_embed.widen(net, [5])
+        >>> net[0].out_features
+        5
+    """
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"register_elementwise expects an nn.Module subclass, got {module_type!r}")
+    lip = lipschitz if callable(lipschitz) else _const(float(lipschitz))
+    _REGISTRY[module_type] = ElementwiseInfo(lip, positively_homogeneous, twice_differentiable)
+
+
+def elementwise_info(module: nn.Module) -> ElementwiseInfo | None:
+    """Return the registry entry for ``module``'s exact type, or ``None``."""
+    info = _REGISTRY.get(type(module))
+    if info is None:
+        return None
+    if isinstance(module, nn.PReLU) and module.num_parameters != 1:
+        return None  # one slope per channel is not one scalar function
+    return info
+
+
+@dataclass(frozen=True)
+class LinearLayer:
+    """One ``nn.Linear`` of the network, named by its key in the Sequential."""
+
+    name: str
+    in_features: int
+    out_features: int
+    has_bias: bool
+
+
+@dataclass(frozen=True)
+class HiddenLayer:
+    """A hidden layer: the Linear that feeds it, optional BatchNorm1d, activations."""
+
+    linear: str
+    batchnorm: str | None
+    activations: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The structure of an MLP, as read from an ``nn.Sequential``.
+
+    ``linears[l]`` is the Linear of layer ``l + 1`` in the papers' numbering; hidden
+    layer ``l`` (0-based, as in ``widen``'s ``new_widths``) is fed by ``linears[l]`` and
+    read by ``linears[l + 1]``.
+    """
+
+    linears: tuple[LinearLayer, ...]
+    hidden: tuple[HiddenLayer, ...]
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """``(m_0, m_1, ..., m_L)``: input, hidden and output widths."""
+        return (self.linears[0].in_features, *(lin.out_features for lin in self.linears))
+
+    @property
+    def hidden_widths(self) -> tuple[int, ...]:
+        """The widths of the hidden layers only."""
+        return self.widths[1:-1]
+
+
+_ACCEPTED = (
+    "nn.Linear, nn.BatchNorm1d (right after a Linear), element-wise modules "
+    "(activations such as Tanh, ReLU, GELU, ..., nn.Dropout, or types added with "
+    "torch_embed.register_elementwise)"
+)
+
+
+def _refuse(index: str, module: nn.Module, why: str) -> TypeError:
+    return TypeError(
+        f"layer {index} ({type(module).__name__}) cannot be widened: {why}. Accepted: {_ACCEPTED}."
+    )
+
+
+def read_sequential(module: nn.Module) -> Layout:
+    """Read an ``nn.Sequential`` MLP into a :class:`Layout`, refusing what cannot be widened.
+
+    Raises:
+        TypeError: ``module`` is not an ``nn.Sequential``, or contains a module of a
+            type that is not accepted.
+        ValueError: The structure is wrong although the types are accepted (fewer than
+            two Linear layers, mismatched features, a module or parameter that appears
+            twice, a parametrized or lazy module, BatchNorm1d not right after a Linear).
+    """
+    if not isinstance(module, nn.Sequential):
+        raise TypeError(
+            f"widen expects an nn.Sequential of Linear layers and element-wise modules, "
+            f"got {type(module).__name__}"
+        )
+    seen_modules: dict[int, str] = {}
+    seen_params: dict[int, str] = {}
+    linears: list[LinearLayer] = []
+    hidden: list[HiddenLayer] = []
+    batchnorm: str | None = None
+    activations: list[str] = []
+    previous: str | None = None  # kind of the previous module: "linear", "bn", "elementwise"
+    for name, child in module.named_children():
+        if id(child) in seen_modules:
+            raise ValueError(
+                f"layer {name} ({type(child).__name__}) is the same module object as layer "
+                f"{seen_modules[id(child)]}; a module that appears twice cannot be widened "
+                f"consistently. Use separate modules."
+            )
+        seen_modules[id(child)] = name
+        for pname, p in child.named_parameters():
+            if id(p) in seen_params:
+                raise ValueError(
+                    f"layer {name} ({type(child).__name__}) shares its parameter '{pname}' "
+                    f"with {seen_params[id(p)]} (weight tying); tied weights cannot be "
+                    f"widened independently. Untie them first."
+                )
+            seen_params[id(p)] = f"layer {name}"
+        if torch.nn.utils.parametrize.is_parametrized(child):
+            raise ValueError(
+                f"layer {name} ({type(child).__name__}) is parametrized; remove the "
+                f"parametrization (torch.nn.utils.parametrize.remove_parametrizations) "
+                f"before widening."
+            )
+        if isinstance(child, nn.modules.lazy.LazyModuleMixin):
+            raise ValueError(
+                f"layer {name} ({type(child).__name__}) is a lazy module whose shape is not "
+                f"known yet; run one forward pass first."
+            )
+        if type(child) is nn.Linear:
+            if linears and linears[-1].out_features != child.in_features:
+                raise ValueError(
+                    f"layer {name} (Linear) has in_features={child.in_features} but the "
+                    f"previous Linear (layer {linears[-1].name}) has "
+                    f"out_features={linears[-1].out_features}"
+                )
+            if linears:
+                hidden.append(HiddenLayer(linears[-1].name, batchnorm, tuple(activations)))
+            linears.append(
+                LinearLayer(name, child.in_features, child.out_features, child.bias is not None)
+            )
+            batchnorm, activations, previous = None, [], "linear"
+        elif type(child) is nn.BatchNorm1d:
+            if linears and previous != "linear":
+                raise ValueError(
+                    f"layer {name} (BatchNorm1d) must come right after a Linear layer "
+                    f"(it follows a {previous} module); only one BatchNorm1d per hidden "
+                    f"layer, between the Linear and its activation, is accepted"
+                )
+            if linears and child.num_features != linears[-1].out_features:
+                raise ValueError(
+                    f"layer {name} (BatchNorm1d) has num_features={child.num_features} but "
+                    f"the Linear before it has out_features={linears[-1].out_features}"
+                )
+            if linears:
+                batchnorm = name
+            previous = "bn"
+        elif elementwise_info(child) is not None:
+            activations.append(name)
+            previous = "elementwise"
+        elif isinstance(child, nn.PReLU):
+            raise _refuse(
+                name,
+                child,
+                f"PReLU with num_parameters={child.num_parameters} is not one scalar "
+                f"function for every feature (use num_parameters=1)",
+            )
+        elif isinstance(child, nn.Sequential):
+            raise _refuse(name, child, "nested Sequential containers are not read; flatten it")
+        else:
+            raise _refuse(name, child, "it is not a known element-wise module")
+    if len(linears) < 2:
+        raise ValueError(
+            f"widen needs at least two nn.Linear layers (one hidden layer), found "
+            f"{len(linears)} in a Sequential of {len(module)} modules"
+        )
+    return Layout(tuple(linears), tuple(hidden))

@@ -1,0 +1,766 @@
+"""The embedding: an immutable description of how a narrow MLP sits inside a wide one.
+
+Everything in torch_embed is phrased in terms of :class:`Embedding`. For each hidden
+layer it stores, per wide neuron, the narrow neuron it copies (or ``-1`` for a null
+neuron) and the coefficient its fan-out column gets (THEORY §2-4 of the project's notes;
+JML 2022 §5). From that it can
+
+* map a narrow parameter set to the wide one (:meth:`Embedding.apply`, the affine map
+  ``θ ↦ Aθ + c``),
+* map gradients and squared gradients (:meth:`Embedding.map_gradients`,
+  :meth:`Embedding.map_second_moments`, the linear map ``B`` with
+  ``∇R_wide(Aθ + c) = B ∇R_narrow(θ)`` for a critical embedding),
+* list itself as one-step splits and null embeddings (:meth:`Embedding.steps`),
+* compose with another embedding (:meth:`Embedding.then`), and
+* say what it preserves (:attr:`Embedding.kind`).
+
+Parameter sets are dictionaries keyed like ``Sequential.state_dict()`` (``"0.weight"``,
+``"1.running_mean"``, ...); keys the embedding does not touch pass through unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from torch_embed._sequential import Layout, LinearLayer
+
+__all__ = ["Embedding", "EmbeddingKind", "LayerMap"]
+
+_COEF_RTOL = 1e-9
+_Mode = Literal["param", "grad", "sq"]
+
+
+class EmbeddingKind(str, Enum):
+    """What an embedding preserves.
+
+    * ``CRITICAL``: output preserved for every input, and gradients map linearly
+      (``∇R_wide = B ∇R_narrow`` at every embedded point), so critical points stay
+      critical and Hessian inertia can only grow.
+    * ``OUTPUT_PRESERVING``: the function is preserved exactly but gradients do not map
+      (e.g. Net2Net with symmetric noise, null neurons with a non-zero fan-in).
+    * ``NONE``: not even the function is preserved (e.g. random padding).
+    """
+
+    CRITICAL = "critical"
+    OUTPUT_PRESERVING = "output-preserving"
+    NONE = "none"
+
+
+def _f64(x: Tensor | Sequence[float] | float) -> Tensor:
+    return torch.as_tensor(x, dtype=torch.float64).detach().clone().cpu()
+
+
+@dataclass(frozen=True, eq=False)
+class LayerMap:
+    """How one hidden layer of the narrow network maps to the wide one.
+
+    Attributes:
+        source: ``int64`` tensor of shape ``(wide,)``: the narrow neuron each wide neuron
+            copies, or ``-1`` for a null neuron.
+        coef: ``float64`` fan-out coefficients: shape ``(wide,)`` (one coefficient per
+            wide neuron, the splitting form) or ``(wide_next, wide)`` (one per wide
+            connection, the general compatible form). Over the copies of each narrow
+            neuron they sum to 1 (per row of the next layer); null neurons have 0.
+        null_bias: ``float64`` ``(wide,)``: the bias ``β`` of each null neuron (ignored
+            elsewhere).
+        null_value: ``float64`` ``(wide,)``: the constant activation ``σ(β)`` each null
+            neuron outputs (0 elsewhere). Set by the planner, which knows the activation.
+        null_fan_in: optional ``float64`` ``(wide, wide_prev)``: fan-in rows for null
+            neurons (rows of copies must be zero). ``None`` means zero.
+        fan_out_offset: optional ``float64`` ``(wide_next, wide)`` added to the next
+            layer's weights; summing to zero over the copies of each narrow neuron keeps
+            the function. ``None`` means zero.
+    """
+
+    source: Tensor
+    coef: Tensor
+    null_bias: Tensor
+    null_value: Tensor
+    null_fan_in: Tensor | None = None
+    fan_out_offset: Tensor | None = None
+
+    @property
+    def wide(self) -> int:
+        """Number of neurons in the wide layer."""
+        return int(self.source.numel())
+
+    @property
+    def null_mask(self) -> Tensor:
+        """Boolean mask of the null neurons."""
+        return self.source < 0
+
+    @property
+    def is_vector(self) -> bool:
+        """Whether the coefficients are per neuron (splitting form)."""
+        return self.coef.dim() == 1
+
+    @classmethod
+    def identity(cls, width: int) -> LayerMap:
+        """The map that leaves a layer of ``width`` neurons unchanged."""
+        return cls(
+            source=torch.arange(width),
+            coef=torch.ones(width, dtype=torch.float64),
+            null_bias=torch.zeros(width, dtype=torch.float64),
+            null_value=torch.zeros(width, dtype=torch.float64),
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class Embedding:
+    """A critical (or output-preserving) embedding of a narrow MLP into a wider one.
+
+    Build one with :func:`torch_embed.widen` (which plans it from a scheme and applies
+    it in place) or :func:`torch_embed.plan`; construct it directly only for a general
+    compatible embedding. Construction validates index ranges, totality (every narrow
+    neuron keeps at least one copy) and the coefficient sums, raising ``ValueError``.
+
+    Attributes:
+        layout: The narrow network's structure.
+        layers: One :class:`LayerMap` per hidden layer.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import torch_embed
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> net = nn.Sequential(nn.Linear(1, 2), nn.Tanh(), nn.Linear(2, 1)).double()
+        >>> emb = torch_embed.plan(net, [3], torch_embed.Split(alpha=0.25, select=[1]))
+        >>> emb.layers[0].source.tolist(), emb.layers[0].coef.tolist()
+        ([0, 1, 1], [1.0, 0.75, 0.25])
+        >>> emb.kind
+        <EmbeddingKind.CRITICAL: 'critical'>
+        >>> wide = emb.apply(net.state_dict())
+        >>> wide["2.weight"][0, 1:].sum().item() == net[2].weight[0, 1].item()
+        True
+    """
+
+    layout: Layout
+    layers: tuple[LayerMap, ...]
+    _notes: tuple[str, ...] = field(default=(), repr=False)
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def narrow_widths(self) -> tuple[int, ...]:
+        """``(m_0, ..., m_L)`` of the narrow network."""
+        return self.layout.widths
+
+    @property
+    def wide_widths(self) -> tuple[int, ...]:
+        """``(m_0, m'_1, ..., m'_{L-1}, m_L)`` of the wide network."""
+        w = self.layout.widths
+        return (w[0], *(lm.wide for lm in self.layers), w[-1])
+
+    @property
+    def wide_layout(self) -> Layout:
+        """The structure of the wide network."""
+        widths = self.wide_widths
+        linears = tuple(
+            LinearLayer(lin.name, widths[k], widths[k + 1], lin.has_bias)
+            for k, lin in enumerate(self.layout.linears)
+        )
+        return Layout(linears, self.layout.hidden)
+
+    @property
+    def num_new_neurons(self) -> int:
+        """Total number of neurons added over all hidden layers."""
+        return sum(self.wide_widths[1:-1]) - sum(self.narrow_widths[1:-1])
+
+    @property
+    def kind(self) -> EmbeddingKind:
+        """Whether the embedding is critical, output-preserving only, or neither."""
+        return self._classify()[0]
+
+    @property
+    def reasons(self) -> tuple[str, ...]:
+        """Why the embedding is not critical (empty when it is)."""
+        return self._classify()[1] + self._notes
+
+    @property
+    def is_critical(self) -> bool:
+        """Shorthand for ``kind is EmbeddingKind.CRITICAL``."""
+        return self.kind is EmbeddingKind.CRITICAL
+
+    def __repr__(self) -> str:
+        widths = "→".join(
+            f"{a}" if a == b else f"{a}→{b}"
+            for a, b in zip(self.narrow_widths[1:-1], self.wide_widths[1:-1])
+        )
+        return f"Embedding(hidden widths {widths}, kind={self.kind.value})"
+
+    # ------------------------------------------------------------------ validation
+    def _validate(self) -> None:
+        narrow = self.layout.hidden_widths
+        if len(self.layers) != len(narrow):
+            raise ValueError(
+                f"an embedding needs one LayerMap per hidden layer: the network has "
+                f"{len(narrow)} hidden layers, got {len(self.layers)}"
+            )
+        wide = self.wide_widths
+        for l, (lm, m) in enumerate(zip(self.layers, narrow)):
+            src = lm.source
+            if src.dtype != torch.int64 or src.dim() != 1:
+                raise ValueError(f"hidden layer {l}: source must be a 1-D int64 tensor")
+            if src.numel() < m:
+                raise ValueError(
+                    f"hidden layer {l}: the wide layer has {src.numel()} neurons, fewer than "
+                    f"the narrow layer's {m}; an embedding can only widen"
+                )
+            bad = (src < -1) | (src >= m)
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0])
+                raise ValueError(
+                    f"hidden layer {l}: wide neuron {i} has source {int(src[i])}, but sources "
+                    f"must lie in [0, {m}) or be -1 for a null neuron"
+                )
+            counts = torch.bincount(src[src >= 0], minlength=m)
+            if bool((counts == 0).any()):
+                missing = (counts == 0).nonzero().flatten().tolist()
+                raise ValueError(
+                    f"hidden layer {l}: narrow neurons {missing} have no copy in the wide "
+                    f"layer; every narrow neuron needs at least one (totality)"
+                )
+            n_next = wide[l + 2]
+            for attr, shape in (
+                ("null_bias", (lm.wide,)),
+                ("null_value", (lm.wide,)),
+            ):
+                t = getattr(lm, attr)
+                if tuple(t.shape) != shape:
+                    raise ValueError(f"hidden layer {l}: {attr} must have shape {shape}")
+            if lm.coef.dim() == 1:
+                if tuple(lm.coef.shape) != (lm.wide,):
+                    raise ValueError(f"hidden layer {l}: coef must have shape ({lm.wide},)")
+                sums = torch.zeros(m, dtype=torch.float64).index_add_(
+                    0, src.clamp(min=0), torch.where(src >= 0, lm.coef, 0.0)
+                )
+                scale = torch.zeros(m, dtype=torch.float64).index_add_(
+                    0, src.clamp(min=0), torch.where(src >= 0, lm.coef.abs(), 0.0)
+                )
+                if bool(((sums - 1).abs() > _COEF_RTOL * scale.clamp(min=1)).any()):
+                    s = int(((sums - 1).abs() > _COEF_RTOL * scale.clamp(min=1)).nonzero()[0])
+                    raise ValueError(
+                        f"hidden layer {l}: the fan-out coefficients of the copies of narrow "
+                        f"neuron {s} sum to {float(sums[s])!r}; they must sum to 1"
+                    )
+                null_coef = lm.coef[src < 0]
+                if bool((null_coef != 0).any()):
+                    raise ValueError(
+                        f"hidden layer {l}: null neurons must have coefficient 0 (their "
+                        f"fan-out column is zero; use fan_out_offset for anything else)"
+                    )
+            else:
+                if tuple(lm.coef.shape) != (n_next, lm.wide):
+                    raise ValueError(
+                        f"hidden layer {l}: a matrix of coefficients must have shape "
+                        f"(wide_next, wide) = ({n_next}, {lm.wide})"
+                    )
+                sums = torch.zeros(n_next, m, dtype=torch.float64).index_add_(
+                    1, src.clamp(min=0), torch.where(src >= 0, lm.coef, 0.0)
+                )
+                if bool(((sums - 1).abs() > _COEF_RTOL * sums.abs().clamp(min=1)).any()):
+                    i, s = ((sums - 1).abs() > _COEF_RTOL).nonzero()[0].tolist()
+                    raise ValueError(
+                        f"hidden layer {l}: in row {i} of the next layer, the coefficients of "
+                        f"the copies of narrow neuron {s} sum to {float(sums[i, s])!r}; they "
+                        f"must sum to 1"
+                    )
+                if bool((lm.coef[:, src < 0] != 0).any()):
+                    raise ValueError(f"hidden layer {l}: null neurons must have coefficient 0")
+            if lm.null_fan_in is not None:
+                shape = (lm.wide, wide[l])
+                if tuple(lm.null_fan_in.shape) != shape:
+                    raise ValueError(f"hidden layer {l}: null_fan_in must have shape {shape}")
+                if bool((lm.null_fan_in[src >= 0] != 0).any()):
+                    raise ValueError(
+                        f"hidden layer {l}: null_fan_in must be zero on rows of copied neurons"
+                    )
+            if lm.fan_out_offset is not None:
+                shape = (n_next, lm.wide)
+                if tuple(lm.fan_out_offset.shape) != shape:
+                    raise ValueError(f"hidden layer {l}: fan_out_offset must have shape {shape}")
+
+    # ------------------------------------------------------------------ kind
+    def _classify(self) -> tuple[EmbeddingKind, tuple[str, ...]]:
+        preserving: list[str] = []  # reasons it is output-preserving but not critical
+        broken: list[str] = []  # reasons it does not preserve the output
+        for l, lm in enumerate(self.layers):
+            null = lm.null_mask
+            if lm.fan_out_offset is not None and bool((lm.fan_out_offset != 0).any()):
+                off = lm.fan_out_offset
+                sums = torch.zeros(off.shape[0], int(lm.source.max()) + 1, dtype=off.dtype)
+                sums.index_add_(1, lm.source.clamp(min=0), torch.where(null, 0.0, off))
+                tol = 1e-12 * off.abs().max()
+                if bool((off[:, null] != 0).any()) or bool((sums.abs() > tol).any()):
+                    broken.append(
+                        f"hidden layer {l}: the fan-out offsets do not cancel over the copies "
+                        f"(or a null neuron has a non-zero fan-out), so the function changes"
+                    )
+                else:
+                    preserving.append(
+                        f"hidden layer {l}: fan-out offsets (symmetric noise) break the "
+                        f"gradient map"
+                    )
+            if lm.null_fan_in is not None and bool((lm.null_fan_in != 0).any()):
+                preserving.append(
+                    f"hidden layer {l}: null neurons with a non-zero fan-in are not constant, "
+                    f"so their fan-out gradient is not mapped"
+                )
+            if bool(null.any()) and not self.layout.linears[l + 1].has_bias:
+                if bool((lm.null_value[null] != 0).any()):
+                    preserving.append(
+                        f"hidden layer {l}: null neurons output σ(β) ≠ 0 and the next Linear "
+                        f"(layer {self.layout.linears[l + 1].name}) has no bias to absorb "
+                        f"their gradient"
+                    )
+        if not preserving and not broken and self._row_scales() is None:
+            preserving.append(
+                "the matrix coefficients violate the backward condition (no error scalings β "
+                "make gradients map)"
+            )
+        if broken:
+            return EmbeddingKind.NONE, tuple(broken + preserving)
+        if preserving:
+            return EmbeddingKind.OUTPUT_PRESERVING, tuple(preserving)
+        return EmbeddingKind.CRITICAL, ()
+
+    def _row_scales(self) -> list[Tensor] | None:
+        """Error scalings β per hidden layer (wide,), or None if they do not exist.
+
+        For a copy ``j`` of a neuron, the back-propagated error is ``β_j`` times the
+        narrow one; this is what scales the fan-in gradients.
+        """
+        scales: list[Tensor] = []
+        beta_next: Tensor | None = None  # None = output layer, β = 1
+        for l in range(len(self.layers) - 1, -1, -1):
+            lm = self.layers[l]
+            if lm.is_vector:
+                scale = 1.0
+                if beta_next is not None:
+                    nxt = self.layers[l + 1]
+                    m_next = self.layout.hidden_widths[l + 1]
+                    s = torch.zeros(m_next, dtype=torch.float64).index_add_(
+                        0, nxt.source.clamp(min=0), torch.where(nxt.null_mask, 0.0, beta_next)
+                    )
+                    if not torch.allclose(s, s[0].expand_as(s), rtol=1e-9, atol=1e-12):
+                        return None
+                    scale = float(s[0])
+                beta = lm.coef * scale
+            else:
+                b_next = (
+                    torch.ones(lm.coef.shape[0], dtype=torch.float64)
+                    if beta_next is None
+                    else beta_next
+                )
+                src_next = (
+                    torch.arange(lm.coef.shape[0])
+                    if beta_next is None
+                    else self.layers[l + 1].source
+                )
+                m_next = int(src_next.max()) + 1
+                weighted = lm.coef * b_next[:, None]  # (wide_next, wide)
+                per_row = torch.zeros(m_next, lm.wide, dtype=torch.float64).index_add_(
+                    0, src_next.clamp(min=0), torch.where(src_next[:, None] >= 0, weighted, 0.0)
+                )
+                beta = per_row[0]
+                if not torch.allclose(per_row, beta.expand_as(per_row), rtol=1e-9, atol=1e-12):
+                    return None
+            scales.append(beta)
+            beta_next = beta
+        scales.reverse()
+        return scales
+
+    # ------------------------------------------------------------------ mapping
+    def apply(self, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Map a narrow parameter set to the wide one (pure; the input is not modified).
+
+        Args:
+            state: Tensors keyed like the narrow ``Sequential``'s ``state_dict()``.
+                Parameters and BatchNorm buffers of the network are mapped; other keys
+                pass through.
+
+        Returns:
+            A new dictionary with the wide tensors, in the input's dtype and device.
+        """
+        return self._map(state, "param")
+
+    def map_gradients(self, grads: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Map gradients (or first moments, momenta) of the narrow parameters by ``B``.
+
+        Fan-in rows of a copy are scaled by its error scaling (its coefficient in the
+        splitting form), fan-out columns are copied, a null neuron's fan-in gets 0 and
+        its fan-out column ``σ(β)`` times the next layer's bias gradient. For a critical
+        embedding this is exactly the wide gradient at the embedded point.
+
+        Raises:
+            ValueError: If the embedding's coefficients admit no gradient map.
+        """
+        return self._map(grads, "grad")
+
+    def map_second_moments(self, moments: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Map squared-gradient statistics (Adam's ``exp_avg_sq``, Adagrad's ``sum``).
+
+        Same as :meth:`map_gradients` with every scale squared.
+        """
+        return self._map(moments, "sq")
+
+    def _map(self, state: Mapping[str, Tensor], mode: _Mode) -> dict[str, Tensor]:
+        out = dict(state)
+        row_scales = self._row_scales() if mode != "param" else None
+        if mode != "param" and row_scales is None:
+            raise ValueError(
+                "this embedding's coefficients admit no linear gradient map (the backward "
+                "condition fails), so gradients and optimizer state cannot be mapped"
+            )
+        L = len(self.layout.linears)
+        widths = self.wide_widths
+        for k, lin in enumerate(self.layout.linears):
+            rows = self.layers[k] if k < L - 1 else None
+            cols = self.layers[k - 1] if k > 0 else None
+            wkey = f"{lin.name}.weight"
+            if wkey in state:
+                out[wkey] = self._map_weight(
+                    state[wkey],
+                    rows,
+                    cols,
+                    mode,
+                    row_scales[k] if (row_scales is not None and rows is not None) else None,
+                    state.get(f"{lin.name}.bias"),
+                    widths[k],
+                )
+            bkey = f"{lin.name}.bias"
+            if rows is not None and bkey in state:
+                hidden = self.layout.hidden[k]
+                null_fill = 0.0 if (mode != "param" or hidden.batchnorm is not None) else None
+                out[bkey] = self._map_vector(
+                    state[bkey],
+                    rows,
+                    mode,
+                    row_scales[k] if row_scales is not None else None,
+                    null_fill,
+                )
+            if rows is not None and self.layout.hidden[k].batchnorm is not None:
+                bn = self.layout.hidden[k].batchnorm
+                scale = row_scales[k] if row_scales is not None else None
+                fills: dict[str, float | None] = {
+                    "weight": 1.0,
+                    "bias": None,  # the null bias β: BN(constant) = its bias
+                    "running_mean": 0.0,
+                    "running_var": 1.0,
+                }
+                for suffix, fill in fills.items():
+                    key = f"{bn}.{suffix}"
+                    if key not in state:
+                        continue
+                    if suffix.startswith("running"):
+                        # buffers are statistics, not parameters: always copied
+                        out[key] = self._map_vector(state[key], rows, "param", None, fill)
+                    else:
+                        out[key] = self._map_vector(
+                            state[key], rows, mode, scale, fill if mode == "param" else 0.0
+                        )
+        return out
+
+    @staticmethod
+    def _map_vector(
+        v: Tensor, rows: LayerMap, mode: _Mode, scale: Tensor | None, null_fill: float | None
+    ) -> Tensor:
+        src = rows.source.to(v.device)
+        null = rows.null_mask.to(v.device)
+        out = v.index_select(0, src.clamp(min=0))
+        if mode != "param" and scale is not None:
+            s = scale if mode == "grad" else scale**2
+            out = (out.to(torch.float64) * s.to(v.device)).to(v.dtype)
+        if bool(null.any()):
+            if null_fill is None:
+                out[null] = rows.null_bias.to(device=v.device, dtype=v.dtype)[null]
+            else:
+                out[null] = null_fill
+        return out
+
+    def _map_weight(
+        self,
+        w: Tensor,
+        rows: LayerMap | None,
+        cols: LayerMap | None,
+        mode: _Mode,
+        row_scale: Tensor | None,
+        bias: Tensor | None,
+        wide_in: int,
+    ) -> Tensor:
+        dev, dt = w.device, w.dtype
+        r = rows.source.to(dev).clamp(min=0) if rows is not None else None
+        c = cols.source.to(dev).clamp(min=0) if cols is not None else None
+        # one gather into the final allocation
+        if r is not None and c is not None:
+            out = w[r[:, None], c[None, :]]
+        elif r is not None:
+            out = w.index_select(0, r)
+        elif c is not None:
+            out = w.index_select(1, c)
+        else:
+            out = w.clone()
+        if mode == "param":
+            if cols is not None:
+                if cols.is_vector:
+                    idx = (cols.coef != 1).nonzero().flatten()
+                    if idx.numel():
+                        idx_d = idx.to(dev)
+                        scaled = out.index_select(1, idx_d).to(torch.float64)
+                        scaled *= cols.coef[idx].to(dev)
+                        out.index_copy_(1, idx_d, scaled.to(dt))
+                else:
+                    out = (out.to(torch.float64) * cols.coef.to(dev)).to(dt)
+                if cols.fan_out_offset is not None:
+                    out = (out.to(torch.float64) + cols.fan_out_offset.to(dev)).to(dt)
+            if rows is not None and bool(rows.null_mask.any()):
+                null = rows.null_mask.to(dev)
+                if rows.null_fan_in is not None:
+                    out[null] = rows.null_fan_in.to(device=dev, dtype=dt)[null]
+                else:
+                    out[null] = 0
+        else:
+            if row_scale is not None:
+                s = row_scale if mode == "grad" else row_scale**2
+                out = (out.to(torch.float64) * s.to(dev)[:, None]).to(dt)
+            if cols is not None and bool(cols.null_mask.any()):
+                null = cols.null_mask.to(dev)
+                nv = cols.null_value.to(dev)[null]
+                if bias is not None:
+                    b = bias.index_select(0, r) if r is not None else bias
+                    b = b.to(torch.float64)
+                    if row_scale is not None:
+                        b = b * row_scale.to(dev)
+                    if mode == "grad":
+                        fill = b[:, None] * nv[None, :]
+                    else:  # second moments of a product: scale² times the bias moment
+                        fill = b[:, None] * nv[None, :] ** 2
+                        if row_scale is not None:
+                            fill = fill * row_scale.to(dev)[:, None]
+                    if rows is not None and bool(rows.null_mask.any()):
+                        fill[rows.null_mask.to(dev)] = 0
+                    out[:, null] = fill.to(dt)
+                else:
+                    out[:, null] = 0
+            if rows is not None and bool(rows.null_mask.any()):
+                out[rows.null_mask.to(dev)] = 0
+        return out
+
+    # ------------------------------------------------------------------ composition
+    def then(self, other: Embedding) -> Embedding:
+        """Compose: first ``self`` (narrow → mid), then ``other`` (mid → wide).
+
+        Raises:
+            ValueError: If ``other`` does not start from ``self``'s wide widths.
+        """
+        if other.narrow_widths != self.wide_widths:
+            raise ValueError(
+                f"cannot compose: the second embedding starts from widths "
+                f"{other.narrow_widths}, the first ends at {self.wide_widths}"
+            )
+        layers = []
+        n = len(self.layers)
+        for l in range(n):
+            a, b = self.layers[l], other.layers[l]
+            sb = b.source
+            from_b_null = sb < 0
+            sa = torch.where(from_b_null, -1, a.source[sb.clamp(min=0)])
+            null = sa < 0
+            nb = torch.where(from_b_null, b.null_bias, a.null_bias[sb.clamp(min=0)])
+            nv = torch.where(from_b_null, b.null_value, a.null_value[sb.clamp(min=0)])
+            nb = torch.where(null, nb, 0.0)
+            nv = torch.where(null, nv, 0.0)
+            next_b = other.layers[l + 1] if l + 1 < n else None
+            if a.is_vector and b.is_vector:
+                coef = torch.where(null, 0.0, a.coef[sb.clamp(min=0)] * b.coef)
+            else:
+                coef = _compose_matrix(
+                    _as_matrix(a, self.wide_widths[l + 2]),
+                    _as_matrix(b, other.wide_widths[l + 2]),
+                    next_b,
+                    sb,
+                )
+                coef = torch.where(null[None, :], 0.0, coef)
+            # fan-in of null neurons coming from `self`: map their mid rows into wide coords
+            fan_in = b.null_fan_in.clone() if b.null_fan_in is not None else None
+            if a.null_fan_in is not None and bool((a.null_fan_in != 0).any()):
+                prev = other.layers[l - 1] if l > 0 else None
+                mid_rows = a.null_fan_in[sb.clamp(min=0)]  # (wide, mid_prev)
+                if prev is not None:
+                    mid_rows = mid_rows[:, prev.source.clamp(min=0)] * prev.coef
+                    mid_rows[:, prev.null_mask] = 0
+                mid_rows[~(null & ~from_b_null)] = 0
+                fan_in = mid_rows if fan_in is None else fan_in + mid_rows
+            offset = b.fan_out_offset.clone() if b.fan_out_offset is not None else None
+            if a.fan_out_offset is not None:
+                off = a.fan_out_offset
+                if next_b is not None:
+                    off = off[next_b.source.clamp(min=0)]
+                    off[next_b.null_mask] = 0
+                off = off[:, sb.clamp(min=0)] * (b.coef if b.is_vector else torch.ones_like(b.coef))
+                off[:, from_b_null] = 0
+                offset = off if offset is None else offset + off
+            layers.append(LayerMap(sa, coef, nb, nv, fan_in, offset))
+        return Embedding(self.layout, tuple(layers), self._notes + other._notes)
+
+    # ------------------------------------------------------------------ one-step pieces
+    def steps(self) -> list[Embedding]:
+        """Decompose into one-step splits and null embeddings, then one permutation.
+
+        Each returned embedding adds exactly one neuron (or, the last, only reorders the
+        neurons), and ``steps[0].then(steps[1]).then(...)`` equals ``self``. For a
+        neuron with copies of coefficients ``a_1..a_k``, one copy stays in place and the
+        others split off one at a time with ``α = a_j / (current coefficient)``, in an
+        order that keeps every current coefficient non-zero.
+
+        Raises:
+            ValueError: If the embedding uses matrix coefficients, fan-out offsets or
+                non-zero null fan-ins: those are not compositions of one-step pieces.
+        """
+        for l, lm in enumerate(self.layers):
+            if (
+                not lm.is_vector
+                or lm.fan_out_offset is not None
+                or (lm.null_fan_in is not None and bool((lm.null_fan_in != 0).any()))
+            ):
+                raise ValueError(
+                    f"hidden layer {l}: only splitting-form embeddings (per-neuron "
+                    f"coefficients, no fan-out offsets, zero null fan-in) decompose into "
+                    f"one-step embeddings"
+                )
+        steps: list[Embedding] = []
+        current = self.layout
+        # final order of each layer after the steps: originals, then appended neurons
+        order: list[list[int]] = []
+        for l, lm in enumerate(self.layers):
+            m = self.layout.hidden_widths[l]
+            src = lm.source.tolist()
+            coef = lm.coef.tolist()
+            at_index: list[int] = [-1] * m  # which wide neuron ends at narrow index s
+            appended: list[int] = []
+            groups: dict[int, list[int]] = {}
+            for j, s_j in enumerate(src):
+                groups.setdefault(s_j, []).append(j)
+            for s in range(m):
+                copies = groups[s]
+                primary, rest = _split_order([coef[j] for j in copies])
+                at_index[s] = copies[primary]
+                current_coef = 1.0
+                for idx in rest:
+                    a = coef[copies[idx]]
+                    alpha = a / current_coef
+                    step = _one_step_split(current, l, s, alpha)
+                    steps.append(step)
+                    current = step.wide_layout
+                    current_coef -= a
+                    appended.append(copies[idx])
+            for j in groups.get(-1, []):
+                step = _one_step_null(current, l, float(lm.null_bias[j]), float(lm.null_value[j]))
+                steps.append(step)
+                current = step.wide_layout
+                appended.append(j)
+            order.append(at_index + appended)
+        # permutation: wide neuron j sits at position pos[j] after the steps
+        perm_layers = []
+        for l, lm in enumerate(self.layers):
+            pos = torch.empty(lm.wide, dtype=torch.int64)
+            pos[torch.tensor(order[l])] = torch.arange(lm.wide)
+            perm_layers.append(
+                LayerMap(
+                    pos,
+                    torch.ones(lm.wide, dtype=torch.float64),
+                    torch.zeros(lm.wide, dtype=torch.float64),
+                    torch.zeros(lm.wide, dtype=torch.float64),
+                )
+            )
+        perm = Embedding(current, tuple(perm_layers))
+        if any(not torch.equal(p.source, torch.arange(p.wide)) for p in perm_layers):
+            steps.append(perm)
+        return steps
+
+
+def _split_order(coefs: list[float]) -> tuple[int, list[int]]:
+    """Pick the copy that stays in place and the order the others split off.
+
+    The running coefficient of the staying copy starts at 1 and loses each split-off
+    coefficient; it must be non-zero before every split (α = a / current).
+    """
+    k = len(coefs)
+    candidates = sorted(range(k), key=lambda i: -abs(coefs[i]))
+    for primary in candidates:
+        rest = [i for i in range(k) if i != primary]
+        current, order, ok = 1.0, [], True
+        remaining = rest[:]
+        while remaining:
+            pick = next(
+                (i for i in remaining if len(remaining) == 1 or abs(current - coefs[i]) > 1e-12),
+                None,
+            )
+            if pick is None or abs(current) <= 1e-12:
+                ok = False
+                break
+            order.append(pick)
+            remaining.remove(pick)
+            current -= coefs[pick]
+        if ok:
+            return primary, order
+    raise ValueError(f"coefficients {coefs} cannot be reached by one-step splits")
+
+
+def _layout_with_width(layout: Layout, layer: int, width: int) -> Layout:
+    widths = list(layout.widths)
+    widths[layer + 1] = width
+    linears = tuple(
+        LinearLayer(lin.name, widths[k], widths[k + 1], lin.has_bias)
+        for k, lin in enumerate(layout.linears)
+    )
+    return Layout(linears, layout.hidden)
+
+
+def _identity_layers(layout: Layout) -> list[LayerMap]:
+    return [LayerMap.identity(m) for m in layout.hidden_widths]
+
+
+def _one_step_split(layout: Layout, layer: int, neuron: int, alpha: float) -> Embedding:
+    layers = _identity_layers(layout)
+    m = layout.hidden_widths[layer]
+    coef = torch.ones(m + 1, dtype=torch.float64)
+    coef[neuron] = 1.0 - alpha
+    coef[m] = alpha
+    layers[layer] = LayerMap(
+        torch.cat([torch.arange(m), torch.tensor([neuron])]),
+        coef,
+        torch.zeros(m + 1, dtype=torch.float64),
+        torch.zeros(m + 1, dtype=torch.float64),
+    )
+    return Embedding(layout, tuple(layers))
+
+
+def _one_step_null(layout: Layout, layer: int, bias: float, value: float) -> Embedding:
+    layers = _identity_layers(layout)
+    m = layout.hidden_widths[layer]
+    coef = torch.ones(m + 1, dtype=torch.float64)
+    coef[m] = 0.0
+    nb = torch.zeros(m + 1, dtype=torch.float64)
+    nv = torch.zeros(m + 1, dtype=torch.float64)
+    nb[m], nv[m] = bias, value
+    layers[layer] = LayerMap(torch.cat([torch.arange(m), torch.tensor([-1])]), coef, nb, nv)
+    return Embedding(layout, tuple(layers))
+
+
+def _as_matrix(lm: LayerMap, n_next: int) -> Tensor:
+    return lm.coef if not lm.is_vector else lm.coef.expand(n_next, lm.wide).clone()
+
+
+def _compose_matrix(a: Tensor, b: Tensor, next_b: LayerMap | None, sb: Tensor) -> Tensor:
+    rows = next_b.source.clamp(min=0) if next_b is not None else torch.arange(a.shape[0])
+    return a[rows][:, sb.clamp(min=0)] * b

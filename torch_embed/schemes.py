@@ -1,0 +1,599 @@
+"""Widening schemes: frozen configs, and the planner that turns one into an Embedding.
+
+A scheme says *how* to add neurons; :func:`plan` reads the network, checks the new
+widths and returns the :class:`~torch_embed.Embedding` without touching the module.
+Dispatch is a registry keyed on the config type (as ``torchao.quantize_`` does), so a
+scheme is an object you can print, compare and pass around, or its name as a string.
+
+============  ===================================================  ====================
+scheme        what a new neuron is                                 kind
+============  ===================================================  ====================
+``Split``     a copy of a selected neuron; fan-out split α / 1-α    critical
+``Null``      zero fan-in, bias β, zero fan-out                     critical [#]_
+``Net2Net``   equal split over all copies of a neuron               critical
+  noise > 0   ... plus ±N on paired fan-out copies                  output-preserving
+``General``   any compatible embedding (index maps, coefficients)   as validated
+``RandomPad`` random fan-in and fan-out (a baseline)                none
+============  ===================================================  ====================
+
+.. [#] when the next Linear has a bias or ``σ(β) = 0``; otherwise output-preserving.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, TypeAlias
+
+import torch
+from torch import Tensor, nn
+
+from torch_embed._sequential import Layout, read_sequential
+from torch_embed.embedding import Embedding, LayerMap
+
+__all__ = [
+    "General",
+    "Net2Net",
+    "Null",
+    "RandomPad",
+    "Scheme",
+    "Split",
+    "plan",
+    "resolve_widths",
+]
+
+Select: TypeAlias = (
+    Literal["random", "cyclic", "norm"]
+    | Sequence[int]
+    | Sequence[Sequence[int]]
+    | Mapping[int, Sequence[int]]
+)
+_SELECT_NAMES = ("random", "cyclic", "norm")
+
+
+@dataclass(frozen=True)
+class Split:
+    """The paper's splitting embedding: new neurons are copies of selected neurons.
+
+    Each new neuron is a one-step split ``T^α``: the selected neuron's fan-in row and
+    bias are copied, its fan-out column ``w`` becomes ``(1-α)·w`` and the copy gets
+    ``α·w``. Splitting the same neuron again splits its current share.
+
+    Args:
+        alpha: Any real number (``α`` outside ``[0, 1]`` is the *signed* split), a
+            sequence ``(a_1, ..., a_k)`` summing to 1 for a k-way split (each selected
+            neuron gets ``k - 1`` copies; the original keeps ``a_1``), or ``"random"``
+            (one ``α ~ U(0, 1)`` per split, drawn from the generator).
+        select: Which neurons to split: ``"random"`` (uniform without replacement while
+            possible, with the generator), ``"cyclic"`` (0, 1, 2, ...: the Net2Net
+            habit), ``"norm"`` (largest fan-out column norm first), or explicit indices:
+            a sequence (when one hidden layer is widened), one sequence per hidden
+            layer, or a ``{hidden_layer: indices}`` mapping.
+
+    Example:
+        >>> Split(alpha=0.5, select="norm")
+        Split(alpha=0.5, select='norm')
+    """
+
+    alpha: float | Sequence[float] | Literal["random"] = 0.5
+    select: Select = "random"
+
+
+@dataclass(frozen=True)
+class Null:
+    """The null embedding: new neurons with zero fan-in, bias ``β`` and zero fan-out.
+
+    Args:
+        bias: The new neurons' bias ``β``; they output the constant ``σ(β)``.
+        fan_in_std: Standard deviation of a random fan-in (drawn from the generator).
+            ``0`` (default) keeps the embedding critical; ``> 0`` gives trainable units
+            that still preserve the function but are only output-preserving. Under ReLU
+            a zero fan-in with ``β ≤ 0`` gives a unit that never learns: widen warns.
+    """
+
+    bias: float = 0.0
+    fan_in_std: float = 0.0
+
+
+@dataclass(frozen=True)
+class Net2Net:
+    """Net2WiderNet: replicate selected neurons and divide the fan-out by the copy count.
+
+    Args:
+        noise: Relative size of symmetric noise on the fan-out copies. ``0`` is an
+            equal split (critical). ``> 0`` adds ``+N`` and ``-N`` to pairs of copies of
+            the same neuron, ``N = noise · w/c · ε`` with ``ε ~ N(0, 1)`` elementwise, so
+            the function is still preserved (output-preserving, not critical) while
+            the copies' symmetry is broken. A neuron with an odd number of copies keeps
+            one copy noise-free.
+        select: As in :class:`Split`; Net2Net's own choice is ``"random"``.
+    """
+
+    noise: float = 0.0
+    select: Select = "random"
+
+
+@dataclass(frozen=True)
+class General:
+    """A user-supplied general compatible embedding (JML 2022 §5), validated.
+
+    Args:
+        sources: One entry per hidden layer: ``None`` (unchanged) or a sequence giving,
+            for each wide neuron, the narrow neuron it copies or ``-1`` for null.
+        coefficients: ``None`` (equal split over each neuron's copies) or, per hidden
+            layer, ``None``, a sequence/1-D tensor with one fan-out coefficient per wide
+            neuron, or a ``(wide_next, wide)`` tensor (one per wide connection).
+        null_bias: The null neurons' bias: one float for all, or one per hidden layer.
+    """
+
+    sources: Sequence[Sequence[int] | None]
+    coefficients: Sequence[Sequence[float] | Tensor | None] | None = None
+    null_bias: float | Sequence[float] = 0.0
+
+
+@dataclass(frozen=True)
+class RandomPad:
+    """A baseline, not an embedding: new neurons get a random fan-in and fan-out.
+
+    Initialised like ``nn.Linear``'s default (uniform with bound ``1/sqrt(fan_in)``)
+    times ``scale``. The function changes (kind ``none``); use it to compare against.
+    """
+
+    scale: float = 1.0
+
+
+Scheme: TypeAlias = Split | Null | Net2Net | General | RandomPad
+_BY_NAME: dict[str, Callable[[], Scheme]] = {
+    "split": Split,
+    "null": Null,
+    "net2net": Net2Net,
+    "random_pad": RandomPad,
+}
+
+
+def _as_scheme(scheme: Scheme | str) -> Scheme:
+    if isinstance(scheme, str):
+        try:
+            return _BY_NAME[scheme.lower().replace("-", "_")]()
+        except KeyError:
+            raise ValueError(
+                f"unknown scheme {scheme!r}; use one of {sorted(_BY_NAME)} or a config "
+                f"object (Split, Null, Net2Net, General, RandomPad)"
+            ) from None
+    if type(scheme) not in _PLANNERS:
+        raise TypeError(
+            f"scheme must be a name or one of Split, Null, Net2Net, General, RandomPad; "
+            f"got {type(scheme).__name__}"
+        )
+    return scheme
+
+
+def resolve_widths(
+    layout: Layout, new_widths: Sequence[int] | Mapping[int, int] | None
+) -> tuple[int, ...]:
+    """Check ``new_widths`` against the network and return one width per hidden layer.
+
+    Raises:
+        ValueError: Wrong count, a non-integer, an unknown hidden-layer index, or a
+            width below the current one; the message says which.
+    """
+    current = layout.hidden_widths
+    n = len(current)
+    if new_widths is None:
+        return current
+    if isinstance(new_widths, Mapping):
+        out = list(current)
+        for key, value in new_widths.items():
+            if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key < n:
+                raise ValueError(
+                    f"new_widths key {key!r} is not a hidden-layer index; the network has "
+                    f"{n} hidden layers (indices 0..{n - 1})"
+                )
+            out[key] = value
+        items = list(enumerate(out))
+    elif isinstance(new_widths, (str, bytes)) or not isinstance(new_widths, Sequence):
+        raise ValueError(
+            f"new_widths must be a sequence of {n} ints (one per hidden layer) or a "
+            f"{{hidden_layer_index: width}} mapping, got {type(new_widths).__name__}"
+        )
+    else:
+        if len(new_widths) != n:
+            raise ValueError(
+                f"new_widths has {len(new_widths)} entries but the network has {n} hidden "
+                f"layers (widths {list(current)})"
+            )
+        items = list(enumerate(new_widths))
+    result = []
+    for l, w in items:
+        if isinstance(w, bool) or not isinstance(w, int):
+            raise ValueError(
+                f"new width of hidden layer {l} must be an int, got {type(w).__name__} {w!r}"
+            )
+        if w < current[l]:
+            raise ValueError(
+                f"new width {w} of hidden layer {l} (fed by layer "
+                f"{layout.hidden[l].linear}) is below its current width {current[l]}; "
+                f"widen only adds neurons (see torch_embed.condense to remove them)"
+            )
+        result.append(w)
+    return tuple(result)
+
+
+def plan(
+    module: nn.Module,
+    new_widths: Sequence[int] | Mapping[int, int] | None,
+    scheme: Scheme | str = "split",
+    *,
+    generator: torch.Generator | None = None,
+) -> Embedding:
+    """Plan an embedding of ``module`` into ``new_widths`` without changing the module.
+
+    Args:
+        module: An ``nn.Sequential`` MLP (see :func:`torch_embed.widen`).
+        new_widths: One int per hidden layer, or ``{hidden_layer_index: width}``.
+            ``None`` is allowed with a :class:`General` scheme (widths from its sources).
+        scheme: A config object or its name (``"split"``, ``"null"``, ``"net2net"``,
+            ``"random_pad"``).
+        generator: The ``torch.Generator`` for random choices (CPU generator); ``None``
+            uses the global RNG.
+
+    Returns:
+        The :class:`~torch_embed.Embedding`.
+    """
+    layout = read_sequential(module)
+    config = _as_scheme(scheme)
+    if new_widths is None and not isinstance(config, General):
+        raise ValueError("new_widths may only be None with a General scheme")
+    widths = resolve_widths(layout, new_widths)
+    planner = _PLANNERS[type(config)]
+    return planner(config, module, layout, widths, generator)
+
+
+# ---------------------------------------------------------------------------- helpers
+def _linear(module: nn.Module, name: str) -> nn.Linear:
+    lin = module.get_submodule(name)
+    assert isinstance(lin, nn.Linear)  # guaranteed by read_sequential
+    return lin
+
+
+def _null_value(module: nn.Module, layout: Layout, layer: int, bias: Tensor) -> Tensor:
+    """σ(β) for each entry of ``bias``: run the hidden layer's activation chain."""
+    if bias.numel() == 0:
+        return torch.zeros(0, dtype=torch.float64)
+    ref = _linear(module, layout.hidden[layer].linear).weight
+    x = bias.to(device=ref.device, dtype=ref.dtype)[None, :]
+    with torch.no_grad():
+        for name in layout.hidden[layer].activations:
+            act = module.get_submodule(name)
+            if isinstance(act, nn.Dropout):
+                continue  # constant units: dropout is the identity in expectation/eval
+            x = act(x)
+    return x[0].detach().to(device="cpu", dtype=torch.float64)
+
+
+def _fan_out_norms(module: nn.Module, layout: Layout, layer: int) -> Tensor:
+    w = _linear(module, layout.linears[layer + 1].name).weight.detach()
+    return w.to(torch.float64).norm(dim=0).cpu()
+
+
+def _rand(n: int, generator: torch.Generator | None) -> Tensor:
+    return torch.rand(n, generator=generator, dtype=torch.float64)
+
+
+def _explicit(select: Select, widened: list[int], n_hidden: int) -> dict[int, list[int]] | None:
+    if isinstance(select, str):
+        if select not in _SELECT_NAMES:
+            raise ValueError(f"select={select!r} is not one of {_SELECT_NAMES} or explicit indices")
+        return None
+    if isinstance(select, Mapping):
+        out = {}
+        for k, v in select.items():
+            if not isinstance(k, int) or not 0 <= k < n_hidden:
+                raise ValueError(
+                    f"select key {k!r} is not a hidden-layer index (0..{n_hidden - 1})"
+                )
+            out[k] = [int(i) for i in v]
+        return out
+    items = list(select)
+    if items and all(isinstance(i, int) and not isinstance(i, bool) for i in items):
+        if len(widened) != 1:
+            raise ValueError(
+                f"select is a flat list of indices but {len(widened)} hidden layers are "
+                f"widened ({widened}); give one list per hidden layer or a mapping"
+            )
+        return {widened[0]: [int(i) for i in items]}
+    if len(items) != n_hidden:
+        raise ValueError(
+            f"select needs one index list per hidden layer ({n_hidden}), got {len(items)}"
+        )
+    return {l: [int(i) for i in v] for l, v in enumerate(items) if v is not None}
+
+
+def _choose(
+    select: Select,
+    module: nn.Module,
+    layout: Layout,
+    layer: int,
+    count: int,
+    explicit: dict[int, list[int]] | None,
+    generator: torch.Generator | None,
+) -> list[int]:
+    """Pick ``count`` narrow neurons of hidden layer ``layer`` to copy."""
+    m = layout.hidden_widths[layer]
+    if explicit is not None:
+        chosen = explicit.get(layer, [])
+        if len(chosen) != count:
+            raise ValueError(
+                f"select gives {len(chosen)} neurons for hidden layer {layer}, but it gains "
+                f"{count} new neurons (with a k-way alpha, one index per group of k-1)"
+            )
+        for i in chosen:
+            if not 0 <= i < m:
+                raise ValueError(
+                    f"select index {i} is out of range for hidden layer {layer} (width {m})"
+                )
+        return chosen
+    if select == "cyclic":
+        return [i % m for i in range(count)]
+    if select == "norm":
+        order = torch.argsort(_fan_out_norms(module, layout, layer), descending=True, stable=True)
+        return [int(order[i % m]) for i in range(count)]
+    full, rest = divmod(count, m)
+    picks = [i for _ in range(full) for i in range(m)]
+    perm = torch.randperm(m, generator=generator)[:rest]
+    return picks + [int(i) for i in perm]
+
+
+def _finish(
+    module: nn.Module,
+    layout: Layout,
+    sources: list[Tensor],
+    coefs: list[Tensor],
+    null_bias: list[Tensor],
+    fan_in: list[Tensor | None] | None = None,
+    offsets: list[Tensor | None] | None = None,
+) -> Embedding:
+    layers = []
+    for l in range(len(sources)):
+        nb = torch.where(sources[l] < 0, null_bias[l], 0.0)
+        nv = torch.zeros_like(nb)
+        null = sources[l] < 0
+        if bool(null.any()):
+            nv[null] = _null_value(module, layout, l, nb[null])
+        layers.append(
+            LayerMap(
+                sources[l],
+                coefs[l],
+                nb,
+                nv,
+                fan_in[l] if fan_in else None,
+                offsets[l] if offsets else None,
+            )
+        )
+    return Embedding(layout, tuple(layers))
+
+
+def _identity_plus(m: int, extra: list[int]) -> Tensor:
+    return torch.cat([torch.arange(m), torch.tensor(extra, dtype=torch.int64)])
+
+
+# ---------------------------------------------------------------------------- planners
+def _plan_split(
+    cfg: Split,
+    module: nn.Module,
+    layout: Layout,
+    widths: tuple[int, ...],
+    generator: torch.Generator | None,
+) -> Embedding:
+    alpha = cfg.alpha
+    kway: list[float] | None = None
+    if isinstance(alpha, str):
+        if alpha != "random":
+            raise ValueError(f"alpha={alpha!r}: use a number, a sequence or 'random'")
+    elif isinstance(alpha, Sequence):
+        kway = [float(a) for a in alpha]
+        if len(kway) < 2 or abs(sum(kway) - 1.0) > 1e-12:
+            raise ValueError(
+                f"a k-way alpha needs at least 2 coefficients summing to 1, got {kway}"
+            )
+    elif not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise ValueError(
+            f"alpha must be a finite real number, a sequence or 'random'; got {alpha!r}"
+        )
+    current = layout.hidden_widths
+    widened = [l for l, (a, b) in enumerate(zip(current, widths)) if b > a]
+    explicit = _explicit(cfg.select, widened, len(current))
+    sources, coefs, nbs = [], [], []
+    for l, (m, w) in enumerate(zip(current, widths)):
+        k = w - m
+        coef = torch.ones(w, dtype=torch.float64)
+        if kway is not None:
+            if k % (len(kway) - 1):
+                raise ValueError(
+                    f"hidden layer {l} gains {k} neurons, not a multiple of {len(kway) - 1} "
+                    f"(a {len(kway)}-way split adds {len(kway) - 1} copies per neuron)"
+                )
+            chosen = _choose(
+                cfg.select, module, layout, l, k // (len(kway) - 1), explicit, generator
+            )
+            extra = [s for s in chosen for _ in range(len(kway) - 1)]
+            src = _identity_plus(m, extra)
+            for g, s in enumerate(chosen):
+                coef[s] = coef[s] * kway[0]
+                for t in range(len(kway) - 1):
+                    coef[m + g * (len(kway) - 1) + t] = kway[t + 1]
+        else:
+            chosen = _choose(cfg.select, module, layout, l, k, explicit, generator)
+            src = _identity_plus(m, chosen)
+            alphas = _rand(k, generator) if alpha == "random" else torch.full((k,), float(alpha))
+            for t, s in enumerate(chosen):
+                share = coef[s].clone()
+                coef[m + t] = alphas[t] * share
+                coef[s] = (1 - alphas[t]) * share
+        sources.append(src)
+        coefs.append(coef)
+        nbs.append(torch.zeros(w, dtype=torch.float64))
+    return _finish(module, layout, sources, coefs, nbs)
+
+
+def _plan_null(
+    cfg: Null,
+    module: nn.Module,
+    layout: Layout,
+    widths: tuple[int, ...],
+    generator: torch.Generator | None,
+) -> Embedding:
+    if cfg.fan_in_std < 0 or not math.isfinite(cfg.fan_in_std):
+        raise ValueError(f"Null.fan_in_std must be a finite number >= 0, got {cfg.fan_in_std}")
+    current = layout.hidden_widths
+    wide = layout.widths[:1] + widths
+    sources, coefs, nbs, fan_in = [], [], [], []
+    for l, (m, w) in enumerate(zip(current, widths)):
+        src = _identity_plus(m, [-1] * (w - m))
+        coef = (src >= 0).to(torch.float64)
+        sources.append(src)
+        coefs.append(coef)
+        nbs.append(torch.full((w,), float(cfg.bias), dtype=torch.float64))
+        if cfg.fan_in_std > 0 and w > m:
+            f = torch.zeros(w, wide[l], dtype=torch.float64)
+            f[m:] = cfg.fan_in_std * torch.randn(
+                w - m, wide[l], generator=generator, dtype=torch.float64
+            )
+            fan_in.append(f)
+        else:
+            fan_in.append(None)
+    return _finish(module, layout, sources, coefs, nbs, fan_in)
+
+
+def _plan_net2net(
+    cfg: Net2Net,
+    module: nn.Module,
+    layout: Layout,
+    widths: tuple[int, ...],
+    generator: torch.Generator | None,
+) -> Embedding:
+    if cfg.noise < 0 or not math.isfinite(cfg.noise):
+        raise ValueError(f"Net2Net.noise must be a finite number >= 0, got {cfg.noise}")
+    current = layout.hidden_widths
+    widened = [l for l, (a, b) in enumerate(zip(current, widths)) if b > a]
+    explicit = _explicit(cfg.select, widened, len(current))
+    sources, coefs, nbs = [], [], []
+    for l, (m, w) in enumerate(zip(current, widths)):
+        chosen = _choose(cfg.select, module, layout, l, w - m, explicit, generator)
+        src = _identity_plus(m, chosen)
+        counts = torch.bincount(src, minlength=m).to(torch.float64)
+        sources.append(src)
+        coefs.append(1.0 / counts[src])
+        nbs.append(torch.zeros(w, dtype=torch.float64))
+    offsets: list[Tensor | None] = []
+    for l, src in enumerate(sources):
+        if cfg.noise == 0:
+            offsets.append(None)
+            continue
+        w_next = (
+            _linear(module, layout.linears[l + 1].name).weight.detach().to("cpu", torch.float64)
+        )
+        off = torch.zeros(w_next.shape[0], src.numel(), dtype=torch.float64)
+        for s in range(current[l]):
+            copies = (src == s).nonzero().flatten().tolist()
+            c = len(copies)
+            for a, b in zip(copies[0::2], copies[1::2]):
+                n = cfg.noise * w_next[:, s] / c
+                n = n * torch.randn(n.shape, generator=generator, dtype=torch.float64)
+                off[:, a], off[:, b] = n, -n
+        if l + 1 < len(sources):  # the next hidden layer is widened too: copy rows
+            nxt = sources[l + 1]
+            off = off[nxt.clamp(min=0)]
+            off[nxt < 0] = 0
+        offsets.append(off)
+    return _finish(module, layout, sources, coefs, nbs, None, offsets)
+
+
+def _plan_general(
+    cfg: General,
+    module: nn.Module,
+    layout: Layout,
+    widths: tuple[int, ...],
+    generator: torch.Generator | None,
+) -> Embedding:
+    current = layout.hidden_widths
+    n = len(current)
+    if len(cfg.sources) != n:
+        raise ValueError(
+            f"General.sources needs one entry per hidden layer ({n}), got {len(cfg.sources)}"
+        )
+    sources = [
+        torch.arange(m) if s is None else torch.as_tensor(list(s), dtype=torch.int64)
+        for m, s in zip(current, cfg.sources)
+    ]
+    for l, (src, w) in enumerate(zip(sources, widths)):
+        if w != current[l] and w != src.numel():
+            raise ValueError(
+                f"hidden layer {l}: new_widths says {w} but General.sources gives "
+                f"{src.numel()} neurons"
+            )
+    coef_in = cfg.coefficients if cfg.coefficients is not None else [None] * n
+    if len(coef_in) != n:
+        raise ValueError(f"General.coefficients needs one entry per hidden layer ({n})")
+    coefs = []
+    for l, (src, c) in enumerate(zip(sources, coef_in)):
+        if c is None:
+            valid = src >= 0
+            counts = torch.bincount(src[valid], minlength=current[l]).to(torch.float64)
+            coef = torch.zeros(src.numel(), dtype=torch.float64)
+            coef[valid] = 1.0 / counts.clamp(min=1)[src[valid]]
+        else:
+            coef = torch.as_tensor(c, dtype=torch.float64).detach().clone().cpu()
+        coefs.append(coef)
+    nb_in = cfg.null_bias
+    nbs = [
+        torch.full(
+            (src.numel(),),
+            float(nb_in if isinstance(nb_in, (int, float)) else nb_in[l]),
+            dtype=torch.float64,
+        )
+        for l, src in enumerate(sources)
+    ]
+    return _finish(module, layout, sources, coefs, nbs)
+
+
+def _plan_random_pad(
+    cfg: RandomPad,
+    module: nn.Module,
+    layout: Layout,
+    widths: tuple[int, ...],
+    generator: torch.Generator | None,
+) -> Embedding:
+    current = layout.hidden_widths
+    wide = layout.widths[:1] + widths + layout.widths[-1:]
+    sources, coefs, nbs, fan_in, offsets = [], [], [], [], []
+    for l, (m, w) in enumerate(zip(current, widths)):
+        src = _identity_plus(m, [-1] * (w - m))
+        sources.append(src)
+        coefs.append((src >= 0).to(torch.float64))
+        bound_in = cfg.scale / math.sqrt(wide[l])
+        f = torch.zeros(w, wide[l], dtype=torch.float64)
+        f[m:] = (
+            2 * torch.rand(w - m, wide[l], generator=generator, dtype=torch.float64) - 1
+        ) * bound_in
+        fan_in.append(f)
+        nb = torch.zeros(w, dtype=torch.float64)
+        nb[m:] = (2 * _rand(w - m, generator) - 1) * bound_in
+        nbs.append(nb)
+        bound_out = cfg.scale / math.sqrt(w)
+        off = torch.zeros(wide[l + 2], w, dtype=torch.float64)
+        off[:, m:] = (
+            2 * torch.rand(wide[l + 2], w - m, generator=generator, dtype=torch.float64) - 1
+        ) * bound_out
+        offsets.append(off)
+    return _finish(module, layout, sources, coefs, nbs, fan_in, offsets)
+
+
+_PLANNERS: dict[type, Callable[..., Embedding]] = {
+    Split: _plan_split,
+    Null: _plan_null,
+    Net2Net: _plan_net2net,
+    General: _plan_general,
+    RandomPad: _plan_random_pad,
+}
