@@ -230,13 +230,9 @@ class Embedding:
                     f"layer; every narrow neuron needs at least one (totality)"
                 )
             n_next = wide[l + 2]
-            for attr, shape in (
-                ("null_bias", (lm.wide,)),
-                ("null_value", (lm.wide,)),
-            ):
-                t = getattr(lm, attr)
-                if tuple(t.shape) != shape:
-                    raise ValueError(f"hidden layer {l}: {attr} must have shape {shape}")
+            for attr in ("null_bias", "null_value"):
+                if tuple(getattr(lm, attr).shape) != (lm.wide,):
+                    raise ValueError(f"hidden layer {l}: {attr} must have shape ({lm.wide},)")
             if lm.coef.dim() == 1:
                 if tuple(lm.coef.shape) != (lm.wide,):
                     raise ValueError(f"hidden layer {l}: coef must have shape ({lm.wide},)")
@@ -277,17 +273,19 @@ class Embedding:
                 if bool((lm.coef[:, src < 0] != 0).any()):
                     raise ValueError(f"hidden layer {l}: null neurons must have coefficient 0")
             if lm.null_fan_in is not None:
-                shape = (lm.wide, wide[l])
-                if tuple(lm.null_fan_in.shape) != shape:
-                    raise ValueError(f"hidden layer {l}: null_fan_in must have shape {shape}")
+                if tuple(lm.null_fan_in.shape) != (lm.wide, wide[l]):
+                    raise ValueError(
+                        f"hidden layer {l}: null_fan_in must have shape ({lm.wide}, {wide[l]})"
+                    )
                 if bool((lm.null_fan_in[src >= 0] != 0).any()):
                     raise ValueError(
                         f"hidden layer {l}: null_fan_in must be zero on rows of copied neurons"
                     )
             if lm.fan_out_offset is not None:
-                shape = (n_next, lm.wide)
-                if tuple(lm.fan_out_offset.shape) != shape:
-                    raise ValueError(f"hidden layer {l}: fan_out_offset must have shape {shape}")
+                if tuple(lm.fan_out_offset.shape) != (n_next, lm.wide):
+                    raise ValueError(
+                        f"hidden layer {l}: fan_out_offset must have shape ({n_next}, {lm.wide})"
+                    )
 
     # ------------------------------------------------------------------ kind
     def _classify(self) -> tuple[EmbeddingKind, tuple[str, ...]]:
@@ -315,13 +313,13 @@ class Embedding:
                     f"hidden layer {l}: null neurons with a non-zero fan-in are not constant, "
                     f"so their fan-out gradient is not mapped"
                 )
-            if bool(null.any()) and not self.layout.linears[l + 1].has_bias:
-                if bool((lm.null_value[null] != 0).any()):
-                    preserving.append(
-                        f"hidden layer {l}: null neurons output σ(β) ≠ 0 and the next Linear "
-                        f"(layer {self.layout.linears[l + 1].name}) has no bias to absorb "
-                        f"their gradient"
-                    )
+            no_bias = not self.layout.linears[l + 1].has_bias
+            if no_bias and bool((lm.null_value[null] != 0).any()):
+                preserving.append(
+                    f"hidden layer {l}: null neurons output σ(β) ≠ 0 and the next Linear "
+                    f"(layer {self.layout.linears[l + 1].name}) has no bias to absorb "
+                    f"their gradient"
+                )
         if not preserving and not broken and self._row_scales() is None:
             preserving.append(
                 "the matrix coefficients violate the backward condition (no error scalings β "

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 import torch
 from torch import Tensor, nn
@@ -269,12 +269,14 @@ def _null_value(module: nn.Module, layout: Layout, layer: int, bias: Tensor) -> 
             if isinstance(act, nn.Dropout):
                 continue  # constant units: dropout is the identity in expectation/eval
             x = act(x)
-    return x[0].detach().to(device="cpu", dtype=torch.float64)
+    value: Tensor = x[0].detach().to(device="cpu", dtype=torch.float64)
+    return value
 
 
 def _fan_out_norms(module: nn.Module, layout: Layout, layer: int) -> Tensor:
-    w = _linear(module, layout.linears[layer + 1].name).weight.detach()
-    return w.to(torch.float64).norm(dim=0).cpu()
+    w: Tensor = _linear(module, layout.linears[layer + 1].name).weight.detach()
+    norms: Tensor = w.to(torch.float64).norm(dim=0).cpu()
+    return norms
 
 
 def _rand(n: int, generator: torch.Generator | None) -> Tensor:
@@ -295,7 +297,7 @@ def _explicit(select: Select, widened: list[int], n_hidden: int) -> dict[int, li
                 )
             out[k] = [int(i) for i in v]
         return out
-    items = list(select)
+    items: list[Any] = list(select)
     if items and all(isinstance(i, int) and not isinstance(i, bool) for i in items):
         if len(widened) != 1:
             raise ValueError(
@@ -351,8 +353,8 @@ def _finish(
     sources: list[Tensor],
     coefs: list[Tensor],
     null_bias: list[Tensor],
-    fan_in: list[Tensor | None] | None = None,
-    offsets: list[Tensor | None] | None = None,
+    fan_in: Sequence[Tensor | None] | None = None,
+    offsets: Sequence[Tensor | None] | None = None,
 ) -> Embedding:
     layers = []
     for l in range(len(sources)):
@@ -426,7 +428,11 @@ def _plan_split(
         else:
             chosen = _choose(cfg.select, module, layout, l, k, explicit, generator)
             src = _identity_plus(m, chosen)
-            alphas = _rand(k, generator) if alpha == "random" else torch.full((k,), float(alpha))
+            alphas = (
+                _rand(k, generator)
+                if isinstance(alpha, str)
+                else torch.full((k,), float(alpha), dtype=torch.float64)  # type: ignore[arg-type]
+            )
             for t, s in enumerate(chosen):
                 share = coef[s].clone()
                 coef[m + t] = alphas[t] * share
@@ -448,7 +454,8 @@ def _plan_null(
         raise ValueError(f"Null.fan_in_std must be a finite number >= 0, got {cfg.fan_in_std}")
     current = layout.hidden_widths
     wide = layout.widths[:1] + widths
-    sources, coefs, nbs, fan_in = [], [], [], []
+    sources, coefs, nbs = [], [], []
+    fan_in: list[Tensor | None] = []
     for l, (m, w) in enumerate(zip(current, widths)):
         src = _identity_plus(m, [-1] * (w - m))
         coef = (src >= 0).to(torch.float64)
@@ -550,7 +557,7 @@ def _plan_general(
     nbs = [
         torch.full(
             (src.numel(),),
-            float(nb_in if isinstance(nb_in, (int, float)) else nb_in[l]),
+            float(nb_in[l]) if isinstance(nb_in, Sequence) else float(nb_in),
             dtype=torch.float64,
         )
         for l, src in enumerate(sources)
@@ -567,7 +574,9 @@ def _plan_random_pad(
 ) -> Embedding:
     current = layout.hidden_widths
     wide = layout.widths[:1] + widths + layout.widths[-1:]
-    sources, coefs, nbs, fan_in, offsets = [], [], [], [], []
+    sources, coefs, nbs = [], [], []
+    fan_in: list[Tensor | None] = []
+    offsets: list[Tensor | None] = []
     for l, (m, w) in enumerate(zip(current, widths)):
         src = _identity_plus(m, [-1] * (w - m))
         sources.append(src)

@@ -188,7 +188,7 @@ def _swap_in(
     new_grads: dict[str, Tensor],
 ) -> None:
     done: list[tuple[Tensor, tuple[Tensor, bool], Tensor | None]] = []  # target, undo, grad
-    attrs: list[tuple[nn.Module, str, int]] = []
+    attrs: list[tuple[nn.Module, str, Any]] = []
     try:
         for name in changed:
             if name in named_params:
@@ -207,13 +207,13 @@ def _swap_in(
                 ("in_features", lin.in_features),
                 ("out_features", lin.out_features),
             ):
-                attrs.append((m, attr, getattr(m, attr)))
+                attrs.append((m, attr, getattr(m, attr)))  # ints, restored on failure
                 setattr(m, attr, value)
         for l, hidden in enumerate(wide.hidden):
             if hidden.batchnorm is not None:
                 bn = module.get_submodule(hidden.batchnorm)
                 attrs.append((bn, "num_features", bn.num_features))
-                bn.num_features = wide.widths[l + 1]
+                setattr(bn, "num_features", wide.widths[l + 1])  # noqa: B010
     except BaseException:
         for m, attr, value in reversed(attrs):
             setattr(m, attr, value)
