@@ -553,6 +553,57 @@ class Embedding:
                 out[rows.null_mask.to(dev)] = 0
         return out
 
+    def restrict(self, wide_state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Pull a wide parameter set back to the narrow one it embeds (``Bᵀ``).
+
+        Fan-in rows, biases and BatchNorm entries are read from the first copy of each
+        narrow neuron; fan-out columns are summed over the copies. Null neurons are
+        dropped. For ``wide_state = self.apply(narrow)`` this returns ``narrow`` (up to
+        rounding of the summed shares), for every kind of embedding: the coefficients
+        and the fan-out offsets sum to 1 and 0 over the copies.
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> import torch_embed
+            >>> net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)).double()
+            >>> emb = torch_embed.plan(net, [6], "net2net")
+            >>> back = emb.restrict(emb.apply(net.state_dict()))
+            >>> all(torch.allclose(back[k], v) for k, v in net.state_dict().items())
+            True
+        """
+        out = dict(wide_state)
+        L = len(self.layout.linears)
+        for k, lin in enumerate(self.layout.linears):
+            rows = self.layers[k] if k < L - 1 else None
+            cols = self.layers[k - 1] if k > 0 else None
+            rep = _first_copies(rows) if rows is not None else None
+            wkey = f"{lin.name}.weight"
+            if wkey in wide_state:
+                w = wide_state[wkey]
+                if rep is not None:
+                    w = w.index_select(0, rep.to(w.device))
+                if cols is not None:
+                    keep = (~cols.null_mask).to(w.device)
+                    narrow = torch.zeros(
+                        w.shape[0], self.narrow_widths[k], dtype=torch.float64, device=w.device
+                    )
+                    narrow.index_add_(
+                        1, cols.source.to(w.device)[keep], w[:, keep].to(torch.float64)
+                    )
+                    w = narrow.to(w.dtype)
+                out[wkey] = w
+            if rep is None:
+                continue
+            names = [f"{lin.name}.bias"]
+            bn = self.layout.hidden[k].batchnorm
+            if bn is not None:
+                names += [f"{bn}.{s}" for s in ("weight", "bias", "running_mean", "running_var")]
+            for key in names:
+                if key in wide_state:
+                    out[key] = wide_state[key].index_select(0, rep.to(wide_state[key].device))
+        return out
+
     # ------------------------------------------------------------------ composition
     def then(self, other: Embedding) -> Embedding:
         """Compose: first ``self`` (narrow → mid), then ``other`` (mid → wide).
@@ -762,3 +813,14 @@ def _as_matrix(lm: LayerMap, n_next: int) -> Tensor:
 def _compose_matrix(a: Tensor, b: Tensor, next_b: LayerMap | None, sb: Tensor) -> Tensor:
     rows = next_b.source.clamp(min=0) if next_b is not None else torch.arange(a.shape[0])
     return a[rows][:, sb.clamp(min=0)] * b
+
+
+def _first_copies(lm: LayerMap) -> Tensor:
+    """For each narrow neuron, the index of its first copy in the wide layer."""
+    src = lm.source
+    m = int(src.max()) + 1
+    first = torch.full((m,), src.numel(), dtype=torch.int64)
+    idx = torch.arange(src.numel())
+    valid = src >= 0
+    first.scatter_reduce_(0, src[valid], idx[valid], reduce="amin")
+    return first
