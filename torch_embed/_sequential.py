@@ -226,7 +226,9 @@ def read_sequential(module: nn.Module) -> Layout:
     batchnorm: str | None = None
     activations: list[str] = []
     previous: str | None = None  # kind of the previous module: "linear", "bn", "elementwise"
-    for name, child in module.named_children():
+    # not named_children(): it drops repeated modules, which Sequential.forward still runs
+    children = [(n, c) for n, c in module._modules.items() if c is not None]
+    for name, child in children:
         if id(child) in seen_modules:
             raise ValueError(
                 f"layer {name} ({type(child).__name__}) is the same module object as layer "
