@@ -16,7 +16,8 @@ def test_repeated_linear_is_refused_and_module_unchanged() -> None:
     shared = nn.Linear(4, 4)
     net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), shared, nn.Tanh(), shared)
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    with pytest.raises(ValueError, match=r"layer 4 \(Linear\) is the same module object as layer 2"):
+    msg = r"layer 4 \(Linear\) is the same module object as layer 2"
+    with pytest.raises(ValueError, match=msg):
         torch_embed.widen(net, [5, 5])
     after = net.state_dict()
     assert before.keys() == after.keys()
@@ -26,5 +27,6 @@ def test_repeated_linear_is_refused_and_module_unchanged() -> None:
 def test_repeated_activation_is_refused() -> None:
     act = nn.Tanh()
     net = nn.Sequential(nn.Linear(3, 4), act, nn.Linear(4, 4), act, nn.Linear(4, 1))
-    with pytest.raises(ValueError, match=r"layer 3 \(Tanh\) is the same module object as layer 1"):
+    msg = r"layer 3 \(Tanh\) is the same module object as layer 1"
+    with pytest.raises(ValueError, match=msg):
         torch_embed.widen(net, [5, 5])
