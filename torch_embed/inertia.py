@@ -1,0 +1,406 @@
+"""Inertia (numbers of negative, zero and positive eigenvalues) of a symmetric matrix.
+
+A "zero" eigenvalue is one with ``|λ| <= tol``. The default tolerance follows
+THEORY.md §9 (see :func:`default_tolerance`); every result carries the tolerance, the
+*gap ratio* around it and an ``ambiguous`` flag, because a zero count is only as good
+as the separation between the near-zero cluster and the rest of the spectrum.
+
+Two methods:
+
+- ``"eigh"``: all eigenvalues in float64 (:func:`torch.linalg.eigvalsh`), then count.
+- ``"ldl"``: Sylvester's law of inertia. The Bunch-Kaufman factorization
+  ``H - τI = L D Lᵀ`` (:func:`torch.linalg.ldl_factor`, LAPACK ``sytrf``) has a
+  block-diagonal ``D`` (1×1 and 2×2 blocks) with the same inertia as ``H - τI``, so the
+  positive eigenvalues of ``D`` count the eigenvalues of ``H`` above ``τ``; a second
+  factorization of ``H + τI`` counts those below ``-τ``. The pivots are never
+  thresholded (they are not eigenvalues); only the signs of ``D``'s blocks are used.
+
+``"auto"`` uses ``"eigh"`` up to ``n = 512`` (where it is as fast and gives the exact
+gap) and ``"ldl"`` above (see ``bench/inertia.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "AUTO_LDL_MIN_SIZE",
+    "DEFAULT_GRAD_FACTOR",
+    "DEFAULT_MIN_GAP",
+    "Inertia",
+    "default_tolerance",
+    "eigenvalues",
+    "hessian_inertia",
+    "inertia",
+]
+
+
+#: Gap ratio below which a zero count is flagged as ambiguous.
+DEFAULT_MIN_GAP = 1e3
+#: ``c`` in ``tol = max(n·eps·max|λ|, c·|∇R|)``.
+DEFAULT_GRAD_FACTOR = 10.0
+#: ``method="auto"`` switches from eigh to ldl at this size.
+AUTO_LDL_MIN_SIZE = 512
+_LANCZOS_STEPS = 12
+
+
+@dataclass(frozen=True)
+class Inertia:
+    """Numbers of negative, zero and positive eigenvalues, with how they were counted.
+
+    Attributes:
+        negative: Eigenvalues below ``-tol``.
+        zero: Eigenvalues with ``|λ| <= tol``.
+        positive: Eigenvalues above ``tol``.
+        tol: The tolerance used.
+        gap: Gap ratio: the smallest ``|λ|`` above ``tol`` over the largest ``|λ|`` at
+            or below ``tol`` (``inf`` when one side is empty or the zeros are exact).
+            With ``"ldl"`` it is an estimate (see :func:`inertia`).
+        ambiguous: ``gap`` is below the threshold (``1e3`` by default): moving ``tol``
+            within the gap could change the counts.
+        method: How the counts were obtained, e.g. ``"eigh"``, ``"ldl"``,
+            ``"eigh+closed-form"`` for a sum.
+
+    Example:
+        >>> a = Inertia(1, 0, 3, tol=1e-12, gap=math.inf, ambiguous=False, method="eigh")
+        >>> neg, zero, pos = a
+        >>> (a + Inertia(1, 1, 0, 1e-10, 5e4, False, "closed-form")).as_tuple()
+        (2, 1, 3)
+        >>> print(a)
+        Inertia(-1, 0=0, +3; tol=1e-12, gap=inf)
+    """
+
+    negative: int
+    zero: int
+    positive: int
+    tol: float = 0.0
+    gap: float = math.inf
+    ambiguous: bool = False
+    method: str = ""
+
+    def __iter__(self) -> Iterator[int]:
+        """Unpack as ``negative, zero, positive``."""
+        return iter((self.negative, self.zero, self.positive))
+
+    def as_tuple(self) -> tuple[int, int, int]:
+        """``(negative, zero, positive)``."""
+        return (self.negative, self.zero, self.positive)
+
+    @property
+    def total(self) -> int:
+        """The matrix size ``negative + zero + positive``."""
+        return self.negative + self.zero + self.positive
+
+    def __add__(self, other: object) -> Inertia:
+        """Inertia of a direct sum (e.g. ``before + change``): counts add.
+
+        The result keeps the larger tolerance, the smaller gap, is ambiguous when
+        either part is, and joins distinct methods with ``+``.
+        """
+        if not isinstance(other, Inertia):
+            return NotImplemented
+        methods = [m for m in (self.method, other.method) if m]
+        method = "+".join(dict.fromkeys(methods))
+        return Inertia(
+            self.negative + other.negative,
+            self.zero + other.zero,
+            self.positive + other.positive,
+            tol=max(self.tol, other.tol),
+            gap=min(self.gap, other.gap),
+            ambiguous=self.ambiguous or other.ambiguous,
+            method=method,
+        )
+
+    def __str__(self) -> str:
+        """E.g. ``Inertia(-2, 0=1, +6; tol=1.2e-10, gap=3.4e+05, ambiguous)``."""
+        flag = ", ambiguous" if self.ambiguous else ""
+        return (
+            f"Inertia(-{self.negative}, 0={self.zero}, +{self.positive}; "
+            f"tol={self.tol:.2g}, gap={self.gap:.2g}{flag})"
+        )
+
+
+def default_tolerance(
+    eig_max_abs: float,
+    n: int,
+    dtype: torch.dtype,
+    grad_norm: float | None = None,
+    c: float = DEFAULT_GRAD_FACTOR,
+) -> float:
+    """The zero threshold ``max(n·eps·max|λ|, c·|∇R|)`` of THEORY.md §9.
+
+    The first term is the backward error of a symmetric eigen-solve (or an LDLᵀ
+    factorization) of an ``n×n`` matrix whose entries are known to ``eps`` relative
+    accuracy (``eps`` of ``dtype``, the dtype the matrix was computed in); the second
+    covers the residual gradient: away from an exact critical point a structural zero
+    eigenvalue moves by ``O(|∇R|)``. ``c = 10`` by default.
+
+    Args:
+        eig_max_abs: The spectral norm ``max|λ|`` (an estimate is fine).
+        n: The matrix size.
+        dtype: The dtype the matrix entries were computed in.
+        grad_norm: ``|∇R|`` (Euclidean) at the point, if known.
+        c: The factor on the gradient norm.
+
+    Example:
+        >>> default_tolerance(2.0, 100, torch.float64) == 100 * 2.0**-52 * 2.0
+        True
+        >>> default_tolerance(2.0, 100, torch.float64, grad_norm=1e-9)
+        1e-08
+    """
+    eps = float(torch.finfo(dtype).eps)
+    tol = n * eps * float(eig_max_abs)
+    if grad_norm is not None:
+        tol = max(tol, c * float(grad_norm))
+    return tol
+
+
+def _gap(below: float | None, above: float | None) -> float:
+    """``above / below`` with ``inf`` when a side is empty or ``below`` is zero."""
+    if below is None or above is None or below == 0.0:
+        return math.inf
+    return above / below
+
+
+def eigenvalues(matrix: Tensor) -> Tensor:
+    """The ascending float64 spectrum of a symmetric matrix (symmetrized first).
+
+    Example:
+        >>> eigenvalues(torch.tensor([[2.0, 0.0], [0.0, -1.0]]))
+        tensor([-1.,  2.], dtype=torch.float64)
+    """
+    mat = _as_square(matrix).to(torch.float64)
+    lam: Tensor = torch.linalg.eigvalsh((mat + mat.T) / 2)
+    return lam
+
+
+def _as_square(matrix: Tensor) -> Tensor:
+    if not isinstance(matrix, Tensor) or matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        shape = tuple(matrix.shape) if isinstance(matrix, Tensor) else type(matrix).__name__
+        raise ValueError(f"expected a square (n, n) tensor, got {shape}")
+    if not matrix.is_floating_point():
+        raise TypeError(f"expected a floating-point matrix, got {matrix.dtype}")
+    return matrix
+
+
+def _inertia_eigh(
+    mat: Tensor, tol: float | None, grad_norm: float | None, src_dtype: torch.dtype, min_gap: float
+) -> Inertia:
+    lam = torch.linalg.eigvalsh(mat)
+    n = lam.numel()
+    lam_max = float(lam.abs().max()) if n else 0.0
+    if tol is None:
+        tol = default_tolerance(lam_max, n, src_dtype, grad_norm)
+    mag = lam.abs()
+    small = mag <= tol
+    neg = int((lam < -tol).sum())
+    pos = int((lam > tol).sum())
+    below = float(mag[small].max()) if bool(small.any()) else None
+    above = float(mag[~small].min()) if bool((~small).any()) else None
+    gap = _gap(below, above)
+    return Inertia(neg, n - neg - pos, pos, float(tol), gap, gap < min_gap, "eigh")
+
+
+def _block_signs(ld: Tensor, pivots: Tensor) -> tuple[int, int]:
+    """(negative, positive) eigenvalue counts of the block-diagonal D of ``ldl_factor``."""
+    n = ld.shape[0]
+    diag = ld.diagonal().cpu().tolist()
+    sub = ld.diagonal(-1).cpu().tolist()
+    piv = pivots.cpu().tolist()
+    neg = pos = 0
+    k = 0
+    while k < n:
+        if piv[k] > 0 or k == n - 1:
+            d = diag[k]
+            neg += d < 0
+            pos += d > 0
+            k += 1
+            continue
+        a, b, c = diag[k], sub[k], diag[k + 1]
+        det = a * c - b * b
+        if det < 0:
+            neg, pos = neg + 1, pos + 1
+        elif det > 0:
+            neg, pos = (neg + 2, pos) if a + c < 0 else (neg, pos + 2)
+        else:
+            tr = a + c
+            neg += tr < 0
+            pos += tr > 0
+        k += 2
+    return neg, pos
+
+
+def _spectral_norm_estimate(mat: Tensor, steps: int = 20) -> float:
+    """A lower bound on ``max|λ|`` by power iteration (seeded; within a few % usually)."""
+    n = mat.shape[0]
+    if n == 0:
+        return 0.0
+    gen = torch.Generator(device=mat.device).manual_seed(0)
+    v = torch.randn(n, dtype=mat.dtype, device=mat.device, generator=gen)
+    v /= v.norm()
+    best = 0.0
+    for _ in range(steps):
+        w = mat @ v
+        norm = float(w.norm())
+        best = max(best, norm)
+        if norm == 0.0:
+            break
+        v = w / norm
+    return best
+
+
+def _lanczos_extremes(ld: Tensor, pivots: Tensor, steps: int) -> tuple[float, float]:
+    """Extreme Ritz values (min, max) of ``(LDLᵀ)⁻¹`` by Lanczos with full reorthogonalization."""
+    n = ld.shape[0]
+    k = min(steps, n)
+    gen = torch.Generator(device=ld.device).manual_seed(1)
+    q = torch.randn(n, 1, dtype=ld.dtype, device=ld.device, generator=gen)
+    basis = [q / q.norm()]
+    alphas: list[float] = []
+    betas: list[float] = []
+    for j in range(k):
+        w = torch.linalg.ldl_solve(ld, pivots, basis[j])
+        alphas.append(float((basis[j] * w).sum()))
+        qmat = torch.cat(basis, dim=1)
+        w = w - qmat @ (qmat.T @ w)
+        w = w - qmat @ (qmat.T @ w)
+        beta = float(w.norm())
+        if j == k - 1 or beta <= 1e-14 * max(abs(a) for a in alphas):
+            break
+        betas.append(beta)
+        basis.append(w / beta)
+    m = len(alphas)
+    tri = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if m > 1:
+        off = torch.tensor(betas[: m - 1], dtype=torch.float64)
+        tri += torch.diag(off, 1) + torch.diag(off, -1)
+    theta = torch.linalg.eigvalsh(tri)
+    return float(theta[0]), float(theta[-1])
+
+
+def _inertia_ldl(
+    mat: Tensor, tol: float | None, grad_norm: float | None, src_dtype: torch.dtype, min_gap: float
+) -> Inertia:
+    n = mat.shape[0]
+    if tol is None:
+        tol = default_tolerance(_spectral_norm_estimate(mat), n, src_dtype, grad_norm)
+    eye = torch.eye(n, dtype=mat.dtype, device=mat.device)
+    ld_up, piv_up, _ = torch.linalg.ldl_factor_ex(mat - tol * eye)
+    _, pos = _block_signs(ld_up, piv_up)
+    ld_dn, piv_dn, _ = torch.linalg.ldl_factor_ex(mat + tol * eye)
+    neg, _ = _block_signs(ld_dn, piv_dn)
+    zero = n - neg - pos
+    # Gap estimate: Lanczos on the shifted inverses finds the eigenvalues of H nearest
+    # to +tol and -tol from either side (lambda = shift + 1/theta for a Ritz value theta).
+    below: float | None = None
+    above: float | None = None
+    if tol > 0 and zero > 0 and zero < n:
+        th_min, th_max = _lanczos_extremes(ld_up, piv_up, _LANCZOS_STEPS)
+        cand_above = [tol + 1 / th_max] if pos > 0 and th_max > 0 else []
+        cand_below = [abs(tol + 1 / th_min)] if th_min < 0 else []
+        th_min, th_max = _lanczos_extremes(ld_dn, piv_dn, _LANCZOS_STEPS)
+        if neg > 0 and th_min < 0:
+            cand_above.append(abs(-tol + 1 / th_min))
+        if th_max > 0:
+            cand_below.append(abs(-tol + 1 / th_max))
+        cand_below = [c for c in cand_below if c <= tol]
+        below = max(cand_below) if cand_below else None
+        above = min(c for c in cand_above if c > tol) if any(c > tol for c in cand_above) else None
+    gap = _gap(below, above)
+    return Inertia(neg, zero, pos, float(tol), gap, gap < min_gap, "ldl")
+
+
+def inertia(
+    matrix: Tensor,
+    *,
+    tol: float | None = None,
+    grad_norm: float | None = None,
+    method: str = "auto",
+    min_gap: float = DEFAULT_MIN_GAP,
+) -> Inertia:
+    """Count the negative, zero (``|λ| <= tol``) and positive eigenvalues of a symmetric matrix.
+
+    The matrix is symmetrized and converted to float64; the tolerance's ``eps`` is that
+    of the matrix's own dtype.
+
+    Args:
+        matrix: A symmetric ``(n, n)`` floating tensor (e.g. a Hessian).
+        tol: Zero threshold; default :func:`default_tolerance` with ``max|λ|`` exact
+            (``"eigh"``) or a power-iteration estimate (``"ldl"``, a lower bound within
+            a few percent for typical spectra).
+        grad_norm: ``|∇R|`` at the point, for the default tolerance.
+        method: ``"eigh"``, ``"ldl"`` or ``"auto"`` (eigh below ``n = 512``).
+        min_gap: Gap ratio under which the result is flagged ``ambiguous``.
+
+    Returns:
+        An :class:`Inertia`. For ``"ldl"`` the gap is estimated by 12 Lanczos steps on
+        each shifted inverse ``(H ∓ τI)⁻¹``, reusing the factorizations: its extreme
+        Ritz values give the eigenvalues of ``H`` nearest to ``±τ`` on each side. Ritz
+        values lie inside the spectrum, so in a clustered spectrum the estimate can be
+        too large (optimistic); and zeros far below ``τ`` are only resolved to about
+        ``eps·τ`` (the gap is then reported as very large or ``inf``). Use ``"eigh"``
+        for an exact gap.
+
+    Example:
+        >>> h = torch.diag(torch.tensor([-2.0, 0.0, 0.0, 1e-3, 5.0], dtype=torch.float64))
+        >>> inertia(h).as_tuple()
+        (1, 2, 2)
+        >>> inertia(h, method="ldl").as_tuple()
+        (1, 2, 2)
+        >>> inertia(h, tol=1e-2).as_tuple()
+        (1, 3, 1)
+    """
+    mat = _as_square(matrix)
+    src_dtype = mat.dtype
+    mat = mat.to(torch.float64)
+    mat = (mat + mat.T) / 2
+    n = mat.shape[0]
+    if tol is not None and (not math.isfinite(tol) or tol < 0):
+        raise ValueError(f"tol must be a finite number >= 0, got {tol}")
+    if method == "auto":
+        method = "eigh" if n < AUTO_LDL_MIN_SIZE else "ldl"
+    if method == "eigh" or n == 0:
+        return _inertia_eigh(mat, tol, grad_norm, src_dtype, min_gap)
+    if method == "ldl":
+        return _inertia_ldl(mat, tol, grad_norm, src_dtype, min_gap)
+    raise ValueError(f"method must be 'auto', 'eigh' or 'ldl', got {method!r}")
+
+
+def hessian_inertia(
+    model: nn.Module,
+    loss_fn: Any,
+    inputs: Tensor,
+    targets: Any,
+    *,
+    tol: float | None = None,
+    method: str = "auto",
+    dtype: torch.dtype = torch.float64,
+    min_gap: float = DEFAULT_MIN_GAP,
+) -> Inertia:
+    """Inertia of the loss Hessian at the model's current parameters.
+
+    Builds the dense Hessian with :func:`torch_embed.hessian.hessian` and uses the
+    gradient norm at the point in the default tolerance (THEORY.md §9). Polish to a
+    critical point first (:func:`torch_embed.critical.critical_point`) for a meaningful
+    zero count.
+
+    Example:
+        >>> from torch import nn
+        >>> lin = nn.Linear(2, 1)  # least squares: Hessian 2·mean(h̃h̃ᵀ) is positive definite
+        >>> x = torch.randn(10, 2, generator=torch.Generator().manual_seed(0))
+        >>> y = lin(x).detach()  # a zero-residual fit: an exact minimum
+        >>> hessian_inertia(lin, nn.MSELoss(), x, y).as_tuple()
+        (0, 0, 3)
+    """
+    from torch_embed.hessian import gradient, hessian
+
+    h = hessian(model, loss_fn, inputs, targets, dtype=dtype)
+    g = gradient(model, loss_fn, inputs, targets, dtype=dtype)
+    result = inertia(h, tol=tol, grad_norm=float(g.norm()), method=method, min_gap=min_gap)
+    return result
