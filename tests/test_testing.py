@@ -12,8 +12,10 @@ from torch import nn
 import torch_embed
 from torch_embed.testing import (
     assert_critical,
+    assert_embedding_nondecreasing,
     assert_function_preserved,
     assert_gradients_mapped,
+    assert_inertia_nondecreasing,
     default_dtype,
     default_tolerances,
 )
@@ -321,3 +323,111 @@ def test_critical_default_gtol_depends_on_dtype_and_is_validated():
         assert_critical(net.double(), nn.MSELoss(), x.double(), y.double())
     with pytest.raises(ValueError, match="gtol must be a finite number > 0"):
         assert_critical(net, nn.MSELoss(), x, y, gtol=0.0)
+
+
+@pytest.fixture
+def saddle():
+    """A closed-form critical point with negative eigenvalues: a 1-3-1 tanh network with
+    zero fan-in weights, biases β = (0.5, -1, 2), zero fan-out and the output bias at
+    the mean target. Every gradient vanishes (the residuals have mean zero and multiply
+    constants or zero fan-outs); the Hessian is a saddle (JML 2022's null-neuron block)."""
+    x = torch.linspace(-2, 2, 12, dtype=F64)[:, None]
+    y = torch.tanh(2 * x) + 0.3 * torch.sin(3 * x)
+    net = nn.Sequential(nn.Linear(1, 3), nn.Tanh(), nn.Linear(3, 1)).double()
+    with torch.no_grad():
+        net[0].weight.zero_()
+        net[0].bias.copy_(torch.tensor([0.5, -1.0, 2.0]))
+        net[2].weight.zero_()
+        net[2].bias.fill_(float(y.mean()))
+    return net, x, y
+
+
+def test_critical_point_stays_critical_under_a_critical_embedding_only(saddle):
+    net, x, y = saddle
+    assert_critical(net, nn.MSELoss(), x, y, gtol=1e-15)
+    split = copy.deepcopy(net)
+    torch_embed.widen(split, [5], torch_embed.Split(alpha=0.3), generator=torch.Generator())
+    assert_critical(split, nn.MSELoss(), x, y, gtol=1e-15)
+    # null neurons with a random fan-in keep the function but not criticality: their
+    # fan-out gradient is the residual times a non-constant activation
+    fan_in = copy.deepcopy(net)
+    emb = torch_embed.widen(
+        fan_in, [5], torch_embed.Null(fan_in_std=1.0), generator=torch.Generator().manual_seed(0)
+    )
+    assert emb.kind is torch_embed.EmbeddingKind.OUTPUT_PRESERVING
+    assert_function_preserved(net, fan_in, x)
+    with pytest.raises(AssertionError, match=r"largest entry: parameter '2\.weight'"):
+        assert_critical(fan_in, nn.MSELoss(), x, y)
+
+
+# ---------------------------------------------------------------------------- inertia
+def _counts(model: nn.Module, x, y, tol: float) -> tuple[int, int, int]:
+    """Brute force: dense autograd Hessian, eigvalsh, threshold."""
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    def loss(theta):
+        params, i = {}, 0
+        for n, s in zip(names, shapes):
+            params[n] = theta[i : i + s.numel()].reshape(s)
+            i += s.numel()
+        return nn.functional.mse_loss(torch.func.functional_call(model, params, (x,)), y)
+
+    ev = torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, flat))
+    return int((ev < -tol).sum()), int((ev.abs() <= tol).sum()), int((ev > tol).sum())
+
+
+def test_embedding_nondecreasing_matches_brute_force_counts(saddle):
+    net, x, y = saddle
+    wide = copy.deepcopy(net)
+    torch_embed.widen(wide, [5], "split", generator=torch.Generator().manual_seed(0))
+    tol = 1e-8
+    before, after = assert_embedding_nondecreasing(net, wide, nn.MSELoss(), x, y, tol=tol)
+    assert before.as_tuple() == _counts(net, x, y, tol)
+    assert after.as_tuple() == _counts(wide, x, y, tol)
+    # the counts really grow (two splits of this saddle: one negative, one zero and one
+    # positive eigenvalue each, from the closed-form block D of THEORY §6)
+    assert before.as_tuple() == (3, 3, 4) and after.as_tuple() == (5, 5, 6)
+
+
+def test_embedding_nondecreasing_fails_when_the_models_are_swapped(saddle):
+    net, x, y = saddle
+    wide = copy.deepcopy(net)
+    torch_embed.widen(wide, [5], "split", generator=torch.Generator().manual_seed(0))
+    with pytest.raises(AssertionError) as info:
+        assert_embedding_nondecreasing(wide, net, nn.MSELoss(), x, y, tol=1e-8)
+    text = str(info.value)
+    first = text.splitlines()[0]
+    assert (
+        first
+        == "Hessian inertia decreased: negative 5 -> 3 (-2), zero 5 -> 3 (-2), positive 6 -> 4 (-2)"
+    )
+
+
+def test_inertia_nondecreasing_message_names_the_count_and_flags_ambiguity():
+    from torch_embed.inertia import Inertia
+
+    before = Inertia(2, 1, 10, tol=1e-10, gap=1e9)
+    after = Inertia(1, 3, 12, tol=1e-10, gap=20.0, ambiguous=True)
+    with pytest.raises(AssertionError) as info:
+        assert_inertia_nondecreasing(before, after)
+    text = str(info.value)
+    assert text.splitlines()[0] == "Hessian inertia decreased: negative 2 -> 1 (-1)"
+    assert "after:  negative=1, zero=3, positive=12 (tol 1e-10, gap 20, AMBIGUOUS)" in text
+    assert "ambiguous counts: after: gap ratio 20 at tol 1e-10" in text
+    assert "before: gap" not in text
+    # checking only the counts that did not decrease passes
+    assert_inertia_nondecreasing(before, after, counts=("zero", "positive"))
+    with pytest.raises(AssertionError, match="^negative fell$"):
+        assert_inertia_nondecreasing(before, after, msg="negative fell")
+
+
+def test_inertia_nondecreasing_argument_checks():
+    from torch_embed.inertia import Inertia
+
+    a = Inertia(0, 0, 3)
+    with pytest.raises(TypeError, match="before must be a torch_embed.inertia.Inertia"):
+        assert_inertia_nondecreasing((0, 0, 3), a)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="counts must be a sequence"):
+        assert_inertia_nondecreasing(a, a, counts=("negativ",))  # type: ignore[arg-type]
