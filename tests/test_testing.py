@@ -419,7 +419,7 @@ def test_inertia_nondecreasing_message_names_the_count_and_flags_ambiguity():
     assert "before: gap" not in text
     # checking only the counts that did not decrease passes
     assert_inertia_nondecreasing(before, after, counts=("zero", "positive"))
-    with pytest.raises(AssertionError, match="^negative fell$"):
+    with pytest.raises(AssertionError, match=r"^negative fell$"):
         assert_inertia_nondecreasing(before, after, msg="negative fell")
 
 
@@ -427,7 +427,7 @@ def test_inertia_nondecreasing_argument_checks():
     from torch_embed.inertia import Inertia
 
     a = Inertia(0, 0, 3)
-    with pytest.raises(TypeError, match="before must be a torch_embed.inertia.Inertia"):
+    with pytest.raises(TypeError, match=r"before must be a torch_embed\.inertia\.Inertia"):
         assert_inertia_nondecreasing((0, 0, 3), a)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="counts must be a sequence"):
         assert_inertia_nondecreasing(a, a, counts=("negativ",))  # type: ignore[arg-type]

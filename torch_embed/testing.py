@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 if TYPE_CHECKING:  # pragma: no cover - imported lazily at run time
     from torch_embed.embedding import Embedding
-    from torch_embed.inertia import Inertia, Method
+    from torch_embed.inertia import Inertia
 
 __all__ = [
     "assert_critical",
@@ -585,7 +585,7 @@ def assert_embedding_nondecreasing(
     targets: Any,
     *,
     tol: float | None = None,
-    method: Method = "auto",
+    method: str = "auto",
     counts: Sequence[Count] = _COUNTS,
     msg: Message = None,
 ) -> tuple[Inertia, Inertia]:
