@@ -51,6 +51,8 @@ from torch_embed._sequential import Layout, elementwise_info, read_sequential
 
 __all__ = [
     "LayerSignals",
+    "activation_derivatives",
+    "full_state",
     "layer_signals",
     "null_block",
     "null_coupling",
@@ -148,6 +150,72 @@ def _sub(params: Mapping[str, Tensor], name: str) -> dict[str, Tensor]:
     return {k[len(prefix) :]: v for k, v in params.items() if k.startswith(prefix)}
 
 
+def _derivatives(
+    model: nn.Module, params: Mapping[str, Tensor], layout: Layout, layer: int, z: Tensor
+) -> tuple[Tensor, Tensor]:
+    """σ'(z) and σ''(z) of hidden layer ``layer``'s element-wise chain, by autograd."""
+    hidden = layout.hidden[layer]
+    for name in hidden.activations:
+        act = model.get_submodule(name)
+        info = elementwise_info(act)
+        if info is not None and not info.twice_differentiable:
+            raise ValueError(
+                f"hidden layer {layer}: module '{name}' ({type(act).__name__}) has no second "
+                f"derivative in PyTorch, so σ'' and the Hessian do not exist through "
+                f"autograd. Use a smooth activation (Tanh, Sigmoid, Softplus, SiLU, ...)."
+            )
+    with torch.enable_grad():
+        zz = z.detach().clone().requires_grad_(True)
+        a = zz
+        for name in hidden.activations:
+            a = functional_call(model.get_submodule(name), _sub(params, name), (a,))
+        if a is zz or not a.requires_grad:  # identity chain
+            return torch.ones_like(z), torch.zeros_like(z)
+        (d1,) = torch.autograd.grad(a.sum(), zz, create_graph=True)
+        d2: Tensor | None = None
+        if d1.requires_grad:
+            try:
+                (d2,) = torch.autograd.grad(d1.sum(), zz, allow_unused=True)
+            except RuntimeError as err:
+                raise ValueError(
+                    f"hidden layer {layer}: PyTorch cannot differentiate the activation "
+                    f"chain {hidden.activations} twice ({err}); σ'' is needed for the "
+                    f"closed-form blocks."
+                ) from err
+    return d1.detach(), (torch.zeros_like(z) if d2 is None else d2.detach())
+
+
+def activation_derivatives(
+    model: nn.Module,
+    layer: int,
+    z: Tensor,
+    *,
+    dtype: torch.dtype = torch.float64,
+    state: Mapping[str, Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``σ'(z)`` and ``σ''(z)`` of hidden layer ``layer``'s activation chain, elementwise.
+
+    ``σ`` is the composition of the element-wise modules after the layer's Linear (and
+    BatchNorm1d, which is not part of ``σ``). Use it for a null neuron's bias slope
+    ``σ'(β)`` (:func:`null_block`).
+
+    Raises:
+        ValueError: A module of the chain has no second derivative in PyTorch.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(1, 2), nn.Sigmoid(), nn.Linear(2, 1))
+        >>> d1, d2 = activation_derivatives(net, 0, torch.zeros(1))
+        >>> d1.item(), d2.item()
+        (0.25, 0.0)
+    """
+    layout = read_sequential(model)
+    _check_layer(layout, layer)
+    params = full_state(model, state, dtype=dtype)
+    return _derivatives(model, params, layout, layer, _cast(torch.as_tensor(z), dtype))
+
+
 def layer_signals(
     model: nn.Module,
     loss_fn: LossFn,
@@ -201,15 +269,6 @@ def layer_signals(
             f"Hessian-vector-product path (method='hvp') for this layer."
         )
     _check_modes(model)
-    for name in hidden.activations:
-        act = model.get_submodule(name)
-        info = elementwise_info(act)
-        if info is not None and not info.twice_differentiable:
-            raise ValueError(
-                f"hidden layer {layer}: module '{name}' ({type(act).__name__}) has no second "
-                f"derivative in PyTorch, so σ'' and the Hessian do not exist through "
-                f"autograd. Use a smooth activation (Tanh, Sigmoid, Softplus, SiLU, ...)."
-            )
     params = full_state(model, state, dtype=dtype)
     lin_in = layout.linears[layer]
     lin_next = layout.linears[layer + 1]
@@ -233,27 +292,7 @@ def layer_signals(
             raise ValueError("loss_fn must return a scalar tensor")
         assert p is not None and z is not None and h_in is not None  # set by the loop
         (delta,) = torch.autograd.grad(loss.reshape(()), p)
-        zz = z.clone().requires_grad_(True)
-        a = zz
-        for name in hidden.activations:
-            a = functional_call(model.get_submodule(name), _sub(params, name), (a,))
-        if a is zz or not a.requires_grad:  # identity chain
-            d1 = torch.ones_like(z)
-            d2 = torch.zeros_like(z)
-        else:
-            (d1,) = torch.autograd.grad(a.sum(), zz, create_graph=True)
-            d2_opt: Tensor | None = None
-            if d1.requires_grad:
-                try:
-                    (d2_opt,) = torch.autograd.grad(d1.sum(), zz, allow_unused=True)
-                except RuntimeError as err:
-                    raise ValueError(
-                        f"hidden layer {layer}: PyTorch cannot differentiate the activation "
-                        f"chain {hidden.activations} twice ({err}); σ'' is needed for the "
-                        f"closed-form blocks."
-                    ) from err
-            d2 = torch.zeros_like(z) if d2_opt is None else d2_opt.detach()
-            d1 = d1.detach()
+    d1, d2 = _derivatives(model, params, layout, layer, z)
     h = h_in
     if lin_in.has_bias:
         h = torch.cat([h, torch.ones(h.shape[0], 1, dtype=h.dtype, device=h.device)], dim=1)

@@ -23,12 +23,19 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
 
 from torch_embed._sequential import Layout, LinearLayer
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from torch import nn
+
+    from torch_embed.inertia import Inertia
 
 __all__ = ["Embedding", "EmbeddingKind", "LayerMap"]
 
@@ -603,6 +610,41 @@ class Embedding:
                 if key in wide_state:
                     out[key] = wide_state[key].index_select(0, rep.to(wide_state[key].device))
         return out
+
+    # ------------------------------------------------------------------ curvature
+    def inertia_change(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Any, Any], Tensor],
+        inputs: Tensor,
+        targets: Any,
+        *,
+        tol: float | None = None,
+        method: Literal["auto", "closed-form", "hvp"] = "auto",
+    ) -> Inertia:
+        """The exact change of Hessian inertia this embedding causes, at ``model``.
+
+        ``model`` is the WIDENED network at the embedded point; the result satisfies
+        ``inertia(H_wide) = inertia(H_narrow) + change`` without building ``H_wide``.
+        See :func:`torch_embed.inertia_change.inertia_change` for the method, the
+        tolerance and the numerical limits.
+
+        Raises:
+            ValueError: The embedding is not critical, or the model is not its image.
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> import torch_embed
+            >>> net = nn.Sequential(nn.Linear(1, 2), nn.Tanh(), nn.Linear(2, 1)).double()
+            >>> emb = torch_embed.widen(net, [3], torch_embed.Null())
+            >>> x = torch.linspace(-1, 1, 8, dtype=torch.float64)[:, None]
+            >>> emb.inertia_change(net, nn.MSELoss(), x, x**2).total
+            3
+        """
+        from torch_embed.inertia_change import inertia_change
+
+        return inertia_change(self, model, loss_fn, inputs, targets, tol=tol, method=method)
 
     # ------------------------------------------------------------------ composition
     def then(self, other: Embedding) -> Embedding:
