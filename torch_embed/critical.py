@@ -5,7 +5,8 @@ a residual gradient of size ε smears the structural zeros to ``±O(ε)``. This 
 drives ``|∇R|`` (Euclidean norm over all trainable parameters) down to ``gtol`` in two
 phases:
 
-1. L-BFGS with a strong-Wolfe line search (:class:`torch.optim.LBFGS`) to get close.
+1. L-BFGS with a strong-Wolfe line search (:class:`torch.optim.LBFGS`) to get close
+   (skipped when the point is already nearly critical, so that a saddle stays a saddle).
 2. Newton steps on the gradient system ``∇R(θ) = 0`` with a pseudo-inverse of the dense
    Hessian: ``s = -Σ_i λ_i/(λ_i² + μ) (q_iᵀ g) q_i`` from ``H = Σ λ_i q_i q_iᵀ``
    (``μ = 0`` is the ``rcond``-truncated pseudo-inverse step; ``μ > 0`` is the
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torch_embed.hessian import check_model, flat_loss, hessian
+from torch_embed.hessian import check_model, dense_hessian, flat_loss
 
 __all__ = ["CriticalPointResult", "critical_point"]
 
@@ -78,6 +79,60 @@ def _get_flat(params: list[nn.Parameter]) -> Tensor:
     return torch.cat([p.detach().reshape(-1) for p in params])
 
 
+def _newton_(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    loss_fn: Any,
+    x: Tensor,
+    y: Any,
+    gnorm: float,
+    loss: float,
+    max_newton_iter: int,
+    rcond: float,
+    gtol: float,
+) -> tuple[int, float, float, str]:
+    """Pseudo-inverse Newton / Levenberg-Marquardt on ``∇R = 0``; writes the result back."""
+    fl = flat_loss(model, loss_fn, x, y)
+    theta = fl.theta.clone()
+    grad_and_value = torch.func.grad_and_value(fl.fn)
+    g = grad_and_value(theta)[0].detach()
+    mu = 0.0
+    newton = 0
+    message = f"max_newton_iter={max_newton_iter} reached"
+    for _ in range(max_newton_iter):
+        lam, q = torch.linalg.eigh(dense_hessian(fl.fn, theta))
+        scale = float(lam.abs().max())
+        if scale == 0.0:
+            message = "the Hessian is zero; no Newton step"
+            break
+        gq = q.T @ g
+        keep = lam.abs() > rcond * scale
+        accepted = None
+        for mu_try in [mu, *(scale**2 * 10.0**k for k in range(-12, 1, 2))]:
+            denom = torch.where(keep, lam**2 + mu_try, 1.0)
+            step = -(q @ (torch.where(keep, lam / denom, 0.0) * gq))
+            for t in (1.0, 0.5, 0.25, 0.1):
+                trial = theta + t * step
+                g_new, value = grad_and_value(trial)
+                norm = float(g_new.norm())
+                if math.isfinite(norm) and norm < gnorm:
+                    accepted = (trial, g_new.detach(), norm, float(value))
+                    break
+            if accepted is not None:
+                mu = mu_try / 100 if mu_try > 0 else 0.0
+                break
+        if accepted is None:
+            message = "no Newton/Levenberg-Marquardt step decreased |grad R| (rounding floor)"
+            break
+        theta, g, gnorm, loss = accepted
+        newton += 1
+        if gnorm <= gtol:
+            message = "converged"
+            break
+    _set_flat_(params, theta)
+    return newton, gnorm, loss, message
+
+
 def critical_point(
     model: nn.Module,
     loss_fn: Any,
@@ -88,6 +143,7 @@ def critical_point(
     max_iter: int = 2000,
     max_newton_iter: int = 50,
     rcond: float = 1e-13,
+    newton_below: float = 1e-6,
 ) -> CriticalPointResult:
     """Polish ``model`` IN PLACE to a critical point ``|∇R| <= gtol`` (float64).
 
@@ -102,6 +158,10 @@ def critical_point(
         max_iter: Maximum L-BFGS iterations.
         max_newton_iter: Maximum Newton/Levenberg-Marquardt iterations.
         rcond: Eigenvalues ``|λ| <= rcond·max|λ|`` are dropped in the pseudo-inverse.
+        newton_below: Skip L-BFGS when ``|∇R|`` starts at or below this: a point that
+            is already nearly critical (e.g. a freshly embedded critical point, often a
+            saddle) is polished by Newton steps only, since L-BFGS, a minimiser, would
+            walk away from a saddle.
 
     Returns:
         A :class:`CriticalPointResult`; ``converged`` is ``False`` (no exception, no
@@ -138,7 +198,7 @@ def critical_point(
     gnorm, loss = initial, loss0
     phases: list[str] = []
     lbfgs_iters = 0
-    if gnorm > gtol and max_iter > 0:
+    if gnorm > max(gtol, newton_below) and max_iter > 0:
         phases.append("lbfgs")
         start = _get_flat(params)
         opt = torch.optim.LBFGS(
@@ -172,45 +232,9 @@ def critical_point(
     message = "converged" if gnorm <= gtol else ""
     if gnorm > gtol and max_newton_iter > 0:
         phases.append("newton")
-        theta = _get_flat(params)
-        mu = 0.0
-        for _ in range(max_newton_iter):
-            h = hessian(model, loss_fn, x, y)
-            _, g = _loss_and_grad(model, loss_fn, x, y)
-            lam, q = torch.linalg.eigh(h)
-            scale = float(lam.abs().max())
-            if scale == 0.0:
-                message = "Hessian is zero"
-                break
-            gq = q.T @ g
-            keep = lam.abs() > rcond * scale
-            accepted = False
-            for mu_try in [mu, *(scale**2 * 10.0**k for k in range(-12, 1, 2))]:
-                denom = lam**2 + mu_try
-                coef = torch.where(keep, lam / torch.where(keep, denom, 1.0), 0.0)
-                step = -(q @ (coef * gq))
-                for t in (1.0, 0.5, 0.25, 0.1):
-                    _set_flat_(params, theta + t * step)
-                    new_loss, new_g = _loss_and_grad(model, loss_fn, x, y)
-                    new_norm = float(new_g.norm())
-                    if math.isfinite(new_norm) and new_norm < gnorm:
-                        accepted = True
-                        break
-                if accepted:
-                    mu = mu_try / 100 if mu_try > 0 else 0.0
-                    break
-            if not accepted:
-                _set_flat_(params, theta)
-                message = "no step decreased |grad R| (rounding floor reached)"
-                break
-            newton += 1
-            theta = _get_flat(params)
-            gnorm, loss = new_norm, new_loss
-            if gnorm <= gtol:
-                message = "converged"
-                break
-        else:
-            message = f"max_newton_iter={max_newton_iter} reached"
+        newton, gnorm, loss, message = _newton_(
+            model, params, loss_fn, x, y, gnorm, loss, max_newton_iter, rcond, gtol
+        )
     elif not message:
         message = "max_iter reached, Newton phase disabled"
     converged = gnorm <= gtol

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -243,9 +244,22 @@ def gradient(
 HVP = Callable[[Tensor], Tensor]
 
 
+def _load_forward_ad() -> None:
+    """Trigger PyTorch's one-time forward-AD setup, hiding its internal warning.
+
+    The first ``jvp`` loads decompositions through ``torch.jit.script``, which warns
+    ``DeprecationWarning`` in torch 2.13; that is PyTorch's business, not the user's.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.script", category=DeprecationWarning)
+        one = torch.ones(1)
+        jvp(torch.sin, (one,), (one,))
+
+
 def _make_hvp(fn: Callable[[Tensor], Tensor], theta: Tensor, engine: str) -> HVP:
     """A function ``V (k, P) -> V @ H (k, P)`` (``H`` is symmetric) for one engine."""
     if engine == "forward":
+        _load_forward_ad()
         g = grad(fn)
 
         def one(v: Tensor) -> Tensor:

@@ -1,0 +1,233 @@
+"""torch_embed.hessian against brute-force torch.autograd.functional.hessian (float64)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from torch_embed.hessian import (
+    HessianOperator,
+    dense_hessian,
+    flat_loss,
+    gradient,
+    hessian,
+    hvp,
+)
+
+F64 = torch.float64
+
+
+def _mlp(
+    widths: list[int], act: Callable[[], nn.Module], bias: bool, bn: bool = False
+) -> nn.Module:
+    layers: list[nn.Module] = []
+    for i in range(len(widths) - 1):
+        layers.append(nn.Linear(widths[i], widths[i + 1], bias=bias))
+        if i < len(widths) - 2:
+            if bn:
+                layers.append(nn.BatchNorm1d(widths[i + 1]))
+            layers.append(act())
+    return nn.Sequential(*layers)
+
+
+def _reference(model: nn.Module, loss_fn: Any, x: Tensor, y: Any) -> tuple[Tensor, Tensor]:
+    """Dense Hessian and gradient by torch.autograd.functional on a float64 deep copy."""
+    ref = copy.deepcopy(model).double()
+    params = [(n, p) for n, p in ref.named_parameters() if p.requires_grad]
+    sizes = [p.numel() for _, p in params]
+    theta = torch.cat([p.detach().reshape(-1) for _, p in params])
+    x64 = x.double()
+    y64 = y.double() if y.is_floating_point() else y
+
+    def f(t: Tensor) -> Tensor:
+        d = {n: c.view_as(p) for (n, p), c in zip(params, torch.split(t, sizes))}
+        return loss_fn(torch.func.functional_call(ref, d, (x64,)), y64)
+
+    h = torch.autograd.functional.hessian(f, theta)
+    g = torch.autograd.functional.jacobian(f, theta)
+    return h, g
+
+
+def _custom_loss(out: Tensor, target: Tensor) -> Tensor:
+    return ((out - target) ** 2).sum(dim=1).mean() + 0.1 * (out**4).mean()
+
+
+# (id, widths, activation, bias, loss, classification)
+CASES: list[tuple[str, list[int], Callable[[], nn.Module], bool, Any, bool]] = [
+    ("tanh-mse-d1", [3, 4], nn.Tanh, True, nn.MSELoss(), False),
+    ("tanh-mse-d2", [3, 5, 2], nn.Tanh, True, nn.MSELoss(), False),
+    ("tanh-Fmse-d3", [2, 4, 3, 2], nn.Tanh, True, F.mse_loss, False),
+    ("sigmoid-mse-nobias", [3, 5, 2], nn.Sigmoid, False, nn.MSELoss(), False),
+    ("softplus-custom", [3, 4, 3], nn.Softplus, True, _custom_loss, False),
+    ("gelu-ce", [3, 5, 4], nn.GELU, True, nn.CrossEntropyLoss(), True),
+    ("silu-mse-nobias", [3, 5, 2], nn.SiLU, False, nn.MSELoss(), False),
+    ("silu-mse-bias-d3", [2, 4, 4, 1], nn.SiLU, True, nn.MSELoss(), False),
+    ("relu-mse", [3, 6, 2], nn.ReLU, True, nn.MSELoss(), False),
+    ("elu-ce-nobias-d3", [3, 4, 4, 3], nn.ELU, False, nn.CrossEntropyLoss(), True),
+    ("tanh-sum-mse", [3, 4, 2], nn.Tanh, True, nn.MSELoss(reduction="sum"), False),
+    ("gelu-custom-d3", [2, 3, 3, 2], nn.GELU, False, _custom_loss, False),
+]
+
+
+def _data(case_in: int, case_out: int, classification: bool, n: int = 11) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(123)
+    x = torch.randn(n, case_in, generator=g)
+    if classification:
+        return x, torch.randint(0, case_out, (n,), generator=g)
+    return x, torch.randn(n, case_out, generator=g)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_hessian_matches_autograd_reference(case: Any) -> None:
+    _name, widths, act, bias, loss_fn, classification = case
+    torch.manual_seed(0)
+    model = _mlp(widths, act, bias).double()
+    x, y = _data(widths[0], widths[-1], classification)
+    h = hessian(model, loss_fn, x, y, chunk_size=7)
+    ref, gref = _reference(model, loss_fn, x, y)
+    assert h.dtype == F64 and h.shape == ref.shape
+    assert torch.equal(h, h.T)
+    assert (h - ref).abs().max() <= 1e-10 * ref.abs().max()
+    g = gradient(model, loss_fn, x, y)
+    assert torch.allclose(g, gref, rtol=1e-12, atol=1e-15)
+
+
+def test_batchnorm_eval_and_float32_model_cast_to_float64() -> None:
+    torch.manual_seed(1)
+    model = _mlp([3, 5, 2], nn.Tanh, True, bn=True)  # float32 on purpose
+    with torch.no_grad():  # non-trivial running statistics
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 2.0)
+    model.eval()
+    x, y = _data(3, 2, False)
+    h = hessian(model, nn.MSELoss(), x, y)
+    ref, _ = _reference(model.eval(), nn.MSELoss(), x, y)
+    assert h.dtype == F64
+    assert (h - ref).abs().max() <= 1e-10 * ref.abs().max()
+    # float32 computation on request
+    h32 = hessian(model, nn.MSELoss(), x, y, dtype=torch.float32)
+    assert h32.dtype == torch.float32
+    assert (h32.double() - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_train_mode_batchnorm_and_dropout_refused_unless_allowed() -> None:
+    torch.manual_seed(2)
+    model = _mlp([3, 4, 2], nn.Tanh, True, bn=True).double()
+    x, y = _data(3, 2, False)
+    with pytest.raises(ValueError, match=r"module '1' \(BatchNorm1d\) is in train mode"):
+        hessian(model, nn.MSELoss(), x, y)
+    drop = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Dropout(0.2), nn.Linear(4, 2)).double()
+    with pytest.raises(ValueError, match=r"module '2' \(Dropout\)"):
+        hessian(drop, nn.MSELoss(), x, y)
+    # opt-in: the train-mode loss (batch statistics), model's own statistics untouched
+    before = model[1].running_mean.clone(), int(model[1].num_batches_tracked)
+    h = hessian(model, nn.MSELoss(), x, y, allow_train_mode=True)
+    ref, _ = _reference(model, nn.MSELoss(), x, y)  # deep copy in train mode
+    assert (h - ref).abs().max() <= 1e-10 * ref.abs().max()
+    assert torch.equal(model[1].running_mean, before[0])
+    assert int(model[1].num_batches_tracked) == before[1]
+
+
+def test_no_double_backward_activation_refused_naming_layer() -> None:
+    model = nn.Sequential(nn.Linear(2, 3), nn.Hardsigmoid(), nn.Linear(3, 1)).double()
+    x, y = _data(2, 1, False)
+    with pytest.raises(ValueError, match=r"module '1' \(Hardsigmoid\) has no second derivative"):
+        hessian(model, nn.MSELoss(), x, y)
+    with pytest.raises(ValueError, match="Hardsigmoid"):
+        HessianOperator(model, nn.MSELoss(), x, y)
+
+
+def test_unregistered_module_without_double_backward_gives_clear_error() -> None:
+    class Hard(nn.Module):  # not in the registry: found by the probe instead
+        def forward(self, z: Tensor) -> Tensor:
+            return F.hardsigmoid(z)
+
+    model = nn.Sequential(nn.Linear(2, 3), Hard(), nn.Linear(3, 1)).double()
+    x, y = _data(2, 1, False)
+    with pytest.raises(ValueError, match="cannot compute Hessian-vector products"):
+        hessian(model, nn.MSELoss(), x, y)
+
+
+def test_forward_engine_matches_and_mse_pitfall_is_explained() -> None:
+    torch.manual_seed(3)
+    model = _mlp([3, 4, 2], nn.Tanh, True).double()
+    x, y = _data(3, 2, False)
+    ref, _ = _reference(model, _custom_loss, x, y)
+    h = hessian(model, _custom_loss, x, y, engine="forward")
+    assert (h - ref).abs().max() <= 1e-10 * ref.abs().max()
+    with pytest.raises(ValueError, match="forward-over-reverse fails for F.mse_loss"):
+        hessian(model, nn.MSELoss(), x, y, engine="forward")
+    with pytest.raises(ValueError, match="engine must be"):
+        hessian(model, nn.MSELoss(), x, y, engine="sideways")
+
+
+def test_memory_error_before_allocation() -> None:
+    model = _mlp([3, 4, 2], nn.Tanh, True).double()
+    x, y = _data(3, 2, False)
+    with pytest.raises(MemoryError, match=r"P=26 .*HessianOperator"):
+        hessian(model, nn.MSELoss(), x, y, max_bytes=1000)
+    # a matrix far larger than any machine: refused from the real available memory
+    with pytest.raises(MemoryError, match=r"P=1000000"):
+        dense_hessian(lambda t: (t**2).sum(), torch.zeros(1_000_000, dtype=F64))
+
+
+def test_chunk_sizes_agree_exactly_and_frozen_parameters_excluded() -> None:
+    torch.manual_seed(4)
+    model = _mlp([3, 4, 2], nn.Tanh, True).double()
+    model[0].bias.requires_grad_(False)
+    x, y = _data(3, 2, False)
+    fl = flat_loss(model, nn.MSELoss(), x, y)
+    assert fl.names == ("0.weight", "2.weight", "2.bias")
+    assert fl.numel == 12 + 8 + 2
+    assert torch.equal(fl.unflatten(fl.theta)["2.weight"], model[2].weight.detach())
+    hs = [hessian(model, nn.MSELoss(), x, y, chunk_size=c) for c in (1, 5, 22, 100)]
+    ref, _ = _reference(model, nn.MSELoss(), x, y)
+    assert hs[0].shape == (22, 22)
+    for h in hs:
+        assert (h - ref).abs().max() <= 1e-10 * ref.abs().max()
+
+
+def test_hvp_and_operator_match_dense() -> None:
+    torch.manual_seed(5)
+    model = _mlp([3, 5, 2], nn.Tanh, True).double()
+    x, y = _data(3, 2, False)
+    ref, _ = _reference(model, nn.MSELoss(), x, y)
+    p = ref.shape[0]
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(p, dtype=F64, generator=g)
+    vs = torch.randn(4, p, dtype=F64, generator=g)
+    assert torch.allclose(hvp(model, nn.MSELoss(), x, y, v), ref @ v, rtol=1e-10, atol=1e-13)
+    assert torch.allclose(hvp(model, nn.MSELoss(), x, y, vs), vs @ ref, rtol=1e-10, atol=1e-13)
+    op = HessianOperator(model, nn.MSELoss(), x, y, chunk_size=3)
+    assert op.shape == (p, p) and op.dtype == F64
+    assert torch.allclose(op.matvec(v), ref @ v, rtol=1e-10, atol=1e-13)
+    assert torch.allclose(op.matmat(vs), vs @ ref, rtol=1e-10, atol=1e-13)
+    assert torch.allclose(op @ vs.T, ref @ vs.T, rtol=1e-10, atol=1e-13)
+    with pytest.raises(ValueError, match=r"expected vectors of shape \(32,\)"):
+        op.matmat(torch.ones(3, dtype=F64))
+
+
+def test_to_scipy_eigsh_finds_extreme_eigenvalues() -> None:
+    pytest.importorskip("scipy")
+    from scipy.sparse.linalg import eigsh
+
+    torch.manual_seed(6)
+    model = _mlp([3, 6, 2], nn.Tanh, True).double()
+    x, y = _data(3, 2, False)
+    ref, _ = _reference(model, nn.MSELoss(), x, y)
+    lam = torch.linalg.eigvalsh(ref)
+    top = eigsh(HessianOperator(model, nn.MSELoss(), x, y).to_scipy(), k=2, which="LA")[0]
+    assert abs(max(top) - float(lam[-1])) <= 1e-8 * float(lam.abs().max())
+
+
+def test_loss_must_be_scalar() -> None:
+    model = _mlp([3, 4, 2], nn.Tanh, True).double()
+    x, y = _data(3, 2, False)
+    with pytest.raises(ValueError, match="scalar"):
+        gradient(model, nn.MSELoss(reduction="none"), x, y)

@@ -1,0 +1,228 @@
+"""torch_embed.inertia on matrices with known spectra (Q diag(λ) Qᵀ), and on Hessians."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from torch_embed.inertia import (
+    AUTO_LDL_MIN_SIZE,
+    Inertia,
+    _block_signs,
+    default_tolerance,
+    eigenvalues,
+    hessian_inertia,
+    inertia,
+)
+
+F64 = torch.float64
+
+
+def _with_spectrum(lam: list[float] | Tensor, seed: int = 0) -> Tensor:
+    lam_t = torch.as_tensor(lam, dtype=F64)
+    n = lam_t.numel()
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, dtype=F64, generator=g))
+    return (q * lam_t) @ q.T
+
+
+def _counts(lam: Tensor, tol: float) -> tuple[int, int, int]:
+    return int((lam < -tol).sum()), int((lam.abs() <= tol).sum()), int((lam > tol).sum())
+
+
+SPECTRA = {
+    "zeros-cluster": [-3.0, -0.5, 0.0, 0.0, 0.0, 0.0, 1e-3, 2.0, 7.0, 40.0],
+    "no-zeros": [-2.0, -1.0, 0.3, 4.0, 5.0],
+    "all-zero": [0.0] * 6,
+    "definite": [1.0, 2.0, 3.0, 1e-2],
+}
+
+
+@pytest.mark.parametrize("method", ["eigh", "ldl"])
+@pytest.mark.parametrize("name", list(SPECTRA))
+def test_known_spectrum_default_tolerance(method: str, name: str) -> None:
+    lam = torch.tensor(SPECTRA[name], dtype=F64)
+    res = inertia(_with_spectrum(lam), method=method)
+    assert res.as_tuple() == _counts(lam, 1e-9)  # the gaps make any tol in [1e-13, 1e-4] agree
+    assert res.method == method
+    assert not res.ambiguous
+    assert res.tol <= 10 * lam.numel() * 2.0**-52 * float(lam.abs().max()) + 1e-300
+
+
+@pytest.mark.parametrize("method", ["eigh", "ldl"])
+def test_values_at_plus_minus_ten_tol_and_exact_zero_cluster(method: str) -> None:
+    tol = 1e-6
+    lam = torch.tensor(
+        [-5.0, -10 * tol, -10 * tol, 0.0, 0.0, 0.0, 0.0, 0.0, 10 * tol, 10 * tol, 10 * tol, 3.0],
+        dtype=F64,
+    )
+    res = inertia(_with_spectrum(lam, seed=1), tol=tol, method=method)
+    assert res.as_tuple() == (3, 5, 4)
+    assert res.tol == tol
+    # values a factor 10 above tol: separated from the exact zeros (~1e-16 after QR)
+    assert res.gap > 1e3 and not res.ambiguous
+
+
+@pytest.mark.parametrize("method", ["eigh", "ldl"])
+def test_values_near_tol_are_ambiguous(method: str) -> None:
+    tol = 1e-6
+    lam = [-4.0, -0.5 * tol, 0.3 * tol, 2.0 * tol, 1.0, 6.0]
+    res = inertia(_with_spectrum(lam, seed=2), tol=tol, method=method)
+    assert res.as_tuple() == (1, 2, 3)
+    assert res.ambiguous
+    assert res.gap < 10  # exact: (2 tol) / (0.5 tol) = 4
+    if method == "eigh":
+        assert res.gap == pytest.approx(4.0, rel=1e-6)
+
+
+def test_gap_ratio_exact_for_eigh_and_close_for_ldl() -> None:
+    tol = 1e-8
+    lam = [-1.0, -3e-4, 2e-12, -5e-12, 1e-12, 7e-4, 2.0, 9.0]
+    a = _with_spectrum(lam, seed=3)
+    e = inertia(a, tol=tol, method="eigh")
+    ldl = inertia(a, tol=tol, method="ldl")
+    assert e.as_tuple() == ldl.as_tuple() == (2, 3, 3)
+    assert e.gap == pytest.approx(3e-4 / 5e-12, rel=1e-3)
+    # ldl resolves the zero cluster to ~eps·tol only: same order or larger, never ambiguous
+    assert ldl.gap >= 0.5 * e.gap and not ldl.ambiguous
+
+
+def test_larger_random_indefinite_both_methods_agree_with_counts_and_use_2x2_blocks() -> None:
+    g = torch.Generator().manual_seed(7)
+    n = 120
+    lam = torch.randn(n, dtype=F64, generator=g) * 3
+    lam[:20] = 0.0  # a cluster of exact zeros
+    lam[20:25] = 1e-4 * torch.tensor([1.0, -1.0, 2.0, -3.0, 5.0], dtype=F64)
+    a = _with_spectrum(lam, seed=8)
+    expect = _counts(lam, 1e-8)
+    assert inertia(a, method="eigh").as_tuple() == expect
+    assert inertia(a, method="ldl").as_tuple() == expect
+    ld, piv = torch.linalg.ldl_factor(a - 1e-8 * torch.eye(n, dtype=F64))
+    assert bool((piv < 0).any())  # Bunch-Kaufman chose 2x2 blocks: that path is exercised
+    neg, pos = _block_signs(ld, piv)
+    assert pos == expect[2] and neg == n - expect[2]
+
+
+def test_2x2_pivot_block_on_zero_diagonal() -> None:
+    a = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=F64)  # eigenvalues ±1
+    ld, piv = torch.linalg.ldl_factor(a)
+    assert bool((piv < 0).all())
+    assert _block_signs(ld, piv) == (1, 1)
+    assert inertia(a, method="ldl").as_tuple() == (1, 0, 1)
+
+
+def test_default_tolerance_and_grad_norm_term() -> None:
+    eps = 2.0**-52
+    assert default_tolerance(3.0, 50, F64) == 50 * eps * 3.0
+    assert default_tolerance(3.0, 50, F64, grad_norm=1e-6) == pytest.approx(1e-5)
+    assert default_tolerance(3.0, 50, F64, grad_norm=1e-6, c=1.0) == pytest.approx(1e-6)
+    assert default_tolerance(1.0, 10, torch.float32) == 10 * 2.0**-23
+    lam = [-1.0, -1e-7, 1e-7, 5e-7, 2.0]
+    a = _with_spectrum(lam, seed=4)
+    for method in ("eigh", "ldl"):
+        assert inertia(a, method=method).as_tuple() == (2, 0, 3)
+        # residual gradient 1e-7: |λ| <= 1e-6 become zeros
+        assert inertia(a, grad_norm=1e-7, method=method).as_tuple() == (1, 3, 1)
+    # float32 matrix: eps of float32 in the tolerance
+    assert inertia(a.float()).tol == pytest.approx(5 * 2.0**-23 * 2.0, rel=1e-5)
+
+
+def test_auto_method_by_size() -> None:
+    small = _with_spectrum([1.0, -1.0, 0.0])
+    assert inertia(small).method == "eigh"
+    n = AUTO_LDL_MIN_SIZE
+    big = torch.diag(torch.linspace(-1, 1, n, dtype=F64) + 1e-3)
+    res = inertia(big)
+    assert res.method == "ldl"
+    assert res.as_tuple() == _counts(torch.diagonal(big), res.tol)
+
+
+def test_inertia_dataclass_behaviour() -> None:
+    a = Inertia(2, 1, 6, tol=1.2e-10, gap=3.4e5, ambiguous=False, method="eigh")
+    assert tuple(a) == (2, 1, 6) and a.as_tuple() == (2, 1, 6) and a.total == 9
+    neg, zero, pos = a
+    assert (neg, zero, pos) == (2, 1, 6)
+    assert str(a) == "Inertia(-2, 0=1, +6; tol=1.2e-10, gap=3.4e+05)"
+    b = Inertia(1, 1, 0, tol=1e-9, gap=50.0, ambiguous=True, method="closed-form")
+    s = a + b
+    assert s.as_tuple() == (3, 2, 6)
+    assert s.tol == 1e-9 and s.gap == 50.0 and s.ambiguous
+    assert s.method == "eigh+closed-form"
+    assert "ambiguous" in str(s)
+    with pytest.raises(AttributeError):
+        a.negative = 3  # type: ignore[misc]
+    assert (a + a).method == "eigh"
+
+
+def test_bad_inputs() -> None:
+    with pytest.raises(ValueError, match="square"):
+        inertia(torch.ones(2, 3))
+    with pytest.raises(ValueError, match="method must be"):
+        inertia(torch.eye(2), method="qr")
+    with pytest.raises(ValueError, match="tol must be"):
+        inertia(torch.eye(2), tol=-1.0)
+    with pytest.raises(TypeError, match="floating"):
+        inertia(torch.eye(2, dtype=torch.int64))
+
+
+def test_eigenvalues_helper_sorted_float64() -> None:
+    lam = [3.0, -1.0, 0.5]
+    out = eigenvalues(_with_spectrum(lam).float())
+    assert out.dtype == F64
+    assert torch.allclose(out, torch.tensor(sorted(lam), dtype=F64), atol=1e-6)
+
+
+def _brute(net: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, float]:
+    """Eigenvalues and gradient norm by torch.autograd.functional on the flat parameters."""
+    params = dict(net.named_parameters())
+    sizes = [p.numel() for p in params.values()]
+    theta = torch.cat([p.detach().reshape(-1) for p in params.values()])
+
+    def f(t: Tensor) -> Tensor:
+        d = {n: c.view_as(p) for (n, p), c in zip(params.items(), torch.split(t, sizes))}
+        return nn.functional.mse_loss(torch.func.functional_call(net, d, (x,)), y)
+
+    lam = torch.linalg.eigvalsh(torch.autograd.functional.hessian(f, theta))
+    return lam, float(torch.autograd.functional.jacobian(f, theta).norm())
+
+
+def test_hessian_inertia_matches_brute_force_counts() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(15, 2, dtype=F64, generator=g)
+    y = torch.randn(15, 2, dtype=F64, generator=g)
+    lam, gnorm = _brute(net, x, y)
+    tol = default_tolerance(float(lam.abs().max()), lam.numel(), F64, gnorm)
+    res = hessian_inertia(net, nn.MSELoss(), x, y)
+    assert res.as_tuple() == _counts(lam, tol)
+    assert res.tol == pytest.approx(tol, rel=1e-12)
+    # away from a critical point the gradient term dominates: zero counts say little
+    assert res.tol == pytest.approx(10 * gnorm, rel=1e-12)
+    res = hessian_inertia(net, nn.MSELoss(), x, y, tol=1e-9)
+    assert res.as_tuple() == _counts(lam, 1e-9) and res.negative > 0
+
+
+def test_hessian_inertia_of_split_critical_point_fig3a() -> None:
+    """Paper Fig. 3(a): width-2 tanh at a critical point, split -> one more negative, zero."""
+    import torch_embed
+    from torch_embed.critical import critical_point
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(1, 2), nn.Tanh(), nn.Linear(2, 1)).double()
+    x = torch.linspace(-2, 2, 20, dtype=F64).unsqueeze(1)
+    y = torch.tanh(3 * (x - 1)) + torch.tanh(3 * (x + 1)) + 0.5 * torch.tanh(3 * x)
+    assert critical_point(net, nn.MSELoss(), x, y).converged
+    counts = []
+    for width in (2, 3, 4):
+        if width > 2:
+            torch_embed.widen(net, [width], "split", generator=torch.Generator().manual_seed(width))
+        lam, gnorm = _brute(net, x, y)
+        tol = default_tolerance(float(lam.abs().max()), lam.numel(), F64, gnorm)
+        res = hessian_inertia(net, nn.MSELoss(), x, y)
+        assert res.as_tuple() == _counts(lam, tol)
+        assert not res.ambiguous and res.gap > 1e6
+        counts.append(res.as_tuple())
+    assert [c[0] for c in counts] == [0, 1, 2]
+    assert [c[1] for c in counts] == [0, 1, 2]
