@@ -78,25 +78,36 @@ html_title = f"torch_embed {release}"
 html_static_path = ["_static"]
 
 
-# --- pages written elsewhere in the project ---------------------------------------------
-# Guide pages that other parts of the project contribute. Until one exists, its toctree
-# entry and the links to it are dropped (the link text stays), so the site builds with
-# -W at every stage. Once all of them exist this hook does nothing.
+# --- pages and figures written elsewhere in the project --------------------------------
+# Guide pages that other parts of the project contribute, and the quick figures of
+# `torch-embed reproduce FIG --quick` under _static/figures/. Until a page exists, its
+# toctree entry and the links to it are dropped (the link text stays); until a figure
+# exists, its image is replaced by a visible note. So the site builds with -W at every
+# stage; once everything exists this hook changes nothing.
 OPTIONAL_PAGES = ("guide/warm_start", "guide/landscape", "guide/testing")
 _HERE = Path(__file__).resolve().parent
 
 
-def _drop_missing_pages(app: object, docname: str, source: list[str]) -> None:
+def _drop_missing(app: object, docname: str, source: list[str]) -> None:
     import re
 
-    missing = [p for p in OPTIONAL_PAGES if not (_HERE / f"{p}.md").exists()]
     text = source[0]
-    for page in missing:
+    for page in OPTIONAL_PAGES:
+        if (_HERE / f"{page}.md").exists():
+            continue
         base = page.rsplit("/", 1)[-1]
         text = re.sub(rf"^{base}\n", "", text, flags=re.M)  # toctree entry
         text = re.sub(rf"\[([^\]]+)\]\((?:\.\./|guide/)?{base}\.md(?:#[^)]*)?\)", r"\1", text)
+
+    def figure(match: re.Match[str]) -> str:
+        path = match.group(2)
+        if (_HERE / Path(docname).parent / path).exists():
+            return match.group(0)
+        return f"*(Figure `{Path(path).name}` not generated yet.)*"
+
+    text = re.sub(r"!\[([^\]]*)\]\(([^)]*_static/figures/[^)]+)\)", figure, text)
     source[0] = text
 
 
 def setup(app: object) -> None:
-    app.connect("source-read", _drop_missing_pages)  # type: ignore[attr-defined]
+    app.connect("source-read", _drop_missing)  # type: ignore[attr-defined]
