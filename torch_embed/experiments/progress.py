@@ -7,6 +7,7 @@ prints a line every ``interval`` seconds when stderr is a file or a pipe.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from types import TracebackType
@@ -50,7 +51,7 @@ class Progress:
         self.stream = sys.stderr if stream is None else stream
         self.enabled = enabled
         self._start = time.perf_counter()
-        self._last = -1.0
+        self._last = -math.inf
         self._shown = False
         isatty = getattr(self.stream, "isatty", None)
         self._tty = bool(isatty()) if callable(isatty) else False
