@@ -89,7 +89,8 @@ _REGISTRY: dict[type[nn.Module], ElementwiseInfo] = {
     nn.Hardswish: ElementwiseInfo(_const(1.5)),
     nn.Hardsigmoid: ElementwiseInfo(_const(1.0 / 6.0), twice_differentiable=False),
     nn.Softshrink: ElementwiseInfo(_const(1.0)),
-    nn.Hardshrink: ElementwiseInfo(_const(1.0)),
+    # Hardshrink jumps by λ at |z| = λ: no Lipschitz constant, so no error bound
+    nn.Hardshrink: ElementwiseInfo(_const(math.inf)),
     nn.Dropout: ElementwiseInfo(_const(math.inf)),
 }
 # Dropout is element-wise but random: copies of a neuron get different masks in train

@@ -361,6 +361,12 @@ def _finish(
         nb = torch.where(sources[l] < 0, null_bias[l], 0.0)
         nv = torch.zeros_like(nb)
         null = sources[l] < 0
+        if bool((nb != 0).any()) and not _can_store_bias(module, layout, l):
+            raise ValueError(
+                f"hidden layer {l}: null neurons need a bias β != 0, but its Linear (layer "
+                f"{layout.hidden[l].linear}) has no bias and no affine BatchNorm1d follows "
+                f"it, so β cannot be stored (the neuron would output σ(0)); use bias=0.0"
+            )
         if bool(null.any()):
             nv[null] = _null_value(module, layout, l, nb[null])
         layers.append(
@@ -374,6 +380,14 @@ def _finish(
             )
         )
     return Embedding(layout, tuple(layers))
+
+
+def _can_store_bias(module: nn.Module, layout: Layout, layer: int) -> bool:
+    """Whether hidden layer ``layer`` has a place for a null neuron's bias β."""
+    hidden = layout.hidden[layer]
+    if hidden.batchnorm is not None:
+        return module.get_submodule(hidden.batchnorm).bias is not None
+    return layout.linears[layer].has_bias
 
 
 def _identity_plus(m: int, extra: list[int]) -> Tensor:
@@ -422,9 +436,10 @@ def _plan_split(
             extra = [s for s in chosen for _ in range(len(kway) - 1)]
             src = _identity_plus(m, extra)
             for g, s in enumerate(chosen):
-                coef[s] = coef[s] * kway[0]
+                share = coef[s].clone()  # a neuron chosen again splits its current share
+                coef[s] = share * kway[0]
                 for t in range(len(kway) - 1):
-                    coef[m + g * (len(kway) - 1) + t] = kway[t + 1]
+                    coef[m + g * (len(kway) - 1) + t] = kway[t + 1] * share
         else:
             chosen = _choose(cfg.select, module, layout, l, k, explicit, generator)
             src = _identity_plus(m, chosen)
@@ -589,6 +604,8 @@ def _plan_random_pad(
         fan_in.append(f)
         nb = torch.zeros(w, dtype=torch.float64)
         nb[m:] = (2 * _rand(w - m, generator) - 1) * bound_in
+        if not _can_store_bias(module, layout, l):
+            nb.zero_()  # a bias-free layer has no place for it
         nbs.append(nb)
         bound_out = cfg.scale / math.sqrt(w)
         off = torch.zeros(wide[l + 2], w, dtype=torch.float64)
