@@ -68,6 +68,13 @@ def map_optimizer_state(
         TypeError: For an unsupported optimizer or a state entry of unknown meaning.
     """
     _check_supported(optimizer)
+    # Adagrad's sum starts at initial_accumulator_value, not 0: only the part that the
+    # squared gradients added maps; the constant is added back after mapping.
+    offset = {
+        id(p): float(group.get("initial_accumulator_value", 0.0))
+        for group in optimizer.param_groups
+        for p in group["params"]
+    }
     by_key: dict[str, dict[str, Tensor]] = {}
     for name, p in named_params.items():
         state = optimizer.state.get(p)
@@ -81,6 +88,8 @@ def map_optimizer_state(
                     f"{type(optimizer).__name__} state entry '{key}' of parameter '{name}' has "
                     f"no known mapping; refusing rather than resetting it silently"
                 )
+            if key == "sum" and offset.get(id(p), 0.0) != 0.0:
+                value = value - offset[id(p)]
             by_key.setdefault(key, {})[name] = value
     mapped: dict[str, dict[str, Tensor]] = {}
     for key, tensors in by_key.items():
@@ -99,5 +108,7 @@ def map_optimizer_state(
                 new_state[key] = value
             else:
                 new_state[key] = mapped[key][name]
+                if key == "sum" and offset.get(id(p), 0.0) != 0.0:
+                    new_state[key] = new_state[key] + offset[id(p)]
         result[p] = new_state
     return result

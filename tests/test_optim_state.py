@@ -1,0 +1,256 @@
+"""Optimizer state under widening: the definition of a correct map, checked by replay.
+
+Definition (THEORY §8): after ``widen(..., optimizer=opt)``, ``opt``'s state equals the
+state a fresh optimizer on the wide network would hold had it been fed the mapped
+gradients ``B g_t`` at every past step. The reference is built exactly that way: a
+fresh wide net (the same embedding applied to the *initial* narrow parameters), a fresh
+optimizer, and ``embedding.map_gradients(g_t)`` set as ``.grad`` before each step.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from cases import Arch, build_mlp, critical_matrix_general, random_inputs
+from torch import nn
+
+from torch_embed.embedding import Embedding
+from torch_embed.optim_state import SUPPORTED_OPTIMIZERS, map_optimizer_state
+from torch_embed.schemes import Null, Split, plan
+from torch_embed.widen import embed_, widen
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+K = 3  # optimizer steps before widening
+
+OPTIMIZERS = {
+    "sgd_momentum": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, dampening=0.1),
+    "sgd_nesterov": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.8, nesterov=True),
+    "adam": lambda p: torch.optim.Adam(p, lr=0.01, betas=(0.8, 0.9)),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1),
+    "adamw_amsgrad": lambda p: torch.optim.AdamW(p, lr=0.01, amsgrad=True),
+    "adam_amsgrad": lambda p: torch.optim.Adam(p, lr=0.01, amsgrad=True),
+    "rmsprop": lambda p: torch.optim.RMSprop(p, lr=0.01),
+    "rmsprop_centered": lambda p: torch.optim.RMSprop(p, lr=0.01, centered=True),
+    "adagrad": lambda p: torch.optim.Adagrad(p, lr=0.1),
+    "adagrad_initial_accumulator": lambda p: torch.optim.Adagrad(
+        p, lr=0.1, initial_accumulator_value=0.3
+    ),
+}
+
+ARCH = Arch(3, (4, 5), 2, batchnorm=(True, False))
+ARCH_LAST_NOBIAS = Arch(3, (4, 5), 2, bias=(True, True, False))
+
+SCHEMES = {
+    "split_signed": (ARCH, lambda n, g: plan(n, [7, 8], Split(alpha=-0.4), generator=g)),
+    "split_kway": (ARCH, lambda n, g: plan(n, [8, 9], Split(alpha=(0.5, 0.2, 0.3)), generator=g)),
+    "null_bn": (ARCH, lambda n, g: plan(n, [6, 8], Null(bias=0.6), generator=g)),
+    "general_matrix": (ARCH, critical_matrix_general),
+}
+
+
+def _loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.mse_loss(net(x), y)
+
+
+def _train(net, opt, x, y, k=K) -> list[dict[str, torch.Tensor]]:
+    """k optimizer steps; return the gradients g_1..g_k it saw."""
+    seen = []
+    for _ in range(k):
+        opt.zero_grad()
+        _loss(net, x, y).backward()
+        seen.append({n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None})
+        opt.step()
+    return seen
+
+
+def _reference_state(initial: nn.Module, emb: Embedding, make, grads):
+    """A fresh wide net and optimizer fed the mapped gradients B g_t."""
+    ref = copy.deepcopy(initial)
+    embed_(ref, emb)
+    opt = make(ref.parameters())
+    params = dict(ref.named_parameters())
+    for g in grads:
+        mapped = emb.map_gradients(g)
+        for name, p in params.items():
+            p.grad = mapped[name].clone() if name in mapped else None
+        opt.step()
+    return params, opt
+
+
+def _setup(arch, planner):
+    net = build_mlp(arch, seed=2)
+    x = random_inputs(arch, 10, seed=3)
+    y = torch.randn(
+        10, arch.out_features, generator=torch.Generator().manual_seed(4), dtype=torch.float64
+    )
+    emb = planner(net, torch.Generator().manual_seed(5))
+    return net, x, y, emb
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+@pytest.mark.parametrize("optim", list(OPTIMIZERS))
+def test_mapped_state_equals_replay_with_mapped_gradients(optim: str, scheme: str) -> None:
+    make = OPTIMIZERS[optim]
+    arch, planner = SCHEMES[scheme]
+    net, x, y, emb = _setup(arch, planner)
+    initial = copy.deepcopy(net)
+    opt = make(net.parameters())
+    grads = _train(net, opt, x, y)
+    opt.zero_grad(set_to_none=True)
+
+    widen_params = dict(net.named_parameters())
+    embed_(net, emb, optimizer=opt)
+    ref_params, ref_opt = _reference_state(initial, emb, make, grads)
+
+    for name, p in widen_params.items():
+        assert net.get_parameter(name) is p  # the optimizer's keys stay valid
+        mine, ref = opt.state[p], ref_opt.state[ref_params[name]]
+        assert mine.keys() == ref.keys(), name
+        for key in ref:
+            if torch.is_tensor(ref[key]):
+                assert mine[key].shape == ref[key].shape, (name, key)
+                assert mine[key].dtype == ref[key].dtype, (name, key)
+                err = float((mine[key].double() - ref[key].double()).abs().max())
+                assert err <= 1e-12, (name, key, err)
+            else:
+                assert mine[key] == ref[key], (name, key)
+
+
+@pytest.mark.parametrize("optim", list(OPTIMIZERS))
+def test_step_after_widen_runs_and_changes_the_wide_parameters(optim: str) -> None:
+    net, x, y, _ = _setup(ARCH, lambda n, g: n)
+    opt = OPTIMIZERS[optim](net.parameters())
+    _train(net, opt, x, y)
+    widen(net, [7, 8], Split(alpha=0.3), optimizer=opt, generator=torch.Generator().manual_seed(0))
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    opt.zero_grad()
+    _loss(net, x, y).backward()
+    opt.step()
+    for name, p in net.named_parameters():
+        assert p.shape == before[name].shape
+        assert not torch.equal(p.detach(), before[name]), name
+    # the new neurons moved too
+    assert not torch.equal(net[0].weight.detach()[4:], before["0.weight"][4:])
+
+
+def test_step_counters_are_kept_not_copied_per_neuron() -> None:
+    net, x, y, emb = _setup(ARCH, SCHEMES["split_signed"][1])
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    _train(net, opt, x, y)
+    steps = {n: opt.state[p]["step"] for n, p in net.named_parameters()}
+    embed_(net, emb, optimizer=opt)
+    for n, p in net.named_parameters():
+        assert opt.state[p]["step"] is steps[n]
+        assert float(opt.state[p]["step"]) == K
+
+
+def test_parameters_without_state_and_frozen_layers() -> None:
+    net, x, y, emb = _setup(ARCH, SCHEMES["split_signed"][1])
+    net[0].requires_grad_(False)  # frozen first Linear: no grads, no state
+    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=0.01)
+    _train(net, opt, x, y)
+    assert net[0].weight not in opt.state
+    embed_(net, emb, optimizer=opt)
+    assert net[0].weight not in opt.state
+    assert not net[0].weight.requires_grad and net[0].weight.shape == (7, 3)
+    assert opt.state[net[3].weight]["exp_avg"].shape == net[3].weight.shape
+    opt.zero_grad()
+    _loss(net, x, y).backward()
+    opt.step()
+
+
+def _snapshot(net: nn.Module, opt: torch.optim.Optimizer):
+    params = {
+        n: (p, p.detach().clone(), None if p.grad is None else p.grad.clone())
+        for n, p in net.named_parameters()
+    }
+    state = {
+        n: {k: (v, v.clone() if torch.is_tensor(v) else v) for k, v in opt.state[p].items()}
+        for n, p in net.named_parameters()
+        if p in opt.state
+    }
+    return params, state
+
+
+def _assert_unchanged(net, opt, snap) -> None:
+    params, state = snap
+    for n, p in net.named_parameters():
+        obj, value, grad = params[n]
+        assert p is obj
+        assert torch.equal(p.detach(), value), n
+        assert (p.grad is None) == (grad is None) and (grad is None or torch.equal(p.grad, grad))
+    for n, entries in state.items():
+        p = params[n][0]
+        assert opt.state[p].keys() == entries.keys()
+        for k, (obj, value) in entries.items():
+            assert opt.state[p][k] is obj
+            if torch.is_tensor(value):
+                assert torch.equal(obj, value)
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda p: torch.optim.NAdam(p, lr=0.01), r"cannot map the state of NAdam: only SGD, Adam"),
+        (lambda p: torch.optim.Adamax(p, lr=0.01), r"cannot map the state of Adamax"),
+        (
+            lambda p: torch.optim.RMSprop(p, lr=0.01, momentum=0.9),
+            r"cannot map RMSprop with momentum=0.9 \(param group 0\)",
+        ),
+    ],
+    ids=["nadam", "adamax", "rmsprop_momentum"],
+)
+def test_unsupported_optimizer_is_refused_and_nothing_changes(make, match) -> None:
+    net, x, y, _ = _setup(ARCH, lambda n, g: n)
+    opt = make(net.parameters())
+    _train(net, opt, x, y)
+    snap = _snapshot(net, opt)
+    with pytest.raises(TypeError, match=match):
+        widen(net, [7, 8], optimizer=opt, generator=torch.Generator().manual_seed(0))
+    _assert_unchanged(net, opt, snap)
+    assert net[0].out_features == 4 and net[1].num_features == 4
+
+
+def test_subclass_of_a_supported_optimizer_is_refused() -> None:
+    class MyAdam(torch.optim.Adam):
+        pass
+
+    net, *_ = _setup(ARCH, lambda n, g: n)
+    opt = MyAdam(net.parameters())
+    with pytest.raises(TypeError, match="cannot map the state of MyAdam"):
+        widen(net, [5, 5], optimizer=opt)
+
+
+def test_unknown_state_entry_is_refused(gen) -> None:
+    net, x, y, _ = _setup(ARCH, lambda n, g: n)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    _train(net, opt, x, y)
+    opt.state[net[3].weight]["my_ema"] = torch.zeros_like(net[3].weight)
+    snap = _snapshot(net, opt)
+    with pytest.raises(TypeError, match=r"state entry 'my_ema' of parameter '3.weight'"):
+        widen(net, [6, 6], optimizer=opt, generator=gen)
+    _assert_unchanged(net, opt, snap)
+
+
+def test_map_optimizer_state_is_pure(gen) -> None:
+    net, x, y, emb = _setup(ARCH, SCHEMES["split_signed"][1])
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    _train(net, opt, x, y)
+    snap = _snapshot(net, opt)
+    new = map_optimizer_state(opt, dict(net.named_parameters()), emb)
+    _assert_unchanged(net, opt, snap)
+    assert set(new) == set(net.parameters())
+    assert new[net[0].weight]["exp_avg"].shape == (7, 3)
+
+
+def test_supported_optimizers_constant() -> None:
+    assert set(SUPPORTED_OPTIMIZERS) == {
+        torch.optim.SGD,
+        torch.optim.Adam,
+        torch.optim.AdamW,
+        torch.optim.RMSprop,
+        torch.optim.Adagrad,
+    }
