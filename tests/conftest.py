@@ -43,3 +43,16 @@ def single_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture
+def clean_registry():
+    """Restore torch_embed's element-wise registry after a test that registers types."""
+    from torch_embed import _sequential
+
+    saved = dict(_sequential._REGISTRY)
+    try:
+        yield _sequential._REGISTRY
+    finally:
+        _sequential._REGISTRY.clear()
+        _sequential._REGISTRY.update(saved)

@@ -196,7 +196,7 @@ def test_bound_refuses_train_mode() -> None:
     assert forward_error_bound(net, x).shape == (4, 1)
 
 
-def test_bound_refuses_discontinuous_and_unknown_elementwise() -> None:
+def test_bound_refuses_discontinuous_and_unknown_elementwise(clean_registry) -> None:
     net = nn.Sequential(nn.Linear(2, 3), nn.Hardshrink(), nn.Linear(3, 1))
     with pytest.raises(ValueError, match=r"layer 1 \(Hardshrink\) has no Lipschitz constant"):
         forward_error_bound(net, torch.randn(4, 2))

@@ -148,6 +148,27 @@ def _like(new: Tensor, old: Tensor) -> Tensor:
     return new.contiguous()
 
 
+_LIVE_GRAPH = (
+    "a computation graph built before widening still uses this parameter (for "
+    "example an output tensor that requires grad is still alive); backward "
+    "through it and through new graphs cannot both work once shapes change. "
+    "Free it (del the tensor, or compute it under torch.no_grad()) and widen "
+    "again. The module and optimizer were left unchanged."
+)
+
+
+def _check_not_in_graph(name: str, t: Tensor) -> None:
+    """Refuse before any swap if a live autograd graph holds ``t``.
+
+    ``swap_tensors`` would refuse too, but only after poisoning the AccumulateGrad
+    nodes of the parameters swapped before it, so the user's graph could no longer
+    run backward although the module was restored.
+    """
+    use_count = getattr(t, "_use_count", None)
+    if use_count is not None and use_count() > 1:
+        raise RuntimeError(f"{name}: {_LIVE_GRAPH}")
+
+
 def _swap(target: Tensor, new: Tensor) -> tuple[Tensor, bool]:
     """Swap ``new``'s contents into ``target``; return what undoes it.
 
@@ -159,13 +180,7 @@ def _swap(target: Tensor, new: Tensor) -> tuple[Tensor, bool]:
         return new, True  # ``new`` now holds the old contents
     except RuntimeError as err:
         if "AccumulateGrad" in str(err):
-            raise RuntimeError(
-                "a computation graph built before widening still uses this parameter (for "
-                "example an output tensor that requires grad is still alive); backward "
-                "through it and through new graphs cannot both work once shapes change. "
-                "Free it (del the tensor, or compute it under torch.no_grad()) and widen "
-                "again. The module and optimizer were left unchanged."
-            ) from err
+            raise RuntimeError(_LIVE_GRAPH) from err
         old = target.data
         target.data = new.data
         return old, False
@@ -189,6 +204,9 @@ def _swap_in(
 ) -> None:
     done: list[tuple[Tensor, tuple[Tensor, bool], Tensor | None]] = []  # target, undo, grad
     attrs: list[tuple[nn.Module, str, Any]] = []
+    for name in changed:
+        tensor = named_params[name] if name in named_params else named_buffers[name]
+        _check_not_in_graph(name, tensor)
     try:
         for name in changed:
             if name in named_params:

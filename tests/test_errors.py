@@ -1,0 +1,455 @@
+"""Every refusal: exception type, a message naming the offending layer/argument, and an
+unchanged module afterwards (values, shapes, parameter identity, features)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from cases import Arch, build_mlp
+from torch import nn
+from torch.nn.utils import parametrizations
+
+from torch_embed.schemes import General, Net2Net, Null, Split, plan
+from torch_embed.widen import embed_, widen
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _copy(p: torch.Tensor) -> torch.Tensor | None:
+    if isinstance(p, nn.parameter.UninitializedParameter):
+        return None
+    return p.detach().clone()
+
+
+def _snapshot(net: nn.Module):
+    return (
+        {n: (p, _copy(p)) for n, p in net.named_parameters()},
+        {n: b.clone() for n, b in net.named_buffers()},
+        [
+            (
+                m,
+                dict(vars(m)).get("in_features"),
+                dict(vars(m)).get("out_features"),
+                dict(vars(m)).get("num_features"),
+            )
+            for m in net.modules()
+        ],
+    )
+
+
+def _assert_unchanged(net: nn.Module, snap) -> None:
+    params, buffers, mods = snap
+    assert [n for n, _ in net.named_parameters()] == list(params)
+    for n, p in net.named_parameters():
+        obj, value = params[n]
+        assert p is obj, n
+        if value is None:
+            assert isinstance(p, nn.parameter.UninitializedParameter)
+            continue
+        assert p.shape == value.shape and torch.equal(p.detach(), value), n
+    for n, b in net.named_buffers():
+        assert torch.equal(b, buffers[n]), n
+    for (m, fin, fout, nf), m2 in zip(mods, net.modules()):
+        assert m is m2
+        assert (dict(vars(m)).get("in_features"), dict(vars(m)).get("out_features")) == (fin, fout)
+        assert dict(vars(m)).get("num_features") == nf
+
+
+def _refused(net: nn.Module, exc: type[Exception], match: str, *args, **kwargs) -> None:
+    snap = _snapshot(net)
+    with pytest.raises(exc, match=match):
+        widen(net, *args, **kwargs)
+    _assert_unchanged(net, snap)
+
+
+def _mlp(*extra_middle: nn.Module) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(3, 4), *extra_middle, nn.Linear(4, 2))
+
+
+class Custom(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+
+# ----------------------------------------------------------------------------- modules
+@pytest.mark.parametrize(
+    ("net", "exc", "match"),
+    [
+        (nn.Linear(3, 4), TypeError, r"widen expects an nn.Sequential .* got Linear"),
+        (nn.ModuleList([nn.Linear(3, 4), nn.Linear(4, 2)]), TypeError, r"got ModuleList"),
+        (
+            _mlp(nn.LayerNorm(4)),
+            TypeError,
+            r"layer 1 \(LayerNorm\) cannot be widened.*Accepted: nn.Linear",
+        ),
+        (_mlp(nn.Tanh(), nn.Softmax(dim=-1)), TypeError, r"layer 2 \(Softmax\) cannot be widened"),
+        (
+            _mlp(Custom()),
+            TypeError,
+            r"layer 1 \(Custom\) cannot be widened: it is not a known element-wise",
+        ),
+        (
+            nn.Sequential(nn.Linear(3, 4), nn.Sequential(nn.Tanh()), nn.Linear(4, 2)),
+            TypeError,
+            r"layer 1 \(Sequential\) cannot be widened: nested Sequential",
+        ),
+        (_mlp(nn.PReLU(4)), TypeError, r"layer 1 \(PReLU\) .*num_parameters=4"),
+        (_mlp(nn.AlphaDropout(0.1)), TypeError, r"layer 1 \(AlphaDropout\)"),
+        (_mlp(nn.BatchNorm2d(4)), TypeError, r"layer 1 \(BatchNorm2d\)"),
+        (
+            nn.Sequential(nn.Linear(3, 4), nn.Tanh()),
+            ValueError,
+            r"at least two nn.Linear layers .* found 1",
+        ),
+        (nn.Sequential(), ValueError, r"at least two nn.Linear layers .* found 0"),
+        (
+            nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(5, 2)),
+            ValueError,
+            r"layer 2 \(Linear\) has in_features=5 but the previous Linear \(layer 0\) "
+            r"has out_features=4",
+        ),
+        (
+            _mlp(nn.Tanh(), nn.BatchNorm1d(4)),
+            ValueError,
+            r"layer 2 \(BatchNorm1d\) must come right after a Linear",
+        ),
+        (
+            _mlp(nn.BatchNorm1d(4), nn.BatchNorm1d(4)),
+            ValueError,
+            r"layer 2 \(BatchNorm1d\) must come right after",
+        ),
+        (
+            _mlp(nn.BatchNorm1d(5)),
+            ValueError,
+            r"layer 1 \(BatchNorm1d\) has num_features=5 .* out_features=4",
+        ),
+    ],
+    ids=[
+        "not_sequential",
+        "module_list",
+        "layernorm",
+        "softmax",
+        "custom",
+        "nested_sequential",
+        "prelu_per_channel",
+        "alpha_dropout",
+        "batchnorm2d",
+        "one_linear",
+        "empty",
+        "mismatched_features",
+        "bn_after_activation",
+        "two_bn",
+        "bn_features",
+    ],
+)
+def test_refused_modules(net, exc, match) -> None:
+    _refused(net, exc, match, [5])
+
+
+def test_weight_tying_refused() -> None:
+    net = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
+    net[2].weight = net[0].weight
+    _refused(
+        net,
+        ValueError,
+        r"layer 2 \(Linear\) shares its parameter 'weight' with layer 0 \(weight tying\)",
+        [5, 5],
+    )
+
+
+def test_same_module_twice_refused() -> None:
+    act = nn.Tanh()
+    lin = nn.Linear(4, 4)
+    net = nn.Sequential(nn.Linear(3, 4), act, lin, act, nn.Linear(4, 1))
+    _refused(net, ValueError, r"layer 3 \(Tanh\) is the same module object as layer 1", [5, 5])
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), lin, nn.Tanh(), lin, nn.Tanh(), nn.Linear(4, 1))
+    _refused(net, ValueError, r"layer 4 \(Linear\) is the same module object as layer 2", [5, 5, 5])
+
+
+def test_parametrized_layer_refused() -> None:
+    net = _mlp(nn.Tanh())
+    parametrizations.weight_norm(net[2])
+    _refused(
+        net,
+        ValueError,
+        r"layer 2 \(ParametrizedLinear\) is parametrized; remove the parametrization",
+        [5],
+    )
+
+
+def test_lazy_layer_refused() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Lazy modules are a new feature ..."
+        net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.LazyLinear(2))
+    _refused(
+        net, ValueError, r"layer 2 \(LazyLinear\) is a lazy module .* run one forward pass", [5]
+    )
+
+
+def test_live_autograd_graph_refused_and_module_unchanged() -> None:
+    net = build_mlp(Arch(3, (4,), 2))
+    out = net(torch.randn(2, 3, dtype=torch.float64))  # keeps a graph that saved the weights
+    _refused(
+        net,
+        RuntimeError,
+        r"0.weight: a computation graph built before widening still uses this parameter",
+        [6],
+    )
+    out.sum().backward()  # the old graph still works (it was not poisoned)
+    assert net[0].weight.grad.shape == (4, 3)
+    del out
+    widen(net, [6])  # and once it is freed, widening works
+    assert net[0].out_features == 6
+
+
+# ----------------------------------------------------------------------------- new_widths
+NET = Arch(3, (4, 5), 2)
+
+
+@pytest.mark.parametrize(
+    ("widths", "match"),
+    [
+        ([5], r"new_widths has 1 entries but the network has 2 hidden layers \(widths \[4, 5\]\)"),
+        ([5, 6, 7], r"new_widths has 3 entries"),
+        ([5.0, 6], r"new width of hidden layer 0 must be an int, got float 5.0"),
+        ([5, True], r"new width of hidden layer 1 must be an int, got bool True"),
+        ([5, "6"], r"new width of hidden layer 1 must be an int, got str"),
+        ([3, 6], r"new width 3 of hidden layer 0 \(fed by layer 0\) is below its current width 4"),
+        ({1: 4}, r"new width 4 of hidden layer 1 \(fed by layer 2\) is below its current width 5"),
+        ({2: 8}, r"new_widths key 2 is not a hidden-layer index; the network has 2 hidden layers"),
+        ({-1: 8}, r"new_widths key -1 is not a hidden-layer index"),
+        ({True: 8}, r"new_widths key True is not a hidden-layer index"),
+        ({"0": 8}, r"new_widths key '0' is not a hidden-layer index"),
+        (7, r"new_widths must be a sequence of 2 ints .* got int"),
+        ("67", r"new_widths must be a sequence of 2 ints .* got str"),
+        (None, r"new_widths may only be None with a General scheme"),
+    ],
+)
+def test_bad_new_widths(widths, match) -> None:
+    _refused(build_mlp(NET), ValueError, match, widths)
+
+
+# ----------------------------------------------------------------------------- schemes
+@pytest.mark.parametrize(
+    ("widths", "scheme", "exc", "match"),
+    [
+        (
+            [6, 6],
+            "splitt",
+            ValueError,
+            r"unknown scheme 'splitt'; use one of \['net2net', 'null', 'random_pad', 'split'\]",
+        ),
+        ([6, 6], object(), TypeError, r"scheme must be a name or one of Split, .* got object"),
+        (
+            [6, 6],
+            Split(alpha=float("nan")),
+            ValueError,
+            r"alpha must be a finite real number, a sequence or 'random'; got nan",
+        ),
+        ([6, 6], Split(alpha=float("inf")), ValueError, r"alpha must be a finite real number"),
+        (
+            [6, 6],
+            Split(alpha=True),
+            ValueError,
+            r"alpha must be a finite real number, a sequence or 'random'; got True",
+        ),
+        (
+            [6, 6],
+            Split(alpha="half"),
+            ValueError,
+            r"alpha='half': use a number, a sequence or 'random'",
+        ),
+        (
+            [6, 6],
+            Split(alpha=(0.5, 0.6)),
+            ValueError,
+            r"k-way alpha needs at least 2 coefficients summing to 1, got \[0.5, 0.6\]",
+        ),
+        ([6, 6], Split(alpha=(1.0,)), ValueError, r"k-way alpha needs at least 2 coefficients"),
+        (
+            [7, 5],
+            Split(alpha=(0.2, 0.3, 0.5)),
+            ValueError,
+            r"hidden layer 0 gains 3 neurons, not a multiple of 2 \(a 3-way split",
+        ),
+        (
+            [6, 5],
+            Split(select="biggest"),
+            ValueError,
+            r"select='biggest' is not one of \('random', 'cyclic', 'norm'\)",
+        ),
+        (
+            [6, 5],
+            Split(select=[0, 9]),
+            ValueError,
+            r"select index 9 is out of range for hidden layer 0 \(width 4\)",
+        ),
+        (
+            [6, 5],
+            Split(select=[0, -1]),
+            ValueError,
+            r"select index -1 is out of range for hidden layer 0",
+        ),
+        (
+            [6, 5],
+            Split(select=[0]),
+            ValueError,
+            r"select gives 1 neurons for hidden layer 0, but it gains 2",
+        ),
+        (
+            [6, 6],
+            Split(select=[0, 1]),
+            ValueError,
+            r"select is a flat list of indices but 2 hidden layers are widened",
+        ),
+        (
+            [6, 6],
+            Split(select=[[0, 1]]),
+            ValueError,
+            r"select needs one index list per hidden layer \(2\), got 1",
+        ),
+        (
+            [6, 6],
+            Split(select={5: [0]}),
+            ValueError,
+            r"select key 5 is not a hidden-layer index \(0..1\)",
+        ),
+        (
+            [6, 6],
+            Net2Net(noise=-0.1),
+            ValueError,
+            r"Net2Net.noise must be a finite number >= 0, got -0.1",
+        ),
+        (
+            [6, 6],
+            Net2Net(noise=float("nan")),
+            ValueError,
+            r"Net2Net.noise must be a finite number >= 0",
+        ),
+        (
+            [6, 6],
+            Null(fan_in_std=-1.0),
+            ValueError,
+            r"Null.fan_in_std must be a finite number >= 0, got -1.0",
+        ),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_bad_scheme_arguments(widths, scheme, exc, match) -> None:
+    _refused(build_mlp(NET), exc, match, widths, scheme, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize(
+    ("general", "widths", "match"),
+    [
+        (
+            General([[0, 1, 2, 3]]),
+            None,
+            r"General.sources needs one entry per hidden layer \(2\), got 1",
+        ),
+        (
+            General([[0, 1, 2, 3, 0], None]),
+            [6, 5],
+            r"hidden layer 0: new_widths says 6 but General.sources gives 5",
+        ),
+        (
+            General([[0, 1, 2, 4, 0], None]),
+            None,
+            r"hidden layer 0: wide neuron 3 has source 4, but sources must lie in \[0, 4\)",
+        ),
+        (General([[0, 1, 2, -2, 3], None]), None, r"hidden layer 0: wide neuron 3 has source -2"),
+        (
+            General([[0, 1, 2, 2, -1], None]),
+            None,
+            r"hidden layer 0: narrow neurons \[3\] have no copy .* \(totality\)",
+        ),
+        (
+            General([None, [0, 1, 2, 3]]),
+            None,
+            r"hidden layer 1: the wide layer has 4 neurons, fewer than the narrow layer's 5",
+        ),
+        (
+            General([[0, 1, 2, 3, 0], None], [[0.5, 1, 1, 1, 0.6], None]),
+            None,
+            r"hidden layer 0: the fan-out coefficients of the copies of narrow neuron 0 sum to 1.1",
+        ),
+        (
+            General([[0, 1, 2, 3, -1], None], [[1, 1, 1, 1, 0.2], None]),
+            None,
+            r"hidden layer 0: null neurons must have coefficient 0",
+        ),
+        (
+            General([[0, 1, 2, 3, 0], None], [[0.5, 1, 1, 1], None]),
+            None,
+            r"hidden layer 0: coef must have shape \(5,\)",
+        ),
+        (
+            General([[0, 1, 2, 3, 0], None], [torch.ones(4, 5, dtype=torch.float64), None]),
+            None,
+            r"hidden layer 0: a matrix of coefficients must have shape "
+            r"\(wide_next, wide\) = \(5, 5\)",
+        ),
+        (
+            General([[0, 1, 2, 3, 0], None], [torch.ones(5, 5, dtype=torch.float64), None]),
+            None,
+            r"hidden layer 0: in row 0 of the next layer, the coefficients of the copies "
+            r"of narrow neuron 0 sum to 2.0",
+        ),
+        (
+            General([[0, 1, 2, 3], None], [None]),
+            None,
+            r"General.coefficients needs one entry per hidden layer \(2\)",
+        ),
+    ],
+    ids=[
+        "count",
+        "width_mismatch",
+        "source_range",
+        "source_below_null",
+        "totality",
+        "narrower",
+        "coef_sum",
+        "null_coef",
+        "coef_shape",
+        "matrix_shape",
+        "matrix_sum",
+        "coef_count",
+    ],
+)
+def test_bad_general(general, widths, match) -> None:
+    _refused(build_mlp(NET), ValueError, match, widths, general)
+
+
+def test_null_bias_on_bias_free_layer_refused() -> None:
+    net = build_mlp(Arch(3, (4, 5), 2, bias=(False, True, True)))
+    _refused(
+        net,
+        ValueError,
+        r"hidden layer 0: null neurons need a bias β != 0, but its Linear \(layer 0\) has no bias",
+        [6, 5],
+        Null(bias=0.2),
+    )
+
+
+def test_embed_refuses_an_embedding_of_another_network() -> None:
+    emb = plan(build_mlp(NET), [6, 6], generator=torch.Generator().manual_seed(0))
+    other = build_mlp(Arch(3, (4, 6), 2))
+    snap = _snapshot(other)
+    with pytest.raises(
+        ValueError,
+        match=r"planned for a network with widths \(3, 4, 5, 2\) .* "
+        r"the module has widths \(3, 4, 6, 2\)",
+    ):
+        embed_(other, emb)
+    _assert_unchanged(other, snap)
+    # the same structure with other names is refused too
+    renamed = nn.Sequential()
+    for i, m in enumerate(build_mlp(NET)):
+        renamed.add_module(f"m{i}", m)
+    with pytest.raises(
+        ValueError,
+        match=r"layers \['0', '2', '4'\], but the module has .* layers \['m0', 'm2', 'm4'\]",
+    ):
+        embed_(renamed, emb)
