@@ -53,10 +53,10 @@ myst_dmath_double_inline = True
 autodoc_default_options = {
     "members": True,
     "undoc-members": False,
-    "show-inheritance": False,
     "member-order": "bysource",
 }
 autodoc_typehints = "description"
+autodoc_typehints_description_target = "documented"  # no bare lists of dataclass fields
 autodoc_typehints_format = "short"
 autodoc_member_order = "bysource"
 autodoc_preserve_defaults = True
