@@ -2,9 +2,10 @@
 
 Order of work: read the network, plan the embedding, compute every new tensor (weights,
 biases, BatchNorm statistics, ``.grad``, optimizer state), and only then swap them in.
-Parameters keep their Python identity (``torch.utils.swap_tensors``), so optimizers,
-hooks and EMA copies that hold them stay valid. If anything fails, the swaps done so
-far are undone and the module and optimizer are exactly as before.
+Parameters keep their Python identity (``.data`` assignment, or
+``torch.utils.swap_tensors`` for tensor subclasses that need it), so optimizers, hooks
+and EMA copies that hold them stay valid. If anything fails, the swaps done so far are
+undone and the module and optimizer are exactly as before.
 """
 
 from __future__ import annotations
@@ -172,18 +173,29 @@ def _check_not_in_graph(name: str, t: Tensor) -> None:
 def _swap(target: Tensor, new: Tensor) -> tuple[Tensor, bool]:
     """Swap ``new``'s contents into ``target``; return what undoes it.
 
-    ``torch.utils.swap_tensors`` keeps the Python object and moves shape, storage and
-    ``.grad``; it refuses tensors that have weak references (then ``.data`` is set).
+    ``.data`` assignment first: it keeps everything attached to the object
+    (attributes, tensor hooks such as ``register_hook`` and
+    ``register_post_accumulate_grad_hook``, and their handles), which
+    ``torch.utils.swap_tensors`` would move to the discarded tensor along with the
+    class. ``swap_tensors`` is the fallback for tensor subclasses whose ``.data``
+    cannot be replaced; the new tensor then gets the target's class and attributes.
     """
+    try:
+        old = target.data
+        target.data = new.data
+        return old, False
+    except (RuntimeError, TypeError):
+        pass
+    if isinstance(target, nn.Parameter) and type(new) is not type(target):
+        new = nn.Parameter.__new__(type(target), new.detach(), target.requires_grad)
+    new.__dict__.update(target.__dict__)
     try:
         torch.utils.swap_tensors(target, new)
         return new, True  # ``new`` now holds the old contents
     except RuntimeError as err:
         if "AccumulateGrad" in str(err):
             raise RuntimeError(_LIVE_GRAPH) from err
-        old = target.data
-        target.data = new.data
-        return old, False
+        raise
 
 
 def _unswap(target: Tensor, undo: Tensor, swapped: bool) -> None:

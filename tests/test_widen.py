@@ -1,0 +1,399 @@
+"""``widen`` in place: identities, attributes, dtypes, ``.grad``, hooks, atomicity."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import weakref
+
+import pytest
+import torch
+from cases import Arch, build_mlp, random_inputs
+from torch import nn
+
+from torch_embed.embedding import Embedding
+from torch_embed.schemes import Null, Split, plan
+from torch_embed.widen import embed_, widen
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+# the module, not the function torch_embed.widen that the package exports under that name
+widen_module = importlib.import_module("torch_embed.widen")
+
+ARCH = Arch(3, (4, 5), 2, batchnorm=(True, True), dropout=(True, False))
+
+
+def _net(dtype=torch.float64) -> nn.Sequential:
+    net = build_mlp(ARCH, seed=0, dtype=dtype)
+    net[4].requires_grad_(False)  # a frozen hidden Linear (layer 4, after BN+Tanh+Dropout)
+    return net
+
+
+def test_returns_the_embedding_and_changes_in_place(gen) -> None:
+    net = _net()
+    modules = list(net.modules())
+    params = dict(net.named_parameters())
+    buffers = dict(net.named_buffers())
+    x = random_inputs(ARCH, 8)
+    with torch.no_grad():
+        before = net(x)
+    emb = widen(net, [7, 9], Split(alpha=0.3), generator=gen)
+    assert isinstance(emb, Embedding)
+    assert emb.wide_widths == (3, 7, 9, 2)
+    assert list(net.modules()) == modules and all(a is b for a, b in zip(net.modules(), modules))
+    for name, p in net.named_parameters():
+        assert p is params[name], name
+        assert isinstance(p, nn.Parameter)
+    for name, b in net.named_buffers():
+        assert b is buffers[name], name
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), before, rtol=0, atol=1e-14)
+
+
+def test_features_and_shapes_updated(gen) -> None:
+    net = _net()
+    widen(net, [7, 9], generator=gen)
+    assert (net[0].in_features, net[0].out_features) == (3, 7)
+    assert net[1].num_features == 7
+    assert (net[4].in_features, net[4].out_features) == (7, 9)
+    assert net[5].num_features == 9
+    assert (net[7].in_features, net[7].out_features) == (9, 2)
+    assert net[0].weight.shape == (7, 3) and net[4].weight.shape == (9, 7)
+    assert net[1].running_mean.shape == (7,) and net[5].weight.shape == (9,)
+    assert "in_features=7, out_features=9" in repr(net[4])
+    assert "BatchNorm1d(9," in repr(net[5])
+
+
+def test_requires_grad_kept(gen) -> None:
+    net = _net()
+    flags = {n: p.requires_grad for n, p in net.named_parameters()}
+    assert not flags["4.weight"] and flags["0.weight"]
+    widen(net, [7, 9], generator=gen)
+    assert {n: p.requires_grad for n, p in net.named_parameters()} == flags
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str
+)
+def test_dtype_and_device_kept(dtype, gen) -> None:
+    net = _net(dtype)
+    widen(net, {0: 6}, generator=gen)
+    for name, t in [*net.named_parameters(), *net.named_buffers()]:
+        expected = torch.int64 if name.endswith("num_batches_tracked") else dtype
+        assert t.dtype == expected, name
+        assert t.device.type == "cpu"
+
+
+def test_batchnorm_statistics_follow_the_copies(gen) -> None:
+    net = _net()
+    old = {k: v.clone() for k, v in net.state_dict().items()}
+    emb = widen(net, [7, 9], Null(bias=0.2), generator=gen)
+    emb2 = plan(_net(), [7, 9], Split(select=[[0, 3, 3], [4, 4, 1, 0]]))
+    net2 = _net()
+    embed_(net2, emb2)
+    src = emb2.layers[0].source
+    for key in ("running_mean", "running_var", "weight", "bias"):
+        assert torch.equal(net2.state_dict()[f"1.{key}"], old[f"1.{key}"][src]), key
+    assert int(net2[1].num_batches_tracked) == int(old["1.num_batches_tracked"])
+    # null neurons: mean 0, var 1, weight 1, bias β
+    assert net[1].running_mean[4:].tolist() == [0.0] * 3
+    assert net[1].running_var[4:].tolist() == [1.0] * 3
+    assert emb.layers[0].null_mask.tolist() == [False] * 4 + [True] * 3
+
+
+def test_existing_grad_is_mapped_like_a_gradient(gen) -> None:
+    net = _net()
+    x = random_inputs(ARCH, 8)
+    y = torch.randn(8, 2, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    torch.nn.functional.mse_loss(net(x), y).backward()
+    grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+    assert "4.weight" not in grads  # frozen: no grad
+    net[0].bias.grad = None  # and one trainable parameter without a grad
+    del grads["0.bias"]
+    emb = plan(net, [7, 9], Split(alpha=-0.3), generator=gen)
+    expected = emb.map_gradients(grads)
+    embed_(net, emb)
+    for name, p in net.named_parameters():
+        if name in grads:
+            assert p.grad is not None and p.grad.shape == p.shape, name
+            assert torch.equal(p.grad, expected[name]), name
+        else:
+            assert p.grad is None, name
+
+
+def test_column_major_weight_stays_column_major(gen) -> None:
+    net = _net()
+    with torch.no_grad():
+        net[4].weight.data = net[4].weight.data.t().contiguous().t()
+    assert not net[4].weight.is_contiguous()
+    x = random_inputs(ARCH, 8)
+    with torch.no_grad():
+        before = net(x)
+    widen(net, [7, 9], generator=gen)
+    w = net[4].weight
+    assert w.shape == (9, 7) and w.t().is_contiguous() and not w.is_contiguous()
+    assert net[0].weight.is_contiguous()
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), before, rtol=0, atol=1e-14)
+
+
+def test_hooks_attributes_and_references_survive(gen) -> None:
+    net = _net()
+    p = net[0].weight
+    seen: list[tuple[int, ...]] = []
+    post: list[tuple[int, ...]] = []
+    handle = p.register_hook(lambda g: seen.append(tuple(g.shape)))
+    p.register_post_accumulate_grad_hook(lambda t: post.append(tuple(t.grad.shape)))
+    p.my_tag = "decay"  # e.g. a user marking parameters for param groups
+    calls: list[int] = []
+    net[4].register_forward_hook(lambda m, i, o: calls.append(o.shape[-1]))
+    ema = dict(net.named_parameters())  # e.g. an EMA helper holding the parameters
+    widen(net, [7, 9], generator=gen)
+    x = random_inputs(ARCH, 8)
+    net(x).sum().backward()
+    assert seen == [(7, 3)] and post == [(7, 3)] and calls == [9]
+    assert p.my_tag == "decay"
+    assert all(ema[n] is q and ema[n].shape == q.shape for n, q in net.named_parameters())
+    handle.remove()  # the user's handle still controls the hook
+    net(x).sum().backward()
+    assert seen == [(7, 3)] and post == [(7, 3)] * 2
+
+
+def test_weakly_referenced_parameter_keeps_identity(gen) -> None:
+    """swap_tensors refuses tensors with weak references; widen falls back to .data."""
+    net = _net()
+    p = net[0].weight
+    ref = weakref.ref(p)
+    widen(net, [7, 9], generator=gen)
+    assert net[0].weight is p and ref() is p and p.shape == (7, 3)
+
+
+def test_mapping_form_and_unchanged_widths(gen) -> None:
+    net = _net()
+    state = copy.deepcopy(net.state_dict())
+    emb = widen(net, {1: 7}, generator=gen)
+    assert emb.wide_widths == (3, 4, 7, 2)
+    assert torch.equal(net[0].weight, state["0.weight"])
+    emb = widen(net, [4, 7], generator=gen)  # nothing to add
+    assert emb.num_new_neurons == 0
+    assert torch.equal(net[4].weight, emb.apply({"4.weight": net[4].weight})["4.weight"])
+
+
+def test_training_continues_after_widening(gen) -> None:
+    net = _net()
+    net.train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    x = random_inputs(ARCH, 8)
+    for _ in range(2):
+        opt.zero_grad()
+        net(x).pow(2).mean().backward()
+        opt.step()
+    widen(net, [6, 6], optimizer=opt, generator=gen)
+    for _ in range(2):
+        opt.zero_grad()
+        net(x).pow(2).mean().backward()
+        opt.step()
+    assert net[1].running_mean.shape == (6,)
+    assert int(net[1].num_batches_tracked) == 4
+
+
+def test_state_dict_round_trip(gen) -> None:
+    net = _net()
+    widen(net, [7, 9], generator=gen)
+    fresh = build_mlp(Arch(3, (7, 9), 2, batchnorm=(True, True), dropout=(True, False)))
+    fresh.load_state_dict(net.state_dict())
+    x = random_inputs(ARCH, 8)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), net(x))
+    clone = copy.deepcopy(net)
+    assert clone[4].weight.shape == (9, 7)
+
+
+def test_dead_unit_warning_under_relu() -> None:
+    net = build_mlp(Arch(3, (4,), 2, activation=("ReLU",)))
+    with pytest.warns(UserWarning, match=r"hidden layer 0: null neurons .* never learn"):
+        widen(net, [6], Null(bias=0.0))
+    # no warning when the units are alive: bias > 0, a random fan-in, or not ReLU
+    widen(net, [7], Null(bias=0.5))
+    widen(net, [8], Null(fan_in_std=0.1), generator=torch.Generator().manual_seed(0))
+    widen(build_mlp(Arch(3, (4,), 2)), [6], Null(bias=0.0))
+
+
+# ----------------------------------------------------------------------------- atomicity
+def _snapshot(net, opt):
+    params = {
+        n: (
+            p,
+            p.detach().clone(),
+            p.requires_grad,
+            None if p.grad is None else p.grad.clone(),
+            p.grad,
+        )
+        for n, p in net.named_parameters()
+    }
+    buffers = {n: (b, b.clone()) for n, b in net.named_buffers()}
+    feats = [
+        (m, dict(vars(m))) for m in net.modules() if isinstance(m, (nn.Linear, nn.BatchNorm1d))
+    ]
+    feats = [(m, {k: v for k, v in d.items() if k.endswith("features")}) for m, d in feats]
+    state = {
+        id(p): {k: (v, v.clone() if torch.is_tensor(v) else v) for k, v in opt.state[p].items()}
+        for p in net.parameters()
+        if p in opt.state
+    }
+    return params, buffers, feats, state
+
+
+def _assert_same(net, opt, snap) -> None:
+    params, buffers, feats, state = snap
+    for n, p in net.named_parameters():
+        obj, value, rg, grad, grad_obj = params[n]
+        assert p is obj and p.requires_grad == rg, n
+        assert p.shape == value.shape and torch.equal(p.detach(), value), n
+        if grad is None:
+            assert p.grad is None, n
+        else:
+            assert p.grad is grad_obj and torch.equal(p.grad, grad), n
+    for n, b in net.named_buffers():
+        assert b is buffers[n][0] and torch.equal(b, buffers[n][1]), n
+    for m, d in feats:
+        assert {k: getattr(m, k) for k in d} == d
+    assert {id(p) for p in opt.state} == set(state)
+    for p in net.parameters():
+        if id(p) in state:
+            for k, (obj, value) in state[id(p)].items():
+                assert opt.state[p][k] is obj
+                if torch.is_tensor(value):
+                    assert torch.equal(obj, value)
+
+
+def _trained():
+    net = _net()
+    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=0.01)
+    x = random_inputs(ARCH, 8)
+    for _ in range(2):
+        opt.zero_grad()
+        net(x).pow(2).mean().backward()
+        opt.step()
+    return net, opt, x
+
+
+class Boom(Exception):
+    pass
+
+
+def _fail_on_call(n: int, real):
+    calls = {"n": 0}
+
+    def wrapper(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise Boom(f"injected failure on call {n}")
+        return real(*args, **kwargs)
+
+    return wrapper
+
+
+@pytest.mark.parametrize("n", [1, 3, 7])
+def test_failure_in_swap_rolls_back(monkeypatch, n, gen) -> None:
+    net, opt, x = _trained()
+    snap = _snapshot(net, opt)
+    with torch.no_grad():
+        before = net(x)
+    monkeypatch.setattr(widen_module, "_swap", _fail_on_call(n, widen_module._swap))
+    with pytest.raises(Boom):
+        widen(net, [7, 9], Split(alpha=0.3), optimizer=opt, generator=gen)
+    _assert_same(net, opt, snap)
+    with torch.no_grad():
+        assert torch.equal(net(x), before)
+    monkeypatch.undo()
+    widen(net, [7, 9], optimizer=opt, generator=gen)  # and it still works afterwards
+    assert net[4].weight.shape == (9, 7)
+
+
+class TaggedParameter(nn.Parameter):
+    """A Parameter subclass (widened by .data assignment like any Parameter)."""
+
+
+class SwapOnlyParameter(nn.Parameter):
+    """A subclass whose ``.data`` cannot be replaced: widen must use swap_tensors."""
+
+    @property
+    def data(self):
+        return nn.Parameter.data.__get__(self)
+
+    @data.setter
+    def data(self, value):
+        raise RuntimeError("this tensor type does not support .data assignment")
+
+
+def _with_subclass_parameters(net: nn.Module, cls: type) -> None:
+    for lin in (net[0], net[7]):
+        lin.weight = cls(lin.weight.detach().clone())
+        lin.weight.my_tag = "tagged"
+
+
+@pytest.mark.parametrize("cls", [TaggedParameter, SwapOnlyParameter])
+def test_parameter_subclass_keeps_identity_type_and_attributes(cls, gen) -> None:
+    net = _net()
+    _with_subclass_parameters(net, cls)
+    p = net[0].weight
+    x = random_inputs(ARCH, 8)
+    with torch.no_grad():
+        before = net(x)
+    widen(net, [7, 9], generator=gen)
+    assert net[0].weight is p and type(p) is cls and p.shape == (7, 3)
+    assert p.my_tag == "tagged" and p.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), before, rtol=0, atol=1e-14)
+
+
+def test_failure_inside_swap_tensors_rolls_back(monkeypatch, gen) -> None:
+    net = _net()
+    _with_subclass_parameters(net, SwapOnlyParameter)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.5)
+    net(random_inputs(ARCH, 8)).sum().backward()
+    opt.step()
+    snap = _snapshot(net, opt)
+    # the second subclass parameter (layer 7) is the failing swap, after layer 0's
+    monkeypatch.setattr(torch.utils, "swap_tensors", _fail_on_call(2, torch.utils.swap_tensors))
+    with pytest.raises(Boom):
+        widen(net, [7, 9], optimizer=opt, generator=gen)
+    _assert_same(net, opt, snap)
+    assert type(net[0].weight) is SwapOnlyParameter and net[0].weight.my_tag == "tagged"
+
+
+def test_failure_after_all_swaps_rolls_back(monkeypatch, gen) -> None:
+    """A failure while updating the feature counts (after every tensor was swapped)."""
+    net, opt, _ = _trained()
+    snap = _snapshot(net, opt)
+
+    def broken(self):
+        raise Boom("wide_layout")
+
+    monkeypatch.setattr(Embedding, "wide_layout", property(broken))
+    with pytest.raises(Boom):
+        widen(net, [7, 9], optimizer=opt, generator=gen)
+    _assert_same(net, opt, snap)
+
+
+def test_failure_with_weakref_fallback_rolls_back(monkeypatch, gen) -> None:
+    net, opt, _ = _trained()
+    keep = weakref.ref(net[0].weight)  # forces the .data path for this parameter
+    snap = _snapshot(net, opt)
+    monkeypatch.setattr(widen_module, "_swap", _fail_on_call(5, widen_module._swap))
+    with pytest.raises(Boom):
+        widen(net, [7, 9], optimizer=opt, generator=gen)
+    _assert_same(net, opt, snap)
+    assert keep() is net[0].weight
+
+
+def test_failure_in_optimizer_mapping_changes_nothing(monkeypatch, gen) -> None:
+    net, opt, _ = _trained()
+    snap = _snapshot(net, opt)
+    monkeypatch.setattr(
+        widen_module, "map_optimizer_state", _fail_on_call(1, widen_module.map_optimizer_state)
+    )
+    with pytest.raises(Boom):
+        widen(net, [7, 9], optimizer=opt, generator=gen)
+    _assert_same(net, opt, snap)
