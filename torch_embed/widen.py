@@ -67,7 +67,7 @@ def widen(
         >>> g = torch.Generator().manual_seed(0)
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
         >>> x = torch.randn(5, 3, dtype=torch.float64, generator=g)
-        >>> before = net(x)
+        >>> before = net(x).detach()  # a live autograd graph would block widening
         >>> emb = torch_embed.widen(net, [7], torch_embed.Split(alpha=0.5), generator=g)
         >>> net[0].weight.shape, emb.kind.value
         (torch.Size([7, 3]), 'critical')
