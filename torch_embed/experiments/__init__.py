@@ -49,13 +49,24 @@ class Headline:
         quantity: What is compared.
         paper: What the paper reports (as text).
         measured: What this run measured (as text).
-        agrees: Whether the qualitative claim holds in this run.
+        agrees: Whether this run agrees with the paper on this row.
+        exact: The row compares exact numbers that depend on details the paper does
+            not give (width, data, seed); a difference is reported ("differs"), not
+            counted as a failure to reproduce the qualitative result.
     """
 
     quantity: str
     paper: str
     measured: str
     agrees: bool
+    exact: bool = False
+
+    @property
+    def verdict(self) -> str:
+        """``"yes"``, ``"NO"`` or, for an exact-number row that differs, ``"differs"``."""
+        if self.agrees:
+            return "yes"
+        return "differs" if self.exact else "NO"
 
 
 @dataclass
@@ -88,8 +99,8 @@ class FigureResult:
 
     @property
     def agrees(self) -> bool:
-        """Whether every headline row agrees with the paper qualitatively."""
-        return all(h.agrees for h in self.headline)
+        """Whether every qualitative headline row agrees (exact-number rows may differ)."""
+        return all(h.agrees for h in self.headline if not h.exact)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dictionary of everything (what is written to the JSON file)."""
@@ -104,6 +115,8 @@ class FigureResult:
                     "paper": h.paper,
                     "measured": h.measured,
                     "agrees": h.agrees,
+                    "exact": h.exact,
+                    "verdict": h.verdict,
                 }
                 for h in self.headline
             ],
@@ -154,7 +167,7 @@ def format_headline(result: FigureResult) -> str:
           n        | 1     | 1        | yes
     """
     rows = [("quantity", "paper", "measured", "agrees")] + [
-        (h.quantity, h.paper, h.measured, "yes" if h.agrees else "NO") for h in result.headline
+        (h.quantity, h.paper, h.measured, h.verdict) for h in result.headline
     ]
     widths = [max(len(r[k]) for r in rows) for k in range(4)]
     lines = [f"{result.name}{' (quick)' if result.quick else ''}: {result.title}"]
