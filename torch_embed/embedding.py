@@ -21,7 +21,7 @@ Parameter sets are dictionaries keyed like ``Sequential.state_dict()`` (``"0.wei
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -701,6 +701,19 @@ class Embedding:
                 off[:, from_b_null] = 0
                 offset = off if offset is None else offset + off
             layers.append(LayerMap(sa, coef, nb, nv, fan_in, offset))
+        # `other`'s offsets on rows that are null in the composition (copies of `self`'s
+        # null neurons) would be dropped: apply writes null rows from null_fan_in alone
+        for l in range(n - 1):
+            shift, nxt = layers[l].fan_out_offset, layers[l + 1]
+            rows = nxt.null_mask
+            if shift is None or not bool((shift[rows] != 0).any()):
+                continue
+            moved = nxt.null_fan_in.clone() if nxt.null_fan_in is not None else shift * 0
+            moved[rows] += shift[rows]
+            shift = shift.clone()
+            shift[rows] = 0
+            layers[l] = replace(layers[l], fan_out_offset=shift)
+            layers[l + 1] = replace(nxt, null_fan_in=moved)
         return Embedding(self.layout, tuple(layers), self._notes + other._notes)
 
     # ------------------------------------------------------------------ one-step pieces
