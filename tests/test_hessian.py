@@ -83,13 +83,14 @@ def _data(case_in: int, case_out: int, classification: bool, n: int = 11) -> tup
     return x, torch.randn(n, case_out, generator=g)
 
 
+@pytest.mark.parametrize("engine", ["auto", "reverse"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_hessian_matches_autograd_reference(case: Any) -> None:
+def test_hessian_matches_autograd_reference(case: Any, engine: str) -> None:
     _name, widths, act, bias, loss_fn, classification = case
     torch.manual_seed(0)
     model = _mlp(widths, act, bias).double()
     x, y = _data(widths[0], widths[-1], classification)
-    h = hessian(model, loss_fn, x, y, chunk_size=7)
+    h = hessian(model, loss_fn, x, y, chunk_size=7, engine=engine)
     ref, gref = _reference(model, loss_fn, x, y)
     assert h.dtype == F64 and h.shape == ref.shape
     assert torch.equal(h, h.T)
@@ -150,8 +151,10 @@ def test_unregistered_module_without_double_backward_gives_clear_error() -> None
 
     model = nn.Sequential(nn.Linear(2, 3), Hard(), nn.Linear(3, 1)).double()
     x, y = _data(2, 1, False)
-    with pytest.raises(ValueError, match="cannot compute Hessian-vector products"):
+    with pytest.raises(ValueError, match="cannot compute second derivatives"):
         hessian(model, nn.MSELoss(), x, y)
+    with pytest.raises(ValueError, match="cannot compute Hessian-vector products"):
+        hessian(model, nn.MSELoss(), x, y, engine="reverse")
 
 
 def test_forward_engine_matches_and_mse_pitfall_is_explained() -> None:
@@ -163,6 +166,10 @@ def test_forward_engine_matches_and_mse_pitfall_is_explained() -> None:
     assert (h - ref).abs().max() <= 1e-10 * ref.abs().max()
     with pytest.raises(ValueError, match=r"forward-over-reverse fails for F\.mse_loss"):
         hessian(model, nn.MSELoss(), x, y, engine="forward")
+    with pytest.raises(ValueError, match="engine must be"):
+        hessian(model, nn.MSELoss(), x, y, engine="sideways")
+    with pytest.raises(ValueError, match="needs a FlatLoss"):
+        dense_hessian(lambda t: (t**2).sum(), torch.ones(3, dtype=F64), engine="blocks")
     with pytest.raises(ValueError, match="engine must be"):
         hessian(model, nn.MSELoss(), x, y, engine="sideways")
 

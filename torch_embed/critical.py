@@ -100,7 +100,7 @@ def _newton_(
     newton = 0
     message = f"max_newton_iter={max_newton_iter} reached"
     for _ in range(max_newton_iter):
-        lam, q = torch.linalg.eigh(dense_hessian(fl.fn, theta))
+        lam, q = torch.linalg.eigh(dense_hessian(fl, theta))
         scale = float(lam.abs().max())
         if scale == 0.0:
             message = "the Hessian is zero; no Newton step"

@@ -6,14 +6,20 @@ The loss is ``R(θ) = loss_fn(model(inputs), targets)`` as a function of the fla
 THEORY.md §9). The model itself is never modified: the parameters are copied, cast and
 passed through :func:`torch.func.functional_call`.
 
-Hessian-vector products use one of two engines, chosen once per call by a cheap probe:
+Three engines:
 
-- ``"reverse"``: reverse-over-reverse, ``vjp(grad(R))`` — the forward and first
-  backward pass are recorded once and every product is one batched second backward
-  pass. It works for every loss PyTorch can differentiate twice (including
-  ``nn.MSELoss``, where forward-over-reverse raises "ZeroTensors are immutable") and
-  was the fastest on CPU, so it is the default.
-- ``"forward"``: forward-over-reverse, ``jvp(grad(R))``, used only when asked for.
+- ``"blocks"`` (dense Hessians, the default of :func:`hessian`): the first derivative
+  is recorded once per parameter tensor; the rows of each tensor's block come from one
+  batched second backward pass, differentiated only with respect to that tensor and
+  the ones after it, the rest filled by symmetry (autograd prunes the graph: measured
+  1.2-2x faster than the flat variant, ``bench/inertia.py``).
+- ``"reverse"``: reverse-over-reverse on the flat vector, ``vjp(grad(R))`` — the
+  forward and first backward pass are recorded once and every product is one batched
+  second backward pass. It works for every loss PyTorch can differentiate twice
+  (including ``nn.MSELoss``, where forward-over-reverse raises "ZeroTensors are
+  immutable"); the default of :func:`hvp` and :class:`HessianOperator`.
+- ``"forward"``: forward-over-reverse, ``jvp(grad(R))``, only when asked for: it was
+  slower in every measurement on CPU and fails for ``nn.MSELoss``.
 
 A model whose element-wise modules PyTorch cannot differentiate twice (``Hardsigmoid``)
 is refused with the layer named, and so is a model with BatchNorm or Dropout in train
@@ -26,7 +32,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +56,9 @@ __all__ = [
 LossFn = Callable[[Any, Any], Tensor]
 
 #: Default number of Hessian-vector products per batched pass.
-DEFAULT_CHUNK = 256
+DEFAULT_CHUNK = 512
+#: Hessian engines: "auto", "blocks" (dense only), "reverse", "forward".
+ENGINES = ("auto", "blocks", "reverse", "forward")
 
 _TRAIN_MODE_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._BatchNorm,
@@ -69,12 +77,15 @@ class FlatLoss:
         theta: The model's current trainable parameters, flattened, in ``dtype``.
         names: Parameter names in ``named_parameters()`` order (trainable ones only).
         shapes: Their shapes.
+        param_fn: The same loss as a function of the sequence of parameter tensors
+            (``names`` order and ``shapes``); used for the block-wise Hessian.
     """
 
     fn: Callable[[Tensor], Tensor]
     theta: Tensor
     names: tuple[str, ...]
     shapes: tuple[torch.Size, ...]
+    param_fn: Callable[[Sequence[Tensor]], Tensor] | None = None
 
     @property
     def numel(self) -> int:
@@ -199,11 +210,8 @@ def flat_loss(
         else targets
     )
 
-    def fn(vec: Tensor) -> Tensor:
-        chunks = torch.split(vec, sizes)
-        state: dict[str, Tensor] = {
-            n: c.view(s) for n, c, s in zip(names, chunks, shapes, strict=True)
-        }
+    def param_fn(tensors: Sequence[Tensor]) -> Tensor:
+        state: dict[str, Tensor] = dict(zip(names, tensors, strict=True))
         state.update(frozen)
         # fresh buffer copies: a train-mode BatchNorm updates them in place
         state.update({n: b.clone() for n, b in buffers.items()})
@@ -215,7 +223,11 @@ def flat_loss(
             )
         return out.reshape(())
 
-    return FlatLoss(fn, theta, names, shapes)
+    def fn(vec: Tensor) -> Tensor:
+        chunks = torch.split(vec, sizes)
+        return param_fn([c.view(s) for c, s in zip(chunks, shapes, strict=True)])
+
+    return FlatLoss(fn, theta, names, shapes, param_fn)
 
 
 def gradient(
@@ -321,8 +333,8 @@ def _default_chunk(p: int) -> int:
 
 
 def dense_hessian(
-    fn: Callable[[Tensor], Tensor],
-    theta: Tensor,
+    fn: Callable[[Tensor], Tensor] | FlatLoss,
+    theta: Tensor | None = None,
     *,
     chunk_size: int | None = None,
     max_bytes: int | None = None,
@@ -330,16 +342,30 @@ def dense_hessian(
 ) -> Tensor:
     """The dense symmetric Hessian of a scalar function of one flat vector.
 
-    The engine behind :func:`hessian` (see there), for a :class:`FlatLoss`'s ``fn`` at
-    any point ``theta`` (its dtype and device are used).
+    The engine behind :func:`hessian` (see there). ``fn`` is either a :class:`FlatLoss`
+    (then ``theta`` defaults to its ``theta``, and ``engine="auto"`` uses the faster
+    block-wise engine) or any function of one flat vector (``engine="auto"`` is then
+    ``"reverse"``). ``theta``'s dtype and device are used.
 
     Example:
         >>> dense_hessian(lambda t: (t[0] * t[1]) ** 2, torch.tensor([1.0, 2.0]))
         tensor([[8., 8.],
                 [8., 2.]])
     """
+    fl = fn if isinstance(fn, FlatLoss) else None
+    flat_fn = fn.fn if isinstance(fn, FlatLoss) else fn
+    if theta is None:
+        if fl is None:
+            raise ValueError("theta is required unless fn is a FlatLoss")
+        theta = fl.theta
     if theta.ndim != 1:
         raise ValueError(f"theta must be a flat (P,) vector, got shape {tuple(theta.shape)}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine == "auto":
+        engine = "blocks" if fl is not None and fl.param_fn is not None else "reverse"
+    if engine == "blocks" and (fl is None or fl.param_fn is None):
+        raise ValueError("engine='blocks' needs a FlatLoss (per-parameter loss function)")
     p = theta.numel()
     dtype, device = theta.dtype, theta.device
     chunk = _default_chunk(p) if chunk_size is None else int(chunk_size)
@@ -357,8 +383,20 @@ def dense_hessian(
             f".to_scipy()), a smaller model, or pass max_bytes= to override"
         )
     theta = theta.detach()
-    hv, _engine = _select_hvp(fn, theta, engine)
     out = torch.empty(p, p, dtype=dtype, device=device)
+    if engine == "blocks":
+        assert fl is not None and fl.param_fn is not None  # checked above
+        try:
+            _fill_blockwise_(out, fl.param_fn, theta, fl.shapes, chunk)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as err:
+            raise ValueError(
+                f"PyTorch cannot compute second derivatives of this loss: {err}. Every "
+                f"module and the loss must be twice differentiable in PyTorch"
+            ) from err
+        return out
+    hv, _engine = _select_hvp(flat_fn, theta, engine)
     for start in range(0, p, chunk):
         stop = min(start + chunk, p)
         basis = torch.zeros(stop - start, p, dtype=dtype, device=device)
@@ -367,6 +405,66 @@ def dense_hessian(
         del basis
     _symmetrize_(out, chunk)
     return out
+
+
+def _fill_blockwise_(
+    out: Tensor,
+    param_fn: Callable[[Sequence[Tensor]], Tensor],
+    theta: Tensor,
+    shapes: Sequence[torch.Size],
+    chunk: int,
+) -> None:
+    """Fill ``out`` with the Hessian one parameter tensor (block row) at a time.
+
+    The first derivative is recorded once, per parameter tensor (``create_graph``).
+    The rows of block ``l`` are one batched second backward pass from ``∂R/∂θ_l``,
+    differentiated only with respect to blocks ``l, l+1, ...`` — autograd then prunes
+    the parts of the graph that lead only to earlier blocks — and the blocks left of
+    the diagonal are copied from their transposes (``H_lk = H_klᵀ``), so the result is
+    exactly symmetric. Measured 1.2-2x faster than one flat vector-Jacobian product
+    per row on CPU (``bench/inertia.py``).
+    """
+    sizes = [math.prod(s) for s in shapes]
+    offs = [0]
+    for n in sizes:
+        offs.append(offs[-1] + n)
+    leaves = [
+        c.view(s).clone().requires_grad_(True)
+        for c, s in zip(torch.split(theta, sizes), shapes, strict=True)
+    ]
+    with torch.enable_grad():
+        loss = param_fn(leaves)
+        grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+    for l, g in enumerate(grads):
+        lo, hi = offs[l], offs[l + 1]
+        if g is None or not g.requires_grad:  # R is at most linear in this block
+            out[lo:hi, lo:] = 0.0
+            out[lo:, lo:hi] = 0.0
+            continue
+        inputs = leaves[l:]
+        for s in range(0, sizes[l], chunk):
+            e = min(s + chunk, sizes[l])
+            k = e - s
+            basis = torch.zeros(k, sizes[l], dtype=theta.dtype, device=theta.device)
+            basis[torch.arange(k), torch.arange(s, e)] = 1.0
+            rows = torch.autograd.grad(
+                g,
+                inputs,
+                grad_outputs=basis.view(k, *g.shape),
+                is_grads_batched=True,
+                retain_graph=True,
+                allow_unused=True,
+            )
+            for j, r in enumerate(rows, start=l):
+                blk = out[lo + s : lo + e, offs[j] : offs[j + 1]]
+                if r is None:
+                    blk.zero_()
+                else:
+                    blk.copy_(r.detach().reshape(k, -1))
+                if j != l:
+                    out[offs[j] : offs[j + 1], lo + s : lo + e] = blk.T
+            del rows, basis
+        _symmetrize_(out[lo:hi, lo:hi], chunk)
 
 
 def hessian(
@@ -384,9 +482,10 @@ def hessian(
     """The dense, symmetric Hessian of the loss in ``named_parameters()`` order.
 
     Rows are filled chunk by chunk (``chunk_size`` Hessian-vector products at a time,
-    batched with :func:`torch.func.vmap`) into one preallocated ``(P, P)`` matrix, then
-    symmetrized in place as ``(H + Hᵀ)/2`` block by block, so peak memory is one
-    ``P×P`` matrix plus one chunk's work.
+    batched) into one preallocated ``(P, P)`` matrix; blocks below the diagonal are
+    copied from above (``"blocks"`` engine) or the result is symmetrized in place as
+    ``(H + Hᵀ)/2`` block by block (flat engines), so the result is exactly symmetric
+    and peak memory is one ``P×P`` matrix plus one chunk's work.
 
     Args:
         model: The network (not modified). In eval mode if it has BatchNorm/Dropout.
@@ -402,8 +501,9 @@ def hessian(
         max_bytes: Memory the result may use (default: the available memory of the
             device); a larger ``P×P`` matrix raises :class:`MemoryError` before any
             allocation.
-        engine: ``"auto"`` (reverse-over-reverse), ``"reverse"`` or ``"forward"``
-            (forward-over-reverse; fails for ``nn.MSELoss`` in current PyTorch).
+        engine: ``"auto"`` (= ``"blocks"``), ``"blocks"``, ``"reverse"`` or
+            ``"forward"`` (forward-over-reverse; fails for ``nn.MSELoss`` in current
+            PyTorch); see the module docstring.
 
     Returns:
         ``(P, P)`` tensor in ``dtype`` on the parameters' device.
@@ -427,7 +527,7 @@ def hessian(
     """
     check_model(model, allow_train_mode=allow_train_mode)
     fl = flat_loss(model, loss_fn, inputs, targets, dtype=dtype)
-    return dense_hessian(fl.fn, fl.theta, chunk_size=chunk_size, max_bytes=max_bytes, engine=engine)
+    return dense_hessian(fl, chunk_size=chunk_size, max_bytes=max_bytes, engine=engine)
 
 
 def _symmetrize_(mat: Tensor, block: int) -> None:

@@ -1,0 +1,325 @@
+"""Benchmarks for Hessians and inertia counts (issue 3), printed side by side.
+
+Part 1 — building the dense float64 Hessian of a tanh MLP (8 -> w -> w -> 2, N = 256
+samples, mean-squared error written out as ``((out - y)**2).mean()`` so that every
+variant can run; ``nn.MSELoss`` breaks forward-over-reverse) at P ≈ 1k, 4k, 8k:
+``torch_embed.hessian.hessian`` against ``torch.autograd.functional.hessian`` (default
+and ``vectorize=True``) and ``torch.func.hessian``, all on the same flat loss function.
+Every variant runs in a fresh subprocess; time is the best of ``--repeat`` runs, peak
+memory is the growth of the process's peak resident set (``VmHWM`` in
+``/proc/self/status``) during the build, or ``torch.cuda.max_memory_allocated`` growth
+with ``--device cuda``. The results of all variants are compared entrywise.
+
+Part 2 — counting the inertia of a symmetric matrix with known inertia (``Q D Qᵀ``, ``Q``
+a product of 8 random Householder reflections, ``D`` with 5% exact zeros and random signs)
+at n = 2k, 4k, 8k: ``inertia(method="ldl")`` (two Bunch-Kaufman factorizations plus the
+Lanczos gap estimate) against ``method="eigh"``, same default tolerance rule; the counts
+must agree with each other and with ``D``.
+
+Usage::
+
+    python bench/inertia.py                 # full run (several minutes on 2 cores)
+    python bench/inertia.py --quick         # small sizes (< 1 min)
+    python bench/inertia.py --part 2        # one part only (parts: 1, 2, ...)
+    python bench/inertia.py --device cuda   # on a GPU
+    python bench/inertia.py --write         # also append the tables to bench/RESULTS.md
+
+Add a part by defining ``partN(args) -> str`` (returns the printed Markdown) and adding
+it to ``PARTS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from torch_embed.hessian import flat_loss, hessian  # noqa: E402
+from torch_embed.inertia import inertia  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+SECTION = "## bench/inertia.py"
+N_SAMPLES = 256
+
+
+# --------------------------------------------------------------------------- helpers
+def machine() -> str:
+    """One line describing where the numbers came from."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        load = "load avg %.1f" % os.getloadavg()[0]
+    except OSError:
+        load = "load n/a"
+    return (
+        f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), Python {platform.python_version()}, {load}"
+    )
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def mean_square(out: Tensor, target: Tensor) -> Tensor:
+    return ((out - target) ** 2).mean()
+
+
+def width_for(p_target: int) -> int:
+    """Hidden width w of 8 -> w -> w -> 2 with P = w² + 12w + 2 closest to p_target."""
+    return min(range(4, 400), key=lambda w: abs(w * w + 12 * w + 2 - p_target))
+
+
+def bench_net(width: int, device: str) -> tuple[nn.Module, Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Linear(8, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 2)
+    ).double()
+    x = torch.randn(N_SAMPLES, 8, dtype=torch.float64, generator=gen)
+    y = torch.randn(N_SAMPLES, 2, dtype=torch.float64, generator=gen)
+    return net.to(device), x.to(device), y.to(device)
+
+
+# --------------------------------------------------------------------------- part 1
+def _variants() -> dict[str, Callable[[nn.Module, Tensor, Tensor], Tensor]]:
+    def ours(net: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        return hessian(net, mean_square, x, y)
+
+    def ours_forward(net: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        return hessian(net, mean_square, x, y, engine="forward")
+
+    def af(net: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        fl = flat_loss(net, mean_square, x, y)
+        return torch.autograd.functional.hessian(fl.fn, fl.theta)
+
+    def af_vec(net: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        fl = flat_loss(net, mean_square, x, y)
+        return torch.autograd.functional.hessian(fl.fn, fl.theta, vectorize=True)
+
+    def func(net: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        fl = flat_loss(net, mean_square, x, y)
+        return torch.func.hessian(fl.fn)(fl.theta)
+
+    return {
+        "torch_embed.hessian": ours,
+        "torch_embed.hessian(engine='forward')": ours_forward,
+        "autograd.functional.hessian": af,
+        "autograd.functional.hessian(vectorize=True)": af_vec,
+        "torch.func.hessian": func,
+    }
+
+
+OURS = "torch_embed.hessian"
+
+
+def worker(variant: str, width: int, device: str) -> dict[str, Any]:
+    """Run one Hessian build in this (fresh) process; report time, memory, a fingerprint."""
+    net, x, y = bench_net(width, device)
+    fn = _variants()[variant]
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _status_kib("VmRSS") * 1024
+    _sync(device)
+    start = time.perf_counter()
+    h = fn(net, x, y)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    if device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = _status_kib("VmHWM") * 1024 - base
+    h = h.detach().to(torch.float64)
+    probe = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, h.shape[0], (64, 2), generator=probe).to(h.device)
+    return {
+        "seconds": seconds,
+        "peak_bytes": peak,
+        "P": h.shape[0],
+        "sample": h[idx[:, 0], idx[:, 1]].cpu().tolist(),
+        "scale": float(h.abs().max()),
+        "asym": float((h - h.T).abs().max()),
+    }
+
+
+def run_worker(variant: str, width: int, device: str, timeout: float) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--worker", variant, "--width", str(width)]
+    cmd += ["--device", device]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout > {timeout:.0f} s"}
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        return {"error": last[:80]}
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def part1(args: argparse.Namespace) -> str:
+    sizes = [300, 1000] if args.quick else [1000, 4000, 8000]
+    repeat = 1 if args.quick else args.repeat
+    variants = list(_variants())
+    lines = [
+        "### Part 1: dense Hessian build (float64, tanh MLP 8-w-w-2, N=256)",
+        "",
+        "| P | variant | time (s) | peak mem (MiB) | time ÷ ours | mem ÷ ours | max rel diff |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    summary = []
+    for p_target in sizes:
+        width = width_for(p_target)
+        results: dict[str, dict[str, Any]] = {}
+        for _ in range(repeat):  # interleave repeats so load changes hit every variant
+            for v in variants:
+                r = run_worker(v, width, args.device, args.timeout)
+                old = results.get(v)
+                if old is None or ("error" in old and "error" not in r):
+                    results[v] = r
+                elif "error" not in r and r["seconds"] < old["seconds"]:
+                    r["peak_bytes"] = min(r["peak_bytes"], old["peak_bytes"])
+                    results[v] = r
+                elif "error" not in r:
+                    old["peak_bytes"] = min(r["peak_bytes"], old["peak_bytes"])
+        ours = results[OURS]
+        ref = torch.tensor(ours.get("sample", [0.0]))
+        best_other: tuple[float, str, float] | None = None
+        for v in variants:
+            r = results[v]
+            if "error" in r:
+                lines.append(f"| {width * width + 12 * width + 2} | {v} | failed: {r['error']} |||||")
+                continue
+            p = r["P"]
+            diff = float((torch.tensor(r["sample"]) - ref).abs().max()) / max(ours["scale"], 1e-300)
+            t_ratio = r["seconds"] / ours["seconds"]
+            m_ratio = r["peak_bytes"] / max(ours["peak_bytes"], 1)
+            lines.append(
+                f"| {p} | {v} | {r['seconds']:.2f} | {r['peak_bytes'] / 2**20:.0f} | "
+                f"{t_ratio:.2f} | {m_ratio:.2f} | {diff:.1e} |"
+            )
+            if not v.startswith("torch_embed") and (
+                best_other is None or r["seconds"] < best_other[0]
+            ):
+                best_other = (r["seconds"], v, r["peak_bytes"])
+        if best_other is not None and "error" not in ours:
+            summary.append(
+                f"P={ours['P']}: best baseline {best_other[1]} {best_other[0]:.2f} s -> "
+                f"speed-up {best_other[0] / ours['seconds']:.2f}x, memory "
+                f"{ours['peak_bytes'] / 2**20:.0f} vs {best_other[2] / 2**20:.0f} MiB"
+            )
+    lines += ["", *[f"- {s}" for s in summary]]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- part 2
+def planted(n: int, device: str, seed: int = 0) -> tuple[Tensor, tuple[int, int, int]]:
+    """``Q D Qᵀ`` with ``Q`` = 8 Householder reflections; returns it and D's inertia."""
+    gen = torch.Generator().manual_seed(seed)
+    d = torch.randn(n, dtype=torch.float64, generator=gen).sign()
+    d *= torch.exp(2 * torch.randn(n, dtype=torch.float64, generator=gen))
+    d[torch.randperm(n, generator=gen)[: n // 20]] = 0.0
+    a = torch.diag(d).to(device)
+    for _ in range(8):
+        v = torch.randn(n, 1, dtype=torch.float64, generator=gen).to(device)
+        v /= v.norm()
+        av = a @ v
+        # (I - 2vvᵀ) A (I - 2vvᵀ) = A - 2 v (Av)ᵀ - 2 (Av) vᵀ + 4 (vᵀAv) v vᵀ
+        a = a - 2 * v @ av.T - 2 * av @ v.T + 4 * float(v.T @ av) * (v @ v.T)
+    counts = (int((d < 0).sum()), int((d == 0).sum()), int((d > 0).sum()))
+    return (a + a.T) / 2, counts
+
+
+def part2(args: argparse.Namespace) -> str:
+    sizes = [200, 500, 1000] if args.quick else [500, 1000, 2000, 4000, 8000]
+    lines = [
+        "### Part 2: inertia counting, ldl vs eigh (float64, default tolerance)",
+        "",
+        "| n | eigh (s) | ldl (s) | eigh ÷ ldl | counts eigh | counts ldl | planted | gap eigh | gap ldl |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for n in sizes:
+        a, planted_counts = planted(n, args.device)
+        best: dict[str, tuple[float, Any]] = {}
+        for _ in range(1 if args.quick or n >= 4000 else 2):
+            for method in ("eigh", "ldl"):
+                _sync(args.device)
+                start = time.perf_counter()
+                res = inertia(a, method=method)
+                _sync(args.device)
+                sec = time.perf_counter() - start
+                if method not in best or sec < best[method][0]:
+                    best[method] = (sec, res)
+        (te, re_), (tl, rl) = best["eigh"], best["ldl"]
+        lines.append(
+            f"| {n} | {te:.2f} | {tl:.2f} | {te / tl:.2f} | {re_.as_tuple()} | "
+            f"{rl.as_tuple()} | {planted_counts} | {re_.gap:.1e} | {rl.gap:.1e} |"
+        )
+        del a
+    return "\n".join(lines)
+
+
+PARTS: dict[str, Callable[[argparse.Namespace], str]] = {"1": part1, "2": part2}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, < 1 min")
+    parser.add_argument("--part", nargs="*", default=None, help="parts to run (default all)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeat", type=int, default=2, help="runs per variant (best kept)")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per variant run")
+    parser.add_argument("--write", action="store_true", help="append to bench/RESULTS.md")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--width", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.width, args.device)))
+        return
+    parts = args.part or list(PARTS)
+    header = f"{SECTION}\n\n`python bench/inertia.py{' --quick' if args.quick else ''}"
+    header += f"{' --part ' + ' '.join(parts) if args.part else ''}"
+    header += f"{' --device ' + args.device if args.device != 'cpu' else ''}` on {machine()}."
+    out = [header]
+    print(header, flush=True)
+    for key in parts:
+        text = PARTS[key](args)
+        print("\n" + text, flush=True)
+        out.append(text)
+    if args.write:
+        old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+        RESULTS.write_text(old.rstrip("\n") + "\n\n" + "\n\n".join(out) + "\n")
+
+
+if __name__ == "__main__":
+    main()
