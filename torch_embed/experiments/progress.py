@@ -57,6 +57,7 @@ class Progress:
         self._tty = bool(isatty()) if callable(isatty) else False
         self._interval = 0.2 if self._tty else 10.0
         self._done = 0
+        self._written = -1
         self._extra = ""
 
     def __enter__(self) -> Progress:
@@ -91,8 +92,8 @@ class Progress:
     def close(self) -> None:
         """Finish the line (only if anything was shown)."""
         if self._shown:
-            self._done = self.total if self._done >= self.total else self._done
-            self._write()
+            if self._written != self._done:
+                self._write()
             if self._tty:
                 self.stream.write("\n")
             self.stream.flush()
@@ -114,3 +115,4 @@ class Progress:
             self.stream.write(line + "\n")
         self.stream.flush()
         self._shown = True
+        self._written = self._done

@@ -1,0 +1,321 @@
+"""Fig. 4 of the NeurIPS 2021 paper: critical points of widths 1, 2, 3 cluster into classes.
+
+Many tanh networks of widths 1, 2 and 3 are trained on the 1D staircase with
+full-batch gradient descent from initialisations of many scales (small ones stall on
+the plateaus of narrower networks), then polished with Newton steps to the nearest
+critical point (kept if ``|∇R| < 1e-10``, the paper's criterion). The critical points
+are clustered by loss and output function; each class is labelled with the narrowest
+width it embeds from: the narrowest width at which it was found, or the effective
+width of a member (:func:`torch_embed.landscape.condense.effective_widths`), whichever
+is smaller. The paper's claim: wider networks' critical points include the classes of
+narrower ones (the Embedding Principle), so classes found at width 3 carry labels 1
+and 2 too.
+
+All runs of one width are trained together as one batched module
+(:class:`torch_embed.experiments.training.BatchedMLP`), which is exact: each run's
+gradient and update are its own.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from torch_embed.experiments import FIGURES, FigureResult, Headline
+from torch_embed.experiments.training import BatchedMLP
+
+__all__ = ["run"]
+
+WIDTHS = (1, 2, 3)
+GTOL = 1e-10
+LOSS_RTOL = 1e-6
+OUTPUT_ATOL = 1e-3
+CONDENSE_ATOL = 1e-6
+
+
+METHODS: tuple[Literal["gd", "adam"], ...] = ("gd", "adam")
+LR = 0.02
+
+
+def _batch(per: int, stds: list[float], gen: torch.Generator, dev: torch.device) -> BatchedMLP:
+    """``per`` runs of each width as one batch of width-3 networks.
+
+    A width-``w`` run is a width-3 run with ``3 - w`` null neurons (zero fan-in, bias
+    and fan-out). With tanh (``σ(0) = 0``) their gradients are exactly zero, so under
+    gradient descent and Adam they stay null and the run is exactly a width-``w``
+    network (the null embedding of THEORY §3 at work).
+    """
+    top = max(WIDTHS)
+    n = per * len(WIDTHS)
+    nets = BatchedMLP(n, (1, top, 1), "tanh", generator=gen, std=1.0, device=dev)
+    with torch.no_grad():
+        scale = torch.tensor(stds * len(WIDTHS), dtype=torch.float64, device=dev)
+        mask = torch.ones(n, top, dtype=torch.float64, device=dev)
+        for i, w in enumerate(WIDTHS):
+            mask[i * per : (i + 1) * per, w:] = 0.0
+        nets.w1.mul_(scale[:, None, None] * mask[:, :, None])
+        nets.b1.mul_(scale[:, None] * mask)
+        nets.w2.mul_(scale[:, None, None] * mask[:, None, :])
+        nets.b2.mul_(scale[:, None])
+    return nets
+
+
+@dataclass
+class _Point:
+    width: int
+    method: str
+    run: int
+    init_std: float
+    loss: float
+    grad_norm: float
+    effective_width: int
+    output: Tensor  # on the plotting grid
+
+
+def _cluster(points: list[_Point]) -> list[list[_Point]]:
+    """Greedy clustering in order of loss: same loss (relative) and same output function."""
+    classes: list[list[_Point]] = []
+    for p in sorted(points, key=lambda p: (p.loss, p.width)):
+        for members in classes:
+            q = members[0]
+            same_loss = abs(q.loss - p.loss) <= LOSS_RTOL * max(q.loss, 1e-8)
+            if same_loss and float((q.output - p.output).abs().max()) <= OUTPUT_ATOL:
+                members.append(p)
+                break
+        else:
+            classes.append([p])
+    return classes
+
+
+def _plot(
+    classes: list[dict[str, Any]], grid: Tensor, x: Tensor, y: Tensor, path: Path
+) -> Path | None:
+    from torch_embed.experiments.plotting import COLORS, new_figure, save_figure
+
+    made = new_figure(1, 2, size=(13.0, 5.0))
+    if made is None:
+        return None
+    fig, (ax_l, ax_f) = made
+    markers = {1: "o", 2: "s", 3: "D"}
+    n = max(len(classes), 1)
+    for c, cls in enumerate(classes):
+        color = COLORS[c % len(COLORS)]
+        for w in WIDTHS:
+            losses = [p["loss"] for p in cls["members"] if p["width"] == w]
+            if not losses:
+                continue
+            xpos = w + 0.5 * (c - (n - 1) / 2) / n
+            ax_l.scatter([xpos], [losses[0]], marker=markers[w], s=60, color=color)
+            ax_l.annotate(
+                f"x{len(losses)}",
+                (xpos, losses[0]),
+                textcoords="offset points",
+                xytext=(6, 3),
+                fontsize=7,
+                color=color,
+            )
+        ax_l.scatter(
+            [],
+            [],
+            color=color,
+            marker="o",
+            label=f"class {c + 1} (loss {cls['loss']:.3g}): embeds from width {cls['label']}",
+        )
+    ax_l.set_xticks(list(WIDTHS))
+    ax_l.set_xlim(0.5, max(WIDTHS) + 0.5)
+    ax_l.set_xlabel("network width (classes side by side; xN = runs in the class)")
+    ax_l.set_ylabel("loss at the critical point (|∇R| < 1e-10)")
+    ax_l.set_title("critical points by width, coloured by class")
+    ax_l.legend(fontsize=7, loc="best")
+    ax_f.scatter(x.flatten().cpu(), y.flatten().cpu(), s=12, color="0.6", label="data")
+    styles = ["-", "--", ":", "-."]
+    for c, cls in enumerate(classes):
+        ax_f.plot(
+            grid.flatten().cpu(),
+            cls["output"],
+            color=COLORS[c % len(COLORS)],
+            linestyle=styles[c % len(styles)],
+            linewidth=1.6,
+            label=(
+                f"class {c + 1}: loss {cls['loss']:.3g}, found at widths "
+                f"{','.join(map(str, cls['widths']))}"
+            ),
+        )
+    ax_f.set_xlabel("x")
+    ax_f.set_ylabel("output")
+    ax_f.set_title("output function of each class")
+    ax_f.legend(fontsize=7, loc="upper left")
+    return save_figure(fig, path)
+
+
+def run(*, quick: bool, out: Path, seed: int = 0, device: str = "cpu") -> FigureResult:
+    """Train many runs per width, polish, cluster, label each class.
+
+    Args:
+        quick: 8 runs per width, 4000 steps and Newton only (runs that do not converge
+            are left out) instead of 200 runs, 30 000 steps and an L-BFGS fallback.
+        out: Output folder for ``fig4.png``.
+        seed: Seed of the initialisations.
+        device: Torch device.
+
+    Returns:
+        The :class:`~torch_embed.experiments.FigureResult`; ``numbers["classes"]`` lists
+        the classes with their losses, widths found at and labels.
+    """
+    from torch_embed.critical import critical_point
+    from torch_embed.experiments.data import STAIRCASE_FORMULA, staircase
+    from torch_embed.experiments.progress import Progress
+    from torch_embed.experiments.training import batched_mse, mlp, train
+    from torch_embed.landscape.condense import effective_widths
+
+    dev = torch.device(device)
+    x, y = staircase(50, device=dev)
+    grid = torch.linspace(-15.0, 15.0, 121, dtype=torch.float64, device=dev)[:, None]
+    runs = 8 if quick else 200
+    steps = 2500 if quick else 30_000
+    newton = 15 if quick else 30
+    loss_fn = nn.MSELoss()
+    per = runs // len(METHODS)
+    stds = torch.logspace(-3, 0, per, dtype=torch.float64).tolist()
+    trained: list[tuple[int, str, int, nn.Sequential]] = []
+    for m, method in enumerate(METHODS):
+        gen = torch.Generator().manual_seed(seed * 100 + m)
+        nets = _batch(per, stds, gen, dev)
+        train(nets, batched_mse, x, y, steps=steps, lr=LR, method=method, label=f"fig4: {method}")
+        for j, wide in enumerate(nets.unbatch()):
+            w = WIDTHS[j // per]
+            state = wide.state_dict()
+            net = mlp([1, w, 1], "tanh", device=dev)
+            net.load_state_dict(
+                {
+                    "0.weight": state["0.weight"][:w],
+                    "0.bias": state["0.bias"][:w],
+                    "2.weight": state["2.weight"][:, :w],
+                    "2.bias": state["2.bias"],
+                }
+            )
+            trained.append((w, method, j % per, net))
+    points: list[_Point] = []
+    tried = {w: sum(t[0] == w for t in trained) for w in WIDTHS}
+    with Progress("fig4: polishing", len(trained)) as bar:
+        for i, (w, how, k, net) in enumerate(trained):
+            # Newton: the nearest critical point (e.g. the saddle a plateau sits on);
+            # runs caught mid-descent do not converge and are left out, as in the paper.
+            res = critical_point(net, loss_fn, x, y, max_iter=0, max_newton_iter=newton)
+            if res.grad_norm >= GTOL and not quick:
+                res = critical_point(net, loss_fn, x, y, max_iter=500, max_newton_iter=newton)
+            bar.update(i + 1)
+            if res.grad_norm >= GTOL:
+                continue
+            with torch.no_grad():
+                output = net(grid).flatten().cpu()
+            eff = effective_widths(net, atol=CONDENSE_ATOL)[0]
+            points.append(_Point(w, how, k, stds[k], res.loss, res.grad_norm, eff, output))
+
+    classes: list[dict[str, Any]] = []
+    for members in _cluster(points):
+        widths_found = sorted({p.width for p in members})
+        label = min(widths_found + [p.effective_width for p in members])
+        classes.append(
+            {
+                "loss": members[0].loss,
+                "widths": widths_found,
+                "count_by_width": {w: sum(p.width == w for p in members) for w in WIDTHS},
+                "effective_widths": sorted({p.effective_width for p in members}),
+                "label": label,
+                "output": members[0].output.tolist(),
+                "members": [
+                    {
+                        "width": p.width,
+                        "optimizer": p.method,
+                        "run": p.run,
+                        "init_std": p.init_std,
+                        "loss": p.loss,
+                        "grad_norm": p.grad_norm,
+                        "effective_width": p.effective_width,
+                    }
+                    for p in members
+                ],
+            }
+        )
+    converged = {w: sum(p.width == w for p in points) for w in WIDTHS}
+    embedded = [c for c in classes if max(c["widths"]) > int(c["label"])]
+    wide_from_narrow = [c for c in classes if 3 in c["widths"] and int(c["label"]) < 3]
+    numbers: dict[str, Any] = {
+        "classes": [{k: v for k, v in c.items() if k != "output"} for c in classes],
+        "converged": converged,
+        "tried": tried,
+        "grid": grid.flatten().tolist(),
+    }
+    headline = [
+        Headline(
+            "classes of critical points",
+            "several, each embedded in wider nets",
+            f"{len(classes)} classes from {len(points)} critical points",
+            len(classes) >= 2,
+            exact=True,
+        ),
+        Headline(
+            "classes found at a larger width than their label",
+            ">= 1 (narrow critical points reappear in wide nets)",
+            f"{len(embedded)}: "
+            + ", ".join(
+                f"loss {c['loss']:.4g} (label {c['label']}, found at {c['widths']})"
+                for c in embedded
+            ),
+            len(embedded) >= 1,
+        ),
+        Headline(
+            "width-3 critical points embedded from width 1 or 2",
+            "yes",
+            f"{len(wide_from_narrow)} class(es)",
+            len(wide_from_narrow) >= 1,
+        ),
+    ]
+    notes = [
+        f"data: 50-point staircase {STAIRCASE_FORMULA}",
+        f"{runs} runs per width"
+        + (" (--quick; the paper uses 200)" if quick else "")
+        + f", half full-batch GD, half Adam (lr {LR}, {steps} steps; GD stalls on plateaus, "
+        f"Adam reaches minima), init N(0, s²) with s log-spaced in [1e-3, 1]; Newton "
+        f"polish kept {converged} of {tried} runs at |grad R| < {GTOL:g}",
+        f"clusters: equal loss (relative {LOSS_RTOL:g}) and output within {OUTPUT_ATOL:g} "
+        f"on 121 grid points; the staircase is odd, so f(x) and -f(-x) are distinct "
+        f"classes of equal loss",
+        "label = narrowest of: widths a class was found at, effective widths of its "
+        f"members (condense, atol {CONDENSE_ATOL:g}; tanh copies with opposite signs are "
+        f"not merged by condense, so the first is often the smaller)",
+    ]
+    result = FigureResult(
+        name="fig4",
+        title=FIGURES["fig4"],
+        quick=quick,
+        settings={
+            "data": f"staircase, 50 points: {STAIRCASE_FORMULA}",
+            "networks": "1-m-1 tanh, m = 1, 2, 3, float64",
+            "loss": "MSE",
+            "runs_per_width": runs,
+            "training": f"half the runs full-batch GD, half Adam, lr {LR}, {steps} steps; "
+            f"batched (a width-w run is a width-3 run with 3-w null neurons, which stay null)",
+            "init": "every weight and bias ~ N(0, s^2), s log-spaced in [1e-3, 1] over runs",
+            "polish": f"critical_point(max_iter=0, max_newton_iter={newton})"
+            + ("" if quick else ", then with L-BFGS (max_iter=500) if not converged")
+            + f"; keep |grad| < {GTOL:g}",
+            "seed": seed,
+            "device": str(dev),
+        },
+        headline=headline,
+        numbers=numbers,
+        notes=notes,
+    )
+    result.figure = _plot(classes, grid, x, y, out / "fig4.png")
+    for c in classes:  # drop the long output lists from the console-facing numbers
+        c.pop("output", None)
+    if not math.isfinite(sum(p.loss for p in points) if points else 0.0):
+        result.notes.append("some losses are not finite")
+    return result
