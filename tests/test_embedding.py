@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 from functools import reduce
 
 import pytest
@@ -407,3 +408,76 @@ def test_embedding_is_immutable() -> None:
     with pytest.raises(AttributeError):
         emb.layers = ()  # type: ignore[misc]
     assert isinstance(emb.layers, tuple)
+
+
+# ----------------------------------------------------------------------------- blocked apply
+embedding_module = importlib.import_module("torch_embed.embedding")
+
+BLOCK_CASES = {
+    "split_third": lambda n, g: plan(n, [20, 17], Split(alpha=1 / 3), generator=g),
+    "split_kway": lambda n, g: plan(n, [19, 15], Split(alpha=(0.1, 0.2, 0.7)), generator=g),
+    "general_shuffled": lambda n, g: general_vector(n, [20, 17], g, 0.3),
+    "null": lambda n, g: plan(n, [20, 17], Null(bias=0.3, fan_in_std=0.5), generator=g),
+    "net2net_noise": lambda n, g: plan(n, [20, 17], Net2Net(noise=0.5), generator=g),
+    "general_matrix": lambda n, g: general_matrix(n, [16, 14], g),
+    "critical_matrix": critical_matrix_general,
+}
+
+
+def _reference_apply(emb: Embedding, state: dict, dtype: torch.dtype) -> dict:
+    """W'[i, j] = round(round(W[I(i), I(j)] · c) + offset), straight from the definition."""
+    out = dict(state)
+    L = len(emb.layout.linears)
+    for k, lin in enumerate(emb.layout.linears):
+        rows = emb.layers[k] if k < L - 1 else None
+        cols = emb.layers[k - 1] if k > 0 else None
+        w = state[f"{lin.name}.weight"].double()
+        r = rows.source.clamp(min=0) if rows is not None else torch.arange(w.shape[0])
+        c = cols.source.clamp(min=0) if cols is not None else torch.arange(w.shape[1])
+        g = w[r][:, c]
+        if cols is not None:
+            g = (g * cols.coef).to(dtype).double()
+            if cols.fan_out_offset is not None:
+                g = (g + cols.fan_out_offset).to(dtype).double()
+        if rows is not None:
+            null = rows.null_mask
+            fan_in = rows.null_fan_in if rows.null_fan_in is not None else torch.zeros_like(g)
+            g[null] = fan_in.to(dtype).double()[null]
+            b = state[f"{lin.name}.bias"].double()[r]
+            b[null] = rows.null_bias.to(dtype).double()[null]
+            out[f"{lin.name}.bias"] = b.to(dtype)
+        out[f"{lin.name}.weight"] = g.to(dtype)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("block", [7, 64, 1 << 20])
+@pytest.mark.parametrize("name", list(BLOCK_CASES))
+def test_blocked_apply_matches_the_definition(monkeypatch, name, block, dtype) -> None:
+    """Row blocks, sliced prefixes and float64 factors give exactly the defined weights,
+    each rounded once to the dtype (even for coefficients like 1/3)."""
+    monkeypatch.setattr(embedding_module, "_BLOCK_CPU", block)
+    net = build_mlp(Arch(5, (13, 11), 3), seed=6, dtype=dtype)
+    emb = BLOCK_CASES[name](net, _g(6))
+    state = net.state_dict()
+    got = emb.apply(state)
+    ref = _reference_apply(emb, state, dtype)
+    for k in ref:
+        assert got[k].dtype == dtype and got[k].is_contiguous(), k
+        assert torch.equal(got[k], ref[k]), (
+            k,
+            float((got[k].double() - ref[k].double()).abs().max()),
+        )
+
+
+@pytest.mark.parametrize("name", ["split_third", "general_shuffled", "null", "critical_matrix"])
+def test_blocked_gradient_maps_agree(monkeypatch, name) -> None:
+    net = build_mlp(Arch(5, (13, 11), 3), seed=6)
+    emb = BLOCK_CASES[name](net, _g(6))
+    g = {k: torch.randn(v.shape, generator=_g(8), dtype=F64) for k, v in net.named_parameters()}
+    whole = emb.map_gradients(g), emb.map_second_moments(g)
+    monkeypatch.setattr(embedding_module, "_BLOCK_CPU", 5)
+    blocked = emb.map_gradients(g), emb.map_second_moments(g)
+    for a, b in zip(whole, blocked):
+        for k in a:
+            assert torch.equal(a[k], b[k]), k

@@ -40,6 +40,29 @@ if TYPE_CHECKING:
 __all__ = ["Embedding", "EmbeddingKind", "LayerMap"]
 
 _COEF_RTOL = 1e-9
+# elements per row block when gathering a weight matrix: on CPU small enough that a
+# block stays in cache between the gather and the scaling, on accelerators large enough
+# that kernel launches do not dominate
+_BLOCK_CPU = 1 << 20
+_BLOCK_DEVICE = 1 << 24
+
+
+def _in_dtype(factor: Tensor, dtype: torch.dtype) -> Tensor:
+    """``factor`` in ``dtype`` when that is exact, so products round once either way.
+
+    A product of two ``dtype`` numbers is rounded once, like the float64 product
+    rounded to ``dtype``; mixed-dtype in-place ops are exact too but far slower.
+    """
+    low = factor.to(dtype)
+    return low if bool((low.to(factor.dtype) == factor).all()) else factor
+
+
+def _identity_prefix(index: Tensor) -> int:
+    """Length of the longest prefix of ``index`` equal to ``0, 1, 2, ...``."""
+    ok = index == torch.arange(index.numel(), device=index.device)
+    return int(ok.cumprod(0).sum()) if ok.numel() else 0
+
+
 _Mode = Literal["param", "grad", "sq"]
 
 
@@ -505,28 +528,55 @@ class Embedding:
         dev, dt = w.device, w.dtype
         r = rows.source.to(dev).clamp(min=0) if rows is not None else None
         c = cols.source.to(dev).clamp(min=0) if cols is not None else None
-        # one gather into the final allocation
-        if r is not None and c is not None:
-            out = w[r[:, None], c[None, :]]
-        elif r is not None:
-            out = w.index_select(0, r)
-        elif c is not None:
-            out = w.index_select(1, c)
-        else:
-            out = w.clone()
-        if mode == "param":
-            if cols is not None:
-                if cols.is_vector:
-                    idx = (cols.coef != 1).nonzero().flatten()
-                    if idx.numel():
-                        idx_d = idx.to(dev)
-                        scaled = out.index_select(1, idx_d).to(torch.float64)
-                        scaled *= cols.coef[idx].to(dev)
-                        out.index_copy_(1, idx_d, scaled.to(dt))
+        # Factors are float64; an in-place op of a lower-precision tensor with a float64
+        # one computes in float64 and rounds once, so no float64 copy is needed.
+        col_factor: Tensor | None = None  # (wide_in,) or (rows, wide_in) coefficients
+        offset: Tensor | None = None
+        row_factor: Tensor | None = None  # error scalings of the rows (grad / sq)
+        if mode == "param" and cols is not None:
+            if not cols.is_vector or bool((cols.coef != 1).any()):
+                col_factor = cols.coef.to(dev)
+            if cols.fan_out_offset is not None:
+                offset = cols.fan_out_offset.to(dev)
+        if mode != "param" and row_scale is not None:
+            row_factor = (row_scale if mode == "grad" else row_scale**2).to(dev)
+        col_factor = _in_dtype(col_factor, dt) if col_factor is not None else None
+        row_factor = _in_dtype(row_factor, dt) if row_factor is not None else None
+        n_rows = int(r.numel()) if r is not None else w.shape[0]
+        n_cols = int(c.numel()) if c is not None else w.shape[1]
+        out = torch.empty(n_rows, n_cols, dtype=dt, device=dev)
+        # one gather into the final allocation, by row blocks so temporaries stay small
+        block_size = _BLOCK_CPU if dev.type == "cpu" else _BLOCK_DEVICE
+        step = max(1, block_size // max(n_cols, 1))
+        # rows and columns that stay in place (the usual "originals first") are sliced,
+        # not gathered
+        same = _identity_prefix(c) if c is not None else 0
+        same_rows = _identity_prefix(r) if r is not None else n_rows
+        for i in range(0, n_rows, step):
+            j = min(i + step, n_rows)
+            block = out[i:j]
+            if c is None:
+                assert r is not None  # a Linear is next to at least one hidden layer
+                if j <= same_rows:
+                    block.copy_(w[i:j])
                 else:
-                    out = (out.to(torch.float64) * cols.coef.to(dev)).to(dt)
-                if cols.fan_out_offset is not None:
-                    out = (out.to(torch.float64) + cols.fan_out_offset.to(dev)).to(dt)
+                    torch.index_select(w, 0, r[i:j], out=block)
+            else:
+                src = w[i:j] if r is None or j <= same_rows else w.index_select(0, r[i:j])
+                if same == n_cols:
+                    block.copy_(src)
+                elif same:
+                    block[:, :same] = src[:, :same]
+                    block[:, same:] = src.index_select(1, c[same:])
+                else:
+                    torch.index_select(src, 1, c, out=block)
+            if col_factor is not None:
+                block.mul_(col_factor if col_factor.dim() == 1 else col_factor[i:j])
+            if offset is not None:
+                block.add_(offset[i:j])
+            if row_factor is not None:
+                block.mul_(row_factor[i:j, None])
+        if mode == "param":
             if rows is not None and bool(rows.null_mask.any()):
                 null = rows.null_mask.to(dev)
                 if rows.null_fan_in is not None:
@@ -534,9 +584,6 @@ class Embedding:
                 else:
                     out[null] = 0
         else:
-            if row_scale is not None:
-                s = row_scale if mode == "grad" else row_scale**2
-                out = (out.to(torch.float64) * s.to(dev)[:, None]).to(dt)
             if cols is not None and bool(cols.null_mask.any()):
                 null = cols.null_mask.to(dev)
                 nv = cols.null_value.to(dev)[null]

@@ -423,7 +423,7 @@ def _plan_split(
     sources, coefs, nbs = [], [], []
     for l, (m, w) in enumerate(zip(current, widths)):
         k = w - m
-        coef = torch.ones(w, dtype=torch.float64)
+        coef = [1.0] * w  # Python floats: the same float64 arithmetic, without per-op overhead
         if kway is not None:
             if k % (len(kway) - 1):
                 raise ValueError(
@@ -436,7 +436,7 @@ def _plan_split(
             extra = [s for s in chosen for _ in range(len(kway) - 1)]
             src = _identity_plus(m, extra)
             for g, s in enumerate(chosen):
-                share = coef[s].clone()  # a neuron chosen again splits its current share
+                share = coef[s]  # a neuron chosen again splits its current share
                 coef[s] = share * kway[0]
                 for t in range(len(kway) - 1):
                     coef[m + g * (len(kway) - 1) + t] = kway[t + 1] * share
@@ -447,13 +447,13 @@ def _plan_split(
                 _rand(k, generator)
                 if isinstance(alpha, str)
                 else torch.full((k,), float(alpha), dtype=torch.float64)  # type: ignore[arg-type]
-            )
+            ).tolist()
             for t, s in enumerate(chosen):
-                share = coef[s].clone()
+                share = coef[s]
                 coef[m + t] = alphas[t] * share
                 coef[s] = (1 - alphas[t]) * share
         sources.append(src)
-        coefs.append(coef)
+        coefs.append(torch.tensor(coef, dtype=torch.float64))
         nbs.append(torch.zeros(w, dtype=torch.float64))
     return _finish(module, layout, sources, coefs, nbs)
 
