@@ -70,13 +70,16 @@ class Config:
     batch: int = 64
     seeds: tuple[int, ...] = (0, 1, 2)
     optimizers: tuple[str, ...] = ("adam", "sgd")
+    adam_lr: float = 3e-3
+    adam_beta2: float = 0.999
+    sgd_lr: float = 0.05
 
 
-def make_optimizer(name: str, params) -> torch.optim.Optimizer:
+def make_optimizer(name: str, params, cfg: Config) -> torch.optim.Optimizer:
     if name == "adam":
-        return torch.optim.Adam(params, lr=3e-3)
+        return torch.optim.Adam(params, lr=cfg.adam_lr, betas=(0.9, cfg.adam_beta2))
     if name == "sgd":
-        return torch.optim.SGD(params, lr=0.05, momentum=0.9)
+        return torch.optim.SGD(params, lr=cfg.sgd_lr, momentum=0.9)
     raise ValueError(f"unknown optimizer {name!r}")
 
 
@@ -118,7 +121,7 @@ def train(
 ) -> Run:
     xtr, ytr, xte, yte = data
     net = make_mlp(width, seed)
-    opt = make_optimizer(opt_name, net.parameters())
+    opt = make_optimizer(opt_name, net.parameters(), cfg)
     batches = torch.Generator().manual_seed(1000 + seed)
     loss_fn = nn.CrossEntropyLoss()
     total = cfg.pre_steps + cfg.post_steps
@@ -137,7 +140,7 @@ def train(
                 mapped = None if reset else opt
                 torch_embed.widen(net, [cfg.wide], widen_with, optimizer=mapped, generator=gen)
             if reset:
-                opt = make_optimizer(opt_name, net.parameters())
+                opt = make_optimizer(opt_name, net.parameters(), cfg)
             run.at_widen = full_loss()
         # every EVAL-th step, and every step just after widening (NaN elsewhere)
         dense = p <= step <= p + WINDOW
@@ -247,26 +250,65 @@ def mapped_vs_reset(summaries: dict[str, dict[str, dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
-def write_results(text: str) -> None:
+def write_results(block: str, title: str) -> None:
+    """Put ``block`` under ``### title`` in this benchmark's section of RESULTS.md.
+
+    The section holds one block per command line: a block for the same command is
+    replaced, a new one appended; other sections (other benchmarks) are kept as they are.
+    """
+    import fcntl  # several runs may finish at once: serialise the read-modify-write
+    import tempfile
+
+    with open(Path(tempfile.gettempdir()) / "torch_embed_results.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _write_block(block, title)
+
+
+def _write_block(block: str, title: str) -> None:
     old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    head = f"### {title}\n"
+    block = head + "\n" + block.strip("\n") + "\n"
     start = old.find(SECTION + "\n")
     if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
+        RESULTS.write_text(old.rstrip("\n") + "\n\n" + SECTION + "\n\n" + block)
+        return
+    end = old.find("\n## ", start + len(SECTION))
+    end = len(old) if end < 0 else end + 1
+    section, rest = old[start:end], old[end:]
+    at = section.find(head)
+    if at >= 0:
+        stop = section.find("\n### ", at + len(head))
+        stop = len(section) if stop < 0 else stop + 1
+        section = section[:at] + block + ("\n" if stop < len(section) else "") + section[stop:]
     else:
-        nxt = old.find("\n## ", start + len(SECTION))
-        tail = old[nxt + 1 :] if nxt >= 0 else ""
-        new = old[:start] + text.rstrip("\n") + "\n" + ("\n" + tail if tail else "")
-    RESULTS.write_text(new)
+        section = section.rstrip("\n") + "\n\n" + block
+    section = section.rstrip("\n") + "\n"
+    RESULTS.write_text(old[:start] + section + ("\n" + rest if rest else ""))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, shorter, Adam only")
     parser.add_argument("--write", action="store_true", help=f"update {RESULTS.name}")
+    parser.add_argument("--pre-steps", type=int, help="steps before widening")
+    parser.add_argument("--post-steps", type=int, help="steps after widening")
+    parser.add_argument("--seeds", type=int, nargs="+", help="seeds to average over")
+    parser.add_argument("--optimizers", nargs="+", choices=["adam", "sgd"])
+    parser.add_argument("--adam-lr", type=float, help="Adam learning rate (3e-3)")
+    parser.add_argument("--adam-beta2", type=float, help="Adam beta2 (0.999)")
+    parser.add_argument("--sgd-lr", type=float, help="SGD learning rate (0.05)")
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     cfg = Config()
     if args.quick:
         cfg = Config(pre_steps=100, post_steps=200, seeds=(0,), optimizers=("adam",))
+    for field in ("pre_steps", "post_steps", "adam_lr", "adam_beta2", "sgd_lr"):
+        if getattr(args, field) is not None:
+            setattr(cfg, field, getattr(args, field))
+    if args.seeds:
+        cfg.seeds = tuple(args.seeds)
+    if args.optimizers:
+        cfg.optimizers = tuple(args.optimizers)
     torch.set_num_threads(1)
     data = load_data()
     t0, c0 = time.perf_counter(), time.process_time()
@@ -279,11 +321,13 @@ def main(argv: list[str] | None = None) -> None:
     print(verdict, "\n")
     tables.append(verdict)
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
-    cmd = "python bench/warmstart.py" + (" --quick" if args.quick else "")
-    opts = {"adam": "Adam lr 3e-3", "sgd": "SGD lr 0.05 momentum 0.9"}
+    cmd = " ".join(["python bench/warmstart.py", *(a for a in argv if a != "--write")])
+    opts = {
+        "adam": f"Adam lr {cfg.adam_lr:g} betas (0.9, {cfg.adam_beta2:g})",
+        "sgd": f"SGD lr {cfg.sgd_lr:g} momentum 0.9",
+    }
     header = (
-        f"{SECTION}\n\n"
-        f"Command: `{cmd} --write` ({elapsed:.0f} s wall, {cpu:.0f} s CPU; torch "
+        f"Command: `{cmd.rstrip()} --write` ({elapsed:.0f} s wall, {cpu:.0f} s CPU; torch "
         f"{torch.__version__}, {platform.machine()}, 1 thread). Digits (sklearn, "
         f"1437 train / 360 test), "
         f"64 -> {cfg.narrow} -> 10 tanh MLP, cross-entropy, batch {cfg.batch}; widened to "
@@ -296,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     text = header + "\n" + "\n\n".join(tables) + "\n"
     print(f"elapsed {elapsed:.1f} s wall, {cpu:.1f} s CPU")
     if args.write:
-        write_results(text)
+        write_results(text, f"`{cmd.rstrip()}`")
         print(f"updated {RESULTS}")
 
 
