@@ -1,0 +1,116 @@
+"""check_embedding: the before/after report, against brute-force eigen-solves."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from torch_embed.report import EmbeddingReport, check_embedding
+from torch_embed.schemes import Net2Net, Null, Split
+from torch_embed.widen import widen
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def brute_eigenvalues(model, loss_fn, x, y):
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+
+    def f(theta):
+        state, i = {}, 0
+        for n, s in zip(names, shapes):
+            k = math.prod(s)
+            state[n] = theta[i : i + k].view(s)
+            i += k
+        return loss_fn(functional_call(model, state, (x,)), y)
+
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    return torch.linalg.eigvalsh(torch.autograd.functional.hessian(f, theta))
+
+
+def counts(ev, tol):
+    return (int((ev < -tol).sum()), int((ev.abs() <= tol).sum()), int((ev > tol).sum()))
+
+
+@pytest.fixture(scope="module")
+def critical_net():
+    """A tanh net whose parameters are an exact critical point of the MSE on (x, y).
+
+    The residual r = f(x) - y is chosen in ker Jᵀ (J = ∂f/∂θ), so ∇R = (2/N) Jᵀ r = 0.
+    """
+    g = torch.Generator().manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=F64))
+    x = torch.randn(30, 2, generator=g, dtype=F64)
+    params = {n: p.detach() for n, p in net.named_parameters()}
+    jac = torch.autograd.functional.jacobian(
+        lambda *ps: functional_call(net, dict(zip(params, ps)), (x,)), tuple(params.values())
+    )
+    J = torch.cat([j.reshape(60, -1) for j in jac], 1)
+    q, _ = torch.linalg.qr(J)
+    z = torch.randn(60, generator=g, dtype=F64)
+    r = z - q @ (q.T @ z)
+    with torch.no_grad():
+        y = net(x) - 0.4 * r.view(30, 2) * math.sqrt(60) / r.norm()
+    return net, x, y
+
+
+@pytest.mark.parametrize("scheme", [Split(alpha=0.5), Split(alpha=1.8), Null(bias=0.5)])
+def test_report_matches_brute_force(critical_net, scheme):
+    net, x, y = critical_net
+    wide = copy.deepcopy(net)
+    emb = widen(wide, [5], scheme, generator=torch.Generator().manual_seed(0))
+    rep = check_embedding(net, wide, emb, nn.MSELoss(), x, y)
+    assert isinstance(rep, EmbeddingReport)
+    assert rep.output_max_abs_diff <= 1e-13
+    assert rep.grad_norm_before <= 1e-12 and rep.grad_norm_after <= 1e-12
+    ev_n = brute_eigenvalues(net, nn.MSELoss(), x, y)
+    ev_w = brute_eigenvalues(wide, nn.MSELoss(), x, y)
+    assert rep.before.as_tuple() == counts(ev_n, rep.before.tol)
+    assert rep.after is not None and rep.after.as_tuple() == counts(ev_w, rep.after.tol)
+    assert rep.change.tol == rep.after.tol
+    assert rep.predicted.as_tuple() == rep.after.as_tuple() and rep.matches is True
+    assert rep.nondecreasing == (True, True, True)
+    assert rep.after.zero > rep.before.zero  # at a critical point each new neuron adds zeros
+    assert rep.time_after is not None and rep.speedup is not None and rep.speedup > 0
+    text = str(rep)
+    for piece in ("before (full)", "after (full)", "before + change", "prediction matches: yes"):
+        assert piece in text
+    assert f"{rep.after.negative:>9}{rep.after.zero:>6}{rep.after.positive:>10}" in text
+
+
+def test_report_without_full_recount(critical_net):
+    net, x, y = critical_net
+    wide = copy.deepcopy(net)
+    emb = widen(wide, [4], Split(alpha=0.5, select=[1]))
+    rep = check_embedding(net, wide, emb, nn.MSELoss(), x, y, full=False)
+    assert rep.after is None and rep.time_after is None and rep.matches is None
+    assert rep.speedup is None
+    ev_w = brute_eigenvalues(wide, nn.MSELoss(), x, y)
+    assert rep.predicted.as_tuple() == counts(ev_w, rep.change.tol)
+    assert "prediction matches: —" in str(rep)
+    fixed = check_embedding(net, wide, emb, nn.MSELoss(), x, y, tol=1e-9)
+    assert fixed.before.tol == fixed.after.tol == fixed.change.tol == 1e-9
+
+
+def test_report_refuses_a_non_critical_embedding(critical_net):
+    net, x, y = critical_net
+    wide = copy.deepcopy(net)
+    emb = widen(wide, [5], Net2Net(noise=0.3), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="only defined for critical embeddings"):
+        check_embedding(net, wide, emb, nn.MSELoss(), x, y)

@@ -1,0 +1,208 @@
+"""A before/after report of one widening: function, gradient and Hessian inertia.
+
+:func:`check_embedding` compares the narrow and the widened model on a batch: the
+largest output difference, the gradient norms, the full Hessian inertia before, the
+full inertia after (optional: it costs ``O(P³)``) and the inertia after predicted as
+``before + inertia_change`` (cheap, :mod:`torch_embed.inertia_change`), with the time
+each took, whether every count was non-decreasing (JML 2022 Thm 6.2) and whether the
+prediction matches the full recount.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from torch_embed.embedding import Embedding
+from torch_embed.hessian import gradient
+from torch_embed.inertia import Inertia, hessian_inertia
+from torch_embed.inertia_change import inertia_change
+
+__all__ = ["EmbeddingReport", "check_embedding"]
+
+LossFn = Callable[[Any, Any], Tensor]
+
+
+@dataclass(frozen=True)
+class EmbeddingReport:
+    """What one widening did to the function, the gradient and the Hessian inertia.
+
+    Attributes:
+        output_max_abs_diff: ``max |f_wide(x) - f_narrow(x)|`` over the batch, in the
+            models' own dtype (a few ulps for a function-preserving embedding).
+        grad_norm_before: ``|∇R|`` of the narrow model (float64).
+        grad_norm_after: ``|∇R|`` of the wide model (float64).
+        before: Full Hessian inertia of the narrow model.
+        after: Full Hessian inertia of the wide model (``None`` if ``full=False``).
+        change: The structured change, :func:`~torch_embed.inertia_change.inertia_change`.
+        predicted: ``before + change``: the inertia after, without the wide Hessian.
+        time_before: Seconds for ``before``.
+        time_after: Seconds for ``after`` (``None`` if not computed).
+        time_change: Seconds for ``change``.
+        nondecreasing: ``(negative, zero, positive)``: whether each count did not
+            decrease (compared on ``after`` if computed, else on ``predicted``).
+        matches: ``predicted`` equals ``after`` in all three counts (``None`` without
+            ``after``).
+        description: The embedding, e.g. ``Embedding(hidden widths 3→5, kind=critical)``.
+    """
+
+    output_max_abs_diff: float
+    grad_norm_before: float
+    grad_norm_after: float
+    before: Inertia
+    after: Inertia | None
+    change: Inertia
+    predicted: Inertia
+    time_before: float
+    time_after: float | None
+    time_change: float
+    nondecreasing: tuple[bool, bool, bool]
+    matches: bool | None
+    description: str = ""
+
+    @property
+    def speedup(self) -> float | None:
+        """``time_after / time_change``: how much faster the structured count was."""
+        if self.time_after is None or self.time_change <= 0:
+            return None
+        return self.time_after / self.time_change
+
+    def __str__(self) -> str:
+        """A small table; see :func:`check_embedding` for an example."""
+
+        def row(label: str, inert: Inertia | None, secs: float | None) -> str:
+            if inert is None:
+                return f"{label:<17}{'—':>9}{'—':>6}{'—':>10}"
+            t = f"{secs:9.3g} s" if secs is not None else ""
+            flag = " (ambiguous)" if inert.ambiguous else ""
+            return (
+                f"{label:<17}{inert.negative:>9}{inert.zero:>6}{inert.positive:>10}"
+                f"{inert.tol:>10.2g}{t}{flag}"
+            )
+
+        yes = {True: "yes", False: "NO", None: "—"}
+        lines = [
+            self.description or "EmbeddingReport",
+            f"{'':<17}{'negative':>9}{'zero':>6}{'positive':>10}{'tol':>10}{'time':>11}",
+            row("before (full)", self.before, self.time_before),
+            row("after (full)", self.after, self.time_after),
+            row("before + change", self.predicted, self.time_change),
+            f"{'non-decreasing':<17}"
+            + "".join(f"{yes[v]:>{w}}" for v, w in zip(self.nondecreasing, (9, 6, 10))),
+            f"output max |Δ| = {self.output_max_abs_diff:.2g}; |∇R| before "
+            f"{self.grad_norm_before:.2g}, after {self.grad_norm_after:.2g}; "
+            f"prediction matches: {yes[self.matches]}"
+            + (f"; {self.speedup:.0f}x faster" if self.speedup is not None else ""),
+        ]
+        return "\n".join(lines)
+
+
+def _timed(fn: Callable[[], Inertia]) -> tuple[Inertia, float]:
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def check_embedding(
+    narrow_model: nn.Module,
+    wide_model: nn.Module,
+    embedding: Embedding,
+    loss_fn: LossFn,
+    inputs: Tensor,
+    targets: Any,
+    *,
+    full: bool = True,
+    tol: float | None = None,
+) -> EmbeddingReport:
+    """Compare a narrow model with its widened copy: function, gradient and inertia.
+
+    Args:
+        narrow_model: The model before widening (keep a ``copy.deepcopy``).
+        wide_model: The widened model, at the embedded point.
+        embedding: The critical embedding that maps one to the other.
+        loss_fn: ``loss_fn(output, targets) -> scalar``.
+        inputs: The batch (full batch: the loss is over exactly these samples).
+        targets: The targets.
+        full: Also recount the wide Hessian's inertia in full (``O(P³)``), to check
+            the prediction and to time it.
+        tol: One zero threshold for every count. Default: each full count uses its
+            own THEORY §9 default; the change uses the full wide count's tolerance
+            (or, with ``full=False``, its own estimate of it).
+
+    Returns:
+        An :class:`EmbeddingReport`; ``print(report)`` shows a small table.
+
+    Raises:
+        ValueError: The embedding is not critical, or the wide model is not its image.
+
+    Example:
+        >>> import copy
+        >>> import torch
+        >>> from torch import nn
+        >>> import torch_embed
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(1, 2), nn.Tanh(), nn.Linear(2, 1)).double()
+        >>> wide = copy.deepcopy(net)
+        >>> emb = torch_embed.widen(wide, [4], torch_embed.Split(alpha=0.5))
+        >>> x = torch.linspace(-2, 2, 16, dtype=torch.float64)[:, None]
+        >>> rep = check_embedding(net, wide, emb, nn.MSELoss(), x, torch.sin(x), tol=1e-9)
+        >>> rep.matches, rep.nondecreasing, rep.predicted.as_tuple()
+        (True, (True, True, True), (4, 0, 9))
+        >>> print(rep)  # doctest: +SKIP
+        Embedding(hidden widths 2→4, kind=critical)
+                          negative  zero  positive       tol       time
+        before (full)            2     0         5     1e-09   0.0433 s
+        after (full)             4     0         9     1e-09   0.0244 s
+        before + change          4     0         9     1e-09   0.0304 s
+        non-decreasing         yes   yes       yes
+        output max |Δ| = 2.8e-17; |∇R| before 0.71, after 0.92; prediction matches: yes; 1x faster
+
+        (Times vary; at this size the full recount is as cheap as the blocks. See
+        ``bench/inertia.py --part 3`` for P ≈ 4000.)
+    """
+    with torch.no_grad():
+        diff = (wide_model(inputs) - narrow_model(inputs)).abs()
+    out_diff = float(diff.max()) if diff.numel() else 0.0
+    g_before = float(gradient(narrow_model, loss_fn, inputs, targets).norm())
+    g_after = float(gradient(wide_model, loss_fn, inputs, targets).norm())
+    before, t_before = _timed(
+        lambda: hessian_inertia(narrow_model, loss_fn, inputs, targets, tol=tol)
+    )
+    after: Inertia | None = None
+    t_after: float | None = None
+    if full:
+        after, t_after = _timed(
+            lambda: hessian_inertia(wide_model, loss_fn, inputs, targets, tol=tol)
+        )
+    change_tol = tol if tol is not None else (after.tol if after is not None else None)
+    change, t_change = _timed(
+        lambda: inertia_change(embedding, wide_model, loss_fn, inputs, targets, tol=change_tol)
+    )
+    predicted = before + change
+    reference = after if after is not None else predicted
+    nondecreasing = (
+        reference.negative >= before.negative,
+        reference.zero >= before.zero,
+        reference.positive >= before.positive,
+    )
+    matches = None if after is None else after.as_tuple() == predicted.as_tuple()
+    return EmbeddingReport(
+        output_max_abs_diff=out_diff,
+        grad_norm_before=g_before,
+        grad_norm_after=g_after,
+        before=before,
+        after=after,
+        change=change,
+        predicted=predicted,
+        time_before=t_before,
+        time_after=t_after,
+        time_change=t_change,
+        nondecreasing=nondecreasing,
+        matches=matches,
+        description=repr(embedding),
+    )
