@@ -18,7 +18,16 @@ from torch import Tensor, nn
 
 from torch_embed.experiments.progress import Progress
 
-__all__ = ["BatchedMLP", "History", "batched_mse", "mlp", "small_init_", "threads", "train"]
+__all__ = [
+    "BatchedMLP",
+    "History",
+    "batched_mse",
+    "find_plateaus",
+    "mlp",
+    "small_init_",
+    "threads",
+    "train",
+]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -260,6 +269,7 @@ def train(
     record_every: int | None = None,
     label: str | None = None,
     history: History | None = None,
+    callback: Callable[[int, float], None] | None = None,
 ) -> History:
     """Train ``model`` full-batch in place with plain gradient descent or Adam.
 
@@ -275,6 +285,8 @@ def train(
             the loss after the last step is always recorded.
         label: Text of the progress line (shown only if the run takes over 3 s).
         history: Continue this history (its step numbers go on from its last one).
+        callback: Called as ``callback(step, loss)`` at every recorded step (before the
+            update of that step), e.g. to snapshot the model.
 
     Returns:
         The :class:`History` (the one passed in, extended, if any).
@@ -308,6 +320,8 @@ def train(
                 if not (hist.steps and hist.steps[-1] == offset + step):
                     hist.steps.append(offset + step)
                     hist.losses.append(float(loss.detach()))
+                    if callback is not None:
+                        callback(offset + step, hist.losses[-1])
                 bar.update(step, f"loss {hist.losses[-1]:.3e}")
             if step == steps:
                 break
@@ -315,3 +329,50 @@ def train(
             opt.step()
     hist.seconds += time.perf_counter() - start
     return hist
+
+
+def find_plateaus(
+    steps: Sequence[int],
+    losses: Sequence[float],
+    *,
+    rel: float = 0.01,
+    fraction: float = 0.3,
+    start: int = 1,
+) -> list[tuple[int, int]]:
+    """Plateaus of a loss curve: long stretches where the loss hardly moves.
+
+    A plateau is a maximal stretch of recorded points ``i..j`` whose losses stay within
+    a factor ``1 + rel`` of each other and that lasts at least ``fraction`` of the
+    training time elapsed at its end (``steps[j] - steps[i] >= fraction * steps[j]``),
+    so it is visible as a flat segment on a log-step axis. Found greedily from the
+    start; points before step ``start`` are ignored.
+
+    Returns:
+        ``(i, j)`` index pairs into ``steps``, in order.
+
+    Example:
+        >>> steps = list(range(0, 1001, 50))
+        >>> losses = [1.0] + [0.5] * 8 + [0.1] * 12
+        >>> [(steps[i], steps[j]) for i, j in find_plateaus(steps, losses)]
+        [(50, 400), (450, 1000)]
+    """
+    found: list[tuple[int, int]] = []
+    n = len(steps)
+    i = 0
+    while i < n:
+        if steps[i] < start:
+            i += 1
+            continue
+        lo = hi = losses[i]
+        j = i
+        while j + 1 < n:
+            nlo, nhi = min(lo, losses[j + 1]), max(hi, losses[j + 1])
+            if nhi > (1 + rel) * nlo:
+                break
+            lo, hi, j = nlo, nhi, j + 1
+        if j > i and steps[j] - steps[i] >= fraction * steps[j]:
+            found.append((i, j))
+            i = j + 1
+        else:
+            i += 1
+    return found
