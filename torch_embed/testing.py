@@ -7,16 +7,12 @@ and ``atol`` must be given together or not at all; ``msg`` replaces the generate
 message (a string) or edits it (a callable that receives the generated message). Every
 helper sets ``__tracebackhide__`` so pytest points at the calling test, not here.
 
-=================================  ==================================================
-helper                             checks
-=================================  ==================================================
-:func:`assert_function_preserved`  ``widened(x)`` equals ``reference(x)`` (default: to
-                                   a rigorous floating-point error bound)
-:func:`assert_gradients_mapped`    ``∇R_wide = B ∇R_narrow``, parameter by parameter
-:func:`assert_critical`            ``|∇R| <= gtol``
-:func:`assert_inertia_nondecreasing`  no Hessian inertia count went down
-:func:`assert_embedding_nondecreasing`  computes both inertias, then the above
-=================================  ==================================================
+* :func:`assert_function_preserved`: ``widened(x)`` equals ``reference(x)`` (by
+  default to a rigorous floating-point error bound);
+* :func:`assert_gradients_mapped`: ``∇R_wide = B ∇R_narrow``, parameter by parameter;
+* :func:`assert_critical`: ``‖∇R‖₂ <= gtol``;
+* :func:`assert_inertia_nondecreasing`: no Hessian inertia count went down;
+* :func:`assert_embedding_nondecreasing`: computes both inertias, then the above.
 
 A pytest plugin with fixtures for such tests (a seeded generator, an MLP factory, a
 ``float64`` default dtype, small regression sets) ships as
