@@ -25,18 +25,26 @@ embeddings; for them ``"auto"``/``"hvp"`` take any basis ``C`` of ``ker Bᵀ`` (
 gives ``AᵀH C = H_narrow BᵀC = 0`` because ``H_wide A = B H_narrow``). That route builds
 ``B`` densely and costs ``O(P_wide²·P_narrow)``: it is meant for small networks.
 
-Numerical limits. The counts are exact in exact arithmetic; in floating point each
-block's eigenvalues are compared with one tolerance ``tol``, the one the full wide
-Hessian's inertia would use (THEORY §9: ``max(P·eps·‖H‖, c·|∇R|)``, with ``‖H‖``
-estimated by a few Lanczos-free power iterations of Hessian-vector products, unless the
-caller passes ``tol``). The blocks are computed with orthonormal complement directions,
-so their eigenvalues are Rayleigh quotients of ``H_wide`` on the same scale as its
-eigenvalues. Zero counts mean something only at a polished critical point
-(``|∇R| ~ 1e-12``); away from one, near-zero eigenvalues smear to ``±O(|∇R|)`` and the
-result's ``ambiguous`` flag says when a gap around ``tol`` is too small to trust.
-Signals are computed in float64 at the embedded point recovered from the model
-(``embedding.restrict``) and pushed through the steps; for a float32 model that point
-differs from the model's own parameters by float32 rounding.
+Numerical limits:
+
+* Signs are exact (Sylvester), but the zero count depends on a threshold ``tol``. Each
+  block's eigenvalues are compared with the tolerance the full wide count would use
+  (THEORY §9: ``max(P·eps·‖H‖, c·|∇R|)``, ``‖H‖`` estimated by at most 20 power
+  iterations of Hessian-vector products on the wide model), unless the caller passes
+  ``tol`` (e.g. the "before" count's, which also skips the estimate).
+* The blocks use orthonormal complement directions (their eigenvalues are Rayleigh
+  quotients of ``H_wide``, on its scale), but ``T = [A C]`` is not orthogonal: by
+  Ostrowski's theorem the k-th eigenvalue of ``diag(H_narrow, D)`` is that of ``H_wide``
+  times a factor in ``[σ_min(T)², σ_max(T)²]`` (``O(1)`` for ``α`` in ``[0, 1]``, growing
+  like ``α²`` for a large signed split). So counts agree with a full recount whenever
+  no eigenvalue lies within such a factor of ``tol``; the result's ``gap`` and
+  ``ambiguous`` (from the blocks) and the full count's own gap say when that is in doubt.
+* Zero counts mean something only at a polished critical point (``|∇R| ~ 1e-12``):
+  away from one, structural zeros smear to ``±O(|∇R|)`` and the default tolerance
+  ``10·|∇R|`` then swallows small genuine eigenvalues as well.
+* Signals are computed in float64 at the embedded point recovered from the model
+  (``embedding.restrict``) and pushed through the steps; for a float32 model that
+  point differs from the model's own parameters by float32 rounding.
 """
 
 from __future__ import annotations
