@@ -104,6 +104,8 @@ class DemoResult:
         schemes: One :class:`SchemeResult` per scheme.
         figure: The PNG written (``None`` without matplotlib).
         seconds: Total wall-clock time.
+        narrow_state: The polished narrow network's ``state_dict`` (to rebuild it with
+            ``mlp([1, 2, 1])`` and check the numbers independently).
     """
 
     settings: dict[str, Any]
@@ -115,6 +117,7 @@ class DemoResult:
     schemes: list[SchemeResult] = field(default_factory=list)
     figure: Path | None = None
     seconds: float = 0.0
+    narrow_state: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -389,6 +392,7 @@ def _run(*, out: Path, seed: int, device: str, quick: bool, stream: TextIO | Non
         before=before.as_tuple(),
         eigenvalues_before=eigenvalues(h).tolist(),
         tol_before=float(before.tol),
+        narrow_state={k: v.detach().clone() for k, v in narrow.state_dict().items()},
     )
     print(
         f"  trained {steps} steps to loss {hist.final:.4e}; polished ({polish.method}) to "
