@@ -1,10 +1,36 @@
-"""Landscape tools: strict-saddle certificates, escape by widening, condensation."""
+"""Landscape tools: strict-saddle certificates, escape by widening, condensation.
+
+Thin re-exports; the modules hold the documentation:
+:mod:`~torch_embed.landscape.saddles`, :mod:`~torch_embed.landscape.condense`,
+:mod:`~torch_embed.landscape.dimension`.
+"""
 
 from torch_embed.landscape.condense import CondenseResult, condense, effective_widths
+from torch_embed.landscape.dimension import critical_dimension, empirical_nullity
+from torch_embed.landscape.saddles import (
+    Certificate,
+    EscapeResult,
+    EscapeStep,
+    TrulyBadCondition,
+    escape,
+    saddle_certificates,
+    truly_bad_condition,
+)
 
 __all__ = [
+    # strict saddles and escape by widening
+    "Certificate",
     # condensation, the inverse of widening
     "CondenseResult",
+    "EscapeResult",
+    "EscapeStep",
+    "TrulyBadCondition",
     "condense",
+    # dimension of embedded critical sets
+    "critical_dimension",
     "effective_widths",
+    "empirical_nullity",
+    "escape",
+    "saddle_certificates",
+    "truly_bad_condition",
 ]
