@@ -17,16 +17,16 @@ from torch_embed.landscape.saddles import (
     truly_bad_condition,
 )
 
+# saddles: Certificate, EscapeResult, EscapeStep, TrulyBadCondition, escape,
+#   saddle_certificates, truly_bad_condition; condense: CondenseResult, condense,
+#   effective_widths; dimension: critical_dimension, empirical_nullity.
 __all__ = [
-    # strict saddles and escape by widening
     "Certificate",
-    # condensation, the inverse of widening
     "CondenseResult",
     "EscapeResult",
     "EscapeStep",
     "TrulyBadCondition",
     "condense",
-    # dimension of embedded critical sets
     "critical_dimension",
     "effective_widths",
     "empirical_nullity",
