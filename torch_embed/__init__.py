@@ -4,37 +4,78 @@ The Embedding Principle (Zhang, Li, Zhang, Luo, Xu; NeurIPS 2021, J. Mach. Learn
 says the loss landscape of a wide network contains every critical point of every
 narrower one. torch_embed widens ``nn.Sequential`` MLPs in place by such embeddings,
 and computes Hessian inertia before and after, including its exact change.
+
+``torch_embed.testing`` (assertion helpers) and ``torch_embed.landscape`` are
+submodules; the most used landscape tools are also exported here.
 """
 
+from torch_embed import landscape, testing
 from torch_embed._sequential import register_elementwise
+from torch_embed.critical import CriticalPointResult, critical_point
 from torch_embed.embedding import Embedding, EmbeddingKind, LayerMap
-from torch_embed.exactness import forward_error_bound
+from torch_embed.exactness import forward_error_bound, unit_roundoff
+from torch_embed.hessian import HessianOperator, flat_loss, gradient, hessian, hvp
+from torch_embed.inertia import Inertia, default_tolerance, eigenvalues, hessian_inertia, inertia
+from torch_embed.inertia_change import complement_blocks, inertia_change
+from torch_embed.landscape import (
+    condense,
+    critical_dimension,
+    effective_widths,
+    empirical_nullity,
+    escape,
+    saddle_certificates,
+    truly_bad_condition,
+)
 from torch_embed.optim_state import SUPPORTED_OPTIMIZERS, map_optimizer_state
+from torch_embed.report import EmbeddingReport, check_embedding
 from torch_embed.schemes import General, Net2Net, Null, RandomPad, Scheme, Split, plan
 from torch_embed.widen import embed_, widen
 
 __version__ = "0.1.0"
 
+# Sorted (ruff RUF022); the README's table groups the same names by task.
 __all__ = [
     "SUPPORTED_OPTIMIZERS",
-    # the embedding as data
+    "CriticalPointResult",
     "Embedding",
     "EmbeddingKind",
+    "EmbeddingReport",
     "General",
+    "HessianOperator",
+    "Inertia",
     "LayerMap",
     "Net2Net",
     "Null",
     "RandomPad",
     "Scheme",
-    # schemes
     "Split",
     "__version__",
+    "check_embedding",
+    "complement_blocks",
+    "condense",
+    "critical_dimension",
+    "critical_point",
+    "default_tolerance",
+    "effective_widths",
+    "eigenvalues",
     "embed_",
-    # exactness
+    "empirical_nullity",
+    "escape",
+    "flat_loss",
     "forward_error_bound",
+    "gradient",
+    "hessian",
+    "hessian_inertia",
+    "hvp",
+    "inertia",
+    "inertia_change",
+    "landscape",
     "map_optimizer_state",
     "plan",
     "register_elementwise",
-    # widening
+    "saddle_certificates",
+    "testing",
+    "truly_bad_condition",
+    "unit_roundoff",
     "widen",
 ]

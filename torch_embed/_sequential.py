@@ -215,6 +215,14 @@ def read_sequential(module: nn.Module) -> Layout:
             two Linear layers, mismatched features, a module or parameter that appears
             twice, a parametrized or lazy module, BatchNorm1d not right after a Linear).
     """
+    if not isinstance(module, nn.Sequential) and isinstance(
+        getattr(module, "_orig_mod", None), nn.Sequential
+    ):
+        raise TypeError(
+            f"widen got a {type(module).__name__} (a torch.compile wrapper); pass the "
+            f"underlying module `compiled._orig_mod` (the compiled wrapper recompiles on "
+            f"the next call)"
+        )
     if not isinstance(module, nn.Sequential):
         raise TypeError(
             f"widen expects an nn.Sequential of Linear layers and element-wise modules, "
