@@ -57,6 +57,28 @@ def _in_dtype(factor: Tensor, dtype: torch.dtype) -> Tensor:
     return low if bool((low.to(factor.dtype) == factor).all()) else factor
 
 
+def _put(dst: Tensor, src: Tensor, factor: Tensor | None) -> None:
+    """``dst = src * factor`` in one pass (computed in the wider dtype, rounded once)."""
+    if factor is None:
+        dst.copy_(src)
+    else:
+        torch.mul(src, factor, out=dst)
+
+
+def _scratch(buf: Tensor, rows: int, cols: int) -> Tensor:
+    """A ``(rows, cols)`` scratch tensor: ``buf`` itself once it has been allocated."""
+    if tuple(buf.shape) != (rows, cols):
+        buf = torch.empty(rows, cols, dtype=buf.dtype, device=buf.device)
+    return buf
+
+
+def _columns(factor: Tensor | None, cols: slice) -> Tensor | None:
+    """The part of a block factor that applies to the columns ``cols``."""
+    if factor is None or (factor.dim() == 2 and factor.shape[1] == 1):
+        return factor  # none, or one factor per row
+    return factor[cols] if factor.dim() == 1 else factor[:, cols]
+
+
 def _identity_prefix(index: Tensor) -> int:
     """Length of the longest prefix of ``index`` equal to ``0, 1, 2, ...``."""
     ok = index == torch.arange(index.numel(), device=index.device)
@@ -547,35 +569,52 @@ class Embedding:
         out = torch.empty(n_rows, n_cols, dtype=dt, device=dev)
         # one gather into the final allocation, by row blocks so temporaries stay small
         block_size = _BLOCK_CPU if dev.type == "cpu" else _BLOCK_DEVICE
-        step = max(1, block_size // max(n_cols, 1))
+        step = max(1, min(n_rows, block_size // max(n_cols, 1)))
         # rows and columns that stay in place (the usual "originals first") are sliced,
         # not gathered
         same = _identity_prefix(c) if c is not None else 0
         same_rows = _identity_prefix(r) if r is not None else n_rows
+        # scratch for gathered rows / columns, allocated once and reused by every block
+        row_buf = torch.empty(0, dtype=dt, device=dev)
+        col_buf = torch.empty(0, dtype=dt, device=dev)
         for i in range(0, n_rows, step):
             j = min(i + step, n_rows)
             block = out[i:j]
+            # the factor of this block (columns in "param" mode, rows otherwise)
+            fac = None
+            if col_factor is not None:
+                fac = col_factor if col_factor.dim() == 1 else col_factor[i:j]
+            elif row_factor is not None:
+                fac = row_factor[i:j, None]
             if c is None:
                 assert r is not None  # a Linear is next to at least one hidden layer
                 if j <= same_rows:
-                    block.copy_(w[i:j])
-                else:
+                    _put(block, w[i:j], fac)
+                elif fac is None:
                     torch.index_select(w, 0, r[i:j], out=block)
-            else:
-                src = w[i:j] if r is None or j <= same_rows else w.index_select(0, r[i:j])
-                if same == n_cols:
-                    block.copy_(src)
-                elif same:
-                    block[:, :same] = src[:, :same]
-                    block[:, same:] = src.index_select(1, c[same:])
                 else:
+                    row_buf = _scratch(row_buf, step, w.shape[1])
+                    _put(block, torch.index_select(w, 0, r[i:j], out=row_buf[: j - i]), fac)
+            else:
+                if r is None or j <= same_rows:
+                    src = w[i:j]
+                else:
+                    row_buf = _scratch(row_buf, step, w.shape[1])
+                    src = torch.index_select(w, 0, r[i:j], out=row_buf[: j - i])
+                if same == n_cols:
+                    _put(block, src, fac)
+                elif same:
+                    _put(block[:, :same], src[:, :same], _columns(fac, slice(0, same)))
+                    col_buf = _scratch(col_buf, step, n_cols - same)
+                    extra = torch.index_select(src, 1, c[same:], out=col_buf[: j - i])
+                    _put(block[:, same:], extra, _columns(fac, slice(same, None)))
+                elif fac is None:
                     torch.index_select(src, 1, c, out=block)
-            if col_factor is not None:
-                block.mul_(col_factor if col_factor.dim() == 1 else col_factor[i:j])
+                else:
+                    col_buf = _scratch(col_buf, step, n_cols)
+                    _put(block, torch.index_select(src, 1, c, out=col_buf[: j - i]), fac)
             if offset is not None:
                 block.add_(offset[i:j])
-            if row_factor is not None:
-                block.mul_(row_factor[i:j, None])
         if mode == "param":
             if rows is not None and bool(rows.null_mask.any()):
                 null = rows.null_mask.to(dev)
