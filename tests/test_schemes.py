@@ -577,3 +577,26 @@ def test_schemes_are_frozen_configs() -> None:
     assert s == Split(alpha=0.3, select="norm") and repr(s) == "Split(alpha=0.3, select='norm')"
     with pytest.raises(AttributeError):
         s.alpha = 0.5  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "scheme",
+    [Split(alpha=-0.3), Split(alpha=(0.2, 0.3, 0.5)), Null(bias=0.4), Net2Net()],
+    ids=["split_signed", "split_kway", "null", "net2net"],
+)
+def test_batchnorm_in_train_mode(scheme, gen) -> None:
+    """Batch statistics are per feature: copies share them, a null neuron's are (0, 0),
+    so the function, the gradient map and the running statistics all carry over."""
+    arch = Arch(3, (4, 5), 2, batchnorm=(True, True))
+    net = build_mlp(arch, seed=1).train()
+    emb = plan(net, [8, 9], scheme, generator=gen)
+    x, y = _data(arch)
+    wide = _wide(net, emb)
+    assert _map_error(copy.deepcopy(net), emb, x, y) <= 1e-12
+    with torch.no_grad():
+        yn, yw = net(x), wide(x)  # one train-mode step of the running statistics
+    torch.testing.assert_close(yw, yn, rtol=0, atol=1e-13)
+    src = emb.layers[0].source
+    copies = src >= 0
+    stats = wide[1].running_mean[copies], net[1].running_mean[src[copies]]
+    torch.testing.assert_close(*stats, rtol=0, atol=1e-15)
