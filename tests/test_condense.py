@@ -223,3 +223,24 @@ def test_float32_keeps_dtype_parameters_and_effective_widths_is_pure():
     assert wide[0].weight is weight and weight.dtype == torch.float32
     assert res.widths == (5,)
     torch.testing.assert_close(wide(x), y, rtol=0, atol=1e-6)
+
+
+def test_rows_equal_only_after_the_previous_layer_is_merged():
+    # matrix coefficients: the two copies of layer-1 neuron 0 distribute their weight
+    # differently over the copies of layer-0 neuron 0, so their rows differ until the
+    # layer-0 copies are merged (a second pass merges them)
+    torch.manual_seed(0)
+    net = _net([2, 2, 2, 1], seed=11)
+    x = _x(10, 2)
+    y = net(x).detach()
+    c0 = torch.tensor([[0.3, 1.0, 0.7], [0.5, 1.0, 0.5], [0.6, 1.0, 0.4]], dtype=torch.float64)
+    scheme = torch_embed.General(sources=[[0, 1, 0], [0, 1, 0]], coefficients=[c0, None])
+    wide = copy.deepcopy(net)
+    torch_embed.widen(wide, None, scheme)
+    res = condense(wide)
+    assert res.widths == (2, 2) and res.merged == 2
+    torch.testing.assert_close(wide(x), y, rtol=0, atol=1e-13)
+    _same_state(wide, net, atol=1e-13)
+    torch_embed.embed_(wide, res.embedding)  # the function comes back (weights: see docs)
+    assert wide[0].out_features == wide[2].out_features == 3
+    torch.testing.assert_close(wide(x), y, rtol=0, atol=1e-13)

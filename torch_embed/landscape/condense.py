@@ -31,10 +31,12 @@ neuron's fan-in row; fan-out columns are ``coef·column + offset``, with the off
 omitted when they are below tolerance, as for an exact split, so the embedding is then
 critical). A dropped neuron comes back as a null neuron with its original fan-in and
 bias; a folded constant comes back as a null neuron with zero fan-out, the constant
-staying in the next bias. For ``cos``-merges the original weights are not reachable by
-any compatible embedding (copies have equal fan-in rows), so the returned embedding
-reproduces the function, not the weights: copy ``j`` gets the kept row ``u`` and the
-fan-out column ``c_j·column_j``.
+staying in the next bias. Copies that were merged only after the previous layer was
+(rows that differ in how they spread over the copies of an earlier neuron) come back
+with the first copy's row: the same function, not the same weights. For ``cos``-merges
+the original weights are not reachable by any compatible embedding (copies have equal
+fan-in rows), so the returned embedding reproduces the function, not the weights: copy
+``j`` gets the kept row ``u`` and the fan-out column ``c_j·column_j``.
 """
 
 from __future__ import annotations
