@@ -167,18 +167,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 0 if demo.ok else 1
     from torch_embed.experiments import run_figure
-    from torch_embed.experiments.training import threads as num_threads
 
     names = _figures() if args.figure == "all" else [args.figure]
     ok = True
-    with num_threads(threads):
-        for name in names:
-            result = run_figure(
-                name, quick=args.quick, out=args.out, seed=args.seed, device=args.device
-            )
-            ok = ok and result.agrees
-            if len(names) > 1:
-                print()
+    for name in names:
+        result = run_figure(
+            name,
+            quick=args.quick,
+            out=args.out,
+            seed=args.seed,
+            device=args.device,
+            threads=threads,
+        )
+        ok = ok and result.agrees
+        if len(names) > 1:
+            print()
     return 1 if (args.check and not ok) else 0
 
 

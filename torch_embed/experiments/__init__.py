@@ -195,6 +195,7 @@ def run_figure(
     out: str | Path = ".",
     seed: int = 0,
     device: str = "cpu",
+    threads: int | None = 1,
     stream: TextIO | None = None,
 ) -> FigureResult:
     """Run one reproduction, write ``<out>/<name>.png`` and ``.json``, print the headline.
@@ -205,6 +206,8 @@ def run_figure(
         out: Output folder (created).
         seed: Base random seed.
         device: Torch device for training (Hessians are float64 on it).
+        threads: ``torch.set_num_threads`` during the run (restored after); the networks
+            are tiny and one thread is fastest. ``None`` keeps the current setting.
         stream: Where to print (default ``sys.stdout``); ``None`` output goes there.
 
     Returns:
@@ -216,8 +219,11 @@ def run_figure(
     runner: Callable[..., FigureResult] = module.run
     stream = sys.stdout if stream is None else stream
     out_dir = Path(out)
+    from torch_embed.experiments.training import threads as num_threads
+
     start = time.perf_counter()
-    result = runner(quick=quick, out=out_dir, seed=seed, device=device)
+    with num_threads(threads):
+        result = runner(quick=quick, out=out_dir, seed=seed, device=device)
     result.seconds = time.perf_counter() - start
     write_result(result, out_dir)
     print(format_headline(result), file=stream)

@@ -121,7 +121,7 @@ def run(*, quick: bool, out: Path, seed: int = 0, device: str = "cpu") -> Figure
     torch.manual_seed(seed)
     net = mlp([1, 2, 1], "tanh", device=dev)
     train(net, loss_fn, x, y, steps=steps, lr=0.02, label="fig3a: training width 2")
-    polish = critical_point(net, loss_fn, x, y)
+    polish = critical_point(net, loss_fn, x, y, gtol=1e-14)
     split_neuron = 0
     numbers: dict[str, Any] = {
         "widths": [2, 3, 4],

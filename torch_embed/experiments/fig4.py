@@ -157,8 +157,8 @@ def run(*, quick: bool, out: Path, seed: int = 0, device: str = "cpu") -> Figure
     """Train many runs per width, polish, cluster, label each class.
 
     Args:
-        quick: 8 runs per width, 4000 steps and Newton only (runs that do not converge
-            are left out) instead of 200 runs, 30 000 steps and an L-BFGS fallback.
+        quick: 8 runs per width and Newton only (runs that do not converge are left
+            out) instead of 200 runs and an L-BFGS fallback.
         out: Output folder for ``fig4.png``.
         seed: Seed of the initialisations.
         device: Torch device.
@@ -177,8 +177,8 @@ def run(*, quick: bool, out: Path, seed: int = 0, device: str = "cpu") -> Figure
     x, y = staircase(50, device=dev)
     grid = torch.linspace(-15.0, 15.0, 121, dtype=torch.float64, device=dev)[:, None]
     runs = 8 if quick else 200
-    steps = 2500 if quick else 30_000
-    newton = 15 if quick else 30
+    steps = 1500
+    newton = 20 if quick else 40
     loss_fn = nn.MSELoss()
     per = runs // len(METHODS)
     stds = torch.logspace(-3, 0, per, dtype=torch.float64).tolist()
@@ -264,9 +264,8 @@ def run(*, quick: bool, out: Path, seed: int = 0, device: str = "cpu") -> Figure
             "classes found at a larger width than their label",
             ">= 1 (narrow critical points reappear in wide nets)",
             f"{len(embedded)}: "
-            + ", ".join(
-                f"loss {c['loss']:.4g} (label {c['label']}, found at {c['widths']})"
-                for c in embedded
+            + "; ".join(
+                f"loss {c['loss']:.3g} from width {c['label']} at {c['widths']}" for c in embedded
             ),
             len(embedded) >= 1,
         ),
@@ -285,8 +284,7 @@ def run(*, quick: bool, out: Path, seed: int = 0, device: str = "cpu") -> Figure
         f"Adam reaches minima), init N(0, s²) with s log-spaced in [1e-3, 1]; Newton "
         f"polish kept {converged} of {tried} runs at |grad R| < {GTOL:g}",
         f"clusters: equal loss (relative {LOSS_RTOL:g}) and output within {OUTPUT_ATOL:g} "
-        f"on 121 grid points; the staircase is odd, so f(x) and -f(-x) are distinct "
-        f"classes of equal loss",
+        f"on 121 grid points",
         "label = narrowest of: widths a class was found at, effective widths of its "
         f"members (condense, atol {CONDENSE_ATOL:g}; tanh copies with opposite signs are "
         f"not merged by condense, so the first is often the smaller)",
