@@ -16,8 +16,9 @@ neuron every ``K = 200`` full-batch Adam steps, five times, then trains 500 more
   (an :class:`~torch_embed.Embedding` with ``null_fan_in``, GradMax's choice).
 
 Reported: final training loss and the number of steps to reach a target loss, each as
-a ratio to a width-10 student trained from scratch for the same 1500 steps (ratio < 1:
-better than scratch). Target = the scratch student's loss at step ``5K`` (when the
+a ratio to a width-10 student trained from scratch for the same 1500 steps, per seed
+(ratio < 1: better than scratch); final-loss ratios are averaged geometrically, since
+the losses span decades. Target = the scratch student's loss at step ``5K`` (when the
 growing students reach width 10).
 
 Usage::
@@ -219,7 +220,7 @@ def run_all(cfg: Config) -> str:
         summary = ", ".join(f"{k} {chose.count(k)}" for k in sorted(set(chose))) or ""
         lines.append(
             f"| {name} | {statistics.fmean(finals):.2e} ± {sd:.1e} | "
-            f"{statistics.fmean(r['rf'] for r in rs):.2f} | {fmt(mean_steps, 0)} | "
+            f"{statistics.geometric_mean(r['rf'] for r in rs):.2g} | {fmt(mean_steps, 0)} | "
             f"{fmt(mean_rs)} | {statistics.fmean(r['jump'] for r in rs):+.2e} | {summary} |"
         )
     return "\n".join(lines)
@@ -278,7 +279,8 @@ def main(argv: list[str] | None = None) -> None:
         f"neuron every {cfg.grow_every} full-batch Adam (lr {cfg.lr:g}) steps, {cfg.grows} "
         f"times, then {cfg.tail} more ({cfg.steps} steps); mean over seeds "
         f"{list(cfg.seeds)}. ÷ scratch: ratio to a width-{cfg.start + cfg.grows} student "
-        f"trained from scratch for {cfg.steps} steps (< 1 is better). Target = the scratch "
+        f"trained from scratch for {cfg.steps} steps, per seed, then averaged (geometric "
+        f"mean for the final loss, whose values span decades; < 1 is better). Target = the scratch "
         f"student's loss at step {cfg.grow_every * cfg.grows}. Δloss at growth: loss right "
         f"after minus right before growing (0 for exact embeddings; escape steps down).\n"
     )
