@@ -352,7 +352,7 @@ def _general_block(
     cols = []
     zero = {n: torch.zeros_like(narrow_state[n]) for n in names}
     for j in range(p_n):
-        e = torch.zeros(p_n, dtype=dtype)
+        e = torch.zeros(p_n, dtype=dtype, device=wide_state[names[0]].device)
         e[j] = 1.0
         chunks = torch.split(e, sizes)
         g = {**zero, **{n: c.view(narrow_state[n].shape) for n, c in zip(names, chunks)}}
