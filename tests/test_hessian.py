@@ -135,6 +135,20 @@ def test_train_mode_batchnorm_and_dropout_refused_unless_allowed() -> None:
     assert int(model[1].num_batches_tracked) == before[1]
 
 
+def test_train_mode_dropout_uses_one_mask_for_every_block() -> None:
+    torch.manual_seed(7)
+    drop = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Dropout(0.5), nn.Linear(6, 2)).double()
+    x, y = _data(3, 2, False)
+    torch.manual_seed(123)
+    h = hessian(drop, nn.MSELoss(), x, y, allow_train_mode=True)
+    torch.manual_seed(123)
+    ref, _ = _reference(drop, nn.MSELoss(), x, y)  # one forward pass: one mask
+    assert (h - ref).abs().max() <= 1e-10 * ref.abs().max()
+    torch.manual_seed(124)  # another mask gives another Hessian: the check has teeth
+    other, _ = _reference(drop, nn.MSELoss(), x, y)
+    assert (other - ref).abs().max() > 1e-3 * ref.abs().max()
+
+
 def test_no_double_backward_activation_refused_naming_layer() -> None:
     model = nn.Sequential(nn.Linear(2, 3), nn.Hardsigmoid(), nn.Linear(3, 1)).double()
     x, y = _data(2, 1, False)

@@ -36,6 +36,8 @@ SPECTRA = {
     "no-zeros": [-2.0, -1.0, 0.3, 4.0, 5.0],
     "all-zero": [0.0] * 6,
     "definite": [1.0, 2.0, 3.0, 1e-2],
+    "negative-and-zeros": [-1.0, -2.0, 0.0, 0.0, -5.0],
+    "positive-and-zeros": [1e-3, 0.0, 4.0],
 }
 
 

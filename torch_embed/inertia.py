@@ -284,16 +284,23 @@ def _lanczos_extremes(ld: Tensor, pivots: Tensor, steps: int) -> tuple[float, fl
     return float(theta[0]), float(theta[-1])
 
 
+def _shifted_ldl(mat: Tensor, shift: float) -> tuple[Tensor, Tensor]:
+    """Bunch-Kaufman ``LDLᵀ`` of ``mat + shift·I`` (LAPACK ``sytrf``; lower triangle)."""
+    shifted = mat.clone()
+    shifted.diagonal().add_(shift)
+    ld, pivots, _info = torch.linalg.ldl_factor_ex(shifted)  # info > 0: exact zero pivot, fine
+    return ld, pivots
+
+
 def _inertia_ldl(
     mat: Tensor, tol: float | None, grad_norm: float | None, src_dtype: torch.dtype, min_gap: float
 ) -> Inertia:
     n = mat.shape[0]
     if tol is None:
         tol = default_tolerance(_spectral_norm_estimate(mat), n, src_dtype, grad_norm)
-    eye = torch.eye(n, dtype=mat.dtype, device=mat.device)
-    ld_up, piv_up, _ = torch.linalg.ldl_factor_ex(mat - tol * eye)
+    ld_up, piv_up = _shifted_ldl(mat, -tol)
     _, pos = _block_signs(ld_up, piv_up)
-    ld_dn, piv_dn, _ = torch.linalg.ldl_factor_ex(mat + tol * eye)
+    ld_dn, piv_dn = _shifted_ldl(mat, tol)
     neg, _ = _block_signs(ld_dn, piv_dn)
     zero = n - neg - pos
     # Gap estimate: Lanczos on the shifted inverses finds the eigenvalues of H nearest
