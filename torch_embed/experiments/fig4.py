@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch_embed.experiments import FIGURES, FigureResult, Headline
 from torch_embed.experiments.training import BatchedMLP
 
-__all__ = ["run"]
+__all__ = ["CriticalPoint", "critical_points", "run"]
 
 WIDTHS = (1, 2, 3)
 GTOL = 1e-10
@@ -40,6 +40,7 @@ CONDENSE_ATOL = 1e-6
 
 METHODS: tuple[Literal["gd", "adam"], ...] = ("gd", "adam")
 LR = 0.02
+STEPS = 1500
 
 
 def _batch(per: int, stds: list[float], gen: torch.Generator, dev: torch.device) -> BatchedMLP:
@@ -66,7 +67,22 @@ def _batch(per: int, stds: list[float], gen: torch.Generator, dev: torch.device)
 
 
 @dataclass
-class _Point:
+class CriticalPoint:
+    """One polished critical point of a 1-m-1 tanh network on the staircase.
+
+    Attributes:
+        width: Hidden width ``m``.
+        method: ``"gd"`` or ``"adam"`` (how it was trained before polishing).
+        run: Index of the run among those of its width and method.
+        init_std: Standard deviation of its initialisation.
+        loss: Loss at the critical point.
+        grad_norm: ``|∇R|`` after polishing.
+        effective_width: Width left by :func:`~torch_embed.landscape.condense.condense`
+            with ``atol = 1e-6``.
+        output: The network's output at the evaluation points.
+        net: The polished network.
+    """
+
     width: int
     method: str
     run: int
@@ -74,12 +90,96 @@ class _Point:
     loss: float
     grad_norm: float
     effective_width: int
-    output: Tensor  # on the plotting grid
+    output: Tensor
+    net: nn.Sequential
 
 
-def _cluster(points: list[_Point]) -> list[list[_Point]]:
+def critical_points(
+    x: Tensor,
+    y: Tensor,
+    points: Tensor,
+    *,
+    runs: int,
+    newton: int,
+    fallback: bool,
+    seed: int,
+    label: str = "fig4",
+) -> tuple[list[CriticalPoint], dict[int, int]]:
+    """Train ``runs`` tanh nets of each width 1, 2, 3 and polish them to critical points.
+
+    Half the runs of each width use full-batch gradient descent (which stalls on the
+    plateaus of narrower networks), half Adam (which reaches minima), both with lr
+    0.02 for 1500 steps, from ``N(0, s²)`` with ``s`` log-spaced in ``[1e-3, 1]``. Each
+    is polished with Newton steps (``critical_point(max_iter=0)``), and with ``fallback``
+    also with L-BFGS when Newton alone does not converge; runs above
+    ``|∇R| = 1e-10`` are left out.
+
+    Args:
+        x: Training inputs.
+        y: Training targets.
+        points: Where to evaluate each critical point's output.
+        runs: Runs per width (split evenly between GD and Adam).
+        newton: Maximum Newton iterations.
+        fallback: Retry with L-BFGS first when Newton alone does not converge.
+        seed: Seed of the initialisations.
+        label: Prefix of the progress lines.
+
+    Returns:
+        The converged critical points and the number of runs tried per width.
+    """
+    from torch_embed.critical import critical_point
+    from torch_embed.experiments.progress import Progress
+    from torch_embed.experiments.training import batched_mse, mlp, train
+    from torch_embed.landscape.condense import effective_widths
+
+    dev = x.device
+    loss_fn = nn.MSELoss()
+    per = max(1, runs // len(METHODS))
+    stds = torch.logspace(-3, 0, per, dtype=torch.float64).tolist()
+    trained: list[tuple[int, str, int, nn.Sequential]] = []
+    for m, method in enumerate(METHODS):
+        gen = torch.Generator().manual_seed(seed * 100 + m)
+        nets = _batch(per, stds, gen, dev)
+        train(
+            nets, batched_mse, x, y, steps=STEPS, lr=LR, method=method, label=f"{label}: {method}"
+        )
+        for j, wide in enumerate(nets.unbatch()):
+            w = WIDTHS[j // per]
+            state = wide.state_dict()
+            net = mlp([1, w, 1], "tanh", device=dev)
+            net.load_state_dict(
+                {
+                    "0.weight": state["0.weight"][:w],
+                    "0.bias": state["0.bias"][:w],
+                    "2.weight": state["2.weight"][:, :w],
+                    "2.bias": state["2.bias"],
+                }
+            )
+            trained.append((w, method, j % per, net))
+    found: list[CriticalPoint] = []
+    tried = {w: sum(t[0] == w for t in trained) for w in WIDTHS}
+    with Progress(f"{label}: polishing", len(trained)) as bar:
+        for i, (w, how, k, net) in enumerate(trained):
+            # Newton: the nearest critical point (e.g. the saddle a plateau sits on);
+            # runs caught mid-descent do not converge and are left out, as in the paper.
+            res = critical_point(net, loss_fn, x, y, max_iter=0, max_newton_iter=newton)
+            if res.grad_norm >= GTOL and fallback:
+                res = critical_point(net, loss_fn, x, y, max_iter=500, max_newton_iter=newton)
+            bar.update(i + 1)
+            if res.grad_norm >= GTOL:
+                continue
+            with torch.no_grad():
+                output = net(points).flatten().cpu()
+            eff = effective_widths(net, atol=CONDENSE_ATOL)[0]
+            found.append(
+                CriticalPoint(w, how, k, stds[k], res.loss, res.grad_norm, eff, output, net)
+            )
+    return found, tried
+
+
+def _cluster(points: list[CriticalPoint]) -> list[list[CriticalPoint]]:
     """Greedy clustering in order of loss: same loss (relative) and same output function."""
-    classes: list[list[_Point]] = []
+    classes: list[list[CriticalPoint]] = []
     for p in sorted(points, key=lambda p: (p.loss, p.width)):
         for members in classes:
             q = members[0]
@@ -167,55 +267,17 @@ def run(*, quick: bool, out: Path, seed: int = 0, device: str = "cpu") -> Figure
         The :class:`~torch_embed.experiments.FigureResult`; ``numbers["classes"]`` lists
         the classes with their losses, widths found at and labels.
     """
-    from torch_embed.critical import critical_point
     from torch_embed.experiments.data import STAIRCASE_FORMULA, staircase
-    from torch_embed.experiments.progress import Progress
-    from torch_embed.experiments.training import batched_mse, mlp, train
-    from torch_embed.landscape.condense import effective_widths
 
     dev = torch.device(device)
     x, y = staircase(50, device=dev)
     grid = torch.linspace(-15.0, 15.0, 121, dtype=torch.float64, device=dev)[:, None]
     runs = 8 if quick else 200
-    steps = 1500
+    steps = STEPS
     newton = 20 if quick else 40
-    loss_fn = nn.MSELoss()
-    per = runs // len(METHODS)
-    stds = torch.logspace(-3, 0, per, dtype=torch.float64).tolist()
-    trained: list[tuple[int, str, int, nn.Sequential]] = []
-    for m, method in enumerate(METHODS):
-        gen = torch.Generator().manual_seed(seed * 100 + m)
-        nets = _batch(per, stds, gen, dev)
-        train(nets, batched_mse, x, y, steps=steps, lr=LR, method=method, label=f"fig4: {method}")
-        for j, wide in enumerate(nets.unbatch()):
-            w = WIDTHS[j // per]
-            state = wide.state_dict()
-            net = mlp([1, w, 1], "tanh", device=dev)
-            net.load_state_dict(
-                {
-                    "0.weight": state["0.weight"][:w],
-                    "0.bias": state["0.bias"][:w],
-                    "2.weight": state["2.weight"][:, :w],
-                    "2.bias": state["2.bias"],
-                }
-            )
-            trained.append((w, method, j % per, net))
-    points: list[_Point] = []
-    tried = {w: sum(t[0] == w for t in trained) for w in WIDTHS}
-    with Progress("fig4: polishing", len(trained)) as bar:
-        for i, (w, how, k, net) in enumerate(trained):
-            # Newton: the nearest critical point (e.g. the saddle a plateau sits on);
-            # runs caught mid-descent do not converge and are left out, as in the paper.
-            res = critical_point(net, loss_fn, x, y, max_iter=0, max_newton_iter=newton)
-            if res.grad_norm >= GTOL and not quick:
-                res = critical_point(net, loss_fn, x, y, max_iter=500, max_newton_iter=newton)
-            bar.update(i + 1)
-            if res.grad_norm >= GTOL:
-                continue
-            with torch.no_grad():
-                output = net(grid).flatten().cpu()
-            eff = effective_widths(net, atol=CONDENSE_ATOL)[0]
-            points.append(_Point(w, how, k, stds[k], res.loss, res.grad_norm, eff, output))
+    points, tried = critical_points(
+        x, y, grid, runs=runs, newton=newton, fallback=not quick, seed=seed
+    )
 
     classes: list[dict[str, Any]] = []
     for members in _cluster(points):
