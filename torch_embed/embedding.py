@@ -40,10 +40,11 @@ if TYPE_CHECKING:
 __all__ = ["Embedding", "EmbeddingKind", "LayerMap"]
 
 _COEF_RTOL = 1e-9
-# elements per row block when gathering a weight matrix: on CPU small enough that a
-# block stays in cache between the gather and the scaling, on accelerators large enough
-# that kernel launches do not dominate
-_BLOCK_CPU = 1 << 20
+# elements per row block when gathering a weight matrix: the scratch stays small next
+# to the matrix, and there are few enough ops that thread synchronisation (CPU) or
+# kernel launches (accelerators) do not dominate (4096 -> 8192 MLP, 2 cores: 1 << 22
+# was fastest with 2 threads and within 15% of the best with 1; bench/widen.py)
+_BLOCK_CPU = 1 << 22
 _BLOCK_DEVICE = 1 << 24
 
 
