@@ -174,9 +174,11 @@ def test_mapping_form_and_unchanged_widths(gen) -> None:
     emb = widen(net, {1: 7}, generator=gen)
     assert emb.wide_widths == (3, 4, 7, 2)
     assert torch.equal(net[0].weight, state["0.weight"])
+    same = {k: v.clone() for k, v in net.state_dict().items()}
     emb = widen(net, [4, 7], generator=gen)  # nothing to add
-    assert emb.num_new_neurons == 0
-    assert torch.equal(net[4].weight, emb.apply({"4.weight": net[4].weight})["4.weight"])
+    assert emb.num_new_neurons == 0 and emb.steps() == []
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, same[k]), k
 
 
 def test_training_continues_after_widening(gen) -> None:
