@@ -246,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
     load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
-        f"# load average at the end {load1:.1f}; time x = widen / bound, mem x = widen extra / new"
+        f"# load average at the end {load1:.1f}; time x = widen / bound (wall, min of "
+        f"{args.repeats}), cpu x = the same in process CPU time, mem x = widen peak extra "
+        f"/ new tensors"
     )
     return 1 if misses else 0
 
