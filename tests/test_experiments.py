@@ -62,24 +62,36 @@ def _reference_inertia(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tupl
 # ------------------------------------------------------------------------------ demo
 @pytest.fixture(scope="module")
 def demo_result(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    from torch_embed.experiments.demo import run_demo
+    """``torch-embed demo --quick`` run in-process; the result is caught on its way out."""
+    from torch_embed import cli
+    from torch_embed.experiments import demo
 
     out = tmp_path_factory.mktemp("demo")
     text = io.StringIO()
-    result = run_demo(out=out, quick=True, stream=text)
-    return result, text.getvalue(), out
+    caught = []
+    real = demo.run_demo
+
+    def spy(**kwargs):  # type: ignore[no-untyped-def]
+        caught.append(real(stream=text, **kwargs))
+        return caught[-1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(demo, "run_demo", spy)
+        status = cli.main(["demo", "--quick", "--out", str(out)])
+    return caught[0], text.getvalue(), out, status
 
 
 @pytest.mark.slow
-def test_demo_quick_writes_its_figure(demo_result) -> None:  # type: ignore[no-untyped-def]
-    result, _, out = demo_result
+def test_demo_quick_exits_0_and_writes_its_figure(demo_result) -> None:  # type: ignore[no-untyped-def]
+    result, _, out, status = demo_result
+    assert status == 0
     assert result.figure == out / "demo.png"
     assert result.figure.read_bytes()[:8] == PNG_MAGIC
 
 
 @pytest.mark.slow
 def test_demo_every_scheme_is_critical_and_irreversible(demo_result) -> None:  # type: ignore[no-untyped-def]
-    result, text, _ = demo_result
+    result, text, _, _ = demo_result
     assert result.ok
     assert len(result.schemes) == 6
     for s in result.schemes:
@@ -101,7 +113,7 @@ def test_demo_numbers_match_a_brute_force_recount(demo_result) -> None:  # type:
     from torch_embed.experiments.demo import demo_schemes
     from torch_embed.widen import widen
 
-    result, _, _ = demo_result
+    result, _, _, _ = demo_result
     x, y = staircase(50)
     narrow = mlp([1, 2, 1])
     narrow.load_state_dict(result.narrow_state)
