@@ -254,3 +254,17 @@ def test_supported_optimizers_constant() -> None:
         torch.optim.RMSprop,
         torch.optim.Adagrad,
     }
+
+
+def test_coupled_weight_decay_warns_that_the_map_is_approximate() -> None:
+    import torch_embed
+
+    g = torch.Generator().manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)).double()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+    x = torch.randn(8, 2, generator=g, dtype=torch.float64)
+    net(x).pow(2).mean().backward()
+    opt.step()
+    with pytest.warns(UserWarning, match="coupled weight_decay"):
+        torch_embed.widen(net, [5], optimizer=opt, generator=g)
+    assert net[0].out_features == 5

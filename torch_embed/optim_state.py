@@ -8,6 +8,7 @@ with squared scales; step counters are kept. This is exact for the optimizers be
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,6 +39,17 @@ def _check_supported(optimizer: torch.optim.Optimizer) -> None:
             f"cannot map the state of {type(optimizer).__name__}: only {names} are supported. "
             f"Pass optimizer=None and rebuild the optimizer yourself if a reset state is fine."
         )
+    if not isinstance(optimizer, torch.optim.AdamW):
+        for i, group in enumerate(optimizer.param_groups):
+            if group.get("weight_decay", 0) != 0:
+                warnings.warn(
+                    f"{type(optimizer).__name__} param group {i} uses coupled weight_decay="
+                    f"{group['weight_decay']}: its state accumulated g + λθ, and λθ does not map "
+                    f"like a gradient, so the mapped state is only approximate (use AdamW's "
+                    f"decoupled decay for an exact map)",
+                    UserWarning,
+                    stacklevel=4,
+                )
     if isinstance(optimizer, torch.optim.RMSprop):
         for i, group in enumerate(optimizer.param_groups):
             if group.get("momentum", 0) != 0:
