@@ -13,7 +13,7 @@ Numerical Algorithms*, §3.1): with unit roundoff ``u`` of the dtype and
 ``γ_{n+2}·(|W|·|h| + |b|)`` (the ``+2`` covers the bias and one rounding of each
 weight, e.g. ``fl(w/3)``), propagates ``|W|·e``, and an element-wise activation with
 Lipschitz constant ``L`` maps the error to ``L·e + 4u·|σ(h)|``. It is conservative:
-measured errors are typically 10-1000x below it (see ``bench/exactness.py``).
+the largest error measured by ``python bench/exactness.py`` is 0.56% of it.
 """
 
 from __future__ import annotations
