@@ -78,26 +78,16 @@ html_title = f"torch_embed {release}"
 html_static_path = ["_static"]
 
 
-# --- pages and figures written elsewhere in the project --------------------------------
-# Guide pages that other parts of the project contribute, and the quick figures of
-# `torch-embed reproduce FIG --quick` under _static/figures/. Until a page exists, its
-# toctree entry and the links to it are dropped (the link text stays); until a figure
-# exists, its image is replaced by a visible note. So the site builds with -W at every
-# stage; once everything exists this hook changes nothing.
-OPTIONAL_PAGES = ("guide/warm_start", "guide/landscape", "guide/testing")
+# --- figures written elsewhere in the project -----------------------------------------
+# The quick figures of `torch-embed reproduce FIG --quick` live under _static/figures/.
+# Until a figure exists, its image on a page is replaced by a visible note, so the site
+# builds with -W at every stage; once all figures are committed this hook changes nothing
+# and can be removed (a missing figure is then a build error again).
 _HERE = Path(__file__).resolve().parent
 
 
-def _drop_missing(app: object, docname: str, source: list[str]) -> None:
+def _note_missing_figures(app: object, docname: str, source: list[str]) -> None:
     import re
-
-    text = source[0]
-    for page in OPTIONAL_PAGES:
-        if (_HERE / f"{page}.md").exists():
-            continue
-        base = page.rsplit("/", 1)[-1]
-        text = re.sub(rf"^{base}\n", "", text, flags=re.M)  # toctree entry
-        text = re.sub(rf"\[([^\]]+)\]\((?:\.\./|guide/)?{base}\.md(?:#[^)]*)?\)", r"\1", text)
 
     def figure(match: re.Match[str]) -> str:
         path = match.group(2)
@@ -105,9 +95,8 @@ def _drop_missing(app: object, docname: str, source: list[str]) -> None:
             return match.group(0)
         return f"*(Figure `{Path(path).name}` not generated yet.)*"
 
-    text = re.sub(r"!\[([^\]]*)\]\(([^)]*_static/figures/[^)]+)\)", figure, text)
-    source[0] = text
+    source[0] = re.sub(r"!\[([^\]]*)\]\(([^)]*_static/figures/[^)]+)\)", figure, source[0])
 
 
 def setup(app: object) -> None:
-    app.connect("source-read", _drop_missing)  # type: ignore[attr-defined]
+    app.connect("source-read", _note_missing_figures)  # type: ignore[attr-defined]
