@@ -326,8 +326,13 @@ def test_train_records_history_and_calls_back() -> None:
 def test_find_plateaus_on_a_staircase_curve() -> None:
     steps = list(range(0, 10001, 100))
     losses = [1.0 if s < 3000 else 0.5 if s < 7000 else 0.1 for s in steps]
-    found = [(steps[i], steps[j]) for i, j in find_plateaus(steps, losses)]
+    found = [(steps[i], steps[j]) for i, j in find_plateaus(steps, losses, decades=0.1)]
     assert found == [(100, 2900), (3000, 6900), (7000, 10000)]
+    # the last step is only 0.15 decades long: not a plateau at the default 0.25
+    assert len(find_plateaus(steps, losses)) == 2
+    # a slow drift (slope 0.1 on log-log axes) is a plateau, a power law of slope 1 is not
+    drift = [(s + 1) ** -0.1 for s in steps]
+    assert find_plateaus(steps, drift) == [(1, len(steps) - 1)]
     assert find_plateaus(steps, [1.0 / (s + 1) for s in steps]) == []  # always moving
 
 

@@ -4,7 +4,7 @@ A wide tanh network (paper: width 500) is trained on 50 points of the 1D stairca
 full-batch gradient descent (paper: lr 0.005, 300 000 steps) from the small
 initialisation ``N(0, 1/m³)``. The loss falls in stages, with plateaus between them. At
 each plateau (found with :func:`~torch_embed.experiments.training.find_plateaus`) the
-network is taken from the middle of the plateau and compared with narrow networks:
+network is taken where the plateau is flattest and compared with narrow networks:
 
 * **condensation**: :func:`torch_embed.landscape.condense.effective_widths` with an
   absolute tolerance of ``1e-2`` times the largest neuron's ``[w; b]`` norm, and the
@@ -34,6 +34,7 @@ COS = 0.99
 CONTRIBUTION = 1e-2
 REL_ATOL = 1e-2
 MATCH = 0.1  # a narrow critical function "matches" within 10% of the residual RMS
+FIT_STEPS = 2000
 
 
 def direction_groups(net: nn.Sequential, *, cos: float = COS) -> int:
@@ -80,6 +81,32 @@ def _merge(plateaus: list[tuple[int, int]], losses: list[float]) -> list[tuple[i
     return merged
 
 
+def _fit_widths(x: Tensor, target: Tensor, seed: int) -> dict[int, float]:
+    """Best RMS with which tanh nets of widths 1, 2, 3 can fit ``target`` (4 inits each)."""
+    from torch_embed.experiments.fig4 import WIDTHS, _batch
+    from torch_embed.experiments.training import batched_mse, train
+
+    per = 4
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    nets = _batch(per, [1.0] * per, gen, x.device)
+    train(nets, batched_mse, x, target, steps=FIT_STEPS, lr=0.02, label="fig1: fitting")
+    with torch.no_grad():
+        rms = ((nets(x) - target) ** 2).mean(dim=(1, 2)).sqrt().cpu()
+    return {w: float(rms[k * per : (k + 1) * per].min()) for k, w in enumerate(WIDTHS)}
+
+
+def _flattest(steps: list[int], losses: list[float], i: int, j: int) -> int:
+    """The record in ``i..j`` where the loss curve is flattest on log-log axes."""
+
+    def local_slope(k: int) -> float:
+        a, b = max(k - 1, i), min(k + 1, j)
+        if b == a or steps[a] <= 0:
+            return math.inf
+        return abs(math.log(losses[b] / losses[a]) / math.log(steps[b] / steps[a]))
+
+    return min(range(i, j + 1), key=local_slope)
+
+
 def _plot(
     numbers: dict[str, Any],
     outputs: list[Tensor],
@@ -99,10 +126,15 @@ def _plot(
     for k, p in enumerate(numbers["plateaus"]):
         color = COLORS[k % len(COLORS)]
         ax_l.axvspan(max(p["start"], 1), p["end"], color=color, alpha=0.18)
-        match = f"= width-{p['nearest_width']} critical point" if p["matches"] else "no match"
+        match = (
+            f"= width-{p['nearest_width']} critical point"
+            if p["matches"]
+            else "not a narrow critical point"
+        )
+        rep = p["represented_by_width"]
         ax_l.annotate(
-            f"P{k + 1}: {match}\n{p['groups']} direction group(s)\n"
-            f"condensed width {p['effective_width']}",
+            f"P{k + 1}: {match}\noutput of a width-{rep if rep else '>3'} net\n"
+            f"{p['groups']} direction group(s), condensed width {p['effective_width']}",
             (math.sqrt(max(p["start"], 1) * p["end"]), p["loss"]),
             textcoords="offset points",
             xytext=(0, 12),
@@ -154,7 +186,14 @@ def run(*, quick: bool, out: Path, seed: int = 0, device: str = "cpu") -> Figure
     """
     from torch_embed.experiments.data import STAIRCASE_FORMULA, staircase
     from torch_embed.experiments.fig4 import critical_points
-    from torch_embed.experiments.training import find_plateaus, mlp, small_init_, train
+    from torch_embed.experiments.training import (
+        find_plateaus,
+        log_grid,
+        mlp,
+        small_init_,
+        train,
+    )
+    from torch_embed.hessian import gradient
     from torch_embed.landscape.condense import effective_widths
 
     dev = torch.device(device)
@@ -166,7 +205,6 @@ def run(*, quick: bool, out: Path, seed: int = 0, device: str = "cpu") -> Figure
     loss_fn = nn.MSELoss()
     net = mlp([1, width, 1], "tanh", device=dev)
     small_init_(net, exponent=3, generator=torch.Generator().manual_seed(seed))
-    every = max(1, steps // 400)
     snapshots: dict[int, dict[str, Tensor]] = {}
 
     def snapshot(step: int, _loss: float) -> None:
@@ -180,11 +218,12 @@ def run(*, quick: bool, out: Path, seed: int = 0, device: str = "cpu") -> Figure
         steps=steps,
         lr=lr,
         method="gd",
-        record_every=every,
+        record_at=log_grid(steps, 400),
         label=f"fig1: GD, width {width}",
         callback=snapshot,
     )
-    found = _merge(find_plateaus(hist.steps, hist.losses, rel=0.05, fraction=0.3), hist.losses)
+    # the first 0.1% of the steps is the start-up of the tiny network (loss ~ mean y²)
+    found = _merge(find_plateaus(hist.steps, hist.losses, start=max(1, steps // 1000)), hist.losses)
     narrow, _ = critical_points(
         x, y, x, runs=narrow_runs, newton=20, fallback=not quick, seed=seed, label="fig1"
     )
@@ -192,7 +231,7 @@ def run(*, quick: bool, out: Path, seed: int = 0, device: str = "cpu") -> Figure
     outputs: list[Tensor] = []
     nearest: list[Tensor] = []
     for i, j in found:
-        mid = hist.steps[(i + j) // 2]
+        mid = hist.steps[_flattest(hist.steps, hist.losses, i, j)]
         wide = mlp([1, width, 1], "tanh", device=dev)
         wide.load_state_dict(snapshots[mid])
         with torch.no_grad():
@@ -209,6 +248,8 @@ def run(*, quick: bool, out: Path, seed: int = 0, device: str = "cpu") -> Figure
             if cp.width not in best or d < best[cp.width][0]:
                 best[cp.width] = (d, k)
         residual = math.sqrt(loss)
+        fits = _fit_widths(x, f.to(x).view(-1, 1), seed)
+        represented = [w for w in sorted(fits) if fits[w] <= MATCH * residual]
         matches = [w for w in sorted(best) if best[w][0] <= MATCH * residual]
         overall = min(best, key=lambda w: (best[w][0], w)) if best else 0
         near_w = matches[0] if matches else overall
@@ -221,6 +262,9 @@ def run(*, quick: bool, out: Path, seed: int = 0, device: str = "cpu") -> Figure
                 "effective_width": eff,
                 "condense_atol": atol,
                 "groups": direction_groups(wide),
+                "fit_rms_by_width": fits,
+                "represented_by_width": represented[0] if represented else None,
+                "grad_norm": float(gradient(wide, loss_fn, x, y).norm()),
                 "distance_by_width": {w: best[w][0] for w in sorted(best)},
                 "nearest_width": near_w,
                 "nearest_distance": best[near_w][0] if best else math.inf,
@@ -241,6 +285,7 @@ def run(*, quick: bool, out: Path, seed: int = 0, device: str = "cpu") -> Figure
         ],
     }
     eff_list = [p["effective_width"] for p in plateaus]
+    rep_list = [p["represented_by_width"] for p in plateaus]
     matched = [p for p in plateaus if p["matches"]]
     near_list = [p["nearest_width"] for p in matched]
     headline = [
@@ -275,9 +320,16 @@ def run(*, quick: bool, out: Path, seed: int = 0, device: str = "cpu") -> Figure
             bool(matched),
         ),
         Headline(
+            "effective width at each plateau (narrowest net that fits its output)",
+            "small: 1, 2, 3, ...",
+            f"{rep_list} (direction groups {[p['groups'] for p in plateaus]}; condensed "
+            f"widths {eff_list})",
+            bool(plateaus) and all(r is not None for r in rep_list),
+        ),
+        Headline(
             "width of the matched narrow net grows from plateau to plateau",
             "1, 2, 3, ...",
-            f"{near_list} (condensed widths {eff_list})",
+            f"{near_list}",
             bool(matched) and near_list == sorted(near_list),
         ),
     ]
@@ -296,13 +348,19 @@ def run(*, quick: bool, out: Path, seed: int = 0, device: str = "cpu") -> Figure
         if not p["matches"]:
             notes.append(
                 f"P{k + 1} (steps {p['start']}-{p['end']}, loss {p['loss']:.3g}) is not near any "
-                f"polished narrow critical point: "
+                f"polished narrow critical point"
                 + (
-                    "this early plateau is the growth phase of the small initialisation "
-                    "(the neurons still grow along a few directions; the output is a smooth "
-                    "ramp near the best affine fit), not yet a critical point"
-                    if k == 0
-                    else "the narrow runs may have missed that critical point (more runs: "
+                    f"; its output is that of a width-{p['represented_by_width']} net (fit "
+                    f"RMS {p['fit_rms_by_width'][p['represented_by_width']]:.1e}) but "
+                    f"|grad R| = {p['grad_norm']:.1e} there: a slow stretch where the "
+                    f"condensed neurons still grow, not yet a critical point"
+                    if p["represented_by_width"]
+                    else ""
+                )
+                + (
+                    ""
+                    if k or p["represented_by_width"]
+                    else "; the narrow runs may have missed that critical point (more runs: "
                     "drop --quick)"
                 )
             )
@@ -316,7 +374,8 @@ def run(*, quick: bool, out: Path, seed: int = 0, device: str = "cpu") -> Figure
             "loss": "MSE",
             "init": "every weight and bias ~ N(0, 1/m^3)",
             "training": f"full-batch GD lr {lr}, {steps} steps, seed {seed}",
-            "plateaus": "find_plateaus(rel=0.05, fraction=0.3), touching ones merged",
+            "plateaus": "find_plateaus (log-log slope <= 0.2 over >= 0.25 decades, from "
+            "0.1% of the steps on), touching ones merged; snapshot where flattest",
             "device": str(dev),
         },
         headline=headline,

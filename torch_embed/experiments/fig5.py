@@ -151,7 +151,7 @@ def run(*, quick: bool, out: Path, seed: int = 0, device: str = "cpu") -> Figure
         The :class:`~torch_embed.experiments.FigureResult`.
     """
     from torch_embed.experiments.data import digits
-    from torch_embed.experiments.training import find_plateaus, mlp, small_init_, train
+    from torch_embed.experiments.training import find_plateaus, log_grid, mlp, small_init_, train
     from torch_embed.landscape.condense import condense
 
     dev = torch.device(device)
@@ -163,7 +163,6 @@ def run(*, quick: bool, out: Path, seed: int = 0, device: str = "cpu") -> Figure
     loss_fn = nn.MSELoss()
     net = mlp([64, WIDTH, 10], "relu", dtype=dtype, device=dev)
     small_init_(net, exponent=6, generator=torch.Generator().manual_seed(seed))
-    every = max(1, steps // 100)
     snapshots: dict[int, dict[str, Tensor]] = {}
     groups: list[int] = []
 
@@ -178,13 +177,16 @@ def run(*, quick: bool, out: Path, seed: int = 0, device: str = "cpu") -> Figure
         y,
         steps=steps,
         lr=lr,
-        record_every=every,
+        record_at=log_grid(steps, 200),
         label="fig5: Adam, width 400",
         callback=record,
     )
-    plateaus = find_plateaus(hist.steps, hist.losses, rel=0.01, fraction=0.3)
-    if plateaus:
-        i, j = max(plateaus, key=lambda p: hist.steps[p[1]] - hist.steps[p[0]])
+    # the whole curve moves by ~10%: a plateau is a stretch flat to 1% over >= 0.15 decades
+    plateaus = find_plateaus(hist.steps, hist.losses, slope=0.0, noise=0.01, decades=0.15)
+    # a plateau at the initial loss is the start-up at the zero function, not condensation
+    learned = [p for p in plateaus if hist.losses[p[1]] < 0.99 * hist.losses[0]]
+    if learned or plateaus:
+        i, j = max(learned or plateaus, key=lambda p: hist.steps[p[1]] / hist.steps[p[0]])
     else:  # no plateau: take the flattest stretch's end, and say so
         i, j = len(hist.steps) // 2, len(hist.steps) - 1
     snap_step = hist.steps[(i + j) // 2]
@@ -270,7 +272,7 @@ def run(*, quick: bool, out: Path, seed: int = 0, device: str = "cpu") -> Figure
         f"Adam lr {lr}, {steps} steps"
         + (" (--quick; the paper trains 100k)" if quick else "")
         + f", float32; plateaus found at steps {numbers['plateaus']}; snapshot in the "
-        f"middle of the longest",
+        f"(geometric) middle of the longest (in decades) below the initial loss",
         f"groups: cosine >= {COS} of [w; b] among neurons whose fan-in and fan-out exceed "
         f"{REL_ATOL:g} of the largest; condense(atol={atol:.1e}, cos={COS}) merged "
         f"{condensed.merged} and dropped {condensed.dropped} neurons; max |output "

@@ -7,8 +7,9 @@ of steps and shows a progress line when a run takes more than a few seconds.
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
@@ -23,6 +24,7 @@ __all__ = [
     "History",
     "batched_mse",
     "find_plateaus",
+    "log_grid",
     "mlp",
     "small_init_",
     "threads",
@@ -267,6 +269,7 @@ def train(
     lr: float,
     method: Literal["gd", "adam"] = "adam",
     record_every: int | None = None,
+    record_at: Collection[int] | None = None,
     label: str | None = None,
     history: History | None = None,
     callback: Callable[[int, float], None] | None = None,
@@ -283,6 +286,8 @@ def train(
         method: ``"gd"`` (``torch.optim.SGD`` without momentum) or ``"adam"``.
         record_every: Record the loss every so many steps (default ``steps // 500``);
             the loss after the last step is always recorded.
+        record_at: Record at exactly these steps (and the last) instead, e.g.
+            :func:`log_grid`.
         label: Text of the progress line (shown only if the run takes over 3 s).
         history: Continue this history (its step numbers go on from its last one).
         callback: Called as ``callback(step, loss)`` at every recorded step (before the
@@ -309,6 +314,7 @@ def train(
     else:
         raise ValueError(f"method must be 'gd' or 'adam', got {method!r}")
     every = max(1, steps // 500) if record_every is None else max(1, int(record_every))
+    marks = None if record_at is None else frozenset(int(s) for s in record_at)
     hist = History() if history is None else history
     offset = hist.steps[-1] if hist.steps else 0
     start = time.perf_counter()
@@ -316,7 +322,8 @@ def train(
         for step in range(steps + 1):
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(inputs), targets)
-            if step % every == 0 or step == steps:
+            due = step % every == 0 if marks is None else step in marks
+            if due or step == steps:
                 if not (hist.steps and hist.steps[-1] == offset + step):
                     hist.steps.append(offset + step)
                     hist.losses.append(float(loss.detach()))
@@ -335,44 +342,73 @@ def find_plateaus(
     steps: Sequence[int],
     losses: Sequence[float],
     *,
-    rel: float = 0.01,
-    fraction: float = 0.3,
+    slope: float = 0.2,
+    decades: float = 0.25,
+    noise: float = 0.01,
     start: int = 1,
 ) -> list[tuple[int, int]]:
-    """Plateaus of a loss curve: long stretches where the loss hardly moves.
+    """Plateaus of a loss curve: stretches that look flat on log-log axes.
 
-    A plateau is a maximal stretch of recorded points ``i..j`` whose losses stay within
-    a factor ``1 + rel`` of each other and that lasts at least ``fraction`` of the
-    training time elapsed at its end (``steps[j] - steps[i] >= fraction * steps[j]``),
-    so it is visible as a flat segment on a log-step axis. Found greedily from the
-    start; points before step ``start`` are ignored.
+    A stretch of recorded points ``i..j`` is flat when the loss changes no faster than
+    ``slope`` on log-log axes, ``log(max L / min L) <= slope · log(t_j / t_i) +
+    log(1 + noise)`` over the stretch; a plateau is a maximal flat stretch (grown
+    greedily from the left) that spans at least ``decades`` decades of steps. Points
+    before step ``start`` are ignored (``log 0``).
+
+    Args:
+        steps: Recorded step numbers, increasing.
+        losses: The loss at those steps.
+        slope: Largest ``|d log L / d log t|`` of a plateau (a descent between plateaus
+            is typically steeper than 1).
+        decades: Shortest plateau, in decades of steps.
+        noise: Relative wiggle always allowed (e.g. gradient-descent oscillation).
+        start: First step considered.
 
     Returns:
         ``(i, j)`` index pairs into ``steps``, in order.
 
     Example:
-        >>> steps = list(range(0, 1001, 50))
-        >>> losses = [1.0] + [0.5] * 8 + [0.1] * 12
+        >>> steps = list(range(0, 10001, 100))
+        >>> losses = [1.0 if s < 3000 else 0.5 if s < 7000 else 0.1 for s in steps]
         >>> [(steps[i], steps[j]) for i, j in find_plateaus(steps, losses)]
-        [(50, 400), (450, 1000)]
+        [(100, 2900), (3000, 6900)]
     """
     found: list[tuple[int, int]] = []
     n = len(steps)
     i = 0
     while i < n:
-        if steps[i] < start:
+        if steps[i] < max(start, 1):
             i += 1
             continue
         lo = hi = losses[i]
         j = i
         while j + 1 < n:
             nlo, nhi = min(lo, losses[j + 1]), max(hi, losses[j + 1])
-            if nhi > (1 + rel) * nlo:
+            span = math.log(steps[j + 1] / steps[i])
+            if nlo <= 0 or math.log(nhi / nlo) > slope * span + math.log1p(noise):
                 break
             lo, hi, j = nlo, nhi, j + 1
-        if j > i and steps[j] - steps[i] >= fraction * steps[j]:
+        if j > i and math.log10(steps[j] / steps[i]) >= decades:
             found.append((i, j))
             i = j + 1
         else:
             i += 1
     return found
+
+
+def log_grid(steps: int, points: int = 200) -> list[int]:
+    """About ``points`` step numbers from 0 to ``steps``, half log-spaced, half linear.
+
+    A loss curve recorded there looks smooth on a log-step axis (plateaus early in
+    training are resolved) and on a linear one.
+
+    Example:
+        >>> log_grid(1000, 10)
+        [0, 1, 6, 32, 178, 200, 400, 600, 800, 1000]
+    """
+    if steps <= 0:
+        return [0]
+    half = max(points // 2, 2)
+    logs = {round(10 ** (k * math.log10(steps) / (half - 1))) for k in range(half)}
+    lins = {round(k * steps / half) for k in range(half + 1)}
+    return sorted({0} | {s for s in logs | lins if 0 <= s <= steps})
