@@ -230,3 +230,13 @@ def test_hessian_inertia_of_split_critical_point_fig3a() -> None:
         counts.append(res.as_tuple())
     assert [c[0] for c in counts] == [0, 1, 2]
     assert [c[1] for c in counts] == [0, 1, 2]
+
+
+def test_only_the_lower_triangle_is_read() -> None:
+    lam = [-2.0, -1e-3, 0.0, 0.0, 0.5, 3.0]
+    a = _with_spectrum(lam, seed=11)
+    garbage = a.clone()
+    upper = torch.triu(torch.ones_like(a, dtype=torch.bool), diagonal=1)
+    garbage[upper] = 7.0  # as LAPACK: the strictly upper triangle is ignored
+    for method in ("eigh", "ldl"):
+        assert inertia(garbage, tol=1e-9, method=method).as_tuple() == (2, 2, 2)

@@ -52,7 +52,7 @@ DEFAULT_MIN_GAP = 1e3
 DEFAULT_GRAD_FACTOR = 10.0
 #: ``method="auto"`` switches from eigh to ldl at this size.
 AUTO_LDL_MIN_SIZE = 1000
-_LANCZOS_STEPS = 12
+_LANCZOS_STEPS = 8
 
 
 @dataclass(frozen=True)
@@ -298,23 +298,22 @@ def _inverse_extremes(ld: Tensor, pivots: Tensor) -> tuple[float, float]:
     )
 
 
-def _shifted_ldl(mat: Tensor, shift: float) -> tuple[Tensor, Tensor]:
-    """Bunch-Kaufman ``LDLᵀ`` of ``mat + shift·I`` (LAPACK ``sytrf``; lower triangle)."""
-    shifted = mat.clone()
-    shifted.diagonal().add_(shift)
-    ld, pivots, _info = torch.linalg.ldl_factor_ex(shifted)  # info > 0: exact zero pivot, fine
-    return ld, pivots
-
-
 def _inertia_ldl(
     mat: Tensor, tol: float | None, grad_norm: float | None, src_dtype: torch.dtype, min_gap: float
 ) -> Inertia:
     n = mat.shape[0]
     if tol is None:
         tol = default_tolerance(_spectral_norm_estimate(mat), n, src_dtype, grad_norm)
-    ld_up, piv_up = _shifted_ldl(mat, -tol)
+    # One working copy, shifted in place: sytrf reads the lower triangle of H - τI, then
+    # of H + τI (an info > 0 from ldl_factor_ex is an exact zero pivot: counted as zero).
+    work = mat.clone()
+    diag = work.diagonal()
+    diag -= tol
+    ld_up, piv_up, _ = torch.linalg.ldl_factor_ex(work)
     _, pos = _block_signs(ld_up, piv_up)
-    ld_dn, piv_dn = _shifted_ldl(mat, tol)
+    diag += 2 * tol
+    ld_dn, piv_dn, _ = torch.linalg.ldl_factor_ex(work)
+    del work, diag
     neg, _ = _block_signs(ld_dn, piv_dn)
     zero = n - neg - pos
     # Gap estimate: Lanczos on the shifted inverses finds the eigenvalues of H nearest
@@ -347,8 +346,9 @@ def inertia(
 ) -> Inertia:
     """Count the negative, zero (``|λ| <= tol``) and positive eigenvalues of a symmetric matrix.
 
-    The matrix is symmetrized and converted to float64; the tolerance's ``eps`` is that
-    of the matrix's own dtype.
+    The matrix is converted to float64 (the tolerance's ``eps`` is that of its own
+    dtype). It must be symmetric: both methods read only its lower triangle, as LAPACK
+    does (:func:`torch_embed.hessian.hessian` returns exactly symmetric matrices).
 
     Args:
         matrix: A symmetric ``(n, n)`` floating tensor (e.g. a Hessian).
@@ -360,7 +360,7 @@ def inertia(
         min_gap: Gap ratio under which the result is flagged ``ambiguous``.
 
     Returns:
-        An :class:`Inertia`. For ``"ldl"`` the gap is estimated by 12 Lanczos steps on
+        An :class:`Inertia`. For ``"ldl"`` the gap is estimated by 8 Lanczos steps on
         each shifted inverse ``(H ∓ τI)⁻¹``, reusing the factorizations: its extreme
         Ritz values give the eigenvalues of ``H`` nearest to ``±τ`` on each side. Ritz
         values lie inside the spectrum, so in a clustered spectrum the estimate can be
@@ -380,7 +380,6 @@ def inertia(
     mat = _as_square(matrix)
     src_dtype = mat.dtype
     mat = mat.to(torch.float64)
-    mat = (mat + mat.T) / 2
     n = mat.shape[0]
     if tol is not None and (not math.isfinite(tol) or tol < 0):
         raise ValueError(f"tol must be a finite number >= 0, got {tol}")
