@@ -12,10 +12,11 @@ Three engines:
   tensor, its gradient is recorded as a function of that tensor and the ones after it
   only, and the block's rows are batched vector-Jacobian products of it; the blocks
   below the diagonal are filled by symmetry. Autograd prunes the graph to what each
-  block needs: measured 2-4x faster than the flat variant and than
-  ``torch.func.hessian`` on CPU (``bench/inertia.py``). Using ``torch.func`` for the
-  second pass matters: ``torch.autograd.grad(..., is_grads_batched=True)`` falls back
-  to a per-vector loop for ``tanh_backward``'s derivative and was 2x slower.
+  block needs: measured 2-3x faster than the flat variant and 2.5-5x faster than
+  ``torch.func.hessian`` on CPU, with 6-11x less memory (``bench/inertia.py``). Using
+  ``torch.func`` for the second pass matters: ``torch.autograd.grad(...,
+  is_grads_batched=True)`` falls back to a per-vector loop for ``tanh_backward``'s
+  derivative and was 2x slower.
 - ``"reverse"``: reverse-over-reverse on the flat vector, ``vjp(grad(R))`` — the
   forward and first backward pass are recorded once and every product is one batched
   second backward pass. It works for every loss PyTorch can differentiate twice

@@ -17,9 +17,9 @@ Two methods:
 
 ``"auto"`` uses ``"eigh"`` below ``n = 1000`` (where it costs well under a second and
 gives the exact gap) and ``"ldl"`` from there on. Measured on one CPU thread
-(``bench/inertia.py`` part 2): ldl is 1.3x faster at ``n = 500`` and about 2x from
-``n = 1000`` on. Two factorizations can win by at most about 2x there, because one
-``sytrf`` costs about a quarter of the tridiagonal reduction ``sytrd`` inside
+(``bench/inertia.py`` part 2): ldl is 1.1x faster at ``n = 500`` and 1.3-2x from
+``n = 1000`` on (2.0x at ``n = 8000``). Two factorizations can win by at most about
+2x there, because one ``sytrf`` costs about a quarter of the tridiagonal reduction ``sytrd`` inside
 ``eigvalsh`` (``n³/3`` against ``4n³/3`` flops); with several threads ``sytrd``,
 half of it matrix-vector work, scales worse, and the ratio grows.
 """
