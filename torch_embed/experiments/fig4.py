@@ -202,54 +202,53 @@ def _plot(
         return None
     fig, (ax_l, ax_f) = made
     markers = {1: "o", 2: "s", 3: "D"}
+    by_label = {w: COLORS[k] for k, w in enumerate(WIDTHS)}
     n = max(len(classes), 1)
     for c, cls in enumerate(classes):
-        color = COLORS[c % len(COLORS)]
+        color = by_label[int(cls["label"])]
         for w in WIDTHS:
             losses = [p["loss"] for p in cls["members"] if p["width"] == w]
             if not losses:
                 continue
-            xpos = w + 0.5 * (c - (n - 1) / 2) / n
-            ax_l.scatter([xpos], [losses[0]], marker=markers[w], s=60, color=color)
+            xpos = w + 0.6 * (c - (n - 1) / 2) / n
+            ax_l.scatter([xpos], [losses[0]], marker=markers[w], s=50, color=color)
             ax_l.annotate(
-                f"x{len(losses)}",
+                f"{len(losses)}",
                 (xpos, losses[0]),
                 textcoords="offset points",
-                xytext=(6, 3),
-                fontsize=7,
+                xytext=(4, 4),
+                fontsize=6,
                 color=color,
             )
-        ax_l.scatter(
-            [],
-            [],
-            color=color,
-            marker="o",
-            label=f"class {c + 1} (loss {cls['loss']:.3g}): embeds from width {cls['label']}",
-        )
+    for w in WIDTHS:
+        ax_l.scatter([], [], color=by_label[w], marker="o", label=f"class embeds from width {w}")
     ax_l.set_xticks(list(WIDTHS))
     ax_l.set_xlim(0.5, max(WIDTHS) + 0.5)
-    ax_l.set_xlabel("network width (classes side by side; xN = runs in the class)")
+    ax_l.set_xlabel("width of the runs (one mark per class; the number = its runs)")
     ax_l.set_ylabel("loss at the critical point (|∇R| < 1e-10)")
-    ax_l.set_title("critical points by width, coloured by class")
-    ax_l.legend(fontsize=7, loc="best")
-    ax_f.scatter(x.flatten().cpu(), y.flatten().cpu(), s=12, color="0.6", label="data")
-    styles = ["-", "--", ":", "-."]
-    for c, cls in enumerate(classes):
+    ax_l.set_title(f"{len(classes)} classes of critical points, coloured by origin")
+    ax_l.legend(fontsize=8, loc="lower left")
+    ax_f.scatter(x.flatten().cpu(), y.flatten().cpu(), s=12, color="0.6", label="data", zorder=0)
+    styles = {1: "-", 2: "--", 3: ":"}
+    for cls in classes:
+        w = int(cls["label"])
         ax_f.plot(
             grid.flatten().cpu(),
             cls["output"],
-            color=COLORS[c % len(COLORS)],
-            linestyle=styles[c % len(styles)],
-            linewidth=1.6,
-            label=(
-                f"class {c + 1}: loss {cls['loss']:.3g}, found at widths "
-                f"{','.join(map(str, cls['widths']))}"
-            ),
+            color=by_label[w],
+            linestyle=styles[w],
+            linewidth=1.3,
+            alpha=0.85,
+        )
+    for w in WIDTHS:
+        k = sum(int(c["label"]) == w for c in classes)
+        ax_f.plot(
+            [], [], color=by_label[w], linestyle=styles[w], label=f"{k} class(es) from width {w}"
         )
     ax_f.set_xlabel("x")
     ax_f.set_ylabel("output")
-    ax_f.set_title("output function of each class")
-    ax_f.legend(fontsize=7, loc="upper left")
+    ax_f.set_title("output function of every class")
+    ax_f.legend(fontsize=8, loc="upper left")
     return save_figure(fig, path)
 
 
