@@ -451,12 +451,14 @@ def _reference_apply(emb: Embedding, state: dict, dtype: torch.dtype) -> dict:
 
 
 @pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("chunk", [13, 1 << 18])
 @pytest.mark.parametrize("block", [7, 64, 1 << 20])
 @pytest.mark.parametrize("name", list(BLOCK_CASES))
-def test_blocked_apply_matches_the_definition(monkeypatch, name, block, dtype) -> None:
-    """Row blocks, sliced prefixes and float64 factors give exactly the defined weights,
-    each rounded once to the dtype (even for coefficients like 1/3)."""
+def test_blocked_apply_matches_the_definition(monkeypatch, name, block, chunk, dtype) -> None:
+    """Row blocks, sliced prefixes, float64 factors and the chunked float64 scratch give
+    exactly the defined weights, each rounded once to the dtype (even for 1/3)."""
     monkeypatch.setattr(embedding_module, "_BLOCK_CPU", block)
+    monkeypatch.setattr(embedding_module, "_CHUNK_MIXED", chunk)
     net = build_mlp(Arch(5, (13, 11), 3), seed=6, dtype=dtype)
     emb = BLOCK_CASES[name](net, _g(6))
     state = net.state_dict()
