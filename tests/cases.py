@@ -16,10 +16,15 @@ plain ``pytest.mark.parametrize`` tables and from hypothesis strategies.
   with vector and matrix coefficients; compositions), each with the kind it must have.
 * :func:`critical_matrix_general`: a matrix-form General embedding that satisfies the
   backward condition (so it is critical) although its coefficients differ per row.
+* :func:`randn_mlp`, :func:`randn_data` and the brute-force references
+  :func:`flat_loss`, :func:`brute_hessian`, :func:`brute_gradient`, :func:`counts`:
+  small float64 networks with ``N(0, 1)`` weights and dense autograd Hessians, for the
+  tests of the curvature code (blocks, inertia change, report).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from hypothesis import strategies as st
 from torch import nn
+from torch.func import functional_call
 
 from torch_embed.embedding import Embedding, EmbeddingKind
 from torch_embed.schemes import General, Net2Net, Null, RandomPad, Split, plan
@@ -455,3 +461,94 @@ def critical_matrix_general(net: nn.Module, g: torch.Generator) -> Embedding:
 def random_pad(net: nn.Module, new: Sequence[int], g: torch.Generator) -> Embedding:
     """The non-preserving baseline."""
     return plan(net, new, RandomPad(), generator=g)
+
+
+# ----------------------------------------------------------------------------- brute force
+F64 = torch.float64
+SMOOTH_ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "softplus": nn.Softplus,
+}
+"""Twice-differentiable activations by the short names the curvature tests use."""
+
+
+def randn_mlp(
+    widths: Sequence[int],
+    act: str = "tanh",
+    *,
+    bias: bool | Sequence[bool] = True,
+    seed: int = 0,
+) -> nn.Sequential:
+    """``Linear, act, ..., Linear`` in float64, every weight and bias ``~ N(0, 1)``.
+
+    ``bias`` is one flag for every Linear or one per Linear. Unit-scale weights keep the
+    activations out of their linear range, so second derivatives matter.
+    """
+    g = torch.Generator().manual_seed(seed)
+    layers: list[nn.Module] = []
+    for k, (a, b) in enumerate(itertools.pairwise(widths)):
+        lin = nn.Linear(a, b, bias=bias if isinstance(bias, bool) else bias[k]).double()
+        with torch.no_grad():
+            for p in lin.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=F64))
+        layers += [lin, SMOOTH_ACTIVATIONS[act]()]
+    return nn.Sequential(*layers[:-1])
+
+
+def randn_data(
+    widths: Sequence[int], n: int = 12, seed: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` standard normal inputs and targets for a network of these widths."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, widths[0], generator=g, dtype=F64)
+    y = torch.randn(n, widths[-1], generator=g, dtype=F64)
+    return x, y
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def flat_loss(
+    model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
+    """``(f, θ)``: the loss as a function of the flat float64 parameter vector, and θ.
+
+    Written independently of :mod:`torch_embed.hessian` (plain ``functional_call``), so
+    the tests do not check the library against itself. Floating buffers (BatchNorm
+    statistics) are cast to float64 with the parameters.
+    """
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    buffers = {k: v.double() if v.is_floating_point() else v for k, v in model.named_buffers()}
+
+    def f(theta: torch.Tensor) -> torch.Tensor:
+        state, i = {}, 0
+        for n, s in zip(names, shapes):
+            k = math.prod(s)
+            state[n] = theta[i : i + k].view(s)
+            i += k
+        return loss_fn(functional_call(model, {**state, **buffers}, (x,)), y)
+
+    return f, torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])
+
+
+def brute_hessian(
+    model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
+    """The dense float64 Hessian of the loss (``torch.autograd.functional.hessian``)."""
+    f, theta = flat_loss(model, loss_fn, x, y)
+    return torch.autograd.functional.hessian(f, theta)  # type: ignore[no-any-return]
+
+
+def brute_gradient(
+    model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
+    """The flat float64 gradient of the loss (``torch.autograd.functional.jacobian``)."""
+    f, theta = flat_loss(model, loss_fn, x, y)
+    return torch.autograd.functional.jacobian(f, theta)  # type: ignore[no-any-return]
+
+
+def counts(ev: torch.Tensor, tol: float) -> tuple[int, int, int]:
+    """``(negative, zero, positive)`` counts of eigenvalues ``ev`` with zero tolerance ``tol``."""
+    return (int((ev < -tol).sum()), int((ev.abs() <= tol).sum()), int((ev > tol).sum()))

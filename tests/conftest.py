@@ -8,6 +8,8 @@ a run leaves no files behind). Tests set their own modest
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
@@ -29,6 +31,15 @@ def gen() -> torch.Generator:
     return torch.Generator().manual_seed(20260101)
 
 
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture
 def single_thread():
     """Run a test with one intra-op thread (restored afterwards).
@@ -37,12 +48,17 @@ def single_thread():
     and on a loaded 2-core machine each one can wait milliseconds for a second core
     (an eval-mode BatchNorm1d on 16x5 inputs: 23 ms with 2 threads, 30 µs with one).
     """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    yield from _one_thread()
+
+
+@pytest.fixture(scope="module")
+def single_thread_module():
+    """:func:`single_thread` for a whole module, its module-scoped fixtures included.
+
+    Use as ``pytestmark = pytest.mark.usefixtures("single_thread_module")``: fixtures
+    named by ``usefixtures`` are set up before the other fixtures of their scope.
+    """
+    yield from _one_thread()
 
 
 @pytest.fixture

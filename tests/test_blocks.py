@@ -8,13 +8,18 @@ Every check builds the wide network with the core planner, the dense Hessian wit
 from __future__ import annotations
 
 import copy
-import itertools
-import math
 
 import pytest
 import torch
+from cases import (
+    F64,
+    brute_gradient,
+    brute_hessian,
+    randn_data,
+    randn_mlp,
+)
+from cases import SMOOTH_ACTIVATIONS as ACTS
 from torch import nn
-from torch.func import functional_call
 
 from torch_embed._blocks import (
     activation_derivatives,
@@ -32,63 +37,7 @@ from torch_embed._sequential import read_sequential
 from torch_embed.schemes import Null, Split, plan
 from torch_embed.widen import embed_
 
-F64 = torch.float64
-ACTS = {"tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "softplus": nn.Softplus}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matrices: thread start-up and spinning dominate on a loaded 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def mlp(widths, act="tanh", *, bias=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    layers: list[nn.Module] = []
-    for k, (a, b) in enumerate(itertools.pairwise(widths)):
-        lin = nn.Linear(a, b, bias=bias if isinstance(bias, bool) else bias[k]).double()
-        with torch.no_grad():
-            for p in lin.parameters():
-                p.copy_(torch.randn(p.shape, generator=g, dtype=F64))
-        layers += [lin, ACTS[act]()]
-    return nn.Sequential(*layers[:-1])
-
-
-def data(widths, n=12, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, widths[0], generator=g, dtype=F64)
-    y = torch.randn(n, widths[-1], generator=g, dtype=F64)
-    return x, y
-
-
-def flat_loss(model, loss_fn, x, y):
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    buffers = dict(model.named_buffers())
-
-    def f(theta):
-        state, i = {}, 0
-        for n, s in zip(names, shapes):
-            k = math.prod(s)
-            state[n] = theta[i : i + k].view(s)
-            i += k
-        return loss_fn(functional_call(model, {**state, **buffers}, (x,)), y)
-
-    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    return f, theta
-
-
-def brute_hessian(model, loss_fn, x, y):
-    f, theta = flat_loss(model, loss_fn, x, y)
-    return torch.autograd.functional.hessian(f, theta)
-
-
-def brute_gradient(model, loss_fn, x, y):
-    f, theta = flat_loss(model, loss_fn, x, y)
-    return torch.autograd.functional.jacobian(f, theta)
+pytestmark = pytest.mark.usefixtures("single_thread_module")
 
 
 def as_matrix(directions, model, k):
@@ -155,8 +104,8 @@ def null_basis(wide, layer, value):
 
 # --------------------------------------------------------------------------- signals
 def test_layer_signals_match_autograd():
-    net = mlp((3, 4, 3, 2), "softplus")
-    x, y = data((3, 4, 3, 2))
+    net = randn_mlp((3, 4, 3, 2), "softplus")
+    x, y = randn_data((3, 4, 3, 2))
     loss = nn.MSELoss()
     captured = {}
     hook = net[2].register_forward_hook(lambda m, i, o: captured.setdefault("p", o))
@@ -175,8 +124,8 @@ def test_layer_signals_match_autograd():
 
 
 def test_split_coupling_times_fan_out_is_the_fan_in_gradient():
-    net = mlp((3, 4, 3, 2), "sigmoid")
-    x, y = data((3, 4, 3, 2))
+    net = randn_mlp((3, 4, 3, 2), "sigmoid")
+    x, y = randn_data((3, 4, 3, 2))
     loss = nn.MSELoss()
     gw, gb = torch.autograd.grad(loss(net(x), y), [net[2].weight, net[2].bias])
     sig = layer_signals(net, loss, x, y, 1)
@@ -186,9 +135,9 @@ def test_split_coupling_times_fan_out_is_the_fan_in_gradient():
 
 
 def test_state_argument_evaluates_elsewhere():
-    net = mlp((2, 3, 1))
-    other = mlp((2, 3, 1), seed=5)
-    x, y = data((2, 3, 1))
+    net = randn_mlp((2, 3, 1))
+    other = randn_mlp((2, 3, 1), seed=5)
+    x, y = randn_data((2, 3, 1))
     a = layer_signals(net, nn.MSELoss(), x, y, 0, state=other.state_dict())
     b = layer_signals(other, nn.MSELoss(), x, y, 0)
     torch.testing.assert_close(a.delta, b.delta)
@@ -202,8 +151,8 @@ def test_state_argument_evaluates_elsewhere():
     [((2, 3, 2), 0, "tanh"), ((3, 4, 3, 2), 0, "sigmoid"), ((3, 4, 3, 2), 1, "softplus")],
 )
 def test_split_block_equals_brute_force(act, alpha, widths, layer):
-    net = mlp(widths, act, seed=len(widths) + layer)
-    x, y = data(widths)
+    net = randn_mlp(widths, act, seed=len(widths) + layer)
+    x, y = randn_data(widths)
     loss = nn.MSELoss()
     neuron = 1
     D = split_block(layer_signals(net, loss, x, y, layer), neuron, alpha)
@@ -221,8 +170,8 @@ def test_split_block_equals_brute_force(act, alpha, widths, layer):
 @pytest.mark.parametrize("act", list(ACTS))
 def test_split_block_without_biases(act):
     widths = (3, 4, 2)
-    net = mlp(widths, act, bias=False, seed=3)
-    x, y = data(widths)
+    net = randn_mlp(widths, act, bias=False, seed=3)
+    x, y = randn_data(widths)
     loss = nn.MSELoss()
     D = split_block(layer_signals(net, loss, x, y, 0), 2, 0.25)
     assert D.shape == (3 + 2, 3 + 2)  # no bias coordinate
@@ -233,8 +182,8 @@ def test_split_block_without_biases(act):
 
 def test_split_block_cross_entropy():
     widths = (3, 4, 3)
-    net = mlp(widths, "tanh", seed=7)
-    x, _ = data(widths)
+    net = randn_mlp(widths, "tanh", seed=7)
+    x, _ = randn_data(widths)
     y = torch.tensor([0, 1, 2, 1, 0, 2, 2, 1, 0, 0, 1, 2])
     loss = nn.CrossEntropyLoss()
     D = split_block(layer_signals(net, loss, x, y, 0), 0, 0.6)
@@ -247,8 +196,8 @@ def test_split_block_cross_entropy():
 @pytest.mark.parametrize("beta", [0.0, 0.7])
 @pytest.mark.parametrize(("widths", "layer"), [((2, 3, 2), 0), ((3, 4, 3, 2), 1)])
 def test_null_block_equals_brute_force(act, beta, widths, layer):
-    net = mlp(widths, act, seed=11 + layer)
-    x, y = data(widths)
+    net = randn_mlp(widths, act, seed=11 + layer)
+    x, y = randn_data(widths)
     loss = nn.MSELoss()
     z = torch.tensor([beta], dtype=F64)
     slope, _ = activation_derivatives(net, layer, z)
@@ -262,8 +211,8 @@ def test_null_block_equals_brute_force(act, beta, widths, layer):
 
 def test_null_without_next_bias_needs_sigma_zero():
     # tanh(0) = 0: the null neuron's fan-out needs no compensation, even without a bias
-    net = mlp((2, 3, 2), "tanh", bias=[True, False], seed=2)
-    x, y = data((2, 3, 2))
+    net = randn_mlp((2, 3, 2), "tanh", bias=[True, False], seed=2)
+    x, y = randn_data((2, 3, 2))
     loss = nn.MSELoss()
     wide, emb = null_wide(net, 0, 0.0)
     assert emb.is_critical
@@ -275,8 +224,8 @@ def test_null_without_next_bias_needs_sigma_zero():
 
 
 def test_null_block_inertia_is_rank_of_coupling():
-    net = mlp((3, 4, 3), "tanh", seed=4)
-    x, y = data((3, 4, 3))
+    net = randn_mlp((3, 4, 3), "tanh", seed=4)
+    x, y = randn_data((3, 4, 3))
     sig = layer_signals(net, nn.MSELoss(), x, y, 0)
     G = null_coupling(sig, 0.8)
     r = int(torch.linalg.matrix_rank(G))
@@ -295,8 +244,8 @@ def test_null_block_inertia_is_rank_of_coupling():
 @pytest.mark.parametrize("kind", ["split-inside", "split-outside", "null"])
 def test_embedding_and_complement_are_H_orthogonal(kind):
     widths = (2, 3, 3, 2)
-    net = mlp(widths, "sigmoid", seed=21)
-    x, y = data(widths)
+    net = randn_mlp(widths, "sigmoid", seed=21)
+    x, y = randn_data(widths)
     loss = nn.MSELoss()
     if kind == "null":
         wide, emb = null_wide(net, 1, 0.4)
@@ -342,21 +291,21 @@ def test_direction_shape_errors():
 def test_batchnorm_layer_is_refused_with_the_hvp_hint():
     net = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3), nn.Tanh(), nn.Linear(3, 1)).double()
     net.eval()
-    x, y = data((2, 3, 1))
+    x, y = randn_data((2, 3, 1))
     with pytest.raises(ValueError, match=r"hidden layer 0 has a BatchNorm1d \(module '1'\).*hvp"):
         layer_signals(net, nn.MSELoss(), x, y, 0)
 
 
 def test_activation_without_double_backward_is_refused():
     net = nn.Sequential(nn.Linear(2, 3), nn.Hardsigmoid(), nn.Linear(3, 1)).double()
-    x, y = data((2, 3, 1))
+    x, y = randn_data((2, 3, 1))
     with pytest.raises(ValueError, match=r"module '1' \(Hardsigmoid\) has no second derivative"):
         layer_signals(net, nn.MSELoss(), x, y, 0)
 
 
 def test_relu_has_zero_second_derivative():
     net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)).double()
-    x, y = data((2, 3, 1))
+    x, y = randn_data((2, 3, 1))
     sig = layer_signals(net, nn.MSELoss(), x, y, 0)
     assert bool((sig.d2 == 0).all())
     assert bool(((sig.d1 == 0) | (sig.d1 == 1)).all())
@@ -365,7 +314,7 @@ def test_relu_has_zero_second_derivative():
 
 def test_train_mode_dropout_and_bad_layer_are_refused():
     net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Dropout(0.2), nn.Linear(3, 1)).double()
-    x, y = data((2, 3, 1))
+    x, y = randn_data((2, 3, 1))
     with pytest.raises(ValueError, match=r"'2' \(Dropout\) is in train mode"):
         layer_signals(net, nn.MSELoss(), x, y, 0)
     net.eval()

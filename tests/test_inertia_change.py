@@ -8,12 +8,19 @@ scheme, at random points and at polished critical points.
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 
 import pytest
 import torch
-from cases import critical_matrix_general
+from cases import (
+    F64,
+    brute_gradient,
+    brute_hessian,
+    counts,
+    critical_matrix_general,
+    randn_data,
+    randn_mlp,
+)
 from torch import nn
 from torch.func import functional_call
 
@@ -23,64 +30,15 @@ from torch_embed.inertia_change import complement_blocks, inertia_change, step_b
 from torch_embed.schemes import General, Net2Net, Null, Split, plan
 from torch_embed.widen import embed_, widen
 
-F64 = torch.float64
-ACTS = {"tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "softplus": nn.Softplus}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread_module")
 
 
 # --------------------------------------------------------------------------- brute force
-def mlp(widths, act="tanh", *, seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    layers: list[nn.Module] = []
-    for a, b in itertools.pairwise(widths):
-        lin = nn.Linear(a, b).double()
-        with torch.no_grad():
-            for p in lin.parameters():
-                p.copy_(scale * torch.randn(p.shape, generator=g, dtype=F64))
-        layers += [lin, ACTS[act]()]
-    return nn.Sequential(*layers[:-1])
-
-
-def data(widths, n=12, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, widths[0], generator=g, dtype=F64)
-    y = torch.randn(n, widths[-1], generator=g, dtype=F64)
-    return x, y
-
-
-def flat_loss(model, loss_fn, x, y):
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    buffers = {k: v.double() for k, v in model.named_buffers()}
-
-    def f(theta):
-        state, i = {}, 0
-        for n, s in zip(names, shapes):
-            k = math.prod(s)
-            state[n] = theta[i : i + k].view(s)
-            i += k
-        return loss_fn(functional_call(model, {**state, **buffers}, (x,)), y)
-
-    return f, torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])
-
-
 def brute(model, loss_fn, x, y):
     """(eigenvalues of the dense Hessian, gradient norm)."""
-    f, theta = flat_loss(model, loss_fn, x, y)
-    H = torch.autograd.functional.hessian(f, theta)
-    g = torch.autograd.functional.jacobian(f, theta)
+    H = brute_hessian(model, loss_fn, x, y)
+    g = brute_gradient(model, loss_fn, x, y)
     return torch.linalg.eigvalsh(H), float(g.norm())
-
-
-def counts(ev, tol):
-    return (int((ev < -tol).sum()), int((ev.abs() <= tol).sum()), int((ev > tol).sum()))
 
 
 def assert_clean(ev, tol, what):
@@ -143,8 +101,8 @@ def general_vector(net):
 )
 def test_change_equals_brute_force_at_random_points(scheme, act):
     widths = (3, 4, 3, 2)
-    net = mlp(widths, act, seed=5)
-    x, y = data(widths)
+    net = randn_mlp(widths, act, seed=5)
+    x, y = randn_data(widths)
     wide, emb = widened(net, [6, 5] if "3way" not in scheme else [6, 3], SCHEMES[scheme])
     assert emb.is_critical
     check(net, wide, emb, nn.MSELoss(), x, y)
@@ -153,8 +111,8 @@ def test_change_equals_brute_force_at_random_points(scheme, act):
 @pytest.mark.parametrize("act", ["softplus"])
 def test_general_vector_and_chained_at_random_points(act):
     widths = (2, 4, 3, 2)
-    net = mlp(widths, act, seed=8)
-    x, y = data(widths)
+    net = randn_mlp(widths, act, seed=8)
+    x, y = randn_data(widths)
     loss = nn.MSELoss()
     wide = copy.deepcopy(net)
     emb = plan(wide, None, general_vector(net))
@@ -190,7 +148,7 @@ def critical_targets(net, x, residual, seed=0):
 
 
 def critical_problem(widths, act, residual, seed=3):
-    net = mlp(widths, act, seed=seed)
+    net = randn_mlp(widths, act, seed=seed)
     x = torch.randn(40, widths[0], generator=torch.Generator().manual_seed(4), dtype=F64)
     y = critical_targets(net, x, residual)
     _, gnorm = brute(net, nn.MSELoss(), x, y)
@@ -258,7 +216,7 @@ def test_at_a_point_polished_by_critical_point():
     # teacher-student: a sigmoid teacher plus noise; critical_point polishes the teacher's
     # parameters to the nearby critical point of the noisy data
     widths = (2, 3, 2)
-    net = mlp(widths, "sigmoid", seed=0)
+    net = randn_mlp(widths, "sigmoid", seed=0)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(20, 2, generator=g, dtype=F64)
     with torch.no_grad():
@@ -310,8 +268,8 @@ def test_fig3a_each_equal_split_adds_one_negative_and_one_zero():
 
 def test_cross_entropy_multi_output():
     widths = (3, 4, 3)
-    net = mlp(widths, "softplus", seed=2)
-    x, _ = data(widths)
+    net = randn_mlp(widths, "softplus", seed=2)
+    x, _ = randn_data(widths)
     y = torch.tensor([0, 1, 2, 1, 0, 2, 2, 1, 0, 0, 1, 2])
     wide, emb = widened(net, [7], Split(alpha=1.5))
     check(net, wide, emb, nn.CrossEntropyLoss(), x, y)
@@ -321,8 +279,8 @@ def test_cross_entropy_multi_output():
 @pytest.mark.parametrize("scheme", ["split-0.3", "split-1.7", "null", "split-3way"])
 def test_hvp_path_equals_closed_form(scheme):
     widths = (3, 4, 3, 2)
-    net = mlp(widths, "softplus", seed=12)
-    x, y = data(widths)
+    net = randn_mlp(widths, "softplus", seed=12)
+    x, y = randn_data(widths)
     wide, emb = widened(net, [6, 5] if scheme != "split-3way" else [6, 3], SCHEMES[scheme])
     closed = step_blocks(emb, wide, nn.MSELoss(), x, y, method="closed-form")
     hvp = step_blocks(emb, wide, nn.MSELoss(), x, y, method="hvp")
@@ -359,7 +317,7 @@ def bn_net(seed=0):
 @pytest.mark.parametrize("scheme", ["split-0.3", "split-1.7", "null"])
 def test_batchnorm_hidden_layer_uses_hvp_and_matches_brute_force(scheme):
     net = bn_net()
-    x, y = data((3, 4, 3, 2))
+    x, y = randn_data((3, 4, 3, 2))
     wide, emb = widened(net, [6, 4], SCHEMES[scheme])
     blocks = step_blocks(emb, wide, nn.MSELoss(), x, y)
     assert {(b.layer, b.method) for b in blocks} == {(0, "hvp"), (1, "closed-form")}
@@ -371,8 +329,8 @@ def test_batchnorm_hidden_layer_uses_hvp_and_matches_brute_force(scheme):
 
 def test_matrix_coefficient_embedding_uses_ker_B_transpose():
     widths = (2, 3, 3, 2)
-    net = mlp(widths, "tanh", seed=14)
-    x, y = data(widths)
+    net = randn_mlp(widths, "tanh", seed=14)
+    x, y = randn_data(widths)
     wide = copy.deepcopy(net)
     emb = critical_matrix_general(net, torch.Generator().manual_seed(0))
     embed_(wide, emb)
@@ -390,8 +348,8 @@ def test_matrix_coefficient_embedding_uses_ker_B_transpose():
 # --------------------------------------------------------------------------- refusals
 def test_refusals():
     widths = (2, 3, 2)
-    net = mlp(widths, seed=1)
-    x, y = data(widths)
+    net = randn_mlp(widths, seed=1)
+    x, y = randn_data(widths)
     loss = nn.MSELoss()
     wide, emb = widened(net, [5], Net2Net(noise=0.5))
     with pytest.raises(ValueError, match=r"only defined for critical embeddings.*output-pres"):
@@ -409,8 +367,8 @@ def test_refusals():
 
 def test_identity_embedding_changes_nothing():
     widths = (2, 3, 2)
-    net = mlp(widths, seed=1)
-    x, y = data(widths)
+    net = randn_mlp(widths, seed=1)
+    x, y = randn_data(widths)
     emb = plan(net, [3], Split())
     change = inertia_change(emb, net, nn.MSELoss(), x, y, tol=1e-9)
     assert change.as_tuple() == (0, 0, 0) and change.tol == 1e-9
@@ -418,8 +376,8 @@ def test_identity_embedding_changes_nothing():
 
 def test_embedding_method_delegates():
     widths = (2, 3, 2)
-    net = mlp(widths, seed=1)
-    x, y = data(widths)
+    net = randn_mlp(widths, seed=1)
+    x, y = randn_data(widths)
     wide, emb = widened(net, [5], Null(bias=-0.5))
     a = emb.inertia_change(wide, nn.MSELoss(), x, y, tol=1e-10)
     b = inertia_change(emb, wide, nn.MSELoss(), x, y, tol=1e-10)

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from cases import F64, brute_hessian, counts
 from torch import nn
 from torch.func import functional_call
 
@@ -14,35 +15,11 @@ from torch_embed.report import EmbeddingReport, check_embedding
 from torch_embed.schemes import Net2Net, Null, Split
 from torch_embed.widen import widen
 
-F64 = torch.float64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread_module")
 
 
 def brute_eigenvalues(model, loss_fn, x, y):
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-
-    def f(theta):
-        state, i = {}, 0
-        for n, s in zip(names, shapes):
-            k = math.prod(s)
-            state[n] = theta[i : i + k].view(s)
-            i += k
-        return loss_fn(functional_call(model, state, (x,)), y)
-
-    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    return torch.linalg.eigvalsh(torch.autograd.functional.hessian(f, theta))
-
-
-def counts(ev, tol):
-    return (int((ev < -tol).sum()), int((ev.abs() <= tol).sum()), int((ev > tol).sum()))
+    return torch.linalg.eigvalsh(brute_hessian(model, loss_fn, x, y))
 
 
 @pytest.fixture(scope="module")
