@@ -268,3 +268,43 @@ def test_coupled_weight_decay_warns_that_the_map_is_approximate() -> None:
     with pytest.warns(UserWarning, match="coupled weight_decay"):
         torch_embed.widen(net, [5], optimizer=opt, generator=g)
     assert net[0].out_features == 5
+
+
+def _frozen_bias_case(bias: float):
+    """Null neurons in the last hidden layer; the output layer's bias frozen."""
+    arch = Arch(3, (4,), 2)
+    net = build_mlp(arch, seed=2)
+    x = random_inputs(arch, 10, seed=3)
+    y = torch.randn(10, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    last = net[-1]
+    assert isinstance(last, nn.Linear)
+    last.bias.requires_grad_(False)
+    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=0.01)
+    _train(net, opt, x, y)
+    return net, opt, plan(net, [6], Null(bias=bias), generator=torch.Generator().manual_seed(5))
+
+
+def test_frozen_next_bias_warns_that_null_fan_out_state_is_not_exact() -> None:
+    net, opt, emb = _frozen_bias_case(bias=0.5)  # tanh(0.5) != 0
+    name = emb.layout.linears[-1].name
+    with pytest.warns(UserWarning, match=rf"layer '{name}' \(Linear\).*its bias is not among"):
+        embed_(net, emb, optimizer=opt)
+    # the columns it could not map are zero, not garbage
+    exp_avg = opt.state[net[-1].weight]["exp_avg"]
+    assert torch.equal(exp_avg[:, 4:], torch.zeros_like(exp_avg[:, 4:]))
+
+
+def test_frozen_next_bias_is_exact_when_the_null_value_is_zero(recwarn) -> None:
+    net, opt, emb = _frozen_bias_case(bias=0.0)  # tanh(0) = 0: the columns' gradient is 0
+    embed_(net, emb, optimizer=opt)
+    assert not [w for w in recwarn if "bias is not among" in str(w.message)]
+
+
+def test_frozen_next_bias_warns_when_mapping_dot_grad() -> None:
+    net, _, emb = _frozen_bias_case(bias=0.5)
+    _loss(
+        net, random_inputs(Arch(3, (4,), 2), 10, seed=3), torch.zeros(10, 2, dtype=torch.float64)
+    ).backward()
+    assert net[-1].bias.grad is None and net[-1].weight.grad is not None
+    with pytest.warns(UserWarning, match=r"gradients \(or first moments\)"):
+        embed_(net, emb)

@@ -12,7 +12,7 @@ from cases import Arch, build_mlp, random_inputs
 from torch import nn
 
 from torch_embed.embedding import Embedding
-from torch_embed.schemes import Null, Split, plan
+from torch_embed.schemes import Net2Net, Null, RandomPad, Split, plan
 from torch_embed.widen import embed_, widen
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -399,3 +399,63 @@ def test_failure_in_optimizer_mapping_changes_nothing(monkeypatch, gen) -> None:
     with pytest.raises(Boom):
         widen(net, [7, 9], optimizer=opt, generator=gen)
     _assert_same(net, opt, snap)
+
+
+# ----------------------------------------------------------------------------- meta device
+META_SCHEMES = {
+    "split_third": Split(alpha=1 / 3),
+    "null_bias": Null(bias=0.5),
+    "null_fan_in": Null(bias=0.5, fan_in_std=0.1),
+    "net2net": Net2Net(),
+    "random_pad": RandomPad(),
+}
+
+
+@pytest.mark.parametrize("name", list(META_SCHEMES))
+def test_widen_on_meta_device_plans_like_real_tensors(name: str) -> None:
+    """A module built on "meta" (deferred initialisation) is widened without data: same
+    Parameters, meta tensors of the wide shapes, and the same plan as for real tensors."""
+
+    def make() -> nn.Sequential:
+        return nn.Sequential(
+            nn.Linear(3, 4),
+            nn.BatchNorm1d(4),
+            nn.Tanh(),
+            nn.Linear(4, 5),
+            nn.ReLU(),
+            nn.Linear(5, 2),
+        )
+
+    with torch.device("meta"):
+        meta = make()
+    real = make()
+    params = list(meta.parameters())
+    opt = torch.optim.Adam(meta.parameters())
+    emb = widen(
+        meta, [6, 7], META_SCHEMES[name], optimizer=opt, generator=torch.Generator().manual_seed(0)
+    )
+    ref = widen(real, [6, 7], META_SCHEMES[name], generator=torch.Generator().manual_seed(0))
+    assert list(meta.parameters()) == params
+    assert all(a is b for a, b in zip(meta.parameters(), params))
+    for (k, v), (_, r) in zip(meta.state_dict().items(), real.state_dict().items()):
+        assert v.is_meta and v.shape == r.shape and v.dtype == r.dtype, k
+    assert emb.kind == ref.kind
+    for a, b in zip(emb.layers, ref.layers):
+        assert torch.equal(a.source, b.source) and torch.equal(a.coef, b.coef)
+        assert torch.equal(a.null_value, b.null_value)
+
+
+@pytest.mark.parametrize(
+    ("scheme", "match"),
+    [
+        (Net2Net(noise=0.1), r"Net2Net\(noise=0.1\) reads the values of the weight of layer '2'"),
+        (Split(select="norm"), r"select='norm' reads the values .* 'meta' device"),
+    ],
+    ids=["net2net_noise", "select_norm"],
+)
+def test_schemes_that_read_weights_refuse_meta_tensors(scheme, match) -> None:
+    with torch.device("meta"):
+        net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=match):
+        widen(net, [6], scheme, generator=torch.Generator().manual_seed(0))
+    assert net[0].weight.shape == (4, 3)

@@ -20,6 +20,7 @@ Parameter sets are dictionaries keyed like ``Sequential.state_dict()`` (``"0.wei
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -52,14 +53,15 @@ _BLOCK_DEVICE = 1 << 24
 _CHUNK_MIXED = 1 << 18
 
 
-def _in_dtype(factor: Tensor, dtype: torch.dtype) -> Tensor:
-    """``factor`` in ``dtype`` when that is exact, so products round once either way.
+def _in_dtype(factor: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``factor`` (float64, CPU) on ``device``, in ``dtype`` when that is exact.
 
     A product of two ``dtype`` numbers is rounded once, like the float64 product
-    rounded to ``dtype``; mixed-dtype in-place ops are exact too but far slower.
+    rounded to ``dtype``; otherwise the float64 factor is kept (see :func:`_put`).
     """
     low = factor.to(dtype)
-    return low if bool((low.to(factor.dtype) == factor).all()) else factor
+    keep = low if bool((low.to(factor.dtype) == factor).all()) else factor
+    return keep.to(device)
 
 
 def _put(dst: Tensor, src: Tensor, factor: Tensor | None) -> None:
@@ -100,6 +102,37 @@ def _columns(factor: Tensor | None, cols: slice) -> Tensor | None:
     if factor is None or (factor.dim() == 2 and factor.shape[1] == 1):
         return factor  # none, or one factor per row
     return factor[cols] if factor.dim() == 1 else factor[:, cols]
+
+
+def _null_index(lm: LayerMap | None, device: torch.device) -> Tensor | None:
+    """Positions of the null neurons of ``lm`` on ``device`` (``None`` when there are none)."""
+    if lm is None or not bool(lm.null_mask.any()):
+        return None
+    return lm.null_mask.nonzero().flatten().to(device)
+
+
+def _warn_missing_bias(name: str, cols: LayerMap | None, mode: _Mode) -> None:
+    """Warn when null fan-out columns need a bias gradient that is not being mapped.
+
+    A null neuron's constant output ``σ(β)`` gives its fan-out column the gradient
+    ``σ(β)·∂R/∂b`` of the next layer's bias ``b``; without that bias's entry (no bias, a
+    frozen one, or one without optimizer state) the column is set to 0, which is exact
+    only when ``σ(β) = 0``.
+    """
+    if cols is None or not bool(cols.null_mask.any()):
+        return
+    if not bool((cols.null_value[cols.null_mask] != 0).any()):
+        return
+    what = "gradients (or first moments)" if mode == "grad" else "second moments"
+    warnings.warn(
+        f"layer {name!r} (Linear): the {what} of its fan-out columns from null neurons "
+        f"with σ(β) != 0 are σ(β) times those of its bias, but its bias is not among the "
+        f"mapped tensors (absent, frozen, or without optimizer state); they are set to 0, "
+        f"which is not the exact map. Give that layer a trainable bias, or use a null bias "
+        f"β with σ(β) = 0 (e.g. Null(bias=0.0) with tanh or ReLU).",
+        UserWarning,
+        stacklevel=5,
+    )
 
 
 def _identity_prefix(index: Tensor) -> int:
@@ -500,6 +533,8 @@ class Embedding:
             rows = self.layers[k] if k < L - 1 else None
             cols = self.layers[k - 1] if k > 0 else None
             wkey = f"{lin.name}.weight"
+            if mode != "param" and wkey in state and f"{lin.name}.bias" not in state:
+                _warn_missing_bias(lin.name, cols, mode)
             if wkey in state:
                 out[wkey] = self._map_weight(
                     state[wkey],
@@ -548,16 +583,17 @@ class Embedding:
         v: Tensor, rows: LayerMap, mode: _Mode, scale: Tensor | None, null_fill: float | None
     ) -> Tensor:
         src = rows.source.to(v.device)
-        null = rows.null_mask.to(v.device)
         out = v.index_select(0, src.clamp(min=0))
         if mode != "param" and scale is not None:
             s = scale if mode == "grad" else scale**2
             out = (out.to(torch.float64) * s.to(v.device)).to(v.dtype)
-        if bool(null.any()):
+        null = _null_index(rows, v.device)
+        if null is not None:
             if null_fill is None:
-                out[null] = rows.null_bias.to(device=v.device, dtype=v.dtype)[null]
+                fill = rows.null_bias[rows.null_mask].to(device=v.device, dtype=v.dtype)
+                out.index_copy_(0, null, fill)
             else:
-                out[null] = null_fill
+                out.index_fill_(0, null, null_fill)
         return out
 
     def _map_weight(
@@ -580,13 +616,13 @@ class Embedding:
         row_factor: Tensor | None = None  # error scalings of the rows (grad / sq)
         if mode == "param" and cols is not None:
             if not cols.is_vector or bool((cols.coef != 1).any()):
-                col_factor = cols.coef.to(dev)
+                col_factor = cols.coef
             if cols.fan_out_offset is not None:
                 offset = cols.fan_out_offset.to(dev)
         if mode != "param" and row_scale is not None:
-            row_factor = (row_scale if mode == "grad" else row_scale**2).to(dev)
-        col_factor = _in_dtype(col_factor, dt) if col_factor is not None else None
-        row_factor = _in_dtype(row_factor, dt) if row_factor is not None else None
+            row_factor = row_scale if mode == "grad" else row_scale**2
+        col_factor = _in_dtype(col_factor, dt, dev) if col_factor is not None else None
+        row_factor = _in_dtype(row_factor, dt, dev) if row_factor is not None else None
         n_rows = int(r.numel()) if r is not None else w.shape[0]
         n_cols = int(c.numel()) if c is not None else w.shape[1]
         out = torch.empty(n_rows, n_cols, dtype=dt, device=dev)
@@ -595,8 +631,9 @@ class Embedding:
         step = max(1, min(n_rows, block_size // max(n_cols, 1)))
         # rows and columns that stay in place (the usual "originals first") are sliced,
         # not gathered
-        same = _identity_prefix(c) if c is not None else 0
-        same_rows = _identity_prefix(r) if r is not None else n_rows
+        # (decided on the CPU index maps, so that "meta" tensors work too)
+        same = _identity_prefix(cols.source) if cols is not None else 0
+        same_rows = _identity_prefix(rows.source) if rows is not None else n_rows
         # scratch for gathered rows / columns, allocated once and reused by every block
         row_buf = torch.empty(0, dtype=dt, device=dev)
         col_buf = torch.empty(0, dtype=dt, device=dev)
@@ -638,17 +675,22 @@ class Embedding:
                     _put(block, torch.index_select(src, 1, c, out=col_buf[: j - i]), fac)
             if offset is not None:
                 block.add_(offset[i:j])
+        # null neurons are addressed by index lists made on the CPU (a boolean mask on
+        # the tensors' device would need data: "meta" tensors have none)
+        null_rows = _null_index(rows, dev)
         if mode == "param":
-            if rows is not None and bool(rows.null_mask.any()):
-                null = rows.null_mask.to(dev)
+            if null_rows is not None:
+                assert rows is not None
                 if rows.null_fan_in is not None:
-                    out[null] = rows.null_fan_in.to(device=dev, dtype=dt)[null]
+                    fan_in = rows.null_fan_in[rows.null_mask].to(device=dev, dtype=dt)
+                    out.index_copy_(0, null_rows, fan_in)
                 else:
-                    out[null] = 0
+                    out.index_fill_(0, null_rows, 0)
         else:
-            if cols is not None and bool(cols.null_mask.any()):
-                null = cols.null_mask.to(dev)
-                nv = cols.null_value.to(dev)[null]
+            null_cols = _null_index(cols, dev)
+            if null_cols is not None:
+                assert cols is not None
+                nv = cols.null_value[cols.null_mask].to(dev)
                 if bias is not None:
                     b = bias.index_select(0, r) if r is not None else bias
                     b = b.to(torch.float64)
@@ -660,13 +702,13 @@ class Embedding:
                         fill = b[:, None] * nv[None, :] ** 2
                         if row_scale is not None:
                             fill = fill * row_scale.to(dev)[:, None]
-                    if rows is not None and bool(rows.null_mask.any()):
-                        fill[rows.null_mask.to(dev)] = 0
-                    out[:, null] = fill.to(dt)
+                    if null_rows is not None:
+                        fill.index_fill_(0, null_rows, 0)
+                    out.index_copy_(1, null_cols, fill.to(dt))
                 else:
-                    out[:, null] = 0
-            if rows is not None and bool(rows.null_mask.any()):
-                out[rows.null_mask.to(dev)] = 0
+                    out.index_fill_(1, null_cols, 0)
+            if null_rows is not None:
+                out.index_fill_(0, null_rows, 0)
         return out
 
     def restrict(self, wide_state: Mapping[str, Tensor]) -> dict[str, Tensor]:

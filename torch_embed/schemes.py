@@ -262,7 +262,9 @@ def _null_value(module: nn.Module, layout: Layout, layer: int, bias: Tensor) -> 
     if bias.numel() == 0:
         return torch.zeros(0, dtype=torch.float64)
     ref = _linear(module, layout.hidden[layer].linear).weight
-    x = bias.to(device=ref.device, dtype=ref.dtype)[None, :]
+    # element-wise activations hold no data: a module on "meta" is evaluated on the CPU
+    device = torch.device("cpu") if ref.is_meta else ref.device
+    x = bias.to(device=device, dtype=ref.dtype)[None, :]
     with torch.no_grad():
         for name in layout.hidden[layer].activations:
             act = module.get_submodule(name)
@@ -273,8 +275,24 @@ def _null_value(module: nn.Module, layout: Layout, layer: int, bias: Tensor) -> 
     return value
 
 
+def _weight_data(module: nn.Module, name: str, what: str, instead: str) -> Tensor:
+    """The weight of the Linear ``name``, refusing "meta" tensors (they hold no values)."""
+    w: Tensor = _linear(module, name).weight.detach()
+    if w.is_meta:
+        raise ValueError(
+            f"{what} reads the values of the weight of layer {name!r} (Linear), but it is on "
+            f"the 'meta' device and has none; {instead}, or materialize the module first"
+        )
+    return w
+
+
 def _fan_out_norms(module: nn.Module, layout: Layout, layer: int) -> Tensor:
-    w: Tensor = _linear(module, layout.linears[layer + 1].name).weight.detach()
+    w = _weight_data(
+        module,
+        layout.linears[layer + 1].name,
+        "select='norm'",
+        "use select='random', 'cyclic' or explicit indices",
+    )
     norms: Tensor = w.to(torch.float64).norm(dim=0).cpu()
     return norms
 
@@ -513,9 +531,9 @@ def _plan_net2net(
         if cfg.noise == 0:
             offsets.append(None)
             continue
-        w_next = (
-            _linear(module, layout.linears[l + 1].name).weight.detach().to("cpu", torch.float64)
-        )
+        w_next = _weight_data(
+            module, layout.linears[l + 1].name, f"Net2Net(noise={cfg.noise})", "use noise=0"
+        ).to("cpu", torch.float64)
         off = torch.zeros(w_next.shape[0], src.numel(), dtype=torch.float64)
         for s in range(current[l]):
             copies = (src == s).nonzero().flatten().tolist()
