@@ -17,7 +17,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -26,6 +26,7 @@ __all__ = [
     "FIGURES",
     "FigureResult",
     "Headline",
+    "format_counts",
     "format_headline",
     "run_figure",
     "to_jsonable",
@@ -153,6 +154,17 @@ def to_jsonable(value: Any) -> Any:
     if callable(tolist):
         return to_jsonable(tolist())
     return str(value)
+
+
+def format_counts(counts: Sequence[int]) -> str:
+    """Negative / zero / positive eigenvalue counts as ``"n / z / p"``.
+
+    Example:
+        >>> format_counts((1, 2, 13))
+        '1 / 2 / 13'
+    """
+    negative, zero, positive = counts
+    return f"{negative} / {zero} / {positive}"
 
 
 def format_headline(result: FigureResult) -> str:

@@ -29,6 +29,8 @@ from typing import Any, TextIO
 import torch
 from torch import Tensor, nn
 
+from torch_embed.experiments import format_counts
+
 __all__ = ["DemoResult", "SchemeResult", "demo_schemes", "run_demo"]
 
 
@@ -197,10 +199,6 @@ def _measure(
     return result, wide
 
 
-def _fmt_counts(c: tuple[int, int, int]) -> str:
-    return f"{c[0]} / {c[1]} / {c[2]}"
-
-
 def format_scheme(s: SchemeResult) -> str:
     """One scheme's measurements as a small table."""
     w0 = ",".join(map(str, s.narrow_widths))
@@ -216,14 +214,14 @@ def format_scheme(s: SchemeResult) -> str:
         ("|grad R|", f"{s.grad_before:.1e}", f"{s.grad_after:.1e}", ""),
         (
             "inertia -/0/+, full Hessian",
-            _fmt_counts(s.before),
-            _fmt_counts(s.after_full),
+            format_counts(s.before),
+            format_counts(s.after_full),
             f"{s.seconds_full * 1e3:.1f} ms",
         ),
         (
             "inertia -/0/+, before+change",
             "",
-            _fmt_counts(s.after_change),
+            format_counts(s.after_change),
             f"{s.seconds_change * 1e3:.1f} ms",
         ),
     ]
@@ -232,7 +230,7 @@ def format_scheme(s: SchemeResult) -> str:
     lines = [head, "-" * len(head)]
     lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.append(
-        f"  inertia_change -/0/+ {_fmt_counts(s.change)}; zero tol {s.tol_full:.1e}, gap "
+        f"  inertia_change -/0/+ {format_counts(s.change)}; zero tol {s.tol_full:.1e}, gap "
         f"{s.gap_full:.1e}{' (AMBIGUOUS)' if s.ambiguous else ''}"
     )
     lines.append(
@@ -247,7 +245,7 @@ def _plot(
 ) -> Path | None:
     from torch_embed.experiments.plotting import (
         COLORS,
-        draw_tolerance,
+        finish_spectra,
         new_figure,
         plot_spectrum,
         save_figure,
@@ -283,7 +281,7 @@ def _plot(
         ax_s,
         result.eigenvalues_before,
         tol=result.tol_before,
-        label=f"width 2, before  ({_fmt_counts(result.before)})",
+        label=f"width 2, before  ({format_counts(result.before)})",
         color="black",
         marker="s",
         floor=floor,
@@ -294,16 +292,20 @@ def _plot(
             ax_s,
             s.eigenvalues_after,
             tol=s.tol_full,
-            label=f"{s.name}  ({_fmt_counts(s.after_full)})",
+            label=f"{s.name}  ({format_counts(s.after_full)})",
             color=COLORS[k % len(COLORS)],
             offset=(k + 1) / (n + 2),
             floor=floor,
         )
-    draw_tolerance(ax_s, tol, label=f"zero tolerance ({tol:.0e})")
-    ax_s.set_xlabel("eigenvalue index (sorted by |λ|, largest first)")
-    ax_s.set_ylabel("|λ| of the loss Hessian")
-    ax_s.set_title("Hessian spectra: o positive, ● negative, x zero (-/0/+ counts)")
-    ax_s.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    finish_spectra(
+        ax_s,
+        tol,
+        title="Hessian spectra: o positive, ● negative, x zero (-/0/+ counts)",
+        fontsize=7,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        borderaxespad=0.0,
+    )
     return save_figure(fig, path)
 
 
@@ -337,10 +339,9 @@ def run_demo(
 
 
 def _run(*, out: Path, seed: int, device: str, quick: bool, stream: TextIO | None) -> DemoResult:
-    from torch_embed.critical import critical_point
     from torch_embed.experiments.data import STAIRCASE_FORMULA, staircase
     from torch_embed.experiments.plotting import PLOT_HINT
-    from torch_embed.experiments.training import mlp, train
+    from torch_embed.experiments.training import narrow_critical_net
     from torch_embed.hessian import hessian
     from torch_embed.inertia import eigenvalues, inertia
 
@@ -363,11 +364,10 @@ def _run(*, out: Path, seed: int, device: str, quick: bool, stream: TextIO | Non
     print(f"torch-embed demo: {settings['network']} on the staircase", file=stream)
     print(f"  {STAIRCASE_FORMULA}", file=stream)
 
-    torch.manual_seed(seed)  # nn.Linear's default initialisation
-    narrow = mlp([1, 2, 1], "tanh", device=dev)
+    narrow, hist, polish = narrow_critical_net(
+        x, y, seed=seed, steps=steps, label="training the width-2 net"
+    )
     loss_fn = nn.MSELoss()
-    hist = train(narrow, loss_fn, x, y, steps=steps, lr=0.02, label="training the width-2 net")
-    polish = critical_point(narrow, loss_fn, x, y, gtol=1e-14)
     h = hessian(narrow, loss_fn, x, y)
     before = inertia(h, grad_norm=polish.grad_norm, method="eigh")
     result = DemoResult(
@@ -382,7 +382,7 @@ def _run(*, out: Path, seed: int, device: str, quick: bool, stream: TextIO | Non
     print(
         f"  trained {steps} steps to loss {hist.final:.4e}; polished ({polish.method}) to "
         f"loss {polish.loss:.6e}, |grad R| {polish.grad_norm:.1e}; Hessian inertia "
-        f"{_fmt_counts(result.before)} (P = {sum(result.before)})\n",
+        f"{format_counts(result.before)} (P = {sum(result.before)})\n",
         file=stream,
     )
     with torch.no_grad():

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torch_embed.experiments import FIGURES, FigureResult, Headline
+from torch_embed.experiments import FIGURES, FigureResult, Headline, format_counts
 
 __all__ = ["run"]
 
@@ -34,18 +34,13 @@ PAPER_NEGATIVE = [0, 1, 2]
 PAPER_GRAD_L1 = 7e-15
 
 
-def _counts_label(c: tuple[int, int, int]) -> str:
-    return f"{c[0]} / {c[1]} / {c[2]}"
-
-
 def _plot(
     numbers: dict[str, Any], grid: Tensor, outputs: list[Tensor], x: Tensor, y: Tensor, path: Path
 ) -> Path | None:
     from torch_embed.experiments.plotting import (
         COLORS,
-        draw_tolerance,
         new_figure,
-        plot_spectrum,
+        plot_width_spectra,
         save_figure,
     )
 
@@ -69,24 +64,14 @@ def _plot(
     ax_f.set_ylabel("output")
     ax_f.set_title("the same output function at widths 2, 3, 4")
     ax_f.legend(fontsize=8, loc="upper left")
-    tol = max(numbers["tol"])
-    for k, w in enumerate(widths):
-        counts = tuple(numbers["inertia"][k])
-        plot_spectrum(
-            ax_s,
-            numbers["eigenvalues"][k],
-            tol=numbers["tol"][k],
-            label=f"width {w}: -/0/+ = {_counts_label(counts)}",  # type: ignore[arg-type]
-            color=COLORS[k],
-            marker="osD"[k],
-            offset=0.2 * k,
-            floor=tol / 1e3,
-        )
-    draw_tolerance(ax_s, tol, label=f"zero tolerance ({tol:.0e})")
-    ax_s.set_xlabel("eigenvalue index (sorted by |λ|, largest first)")
-    ax_s.set_ylabel("|λ| of the loss Hessian")
-    ax_s.set_title("Hessian spectra: open positive, filled negative, x zero")
-    ax_s.legend(fontsize=8, loc="lower left")
+    plot_width_spectra(
+        ax_s,
+        widths,
+        numbers["eigenvalues"],
+        numbers["tol"],
+        numbers["inertia"],
+        spacing=0.2,
+    )
     return save_figure(fig, path)
 
 
@@ -104,9 +89,8 @@ def run(*, quick: bool, out: Path, seed: int = 0, device: str = "cpu") -> Figure
         The :class:`~torch_embed.experiments.FigureResult`;
         ``numbers["negative"]`` is the list of negative counts.
     """
-    from torch_embed.critical import critical_point
     from torch_embed.experiments.data import STAIRCASE_FORMULA, staircase
-    from torch_embed.experiments.training import mlp, train
+    from torch_embed.experiments.training import narrow_critical_net
     from torch_embed.hessian import gradient, hessian
     from torch_embed.inertia import eigenvalues, inertia
     from torch_embed.inertia_change import inertia_change
@@ -118,10 +102,9 @@ def run(*, quick: bool, out: Path, seed: int = 0, device: str = "cpu") -> Figure
     grid = torch.linspace(-16.0, 16.0, 321, dtype=torch.float64, device=dev)[:, None]
     steps = 1500 if quick else 5000
     loss_fn = nn.MSELoss()
-    torch.manual_seed(seed)
-    net = mlp([1, 2, 1], "tanh", device=dev)
-    train(net, loss_fn, x, y, steps=steps, lr=0.02, label="fig3a: training width 2")
-    polish = critical_point(net, loss_fn, x, y, gtol=1e-14)
+    net, _, polish = narrow_critical_net(
+        x, y, seed=seed, steps=steps, label="fig3a: training width 2"
+    )
     split_neuron = 0
     numbers: dict[str, Any] = {
         "widths": [2, 3, 4],
@@ -204,8 +187,7 @@ def run(*, quick: bool, out: Path, seed: int = 0, device: str = "cpu") -> Figure
         f"split neuron {split_neuron} twice with alpha = 1/2 (the second split halves its "
         f"remaining share); inertia -/0/+ by width: "
         + ", ".join(
-            f"{w}: {_counts_label(tuple(c))}"  # type: ignore[arg-type]
-            for w, c in zip(numbers["widths"], numbers["inertia"])
+            f"{w}: {format_counts(c)}" for w, c in zip(numbers["widths"], numbers["inertia"])
         ),
     ]
     result = FigureResult(

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torch_embed.experiments import FIGURES, FigureResult, Headline
+from torch_embed.experiments import FIGURES, FigureResult, Headline, format_counts
 
 __all__ = ["run"]
 
@@ -40,16 +40,11 @@ PAPER_NEGATIVE = [3, 5, 7]
 WIDTH = 2
 
 
-def _label(c: list[int]) -> str:
-    return f"{c[0]} / {c[1]} / {c[2]}"
-
-
 def _plot(numbers: dict[str, Any], path: Path) -> Path | None:
     from torch_embed.experiments.plotting import (
         COLORS,
-        draw_tolerance,
         new_figure,
-        plot_spectrum,
+        plot_width_spectra,
         save_figure,
     )
 
@@ -71,23 +66,14 @@ def _plot(numbers: dict[str, Any], path: Path) -> Path | None:
     ax_l.set_ylabel("MSE loss")
     ax_l.set_title("training on Iris (sigmoid, init N(0, 1/m⁶))")
     ax_l.legend(fontsize=8)
-    tol = max(numbers["tol"])
-    for k, w in enumerate(numbers["widths"]):
-        plot_spectrum(
-            ax_s,
-            numbers["eigenvalues"][k],
-            tol=numbers["tol"][k],
-            label=f"width {w}: -/0/+ = {_label(numbers['inertia'][k])}",
-            color=COLORS[k],
-            marker="osD"[k],
-            offset=0.25 * k,
-            floor=tol / 1e3,
-        )
-    draw_tolerance(ax_s, tol, label=f"zero tolerance ({tol:.0e})")
-    ax_s.set_xlabel("eigenvalue index (sorted by |λ|, largest first)")
-    ax_s.set_ylabel("|λ| of the loss Hessian")
-    ax_s.set_title("Hessian spectra: open positive, filled negative, x zero")
-    ax_s.legend(fontsize=8, loc="lower left")
+    plot_width_spectra(
+        ax_s,
+        numbers["widths"],
+        numbers["eigenvalues"],
+        numbers["tol"],
+        numbers["inertia"],
+        spacing=0.25,
+    )
     return save_figure(fig, path)
 
 
@@ -204,7 +190,9 @@ def run(*, quick: bool, out: Path, seed: int = 0, device: str = "cpu") -> Figure
         + f", then Newton polish to |grad R| = {polish.grad_norm:.1e}"
         + ("" if polish.converged else " (NOT converged to gtol 1e-12)"),
         "inertia -/0/+ by width: "
-        + ", ".join(f"{w}: {_label(c)}" for w, c in zip(numbers["widths"], numbers["inertia"])),
+        + ", ".join(
+            f"{w}: {format_counts(c)}" for w, c in zip(numbers["widths"], numbers["inertia"])
+        ),
         f"split neurons {numbers['split_neurons']} (most negative eigenvalues added; "
         f"per-neuron changes -/0/+ {numbers['candidates']})",
     ]

@@ -13,20 +13,28 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from torch_embed.experiments import format_counts
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
 __all__ = [
     "PLOT_HINT",
+    "SPECTRA_TITLE",
+    "finish_spectra",
     "have_matplotlib",
     "new_figure",
     "plot_spectrum",
+    "plot_width_spectra",
     "save_figure",
 ]
 
 PLOT_HINT = "matplotlib is not installed, no figure written; pip install 'torch-embed[plot]'"
 """What the experiments print when they cannot draw."""
+
+SPECTRA_TITLE = "Hessian spectra: open positive, filled negative, x zero"
+"""Title of a panel of :func:`plot_spectrum` spectra."""
 
 #: Colour cycle (colour-blind safe, Okabe-Ito) shared by all figures.
 COLORS = (
@@ -142,3 +150,55 @@ def draw_tolerance(ax: Axes, tol: float, *, label: str | None = None) -> None:
 def annotate(ax: Axes, text: str, **kwargs: Any) -> None:
     """Small text in the top-left corner of ``ax``."""
     ax.text(0.02, 0.97, text, transform=ax.transAxes, va="top", ha="left", fontsize=8, **kwargs)
+
+
+def finish_spectra(ax: Axes, tol: float, *, title: str = SPECTRA_TITLE, **legend: Any) -> None:
+    """Complete a panel of :func:`plot_spectrum` spectra.
+
+    Draws the zero tolerance ``tol`` (:func:`draw_tolerance`), labels the axes, sets
+    ``title`` and draws the legend (``legend`` overrides its default font size 8 in
+    the lower left corner).
+    """
+    draw_tolerance(ax, tol, label=f"zero tolerance ({tol:.0e})")
+    ax.set_xlabel("eigenvalue index (sorted by |λ|, largest first)")
+    ax.set_ylabel("|λ| of the loss Hessian")
+    ax.set_title(title)
+    ax.legend(**{"fontsize": 8, "loc": "lower left", **legend})
+
+
+def plot_width_spectra(
+    ax: Axes,
+    widths: Sequence[int],
+    eigenvalues: Sequence[Sequence[float]],
+    tols: Sequence[float],
+    counts: Sequence[Sequence[int]],
+    *,
+    spacing: float,
+) -> None:
+    """The Hessian spectra of one network at several widths, side by side.
+
+    Width ``k`` gets colour and marker ``k`` and a legend entry with its counts; the
+    spectra are shifted by ``spacing`` apart, and the panel is completed by
+    :func:`finish_spectra` at the largest tolerance.
+
+    Args:
+        ax: The axes.
+        widths: The hidden width of each spectrum (at most three).
+        eigenvalues: Each width's eigenvalues.
+        tols: Each width's zero tolerance.
+        counts: Each width's ``(negative, zero, positive)`` counts.
+        spacing: Horizontal shift between consecutive widths.
+    """
+    tol = max(tols)
+    for k, w in enumerate(widths):
+        plot_spectrum(
+            ax,
+            eigenvalues[k],
+            tol=tols[k],
+            label=f"width {w}: -/0/+ = {format_counts(counts[k])}",
+            color=COLORS[k],
+            marker="osD"[k],
+            offset=spacing * k,
+            floor=tol / 1e3,
+        )
+    finish_spectra(ax, tol)
