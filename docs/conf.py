@@ -76,27 +76,3 @@ except ImportError:  # pragma: no cover - depends on the environment
     html_theme = "alabaster"
 html_title = f"torch_embed {release}"
 html_static_path = ["_static"]
-
-
-# --- figures written elsewhere in the project -----------------------------------------
-# The quick figures of `torch-embed reproduce FIG --quick` live under _static/figures/.
-# Until a figure exists, its image on a page is replaced by a visible note, so the site
-# builds with -W at every stage; once all figures are committed this hook changes nothing
-# and can be removed (a missing figure is then a build error again).
-_HERE = Path(__file__).resolve().parent
-
-
-def _note_missing_figures(app: object, docname: str, source: list[str]) -> None:
-    import re
-
-    def figure(match: re.Match[str]) -> str:
-        path = match.group(2)
-        if (_HERE / Path(docname).parent / path).exists():
-            return match.group(0)
-        return f"*(Figure `{Path(path).name}` not generated yet.)*"
-
-    source[0] = re.sub(r"!\[([^\]]*)\]\(([^)]*_static/figures/[^)]+)\)", figure, source[0])
-
-
-def setup(app: object) -> None:
-    app.connect("source-read", _note_missing_figures)  # type: ignore[attr-defined]

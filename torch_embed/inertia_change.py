@@ -14,7 +14,8 @@ evaluated at that step's network. Per step, ``D`` has one row per added paramete
 costs ``O(N·(fan_in + fan_out)²)`` in closed form (:mod:`torch_embed._blocks`), or
 ``dim C`` Hessian-vector products on the general path; the full Hessian is never built.
 
-Methods:
+The ``method`` argument chooses how each block ``D`` is computed:
+
 * ``"closed-form"``: the closed forms of THEORY §6 (Linear + element-wise layers).
 * ``"hvp"``: ``D = Cᵀ (H C)`` from Hessian-vector products along the explicit
   complement directions (any layer, including BatchNorm1d in eval mode).
