@@ -45,13 +45,14 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _common import RESULTS, write_results  # noqa: E402
+
 from torch_embed._blocks import layer_signals, null_coupling  # noqa: E402
 from torch_embed.embedding import Embedding  # noqa: E402
 from torch_embed.landscape.saddles import escape  # noqa: E402
 from torch_embed.schemes import Net2Net, Null, plan  # noqa: E402
 from torch_embed.widen import embed_, widen  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## bench/growth.py"
 MSE = nn.MSELoss()
 METHODS = ("escape", "net2net", "null", "gradmax")
@@ -226,35 +227,6 @@ def run_all(cfg: Config) -> str:
     return "\n".join(lines)
 
 
-def write_results(text: str, title: str) -> None:
-    """Put ``text`` under ``### title`` in this script's section of RESULTS.md (re-read)."""
-    import fcntl
-    import tempfile
-
-    with open(Path(tempfile.gettempdir()) / "torch_embed_results.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-        block = f"### {title}\n\n" + text.strip("\n") + "\n"
-        start = old.find(SECTION + "\n")
-        if start < 0:
-            RESULTS.write_text(old.rstrip("\n") + "\n\n" + SECTION + "\n\n" + block)
-            return
-        end = old.find("\n## ", start + len(SECTION))
-        end = len(old) if end < 0 else end + 1
-        section, rest = old[start:end], old[end:]
-        head = f"### {title}\n"
-        at = section.find(head)
-        if at >= 0:
-            stop = section.find("\n### ", at + len(head))
-            stop = len(section) if stop < 0 else stop + 1
-            section = section[:at] + block + ("\n" if stop < len(section) else "") + section[stop:]
-        else:
-            section = section.rstrip("\n") + "\n\n" + block
-        RESULTS.write_text(
-            old[:start] + section.rstrip("\n") + "\n" + ("\n" + rest if rest else "")
-        )
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, K=100, tail 250 (< 30 s)")
@@ -288,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     print(f"elapsed {elapsed:.1f} s wall, {cpu:.1f} s CPU")
     if args.write:
-        write_results(text, f"`{cmd}`")
+        write_results(text, f"`{cmd}`", SECTION)
         print(f"updated {RESULTS}")
 
 

@@ -56,10 +56,11 @@ from torch import Tensor, nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _common import RESULTS, cpu_model, proc_status_kib  # noqa: E402
+
 from torch_embed.hessian import flat_loss, hessian  # noqa: E402
 from torch_embed.inertia import inertia  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## bench/inertia.py"
 N_SAMPLES = 256
 
@@ -67,15 +68,7 @@ N_SAMPLES = 256
 # --------------------------------------------------------------------------- helpers
 def machine() -> str:
     """One line describing where the numbers came from."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_model() or platform.processor() or platform.machine()
     try:
         load = f"load avg {os.getloadavg()[0]:.1f}"
     except OSError:
@@ -84,14 +77,6 @@ def machine() -> str:
         f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), Python {platform.python_version()}, {load}"
     )
-
-
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return 0
 
 
 def _sync(device: str) -> None:
@@ -165,7 +150,7 @@ def worker(variant: str, width: int, device: str) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = _status_kib("VmRSS") * 1024
+        base = proc_status_kib("VmRSS") * 1024
     _sync(device)
     start, cpu_start = time.perf_counter(), time.process_time()
     h = fn(net, x, y)
@@ -174,7 +159,7 @@ def worker(variant: str, width: int, device: str) -> dict[str, Any]:
     if device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = _status_kib("VmHWM") * 1024 - base
+        peak = proc_status_kib("VmHWM") * 1024 - base
     h = h.detach().to(torch.float64)
     probe = torch.Generator().manual_seed(1)
     idx = torch.randint(0, h.shape[0], (64, 2), generator=probe).to(h.device)

@@ -44,9 +44,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _common import RESULTS, write_results
+
 import torch_embed
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 EVAL = 5  # full-training-set loss every EVAL steps ...
 WINDOW = 20  # ... and every step for WINDOW steps after widening
 SECTION = "## bench/warmstart.py"
@@ -250,42 +251,6 @@ def mapped_vs_reset(summaries: dict[str, dict[str, dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
-def write_results(block: str, title: str) -> None:
-    """Put ``block`` under ``### title`` in this benchmark's section of RESULTS.md.
-
-    The section holds one block per command line: a block for the same command is
-    replaced, a new one appended; other sections (other benchmarks) are kept as they are.
-    """
-    import fcntl  # several runs may finish at once: serialise the read-modify-write
-    import tempfile
-
-    with open(Path(tempfile.gettempdir()) / "torch_embed_results.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        _write_block(block, title)
-
-
-def _write_block(block: str, title: str) -> None:
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    head = f"### {title}\n"
-    block = head + "\n" + block.strip("\n") + "\n"
-    start = old.find(SECTION + "\n")
-    if start < 0:
-        RESULTS.write_text(old.rstrip("\n") + "\n\n" + SECTION + "\n\n" + block)
-        return
-    end = old.find("\n## ", start + len(SECTION))
-    end = len(old) if end < 0 else end + 1
-    section, rest = old[start:end], old[end:]
-    at = section.find(head)
-    if at >= 0:
-        stop = section.find("\n### ", at + len(head))
-        stop = len(section) if stop < 0 else stop + 1
-        section = section[:at] + block + ("\n" if stop < len(section) else "") + section[stop:]
-    else:
-        section = section.rstrip("\n") + "\n\n" + block
-    section = section.rstrip("\n") + "\n"
-    RESULTS.write_text(old[:start] + section + ("\n" + rest if rest else ""))
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, shorter, Adam only")
@@ -340,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     text = header + "\n" + "\n\n".join(tables) + "\n"
     print(f"elapsed {elapsed:.1f} s wall, {cpu:.1f} s CPU")
     if args.write:
-        write_results(text, f"`{cmd.rstrip()}`")
+        write_results(text, f"`{cmd.rstrip()}`", SECTION)
         print(f"updated {RESULTS}")
 
 

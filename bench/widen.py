@@ -32,16 +32,14 @@ import sys
 import time
 from pathlib import Path
 
+from _common import cpu_model, proc_status_kib
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------- child
 def _rss(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
+    return proc_status_kib(key) * 1024
 
 
 def _child(cfg: dict) -> dict:
@@ -165,15 +163,7 @@ def _run(cfg: dict) -> dict:
 
 
 def _machine(device: str) -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_model() or platform.processor() or "unknown CPU"
     import torch
 
     desc = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
