@@ -2,31 +2,58 @@
 
 Zero eigenvalue counts are only meaningful near an exact critical point (THEORY.md §9):
 a residual gradient of size ε smears the structural zeros to ``±O(ε)``. This module
-drives ``|∇R|`` (Euclidean norm over all trainable parameters) down to ``gtol`` in two
-phases:
+drives ``|∇R|`` (Euclidean norm over all trainable parameters) down to ``gtol`` in three
+stages:
 
-1. L-BFGS with a strong-Wolfe line search (:class:`torch.optim.LBFGS`) to get close
-   (skipped when the point is already nearly critical, so that a saddle stays a saddle).
-2. Newton steps on the gradient system ``∇R(θ) = 0`` with a pseudo-inverse of the dense
-   Hessian: ``s = -Σ_i λ_i/(λ_i² + μ) (q_iᵀ g) q_i`` from ``H = Σ λ_i q_i q_iᵀ``
-   (``μ = 0`` is the ``rcond``-truncated pseudo-inverse step; ``μ > 0`` is the
-   Levenberg-Marquardt step for ``min |∇R|²``). A step is accepted when it decreases
-   ``|∇R|`` (backtracking over the step length, then increasing ``μ``). The iteration
-   may converge to a saddle: any critical point is the goal.
+1. L-BFGS with a strong-Wolfe line search (:class:`torch.optim.LBFGS`), in chunks of
+   25 iterations, until ``|∇R| <= newton_at`` or until it stalls (``|∇R|`` not halved
+   over the last ``max(2, P/250)`` chunks) — cheap per iteration, slow on the
+   ill-conditioned, degenerate landscapes of small smooth MLPs. Skipped when the point
+   is already nearly critical (``newton_below``), so that a saddle stays a saddle.
+2. Trust-region Newton minimisation of ``R`` with the exact dense Hessian: from its
+   eigendecomposition ``H = Q Λ Qᵀ`` the step ``s = -Σ (q_iᵀg)/(λ_i + μ) q_i`` with
+   ``μ >= max(0, -λ_min)`` chosen so that ``|s|`` fits the radius, which follows the
+   ratio of actual to predicted decrease of ``R``. Negative curvature is handled, the
+   rejected trials reuse the decomposition, and near a non-degenerate minimum the
+   convergence is quadratic. Runs until ``|∇R| <= polish_below`` or until ``R`` stops
+   decreasing above rounding.
+3. Root polishing of ``∇R(θ) = 0`` (any critical point, saddles included): one
+   decomposition gives a family of candidates, the pseudo-inverse step truncated at
+   relative cut-offs ``|λ_i| > c·max|λ|``, ``c ∈ {1e-2, ..., 1e-10, rcond}``, and
+   Levenberg-Marquardt steps ``-Σ λ_i/(λ_i² + μ) (q_iᵀg) q_i``; each is tested with one
+   gradient evaluation and the smallest ``|∇R|`` wins. At a degenerate critical point
+   (a critical manifold: Hessian zeros along it, e.g. after a split) the gradient's
+   components along the near-null directions are second order, so truncating them is
+   what gives fast convergence where plain Newton is linear and damping stalls. The
+   decomposition is reused (chord steps) while each step divides ``|∇R|`` by 4.
+
+Each Newton step costs one dense float64 Hessian
+(:func:`torch_embed.hessian.dense_hessian`, block-wise) and one ``eigh``: practical for
+P up to a few thousand.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from torch_embed.hessian import check_model, dense_hessian, flat_loss
+from torch_embed.hessian import FlatLoss, check_model, dense_hessian, flat_loss
 
 __all__ = ["CriticalPointResult", "critical_point"]
+
+#: Relative eigenvalue cut-offs tried for the truncated pseudo-inverse step.
+_CUTS = (1e-2, 1e-4, 1e-6, 1e-8, 1e-10)
+#: Levenberg-Marquardt damping ``μ / max|λ|²`` tried for the damped step.
+_DAMPING = (1e-1, 1e-3, 1e-5, 1e-7)
+#: L-BFGS iterations between two checks of ``|∇R|``.
+_CHUNK = 25
+#: A chord step (old decomposition) must divide ``|∇R|`` by at least 1/_CHORD.
+_CHORD = 0.25
 
 
 @dataclass(frozen=True)
@@ -39,10 +66,13 @@ class CriticalPointResult:
         converged: ``grad_norm <= gtol``.
         iterations: L-BFGS iterations plus Newton iterations.
         lbfgs_iterations: Iterations of the L-BFGS phase.
-        newton_iterations: Accepted Newton/Levenberg-Marquardt steps.
+        newton_iterations: Accepted Newton steps (trust-region, pseudo-inverse or
+            Levenberg-Marquardt).
         initial_grad_norm: ``|∇R|`` before polishing.
         method: Phases used, e.g. ``"lbfgs+newton"``.
         message: Why it stopped.
+        hessian_evaluations: Dense Hessians computed and eigendecomposed (the cost:
+            each is ``O(N·P²)`` to build and ``O(P³)`` to decompose).
     """
 
     grad_norm: float
@@ -54,6 +84,7 @@ class CriticalPointResult:
     initial_grad_norm: float
     method: str
     message: str
+    hessian_evaluations: int = 0
 
 
 def _loss_and_grad(
@@ -79,58 +110,221 @@ def _get_flat(params: list[nn.Parameter]) -> Tensor:
     return torch.cat([p.detach().reshape(-1) for p in params])
 
 
+def _lbfgs_(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    loss_fn: Any,
+    x: Tensor,
+    y: Any,
+    max_iter: int,
+    newton_at: float,
+    deadline: float,
+) -> int:
+    """L-BFGS until ``|∇R| <= newton_at``, a stall, ``max_iter`` or the deadline."""
+    opt = torch.optim.LBFGS(
+        params,
+        lr=1.0,
+        max_iter=_CHUNK,
+        tolerance_grad=0.0,
+        tolerance_change=0.0,
+        history_size=50,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        value = loss_fn(model(x), y)
+        value.backward()
+        return value  # type: ignore[no-any-return]
+
+    # one dense Hessian costs about as much as ~P gradients: give L-BFGS longer before
+    # calling it stalled when P is large
+    window = max(2, math.ceil(sum(p.numel() for p in params) / (10 * _CHUNK)))
+    done = 0
+    history: list[float] = []
+    while done < max_iter and time.monotonic() < deadline:
+        opt.param_groups[0]["max_iter"] = min(_CHUNK, max_iter - done)
+        opt.step(closure)
+        done = int(opt.state[params[0]].get("n_iter", 0))
+        for p in params:
+            p.grad = None
+        norm = float(_loss_and_grad(model, loss_fn, x, y)[1].norm())
+        history.append(norm)
+        if not math.isfinite(norm) or norm <= newton_at:
+            break
+        if len(history) > window and min(history[-window:]) > 0.5 * min(history[:-window]):
+            break  # stalled: |∇R| not halved over the last `window` chunks
+    return done
+
+
+def _tr_step(lam: Tensor, gq: Tensor, radius: float) -> tuple[Tensor, float]:
+    """Trust-region step in eigen-coordinates, ``s = -gq/(λ + μ)`` with ``|s| <= radius``.
+
+    Returns the step's coordinates and the decrease the quadratic model predicts.
+    """
+
+    def predicted(s: Tensor) -> float:
+        return float(-(gq @ s) - 0.5 * (lam * s * s).sum())
+
+    lam_min = float(lam.min())
+    if lam_min > 0.0:
+        s = -gq / lam
+        if float(s.norm()) <= radius:
+            return s, predicted(s)
+    # |s(μ)| decreases on μ > max(0, -λ_min): bisect (geometrically) for |s(μ)| = radius
+    lo = max(0.0, -lam_min)
+    hi = lo + float(gq.norm()) / radius + float(lam.abs().max())
+    lo = lo * (1 + 1e-12) + 1e-300
+    for _ in range(200):
+        mid = math.sqrt(lo * hi)
+        if float((gq / (lam + mid)).norm()) > radius:
+            lo = mid
+        else:
+            hi = mid
+        if hi <= lo * (1 + 1e-10):
+            break
+    s = -gq / (lam + hi)
+    return s, predicted(s)
+
+
+class _Newton:
+    """Gradient evaluations and Hessian eigendecompositions of one flat loss."""
+
+    def __init__(self, fl: FlatLoss, rcond: float) -> None:
+        self.fl = fl
+        self.rcond = rcond
+        self.grad_and_value = torch.func.grad_and_value(fl.fn)
+        self.hessians = 0
+
+    def evaluate(self, theta: Tensor) -> tuple[Tensor, float, float]:
+        g, value = self.grad_and_value(theta)
+        g = g.detach()
+        return g, float(g.norm()), float(value)
+
+    def decompose(self, theta: Tensor) -> tuple[Tensor, Tensor] | None:
+        self.hessians += 1
+        lam, q = torch.linalg.eigh(dense_hessian(self.fl, theta))
+        if not bool(torch.isfinite(lam).all()) or float(lam.abs().max()) == 0.0:
+            return None
+        return lam, q
+
+    def minimise_step(
+        self, theta: Tensor, g: Tensor, loss: float, lam: Tensor, q: Tensor, radius: float
+    ) -> tuple[tuple[Tensor, Tensor, float, float] | None, float]:
+        """One trust-region step on ``R`` (trials reuse ``Q Λ``); returns it and the radius.
+
+        ``None`` when the model predicts no decrease above rounding or no trial is
+        accepted.
+        """
+        gq = q.T @ g
+        for _ in range(30):
+            s, pred = _tr_step(lam, gq, radius)
+            if pred <= 1e-15 * max(abs(loss), 1e-300):
+                return None, radius
+            trial = theta + q @ s
+            g_new, norm, value = self.evaluate(trial)
+            rho = (loss - value) / pred if math.isfinite(value) and math.isfinite(norm) else -1.0
+            snorm = float(s.norm())
+            if rho < 0.25:
+                radius = 0.25 * snorm
+            elif rho > 0.75 and snorm >= 0.99 * radius:
+                radius = 2.0 * radius
+            if rho > 0.1:
+                return (trial, g_new, norm, value), radius
+        return None, radius
+
+    def root_step(
+        self, theta: Tensor, g: Tensor, gnorm: float, lam: Tensor, q: Tensor
+    ) -> tuple[Tensor, Tensor, float, float] | None:
+        """The candidate step with the smallest ``|∇R|``, if it is below ``gnorm``."""
+        scale = float(lam.abs().max())
+        gq = q.T @ g
+        coefs: list[Tensor] = []
+        seen: set[int] = set()
+        for cut in (*_CUTS, self.rcond):
+            keep = lam.abs() > max(cut, self.rcond) * scale
+            count = int(keep.sum())
+            if count and count not in seen:
+                seen.add(count)
+                coefs.append(torch.where(keep, 1.0 / torch.where(keep, lam, 1.0), 0.0))
+        coefs.extend(lam / (lam**2 + d * scale**2) for d in _DAMPING)
+        best: tuple[Tensor, Tensor, float, float] | None = None
+        for coef in coefs:
+            trial = theta - q @ (coef * gq)
+            g_new, norm, value = self.evaluate(trial)
+            if math.isfinite(norm) and norm < (gnorm if best is None else best[2]):
+                best = (trial, g_new, norm, value)
+        return best
+
+
 def _newton_(
     model: nn.Module,
     params: list[nn.Parameter],
     loss_fn: Any,
     x: Tensor,
     y: Any,
-    gnorm: float,
-    loss: float,
-    max_newton_iter: int,
+    max_steps: int,
     rcond: float,
     gtol: float,
-) -> tuple[int, float, float, str]:
-    """Pseudo-inverse Newton / Levenberg-Marquardt on ``∇R = 0``; writes the result back."""
+    minimise_above: float,
+    deadline: float,
+) -> tuple[int, int, float, float, str]:
+    """Newton stages 2 and 3 from the model's current point; writes the result back.
+
+    Returns:
+        (accepted steps, Hessians computed, |∇R|, loss, message).
+    """
     fl = flat_loss(model, loss_fn, x, y)
+    solver = _Newton(fl, rcond)
     theta = fl.theta.clone()
-    grad_and_value = torch.func.grad_and_value(fl.fn)
-    g = grad_and_value(theta)[0].detach()
-    mu = 0.0
-    newton = 0
-    message = f"max_newton_iter={max_newton_iter} reached"
-    for _ in range(max_newton_iter):
-        lam, q = torch.linalg.eigh(dense_hessian(fl, theta))
-        scale = float(lam.abs().max())
-        if scale == 0.0:
-            message = "the Hessian is zero; no Newton step"
+    g, gnorm, loss = solver.evaluate(theta)
+    loss0 = loss
+    steps = 0
+    message = "converged"
+    eig: tuple[Tensor, Tensor] | None = None
+    fresh = False
+    radius = max(float(theta.norm()), 1.0)
+    while gnorm > gtol:
+        if steps >= max_steps:
+            message = f"max_newton_iter reached ({steps} Newton steps)"
             break
-        gq = q.T @ g
-        keep = lam.abs() > rcond * scale
-        accepted = None
-        for mu_try in [mu, *(scale**2 * 10.0**k for k in range(-12, 1, 2))]:
-            denom = torch.where(keep, lam**2 + mu_try, 1.0)
-            step = -(q @ (torch.where(keep, lam / denom, 0.0) * gq))
-            for t in (1.0, 0.5, 0.25, 0.1):
-                trial = theta + t * step
-                g_new, value = grad_and_value(trial)
-                norm = float(g_new.norm())
-                if math.isfinite(norm) and norm < gnorm:
-                    accepted = (trial, g_new.detach(), norm, float(value))
-                    break
-            if accepted is not None:
-                mu = mu_try / 100 if mu_try > 0 else 0.0
+        if time.monotonic() >= deadline:
+            message = "max_time reached"
+            break
+        if eig is None:
+            eig = solver.decompose(theta)
+            fresh = True
+            if eig is None:
+                message = "the Hessian is zero or not finite; no Newton step"
                 break
-        if accepted is None:
-            message = "no Newton/Levenberg-Marquardt step decreased |grad R| (rounding floor)"
-            break
-        theta, g, gnorm, loss = accepted
-        newton += 1
-        if gnorm <= gtol:
-            message = "converged"
-            break
+        if gnorm > minimise_above:
+            found, radius = solver.minimise_step(theta, g, loss, *eig, radius)
+            eig = None
+            if found is None:
+                minimise_above = gnorm  # R no longer decreases measurably: polish |∇R|
+                continue
+        else:
+            found = solver.root_step(theta, g, gnorm, *eig)
+            if found is None or (not fresh and found[2] > _CHORD * gnorm):
+                if fresh:
+                    message = (
+                        "no Newton/Levenberg-Marquardt step decreased |grad R| (a rounding "
+                        "floor, or a stationary point of |grad R| that is not critical)"
+                    )
+                    break
+                eig = None  # the old decomposition no longer helps: recompute
+                continue
+            fresh = False
+        theta, g, gnorm, loss = found
+        steps += 1
+    if gnorm > gtol and gnorm > minimise_above:
+        message += (
+            f" while still minimising: R fell from {loss0:.6g} to {loss:.6g} and |θ| went "
+            f"from {float(fl.theta.norm()):.4g} to {float(theta.norm()):.4g} (the iterates "
+            f"follow a descending valley, possibly to infinity; no critical point near)"
+        )
     _set_flat_(params, theta)
-    return newton, gnorm, loss, message
+    return steps, solver.hessians, gnorm, loss, message
 
 
 def critical_point(
@@ -141,11 +335,24 @@ def critical_point(
     *,
     gtol: float = 1e-12,
     max_iter: int = 2000,
-    max_newton_iter: int = 50,
+    max_newton_iter: int = 200,
     rcond: float = 1e-13,
     newton_below: float = 1e-6,
+    newton_at: float = 1e-4,
+    polish_below: float = 1e-9,
+    max_time: float | None = None,
 ) -> CriticalPointResult:
     """Polish ``model`` IN PLACE to a critical point ``|∇R| <= gtol`` (float64).
+
+    L-BFGS gets close, trust-region Newton on the exact Hessian minimises ``R`` further,
+    and truncated pseudo-inverse / Levenberg-Marquardt steps on ``∇R = 0`` finish (see
+    the module docstring). Cost: one dense float64 Hessian and one ``eigh`` per Newton
+    step, so P up to a few thousand (about 1-3 s per step at P ≈ 2000 on 2 cores).
+
+    Not every start has a critical point within reach: from many random starts of small
+    smooth MLPs the loss keeps falling along a long curved valley (``|θ|`` growing,
+    near-flat and negative curvature), where no local method converges in bounded time;
+    the result then says so in ``message`` (``converged=False``).
 
     Args:
         model: A float64 model (call ``model.double()`` first), in eval mode if it has
@@ -155,20 +362,29 @@ def critical_point(
             float64).
         targets: The targets.
         gtol: Target Euclidean gradient norm.
-        max_iter: Maximum L-BFGS iterations.
-        max_newton_iter: Maximum Newton/Levenberg-Marquardt iterations.
-        rcond: Eigenvalues ``|λ| <= rcond·max|λ|`` are dropped in the pseudo-inverse.
-        newton_below: Skip L-BFGS when ``|∇R|`` starts at or below this: a point that
-            is already nearly critical (e.g. a freshly embedded critical point, often a
-            saddle) is polished by Newton steps only, since L-BFGS, a minimiser, would
-            walk away from a saddle.
+        max_iter: Maximum L-BFGS iterations (0: Newton only).
+        max_newton_iter: Maximum accepted Newton steps (0: L-BFGS only).
+        rcond: Smallest relative eigenvalue cut-off ``|λ| > rcond·max|λ|`` of the
+            pseudo-inverse steps.
+        newton_below: Skip L-BFGS and the trust-region stage when ``|∇R|`` starts at or
+            below this: a point that is already nearly critical (e.g. a freshly
+            embedded critical point, often a saddle) is polished by root steps on
+            ``∇R = 0`` only, since a minimiser would walk away from a saddle.
+        newton_at: L-BFGS hands over to Newton once ``|∇R| <= newton_at`` (or earlier,
+            when it stalls).
+        polish_below: The trust-region minimisation hands over to the root steps once
+            ``|∇R| <= polish_below`` (or earlier, when ``R`` stops decreasing above
+            rounding).
+        max_time: Wall-clock budget in seconds (checked between L-BFGS chunks and
+            Newton steps; ``None``: no limit).
 
     Returns:
         A :class:`CriticalPointResult`; ``converged`` is ``False`` (no exception, no
-        warning) when ``gtol`` was not reached.
+        warning) when ``gtol`` was not reached, and ``message`` says why.
 
     Raises:
-        ValueError: The model is not float64 or has BatchNorm/Dropout in train mode.
+        ValueError: The model is not float64 or has BatchNorm/Dropout in train mode, or
+            ``gtol`` / ``max_time`` is not positive.
 
     Example:
         >>> from torch import nn
@@ -190,6 +406,9 @@ def critical_point(
             )
     if gtol <= 0 or not math.isfinite(gtol):
         raise ValueError(f"gtol must be a positive finite number, got {gtol}")
+    if max_time is not None and not max_time > 0:
+        raise ValueError(f"max_time must be a positive number of seconds or None, got {max_time}")
+    deadline = math.inf if max_time is None else time.monotonic() + max_time
     x = inputs.double() if inputs.is_floating_point() else inputs
     y = targets.double() if isinstance(targets, Tensor) and targets.is_floating_point() else targets
 
@@ -197,46 +416,43 @@ def critical_point(
     initial = float(g0.norm())
     gnorm, loss = initial, loss0
     phases: list[str] = []
-    lbfgs_iters = 0
-    if gnorm > max(gtol, newton_below) and max_iter > 0:
+    lbfgs_iters = newton = hessians = 0
+    use_lbfgs = gnorm > max(gtol, newton_below) and max_iter > 0
+    message = "converged"
+    if gnorm > gtol and use_lbfgs:
         phases.append("lbfgs")
         start = _get_flat(params)
-        opt = torch.optim.LBFGS(
-            params,
-            lr=1.0,
-            max_iter=max_iter,
-            tolerance_grad=gtol / 10,
-            tolerance_change=0.0,
-            history_size=50,
-            line_search_fn="strong_wolfe",
-        )
-
-        def closure() -> Tensor:
-            opt.zero_grad()
-            value = loss_fn(model(x), y)
-            value.backward()
-            return value  # type: ignore[no-any-return]
-
-        opt.step(closure)
-        lbfgs_iters = int(opt.state[params[0]].get("n_iter", 0)) if params else 0
-        for p in params:
-            p.grad = None
-        loss, g = _loss_and_grad(model, loss_fn, x, y)
-        gnorm = float(g.norm())
-        if not math.isfinite(gnorm) or gnorm > initial:
+        lbfgs_iters = _lbfgs_(model, params, loss_fn, x, y, max_iter, newton_at, deadline)
+        loss_l, g_l = _loss_and_grad(model, loss_fn, x, y)
+        norm_l = float(g_l.norm())
+        if not math.isfinite(norm_l) or norm_l > initial:
             # L-BFGS ended at a worse gradient norm (it minimises R, not |∇R|): undo.
             _set_flat_(params, start)
-            loss, gnorm = loss0, initial
-
-    newton = 0
-    message = "converged" if gnorm <= gtol else ""
-    if gnorm > gtol and max_newton_iter > 0:
+        else:
+            gnorm, loss = norm_l, loss_l
+        if gnorm > gtol:
+            message = (
+                "max_time reached during L-BFGS"
+                if time.monotonic() >= deadline
+                else f"L-BFGS stopped after {lbfgs_iters} iterations and the Newton phase "
+                f"is disabled (max_newton_iter=0)"
+            )
+    if gnorm > gtol and max_newton_iter > 0 and time.monotonic() < deadline:
         phases.append("newton")
-        newton, gnorm, loss, message = _newton_(
-            model, params, loss_fn, x, y, gnorm, loss, max_newton_iter, rcond, gtol
+        newton, hessians, gnorm, loss, message = _newton_(
+            model,
+            params,
+            loss_fn,
+            x,
+            y,
+            max_newton_iter,
+            rcond,
+            gtol,
+            polish_below if use_lbfgs else math.inf,
+            deadline,
         )
-    elif not message:
-        message = "max_iter reached, Newton phase disabled"
+    elif gnorm > gtol and not use_lbfgs:
+        message = "Newton phase disabled (max_newton_iter=0) and L-BFGS not run"
     converged = gnorm <= gtol
     return CriticalPointResult(
         grad_norm=gnorm,
@@ -248,4 +464,5 @@ def critical_point(
         initial_grad_norm=initial,
         method="+".join(phases) or "none",
         message=message,
+        hessian_evaluations=hessians,
     )
