@@ -5,6 +5,7 @@ A fixed, seeded table of small smooth MLPs with MSE loss (the nets torch_embed p
 runs :func:`torch_embed.critical.critical_point` from the same random start and prints
 
 * ``time``: wall seconds, ``lbfgs`` / ``newton``: the iterations of each phase,
+  ``hessians``: dense Hessians computed and eigendecomposed,
 * ``|∇R|``: the final gradient norm, recomputed here with plain autograd,
 * ``conv``: whether ``gtol`` was reached, and ``loss``: the final loss,
 * ``peer |∇R|``: a baseline, ``torch.optim.LBFGS`` alone (strong Wolfe,
@@ -19,6 +20,7 @@ Usage::
     python bench/critical.py                 # the whole table (under ~3 min on 2 cores)
     python bench/critical.py --cases w2,w4   # some cases
     python bench/critical.py --no-peer       # skip the L-BFGS baseline
+    python bench/critical.py --max-time 0    # no time limit per case (default 60 s)
 """
 
 from __future__ import annotations
@@ -65,7 +67,9 @@ def _stairs(n: int) -> tuple[Tensor, Tensor]:
 def _surface(n: int, seed: int) -> tuple[Tensor, Tensor]:
     g = torch.Generator().manual_seed(seed)
     x = 2 * torch.rand(n, 2, dtype=F64, generator=g) - 1
-    y = (torch.sin(3 * x[:, :1]) * torch.cos(2 * x[:, 1:]) + 0.3 * x[:, :1] * x[:, 1:]).reshape(n, 1)
+    y = (torch.sin(3 * x[:, :1]) * torch.cos(2 * x[:, 1:]) + 0.3 * x[:, :1] * x[:, 1:]).reshape(
+        n, 1
+    )
     return x, y
 
 
@@ -159,6 +163,9 @@ def main() -> None:
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated case names")
     parser.add_argument("--gtol", type=float, default=1e-12)
     parser.add_argument("--no-peer", action="store_true", help="skip the L-BFGS baseline")
+    parser.add_argument(
+        "--max-time", type=float, default=60.0, help="critical_point's max_time per case (s)"
+    )
     args = parser.parse_args()
     names = [c.strip() for c in args.cases.split(",") if c.strip()]
     for name in names:
@@ -171,15 +178,19 @@ def main() -> None:
         f"({torch.get_num_threads()} threads), Python {platform.python_version()}, "
         f"load avg {os.getloadavg()[0]:.1f}, gtol {args.gtol:g}.\n"
     )
-    print("| case | P | N | time (s) | lbfgs | newton | \\|∇R\\| | conv | loss | peer \\|∇R\\| |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| case | P | N | time (s) | lbfgs | newton | hessians | \\|∇R\\| | conv | loss "
+        "| peer \\|∇R\\| |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     total = 0.0
     for name in names:
         net, x, y = CASES[name]()
         start_state = copy.deepcopy(net.state_dict())
         n_params = sum(p.numel() for p in net.parameters())
         t0 = time.perf_counter()
-        res = critical_point(net, MSE, x, y, gtol=args.gtol)
+        kwargs = {"max_time": args.max_time} if args.max_time > 0 else {}
+        res = critical_point(net, MSE, x, y, gtol=args.gtol, **kwargs)
         elapsed = time.perf_counter() - t0
         total += elapsed
         norm, loss = _grad_norm(net, x, y)
@@ -189,7 +200,7 @@ def main() -> None:
             peer = f"{_peer(net, x, y, max(elapsed, 1.0)):.1e}"
         print(
             f"| {name} | {n_params} | {x.shape[0]} | {elapsed:.2f} | {res.lbfgs_iterations} | "
-            f"{res.newton_iterations} | {norm:.1e} | {'yes' if norm <= args.gtol else 'NO'} | "
+            f"{res.newton_iterations} | {getattr(res, 'hessian_evaluations', '-')} | {norm:.1e} | {'yes' if norm <= args.gtol else 'NO'} | "
             f"{loss:.6g} | {peer} |",
             flush=True,
         )

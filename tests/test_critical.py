@@ -51,6 +51,88 @@ def test_reaches_1e12_in_place(seed: int) -> None:
     assert res.iterations == res.lbfgs_iterations + res.newton_iterations
 
 
+def _wiggly(n: int = 64) -> tuple[Tensor, Tensor]:
+    """Three tanh steps plus a wiggle: no narrow net fits it exactly (bench/critical.py)."""
+    x = torch.linspace(-2, 2, n, dtype=F64).unsqueeze(1)
+    y = torch.tanh(3 * (x - 1)) + torch.tanh(3 * (x + 1)) + 0.5 * torch.tanh(3 * x)
+    return x, y + 0.3 * torch.sin(4 * x)
+
+
+@pytest.mark.parametrize(("width", "seed"), [(2, 2), (4, 2)])
+def test_random_starts_the_old_polisher_missed(width: int, seed: int) -> None:
+    """The L-BFGS + LM version stalled here at |∇R| ≈ 2e-6 after ~12 s (bench/critical.py)."""
+    net = _tanh_net(width, seed)
+    x, y = _wiggly()
+    res = critical_point(net, nn.MSELoss(), x, y)
+    norm, loss = _autograd_grad_norm(net, x, y)
+    assert norm <= 1e-12, res
+    assert res.converged and res.method == "lbfgs+newton" and res.hessian_evaluations >= 1
+    assert res.loss == pytest.approx(loss, rel=1e-12)
+
+
+def _hessian_eigenvalues(net: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    params = tuple(p.detach() for p in net.parameters())
+    names = [n for n, _ in net.named_parameters()]
+
+    def loss(*ps: Tensor) -> Tensor:
+        out = torch.func.functional_call(net, dict(zip(names, ps, strict=True)), (x,))
+        return nn.functional.mse_loss(out, y)
+
+    blocks = torch.autograd.functional.hessian(loss, params)
+    sizes = [p.numel() for p in params]
+    rows = [
+        torch.cat([blocks[i][j].reshape(sizes[i], sizes[j]) for j in range(len(params))], 1)
+        for i in range(len(params))
+    ]
+    return torch.linalg.eigvalsh(torch.cat(rows, 0))
+
+
+@pytest.mark.parametrize("offset", [1e-4, 1e-6])
+def test_degenerate_split_neighbourhood(offset: float) -> None:
+    """Start next to a split critical point: its critical set is a manifold (H has zeros)."""
+    net = _tanh_net(2, 0)
+    x, y = _wiggly()
+    assert critical_point(net, nn.MSELoss(), x, y).converged
+    torch_embed.widen(net, [4], "split", generator=torch.Generator().manual_seed(5))
+    lam = _hessian_eigenvalues(net, x, y)
+    assert int((lam.abs() < 1e-9 * lam.abs().max()).sum()) >= 2  # degenerate by construction
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(7)
+        for p in net.parameters():
+            p.add_(offset * torch.randn(p.shape, dtype=F64, generator=g))
+    res = critical_point(net, nn.MSELoss(), x, y, newton_below=1e-3)
+    norm, _ = _autograd_grad_norm(net, x, y)
+    assert norm <= 1e-12, res
+    assert res.converged and res.method == "newton" and res.lbfgs_iterations == 0
+    lam = _hessian_eigenvalues(net, x, y)
+    assert int((lam.abs() < 1e-9 * lam.abs().max()).sum()) >= 2  # still on a degenerate set
+
+
+def test_valley_is_reported_not_converged() -> None:
+    """A start whose loss keeps falling along a valley: budget spent, said so honestly."""
+    net = _tanh_net(8, 1)
+    x, y = _wiggly()
+    res = critical_point(net, nn.MSELoss(), x, y, max_newton_iter=20)
+    norm, loss = _autograd_grad_norm(net, x, y)
+    assert not res.converged and norm > 1e-12
+    assert "max_newton_iter" in res.message and "still minimising" in res.message
+    assert res.grad_norm == pytest.approx(norm, rel=1e-6)
+    assert res.loss == pytest.approx(loss, rel=1e-12) and res.newton_iterations == 20
+
+
+def test_max_time_is_respected_and_reported() -> None:
+    import time
+
+    net = _tanh_net(8, 1)
+    x, y = _wiggly()
+    t0 = time.perf_counter()
+    res = critical_point(net, nn.MSELoss(), x, y, max_time=0.3)
+    assert time.perf_counter() - t0 < 3.0
+    assert not res.converged and "max_time" in res.message
+    norm, _ = _autograd_grad_norm(net, x, y)
+    assert res.grad_norm == pytest.approx(norm, rel=1e-6)
+
+
 def test_impossible_gtol_reports_not_converged() -> None:
     net = _tanh_net()
     x, y = _data()
@@ -91,3 +173,5 @@ def test_refuses_float32_and_train_mode() -> None:
         critical_point(drop, nn.MSELoss(), x, y)
     with pytest.raises(ValueError, match="gtol"):
         critical_point(_tanh_net(), nn.MSELoss(), x, y, gtol=0.0)
+    with pytest.raises(ValueError, match="max_time"):
+        critical_point(_tanh_net(), nn.MSELoss(), x, y, max_time=0.0)

@@ -137,23 +137,28 @@ def _lbfgs_(
         value.backward()
         return value  # type: ignore[no-any-return]
 
-    # one dense Hessian costs about as much as ~P gradients: give L-BFGS longer before
-    # calling it stalled when P is large
-    window = max(2, math.ceil(sum(p.numel() for p in params) / (10 * _CHUNK)))
+    n_params = sum(p.numel() for p in params)
     done = 0
     history: list[float] = []
     while done < max_iter and time.monotonic() < deadline:
         opt.param_groups[0]["max_iter"] = min(_CHUNK, max_iter - done)
+        t0 = time.perf_counter()
         opt.step(closure)
+        t1 = time.perf_counter()
         done = int(opt.state[params[0]].get("n_iter", 0))
         for p in params:
             p.grad = None
         norm = float(_loss_and_grad(model, loss_fn, x, y)[1].norm())
+        t2 = time.perf_counter()
         history.append(norm)
         if not math.isfinite(norm) or norm <= newton_at:
             break
+        # Stalled when |∇R| was not halved over a window of chunks that costs about two
+        # Newton steps (a dense Hessian ≈ P gradients, plus eigh ≈ 2e-10·P³ s).
+        newton_cost = n_params * (t2 - t1) + 2e-10 * n_params**3
+        window = max(2, math.ceil(2 * newton_cost / max(t1 - t0, 1e-9)))
         if len(history) > window and min(history[-window:]) > 0.5 * min(history[:-window]):
-            break  # stalled: |∇R| not halved over the last `window` chunks
+            break
     return done
 
 
@@ -209,14 +214,31 @@ class _Newton:
         return lam, q
 
     def minimise_step(
-        self, theta: Tensor, g: Tensor, loss: float, lam: Tensor, q: Tensor, radius: float
+        self,
+        theta: Tensor,
+        g: Tensor,
+        loss: float,
+        lam: Tensor,
+        q: Tensor,
+        radius: float,
+        *,
+        stale: bool,
     ) -> tuple[tuple[Tensor, Tensor, float, float] | None, float]:
         """One trust-region step on ``R`` (trials reuse ``Q Λ``); returns it and the radius.
 
         ``None`` when the model predicts no decrease above rounding or no trial is
-        accepted.
+        accepted. A ``stale`` decomposition (from an earlier point) gets one trial, kept
+        only if it does at least half as well as predicted; the radius is then unchanged.
         """
         gq = q.T @ g
+        if stale:
+            s, pred = _tr_step(lam, gq, radius)
+            if pred <= 1e-15 * max(abs(loss), 1e-300):
+                return None, radius
+            trial = theta + q @ s
+            g_new, norm, value = self.evaluate(trial)
+            ok = math.isfinite(norm) and (loss - value) > 0.5 * pred
+            return ((trial, g_new, norm, value) if ok else None), radius
         for _ in range(30):
             s, pred = _tr_step(lam, gq, radius)
             if pred <= 1e-15 * max(abs(loss), 1e-300):
@@ -298,11 +320,13 @@ def _newton_(
                 message = "the Hessian is zero or not finite; no Newton step"
                 break
         if gnorm > minimise_above:
-            found, radius = solver.minimise_step(theta, g, loss, *eig, radius)
-            eig = None
+            found, radius = solver.minimise_step(theta, g, loss, *eig, radius, stale=not fresh)
             if found is None:
-                minimise_above = gnorm  # R no longer decreases measurably: polish |∇R|
+                if fresh:
+                    minimise_above = gnorm  # R no longer decreases measurably: polish
+                eig = None
                 continue
+            fresh = False
         else:
             found = solver.root_step(theta, g, gnorm, *eig)
             if found is None or (not fresh and found[2] > _CHORD * gnorm):
