@@ -8,9 +8,9 @@ runs :func:`torch_embed.critical.critical_point` from the same random start and 
   ``hessians``: dense Hessians computed and eigendecomposed,
 * ``|∇R|``: the final gradient norm, recomputed here with plain autograd,
 * ``conv``: whether ``gtol`` was reached, and ``loss``: the final loss,
-* ``peer |∇R|``: a baseline, ``torch.optim.LBFGS`` alone (strong Wolfe,
+* ``peer |∇R|``, ``peer loss``: a baseline, ``torch.optim.LBFGS`` alone (strong Wolfe,
   ``tolerance_grad=0``, ``tolerance_change=0``, history 50) from the same start, given the
-  same wall time (at least 1 s): the smallest gradient norm it reached.
+  same wall time (at least 1 s): the smallest gradient norm it reached and the loss there.
 
 One case starts next to a split of a polished narrow critical point (degenerate by
 construction: its critical set is a manifold, the Hessian has structural zeros).
@@ -20,13 +20,16 @@ Usage::
     python bench/critical.py                 # the whole table (under ~3 min on 2 cores)
     python bench/critical.py --cases w2,w4   # some cases
     python bench/critical.py --no-peer       # skip the L-BFGS baseline
-    python bench/critical.py --max-time 0    # no time limit per case (default 60 s)
+    python bench/critical.py --max-time 0    # no time limit per case (default 20 s)
+    git show 6c2e116:torch_embed/critical.py > /tmp/old.py
+    python bench/critical.py --impl /tmp/old.py   # the version before issue 3
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import math
 import os
 import platform
@@ -128,8 +131,8 @@ def _grad_norm(net: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float]:
     return float(norm), float(loss.detach())
 
 
-def _peer(net: nn.Module, x: Tensor, y: Tensor, budget: float) -> float:
-    """torch.optim.LBFGS alone for ``budget`` seconds: the smallest |∇R| it reached."""
+def _peer(net: nn.Module, x: Tensor, y: Tensor, budget: float) -> tuple[float, float]:
+    """torch.optim.LBFGS alone for ``budget`` seconds: the smallest |∇R| it reached, loss."""
     params = list(net.parameters())
     opt = torch.optim.LBFGS(
         params,
@@ -147,14 +150,15 @@ def _peer(net: nn.Module, x: Tensor, y: Tensor, budget: float) -> float:
         value.backward()
         return value
 
-    best = _grad_norm(net, x, y)[0]
+    best = _grad_norm(net, x, y)
     start = time.perf_counter()
     while time.perf_counter() - start < budget:
         opt.step(closure)
-        norm = _grad_norm(net, x, y)[0]
+        norm, loss = _grad_norm(net, x, y)
         if not math.isfinite(norm):
             break
-        best = min(best, norm)
+        if norm < best[0]:
+            best = (norm, loss)
     return best
 
 
@@ -164,9 +168,24 @@ def main() -> None:
     parser.add_argument("--gtol", type=float, default=1e-12)
     parser.add_argument("--no-peer", action="store_true", help="skip the L-BFGS baseline")
     parser.add_argument(
-        "--max-time", type=float, default=60.0, help="critical_point's max_time per case (s)"
+        "--impl",
+        default="",
+        help="load critical_point from this file instead (e.g. an older version saved with "
+        "`git show REV:torch_embed/critical.py > old.py`; --max-time is then ignored)",
+    )
+    parser.add_argument(
+        "--max-time", type=float, default=20.0, help="critical_point's max_time per case (s)"
     )
     args = parser.parse_args()
+    polish = critical_point
+    if args.impl:
+        spec = importlib.util.spec_from_file_location("critical_impl", args.impl)
+        if spec is None or spec.loader is None:
+            parser.error(f"cannot load {args.impl}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["critical_impl"] = module
+        spec.loader.exec_module(module)
+        polish = module.critical_point
     names = [c.strip() for c in args.cases.split(",") if c.strip()]
     for name in names:
         if name not in CASES:
@@ -180,27 +199,29 @@ def main() -> None:
     )
     print(
         "| case | P | N | time (s) | lbfgs | newton | hessians | \\|∇R\\| | conv | loss "
-        "| peer \\|∇R\\| |"
+        "| peer \\|∇R\\| | peer loss |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     total = 0.0
     for name in names:
         net, x, y = CASES[name]()
         start_state = copy.deepcopy(net.state_dict())
         n_params = sum(p.numel() for p in net.parameters())
         t0 = time.perf_counter()
-        kwargs = {"max_time": args.max_time} if args.max_time > 0 else {}
-        res = critical_point(net, MSE, x, y, gtol=args.gtol, **kwargs)
+        kwargs = {"max_time": args.max_time} if args.max_time > 0 and not args.impl else {}
+        res = polish(net, MSE, x, y, gtol=args.gtol, **kwargs)
         elapsed = time.perf_counter() - t0
         total += elapsed
         norm, loss = _grad_norm(net, x, y)
-        peer = "-"
+        peer = "- | -"
         if not args.no_peer:
             net.load_state_dict(start_state)
-            peer = f"{_peer(net, x, y, max(elapsed, 1.0)):.1e}"
+            peer_norm, peer_loss = _peer(net, x, y, max(elapsed, 1.0))
+            peer = f"{peer_norm:.1e} | {peer_loss:.6g}"
         print(
             f"| {name} | {n_params} | {x.shape[0]} | {elapsed:.2f} | {res.lbfgs_iterations} | "
-            f"{res.newton_iterations} | {getattr(res, 'hessian_evaluations', '-')} | {norm:.1e} | {'yes' if norm <= args.gtol else 'NO'} | "
+            f"{res.newton_iterations} | {getattr(res, 'hessian_evaluations', '-')} | "
+            f"{norm:.1e} | {'yes' if norm <= args.gtol else 'NO'} | "
             f"{loss:.6g} | {peer} |",
             flush=True,
         )
