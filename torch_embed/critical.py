@@ -271,11 +271,14 @@ class _Newton:
                 coefs.append(torch.where(keep, 1.0 / torch.where(keep, lam, 1.0), 0.0))
         coefs.extend(lam / (lam**2 + d * scale**2) for d in _DAMPING)
         best: tuple[Tensor, Tensor, float, float] | None = None
-        for coef in coefs:
-            trial = theta - q @ (coef * gq)
-            g_new, norm, value = self.evaluate(trial)
-            if math.isfinite(norm) and norm < (gnorm if best is None else best[2]):
-                best = (trial, g_new, norm, value)
+        for fraction in (1.0, 0.5, 0.25, 0.1):  # shorter steps only if no full one helps
+            for coef in coefs:
+                trial = theta - fraction * (q @ (coef * gq))
+                g_new, norm, value = self.evaluate(trial)
+                if math.isfinite(norm) and norm < (gnorm if best is None else best[2]):
+                    best = (trial, g_new, norm, value)
+            if best is not None:
+                break
         return best
 
 
