@@ -49,7 +49,7 @@ __all__ = ["CriticalPointResult", "critical_point"]
 #: Relative eigenvalue cut-offs tried for the truncated pseudo-inverse step.
 _CUTS = (1e-2, 1e-4, 1e-6, 1e-8, 1e-10)
 #: Levenberg-Marquardt damping ``μ / max|λ|²`` tried for the damped step.
-_DAMPING = (1e-1, 1e-3, 1e-5, 1e-7)
+_DAMPING = (1e-1, 1e-3, 1e-5, 1e-7, 1e-9, 1e-11)
 #: L-BFGS iterations between two checks of ``|∇R|``.
 _CHUNK = 25
 #: A chord step (old decomposition) must divide ``|∇R|`` by at least 1/_CHORD.
@@ -200,6 +200,7 @@ class _Newton:
         self.rcond = rcond
         self.grad_and_value = torch.func.grad_and_value(fl.fn)
         self.hessians = 0
+        self.mu = 0.0
 
     def evaluate(self, theta: Tensor) -> tuple[Tensor, float, float]:
         g, value = self.grad_and_value(theta)
@@ -269,16 +270,32 @@ class _Newton:
             if count and count not in seen:
                 seen.add(count)
                 coefs.append(torch.where(keep, 1.0 / torch.where(keep, lam, 1.0), 0.0))
+        n_cuts = len(coefs)
         coefs.extend(lam / (lam**2 + d * scale**2) for d in _DAMPING)
+        # damped Newton: shorter pseudo-inverse steps (a full one may overshoot |∇R|)
+        steps = [q @ (coef * gq) for coef in coefs]
+        steps.extend(f * s for f in (0.5, 0.25, 0.1) for s in steps[:n_cuts])
+        # First the Levenberg-Marquardt search of the previous version: μ carried over
+        # from the last accepted step (0: the rcond pseudo-inverse step), then larger,
+        # each backtracked, the first step that decreases |∇R| wins. Greedy best-of-all
+        # choices crawl where these steps converge (fig3b's Newton-only polish).
+        plain = coefs[n_cuts - 1] if n_cuts else None
+        if plain is not None:
+            keep = plain != 0
+            for mu in [self.mu, *(scale**2 * 10.0**k for k in range(-12, 1, 2))]:
+                coef = torch.where(keep, lam / torch.where(keep, lam**2 + mu, 1.0), 0.0)
+                full = q @ (coef * gq)
+                for f in (1.0, 0.5, 0.25, 0.1):
+                    g_new, norm, value = self.evaluate(theta - f * full)
+                    if math.isfinite(norm) and norm < gnorm:
+                        self.mu = mu / 100 if mu > 0 else 0.0
+                        return theta - f * full, g_new, norm, value
         best: tuple[Tensor, Tensor, float, float] | None = None
-        for fraction in (1.0, 0.5, 0.25, 0.1):  # shorter steps only if no full one helps
-            for coef in coefs:
-                trial = theta - fraction * (q @ (coef * gq))
-                g_new, norm, value = self.evaluate(trial)
-                if math.isfinite(norm) and norm < (gnorm if best is None else best[2]):
-                    best = (trial, g_new, norm, value)
-            if best is not None:
-                break
+        for step in steps:
+            trial = theta - step
+            g_new, norm, value = self.evaluate(trial)
+            if math.isfinite(norm) and norm < (gnorm if best is None else best[2]):
+                best = (trial, g_new, norm, value)
         return best
 
 
