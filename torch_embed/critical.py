@@ -17,15 +17,17 @@ stages:
    rejected trials reuse the decomposition, and near a non-degenerate minimum the
    convergence is quadratic. Runs until ``|∇R| <= polish_below`` or until ``R`` stops
    decreasing above rounding.
-3. Root polishing of ``∇R(θ) = 0`` (any critical point, saddles included): one
-   decomposition gives a family of candidates, the pseudo-inverse step truncated at
-   relative cut-offs ``|λ_i| > c·max|λ|``, ``c ∈ {1e-2, ..., 1e-10, rcond}``, and
-   Levenberg-Marquardt steps ``-Σ λ_i/(λ_i² + μ) (q_iᵀg) q_i``; each is tested with one
-   gradient evaluation and the smallest ``|∇R|`` wins. At a degenerate critical point
-   (a critical manifold: Hessian zeros along it, e.g. after a split) the gradient's
-   components along the near-null directions are second order, so truncating them is
-   what gives fast convergence where plain Newton is linear and damping stalls. The
-   decomposition is reused (chord steps) while each step divides ``|∇R|`` by 4.
+3. Root polishing of ``∇R(θ) = 0`` (any critical point, saddles included). First the
+   Levenberg-Marquardt search of the previous version: ``s = -Σ λ_i/(λ_i² + μ) (q_iᵀg)
+   q_i`` over ``|λ_i| > rcond·max|λ|``, with ``μ`` carried over from the last accepted
+   step (0 at first) and then raised, each backtracked; the first step that decreases
+   ``|∇R|`` wins. When none does, a wider family from the same decomposition: the
+   pseudo-inverse step truncated at relative cut-offs ``c ∈ {1e-2, ..., 1e-10}``
+   (shorter too) and more damped steps, the smallest ``|∇R|`` wins. At a degenerate
+   critical point (a critical manifold, Hessian zeros along it, e.g. after a split) the
+   gradient's components along the near-null directions are second order, and
+   truncating them is what gets past the stall of the plain search. The decomposition
+   is reused (chord steps) while each step divides ``|∇R|`` by 4.
 
 Each Newton step costs one dense float64 Hessian
 (:func:`torch_embed.hessian.dense_hessian`, block-wise) and one ``eigh``: practical for
