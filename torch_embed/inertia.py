@@ -16,12 +16,13 @@ Two methods:
   thresholded (they are not eigenvalues); only the signs of ``D``'s blocks are used.
 
 ``"auto"`` uses ``"eigh"`` below ``n = 1000`` (where it costs well under a second and
-gives the exact gap) and ``"ldl"`` from there on. Measured on one CPU thread
-(``bench/inertia.py`` part 2): ldl is 1.1x faster at ``n = 500`` and 1.3-2x from
-``n = 1000`` on (2.0x at ``n = 8000``). Two factorizations can win by at most about
-2x there, because one ``sytrf`` costs about a quarter of the tridiagonal reduction ``sytrd`` inside
-``eigvalsh`` (``n³/3`` against ``4n³/3`` flops); with several threads ``sytrd``,
-half of it matrix-vector work, scales worse, and the ratio grows.
+gives the exact gap) and ``"ldl"`` from there on. Measured with torch's MKL on a
+2-core AMD EPYC (``bench/inertia.py`` part 2, ``bench/RESULTS.md``): ldl is 1.4-2.1x
+faster from ``n = 1000`` on with one thread (1.95x at ``n = 8000``) and 1.2-2.0x with
+two (1.63x at ``n = 8000``). Two factorizations can win by at most about 2x there,
+because one ``sytrf`` costs about a quarter of the tridiagonal reduction ``sytrd``
+inside ``eigvalsh`` (``n³/3`` against ``4n³/3`` flops) and runs at a similar speed;
+where a LAPACK's ``sytrf`` is faster relative to ``sytrd``, the ratio grows.
 """
 
 from __future__ import annotations
