@@ -75,13 +75,13 @@ def _put(dst: Tensor, src: Tensor, factor: Tensor | None) -> None:
     """
     if factor is None:
         dst.copy_(src)
-    elif factor.dtype == dst.dtype or dst.device.type != "cpu" or dst.ndim != 2:
+    elif factor.dtype == dst.dtype or dst.device.type != "cpu":
         torch.mul(src, factor, out=dst)
     else:
         rows, cols = dst.shape
         step = max(1, _CHUNK_MIXED // max(cols, 1))
         buf = torch.empty(min(step, rows), cols, dtype=factor.dtype, device=dst.device)
-        per_row = factor.dim() == 2 and factor.shape[0] == rows and rows > 1
+        per_row = factor.dim() == 2 and factor.shape[0] == rows
         for i in range(0, rows, step):
             j = min(i + step, rows)
             wide = buf[: j - i]
