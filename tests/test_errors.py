@@ -9,7 +9,7 @@ import pytest
 import torch
 from cases import Arch, build_mlp
 from torch import nn
-from torch.nn.utils import parametrizations
+from torch.nn.utils import parametrizations, prune
 
 from torch_embed.schemes import General, Net2Net, Null, Split, plan
 from torch_embed.widen import embed_, widen
@@ -177,6 +177,87 @@ def test_parametrized_layer_refused() -> None:
         r"layer 2 \(ParametrizedLinear\) is parametrized; remove the parametrization",
         [5],
     )
+
+
+def _old_weight_norm(m: nn.Module) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecated in favour of parametrizations
+        torch.nn.utils.weight_norm(m)
+
+
+@pytest.mark.parametrize(
+    ("reparametrize", "found"),
+    [
+        (_old_weight_norm, r"'weight_g', 'weight_v'"),
+        (torch.nn.utils.spectral_norm, r"'weight_orig', 'weight_u', 'weight_v'"),
+        (
+            lambda m: prune.l1_unstructured(m, "weight", amount=0.5),
+            r"'weight_mask', 'weight_orig'",
+        ),
+    ],
+    ids=["weight_norm", "spectral_norm", "prune"],
+)
+@pytest.mark.parametrize("layer", [0, 2])
+def test_hook_based_reparametrization_refused(reparametrize, found, layer) -> None:
+    # these recompute `weight` from other tensors in a forward pre-hook; widening used to
+    # succeed and leave those tensors narrow, so the next forward pass failed
+    net = _mlp(nn.Tanh())
+    reparametrize(net[layer])
+    _refused(
+        net,
+        ValueError,
+        rf"layer {layer} \(Linear\) holds tensors widen does not map \({found}\).*"
+        r"Remove it first",
+        [5],
+    )
+
+
+def test_extra_buffer_on_batchnorm_refused() -> None:
+    net = _mlp(nn.BatchNorm1d(4), nn.Tanh())
+    net[1].register_buffer("mask", torch.ones(4))
+    _refused(net, ValueError, r"layer 1 \(BatchNorm1d\) holds tensors .*\('mask'\)", [5])
+
+
+def test_batchnorm_without_affine_or_statistics_is_accepted() -> None:
+    net = _mlp(nn.BatchNorm1d(4, affine=False, track_running_stats=False), nn.Tanh())
+    widen(net, [6], generator=torch.Generator().manual_seed(0))
+    assert net[0].out_features == 6 and net[1].num_features == 6
+
+
+@pytest.mark.parametrize(
+    ("net", "match"),
+    [
+        (
+            nn.Sequential(nn.Flatten(), nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)),
+            r"layer 0 \(Flatten\) .* before the first Linear: `widen\(module\[1:\], ...\)`",
+        ),
+        (
+            nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2), nn.LogSoftmax(dim=1)),
+            r"layer 3 \(LogSoftmax\) .* after the last Linear: `widen\(module\[:3\], ...\)`",
+        ),
+        (
+            nn.Sequential(type("MyLinear", (nn.Linear,), {})(3, 4), nn.Tanh(), nn.Linear(4, 2)),
+            r"layer 0 \(MyLinear\) cannot be widened: it is a subclass of nn.Linear",
+        ),
+    ],
+    ids=["flatten_first", "log_softmax_last", "linear_subclass"],
+)
+def test_refusal_explains_the_way_out(net, match) -> None:
+    _refused(net, TypeError, match, [5])
+
+
+def test_the_suggested_slice_widens_the_whole_network() -> None:
+    g = torch.Generator().manual_seed(0)
+    net = nn.Sequential(
+        nn.Flatten(), nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 2), nn.LogSoftmax(dim=1)
+    ).double()
+    x = torch.randn(5, 2, 3, dtype=torch.float64, generator=g)
+    with torch.no_grad():
+        before = net(x)
+    widen(net[1:4], [7], generator=g)
+    assert net[1].weight.shape == (7, 6) and net[3].weight.shape == (2, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), before, rtol=0, atol=1e-13)
 
 
 def test_lazy_layer_refused() -> None:

@@ -205,6 +205,42 @@ def _refuse(index: str, module: nn.Module, why: str) -> TypeError:
     )
 
 
+# the tensors widen maps; anything else on these modules would be left narrow
+_OWN_TENSORS: dict[type[nn.Module], tuple[frozenset[str], frozenset[str]]] = {
+    nn.Linear: (frozenset({"weight", "bias"}), frozenset()),
+    nn.BatchNorm1d: (
+        frozenset({"weight", "bias"}),
+        frozenset({"running_mean", "running_var", "num_batches_tracked"}),
+    ),
+}
+
+
+def _check_own_tensors(name: str, child: nn.Module) -> None:
+    """Refuse a Linear or BatchNorm1d whose tensors are not the ones ``widen`` maps.
+
+    Hook-based reparametrizations (``torch.nn.utils.weight_norm``, ``spectral_norm``,
+    ``torch.nn.utils.prune``) replace the ``weight`` Parameter by others (``weight_g``
+    and ``weight_v``, ``weight_orig`` and ``weight_mask``, ...) and recompute ``weight``
+    in a forward pre-hook: widening the remaining tensors would leave those narrow.
+    """
+    expected = _OWN_TENSORS.get(type(child))
+    if expected is None:
+        return
+    params, buffers = expected
+    extra = sorted((set(child._parameters) - params) | (set(child._buffers) - buffers))
+    no_weight = type(child) is nn.Linear and child._parameters.get("weight") is None
+    if extra or no_weight:
+        kind = type(child).__name__
+        found = ", ".join(repr(n) for n in extra) or "no 'weight' Parameter"
+        raise ValueError(
+            f"layer {name} ({kind}) holds tensors widen does not map ({found}), typically from "
+            f"a hook-based reparametrization such as torch.nn.utils.weight_norm, "
+            f"spectral_norm or torch.nn.utils.prune; widening would leave them narrow. "
+            f"Remove it first (torch.nn.utils.remove_weight_norm, remove_spectral_norm, "
+            f"prune.remove); a {kind} with only {sorted(params | buffers)} is accepted."
+        )
+
+
 def read_sequential(module: nn.Module) -> Layout:
     """Read an ``nn.Sequential`` MLP into a :class:`Layout`, refusing what cannot be widened.
 
@@ -213,7 +249,8 @@ def read_sequential(module: nn.Module) -> Layout:
             type that is not accepted.
         ValueError: The structure is wrong although the types are accepted (fewer than
             two Linear layers, mismatched features, a module or parameter that appears
-            twice, a parametrized or lazy module, BatchNorm1d not right after a Linear).
+            twice, a parametrized or lazy module, a Linear or BatchNorm1d holding other
+            tensors than its own, BatchNorm1d not right after a Linear).
     """
     if not isinstance(module, nn.Sequential) and isinstance(
         getattr(module, "_orig_mod", None), nn.Sequential
@@ -237,7 +274,7 @@ def read_sequential(module: nn.Module) -> Layout:
     previous: str | None = None  # kind of the previous module: "linear", "bn", "elementwise"
     # not named_children(): it drops repeated modules, which Sequential.forward still runs
     children = [(n, c) for n, c in module._modules.items() if c is not None]
-    for name, child in children:
+    for pos, (name, child) in enumerate(children):
         if id(child) in seen_modules:
             raise ValueError(
                 f"layer {name} ({type(child).__name__}) is the same module object as layer "
@@ -264,6 +301,7 @@ def read_sequential(module: nn.Module) -> Layout:
                 f"layer {name} ({type(child).__name__}) is a lazy module whose shape is not "
                 f"known yet; run one forward pass first."
             )
+        _check_own_tensors(name, child)
         if type(child) is nn.Linear:
             if linears and linears[-1].out_features != child.in_features:
                 raise ValueError(
@@ -304,8 +342,27 @@ def read_sequential(module: nn.Module) -> Layout:
             )
         elif isinstance(child, nn.Sequential):
             raise _refuse(name, child, "nested Sequential containers are not read; flatten it")
+        elif isinstance(child, (nn.Linear, nn.BatchNorm1d)):
+            base = "Linear" if isinstance(child, nn.Linear) else "BatchNorm1d"
+            raise _refuse(
+                name,
+                child,
+                f"it is a subclass of nn.{base}, whose forward may differ; only nn.{base} "
+                f"itself is read",
+            )
         else:
-            raise _refuse(name, child, "it is not a known element-wise module")
+            why = "it is not a known element-wise module"
+            if not linears:
+                why += (
+                    f" (it comes before the first Linear: `widen(module[{pos + 1}:], ...)` "
+                    f"widens the rest in place, the slice shares its modules)"
+                )
+            elif not any(type(c) is nn.Linear for _, c in children[pos + 1 :]):
+                why += (
+                    f" (it comes after the last Linear: `widen(module[:{pos}], ...)` widens "
+                    f"the rest in place, the slice shares its modules)"
+                )
+            raise _refuse(name, child, why)
     if len(linears) < 2:
         raise ValueError(
             f"widen needs at least two nn.Linear layers (one hidden layer), found "
