@@ -4,6 +4,7 @@ unchanged module afterwards (values, shapes, parameter identity, features)."""
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ from cases import Arch, build_mlp
 from torch import nn
 from torch.nn.utils import parametrizations, prune
 
-from torch_embed.schemes import General, Net2Net, Null, Split, plan
+from torch_embed.embedding import Embedding
+from torch_embed.schemes import General, Net2Net, Null, RandomPad, Split, plan
 from torch_embed.widen import embed_, widen
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -415,6 +417,65 @@ def test_bad_new_widths(widths, match) -> None:
             ValueError,
             r"Null.fan_in_std must be a finite number >= 0, got -1.0",
         ),
+        # non-finite numbers used to be accepted and wrote NaN into the weights, while
+        # the embedding still reported kind=critical
+        (
+            [6, 7],
+            Split(alpha=(float("nan"), 0.5, 0.5)),
+            ValueError,
+            r"a k-way alpha needs finite coefficients, got \[nan, 0.5, 0.5\]",
+        ),
+        (
+            [6, 7],
+            Split(alpha=(float("inf"), float("-inf"), 1.0)),
+            ValueError,
+            r"a k-way alpha needs finite coefficients",
+        ),
+        (
+            [6, 6],
+            Null(bias=float("nan")),
+            ValueError,
+            r"Null.bias must be a finite number, got nan",
+        ),
+        (
+            [6, 6],
+            Null(bias=float("inf")),
+            ValueError,
+            r"Null.bias must be a finite number, got inf",
+        ),
+        (
+            [6, 6],
+            RandomPad(scale=float("nan")),
+            ValueError,
+            r"RandomPad.scale must be a finite number, got nan",
+        ),
+        # select entries that are not ints used to be truncated by int() or to fail with
+        # "'float' object is not iterable"
+        (
+            [6, 5],
+            Split(select=[0.5, 1]),
+            ValueError,
+            r"select must be 'random', 'cyclic', 'norm', a list of neuron indices \(ints\)",
+        ),
+        ([6, 5], Split(select=[True, False]), ValueError, r"a list of neuron indices \(ints\)"),
+        (
+            [6, 5],
+            Split(select=[[0.7, 1.2], None]),
+            ValueError,
+            r"select\[0\] must hold neuron indices \(ints\), got float 0.7",
+        ),
+        (
+            [6, 5],
+            Split(select={0: [0.5, 1]}),
+            ValueError,
+            r"select\[0\] must hold neuron indices \(ints\), got float 0.5",
+        ),
+        (
+            [6, 5],
+            Split(select={True: [0, 1]}),
+            ValueError,
+            r"select key True is not a hidden-layer index",
+        ),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )
@@ -483,6 +544,31 @@ def test_bad_scheme_arguments(widths, scheme, exc, match) -> None:
             None,
             r"General.coefficients needs one entry per hidden layer \(2\)",
         ),
+        (
+            General([[0, 1, 2, 3, 0], None], [[float("nan"), 1, 1, 1, float("nan")], None]),
+            None,
+            r"hidden layer 0: coef has non-finite entries \(nan or inf\)",
+        ),
+        (
+            General([[0, 1, 2, 3, -1], None], null_bias=[0.1]),
+            None,
+            r"General.null_bias must be one finite number, or one per hidden layer \(2\)",
+        ),
+        (
+            General([[0, 1, 2, 3, -1], None], null_bias=float("nan")),
+            None,
+            r"General.null_bias must be one finite number.*got nan",
+        ),
+        (
+            General([[0, 1, 2, 3, 0.5], None]),
+            None,
+            r"General.sources\[0\] must be None or a list of ints",
+        ),
+        (
+            General([[[0, 1], [2, 3]], None]),
+            None,
+            r"General.sources\[0\] must be None or a list of ints",
+        ),
     ],
     ids=[
         "count",
@@ -497,10 +583,38 @@ def test_bad_scheme_arguments(widths, scheme, exc, match) -> None:
         "matrix_shape",
         "matrix_sum",
         "coef_count",
+        "coef_nan",
+        "null_bias_count",
+        "null_bias_nan",
+        "float_source",
+        "nested_source",
     ],
 )
 def test_bad_general(general, widths, match) -> None:
     _refused(build_mlp(NET), ValueError, match, widths, general)
+
+
+def test_generator_that_is_not_a_generator_refused() -> None:
+    # a seed passed as generator= was ignored by select="cyclic" and failed deep inside
+    # torch.randperm otherwise
+    _refused(
+        build_mlp(NET),
+        TypeError,
+        r"generator must be a torch.Generator or None, got int 0 .*manual_seed",
+        [6, 6],
+        Split(select="cyclic"),
+        generator=0,
+    )
+
+
+def test_non_finite_fan_out_offset_refused_on_construction() -> None:
+    emb = plan(
+        build_mlp(NET), [6, 5], Net2Net(noise=0.5), generator=torch.Generator().manual_seed(0)
+    )
+    offset = emb.layers[0].fan_out_offset.clone()
+    offset[0, 4] = float("inf")
+    with pytest.raises(ValueError, match=r"hidden layer 0: fan_out_offset has non-finite entries"):
+        Embedding(emb.layout, (replace(emb.layers[0], fan_out_offset=offset), emb.layers[1]))
 
 
 def test_null_bias_on_bias_free_layer_refused() -> None:

@@ -442,6 +442,30 @@ def test_select_cyclic_norm_and_explicit() -> None:
     assert flat.layers[1].source.tolist()[3:] == [2, 0]
 
 
+def test_numpy_and_tensor_numbers_are_accepted_like_python_ones() -> None:
+    # widths computed with numpy (np.int64), alphas in float32, indices from argsort:
+    # they used to be refused ("must be an int, got int64") or to crash in iteration
+    np = pytest.importorskip("numpy")
+    net = build_mlp(Arch(2, (4, 3), 1), seed=0)
+    ref = plan(net, [6, 3], Split(alpha=0.25, select=[3, 1]))
+    same = [
+        plan(net, [np.int64(6), np.int32(3)], Split(alpha=0.25, select=[3, 1])),
+        plan(net, {np.int64(0): np.int64(6)}, Split(alpha=0.25, select=[3, 1])),
+        plan(net, [6, 3], Split(alpha=0.25, select=np.array([3, 1]))),
+        plan(net, [6, 3], Split(alpha=0.25, select=torch.tensor([3, 1]))),
+        plan(net, [6, 3], Split(alpha=0.25, select=[np.int64(3), np.int64(1)])),
+        plan(net, [6, 3], Split(alpha=0.25, select={np.int64(0): np.array([3, 1])})),
+        plan(net, [6, 3], Split(alpha=np.float32(0.25), select=[3, 1])),  # 0.25 is exact
+        plan(net, None, General([np.array([0, 1, 2, 3, 3, 1]), None], [ref.layers[0].coef, None])),
+    ]
+    for emb in same:
+        assert emb.wide_widths == (2, 6, 3, 1)
+        assert emb.layers[0].source.tolist() == [0, 1, 2, 3, 3, 1]
+        assert torch.equal(emb.layers[0].coef, ref.layers[0].coef)
+    widened = plan(net, [np.int64(6), 3], Split(select="cyclic"))
+    assert all(type(w) is int for w in widened.wide_widths)
+
+
 def test_select_random_is_reproducible_and_without_replacement() -> None:
     net = build_mlp(Arch(2, (8,), 1))
 

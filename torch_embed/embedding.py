@@ -315,6 +315,13 @@ class Embedding:
             )
         wide = self.wide_widths
         for l, (lm, m) in enumerate(zip(self.layers, narrow)):
+            for attr in ("coef", "null_bias", "null_value", "null_fan_in", "fan_out_offset"):
+                value = getattr(lm, attr)
+                if value is not None and not bool(torch.isfinite(value).all()):
+                    raise ValueError(
+                        f"hidden layer {l}: {attr} has non-finite entries (nan or inf); they "
+                        f"would be written into the weights (a NaN never cancels out)"
+                    )
             src = lm.source
             if src.dtype != torch.int64 or src.dim() != 1:
                 raise ValueError(f"hidden layer {l}: source must be a 1-D int64 tensor")

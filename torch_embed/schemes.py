@@ -22,6 +22,7 @@ scheme        what a new neuron is                                 kind
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
@@ -169,6 +170,11 @@ def _as_scheme(scheme: Scheme | str) -> Scheme:
     return scheme
 
 
+def _is_int(value: object) -> bool:
+    """An integer (Python or numpy), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def resolve_widths(
     layout: Layout, new_widths: Sequence[int] | Mapping[int, int] | None
 ) -> tuple[int, ...]:
@@ -185,12 +191,12 @@ def resolve_widths(
     if isinstance(new_widths, Mapping):
         out = list(current)
         for key, value in new_widths.items():
-            if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key < n:
+            if not _is_int(key) or not 0 <= key < n:
                 raise ValueError(
                     f"new_widths key {key!r} is not a hidden-layer index; the network has "
                     f"{n} hidden layers (indices 0..{n - 1})"
                 )
-            out[key] = value
+            out[int(key)] = value
         items = list(enumerate(out))
     elif isinstance(new_widths, (str, bytes)) or not isinstance(new_widths, Sequence):
         raise ValueError(
@@ -206,10 +212,11 @@ def resolve_widths(
         items = list(enumerate(new_widths))
     result = []
     for l, w in items:
-        if isinstance(w, bool) or not isinstance(w, int):
+        if not _is_int(w):
             raise ValueError(
                 f"new width of hidden layer {l} must be an int, got {type(w).__name__} {w!r}"
             )
+        w = int(w)  # a numpy integer becomes a Python int
         if w < current[l]:
             raise ValueError(
                 f"new width {w} of hidden layer {l} (fed by layer "
@@ -240,9 +247,20 @@ def plan(
 
     Returns:
         The :class:`~torch_embed.Embedding`.
+
+    Raises:
+        TypeError: ``module`` cannot be widened (see :func:`torch_embed.widen`), or
+            ``scheme`` or ``generator`` has the wrong type.
+        ValueError: Bad ``new_widths`` or scheme arguments (non-finite numbers, indices
+            out of range, ...).
     """
     layout = read_sequential(module)
     config = _as_scheme(scheme)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator must be a torch.Generator or None, got {type(generator).__name__} "
+            f"{generator!r} (for a seed, pass torch.Generator().manual_seed(seed))"
+        )
     if new_widths is None and not isinstance(config, General):
         raise ValueError("new_widths may only be None with a General scheme")
     widths = resolve_widths(layout, new_widths)
@@ -301,6 +319,20 @@ def _rand(n: int, generator: torch.Generator | None) -> Tensor:
     return torch.rand(n, generator=generator, dtype=torch.float64)
 
 
+def _index_list(value: Any, where: str) -> list[int]:
+    """Neuron indices from a sequence, numpy array or tensor; anything else is refused."""
+    if hasattr(value, "tolist"):  # numpy arrays and tensors
+        value = value.tolist()
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise ValueError(f"select{where} must be a list of neuron indices, got {value!r}")
+    for i in value:
+        if not _is_int(i):
+            raise ValueError(
+                f"select{where} must hold neuron indices (ints), got {type(i).__name__} {i!r}"
+            )
+    return [int(i) for i in value]
+
+
 def _explicit(select: Select, widened: list[int], n_hidden: int) -> dict[int, list[int]] | None:
     if isinstance(select, str):
         if select not in _SELECT_NAMES:
@@ -309,25 +341,33 @@ def _explicit(select: Select, widened: list[int], n_hidden: int) -> dict[int, li
     if isinstance(select, Mapping):
         out = {}
         for k, v in select.items():
-            if not isinstance(k, int) or not 0 <= k < n_hidden:
+            if not _is_int(k) or not 0 <= k < n_hidden:
                 raise ValueError(
                     f"select key {k!r} is not a hidden-layer index (0..{n_hidden - 1})"
                 )
-            out[k] = [int(i) for i in v]
+            out[int(k)] = _index_list(v, f"[{k}]")
         return out
-    items: list[Any] = list(select)
-    if items and all(isinstance(i, int) and not isinstance(i, bool) for i in items):
+    items: list[Any] = select.tolist() if hasattr(select, "tolist") else list(select)
+    if items and all(_is_int(i) for i in items):
         if len(widened) != 1:
             raise ValueError(
                 f"select is a flat list of indices but {len(widened)} hidden layers are "
                 f"widened ({widened}); give one list per hidden layer or a mapping"
             )
         return {widened[0]: [int(i) for i in items]}
+    if any(_is_int(i) for i in items) or not all(
+        v is None or hasattr(v, "tolist") or isinstance(v, Sequence) for v in items
+    ):
+        raise ValueError(
+            f"select must be 'random', 'cyclic', 'norm', a list of neuron indices (ints), "
+            f"one such list (or None) per hidden layer, or a {{hidden_layer: indices}} "
+            f"mapping; got {select!r}"
+        )
     if len(items) != n_hidden:
         raise ValueError(
             f"select needs one index list per hidden layer ({n_hidden}), got {len(items)}"
         )
-    return {l: [int(i) for i in v] for l, v in enumerate(items) if v is not None}
+    return {l: _index_list(v, f"[{l}]") for l, v in enumerate(items) if v is not None}
 
 
 def _choose(
@@ -427,11 +467,13 @@ def _plan_split(
             raise ValueError(f"alpha={alpha!r}: use a number, a sequence or 'random'")
     elif isinstance(alpha, Sequence):
         kway = [float(a) for a in alpha]
+        if not all(math.isfinite(a) for a in kway):
+            raise ValueError(f"a k-way alpha needs finite coefficients, got {kway}")
         if len(kway) < 2 or abs(sum(kway) - 1.0) > 1e-12:
             raise ValueError(
                 f"a k-way alpha needs at least 2 coefficients summing to 1, got {kway}"
             )
-    elif not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+    elif not isinstance(alpha, numbers.Real) or isinstance(alpha, bool) or not math.isfinite(alpha):
         raise ValueError(
             f"alpha must be a finite real number, a sequence or 'random'; got {alpha!r}"
         )
@@ -485,6 +527,8 @@ def _plan_null(
 ) -> Embedding:
     if cfg.fan_in_std < 0 or not math.isfinite(cfg.fan_in_std):
         raise ValueError(f"Null.fan_in_std must be a finite number >= 0, got {cfg.fan_in_std}")
+    if not math.isfinite(cfg.bias):
+        raise ValueError(f"Null.bias must be a finite number, got {cfg.bias}")
     current = layout.hidden_widths
     wide = layout.widths[:1] + widths
     sources, coefs, nbs = [], [], []
@@ -563,10 +607,23 @@ def _plan_general(
         raise ValueError(
             f"General.sources needs one entry per hidden layer ({n}), got {len(cfg.sources)}"
         )
-    sources = [
-        torch.arange(m) if s is None else torch.as_tensor(list(s), dtype=torch.int64)
-        for m, s in zip(current, cfg.sources)
-    ]
+    sources = []
+    for l, (m, s) in enumerate(zip(current, cfg.sources)):
+        values: Any = s
+        if hasattr(values, "tolist"):  # numpy arrays, tensors
+            values = values.tolist()
+        if values is not None and (
+            isinstance(values, (str, bytes))
+            or not isinstance(values, Sequence)
+            or not all(_is_int(i) for i in values)
+        ):
+            raise ValueError(
+                f"General.sources[{l}] must be None or a list of ints (for each wide neuron, "
+                f"the narrow neuron it copies or -1 for a null neuron), got {s!r}"
+            )
+        sources.append(
+            torch.arange(m) if values is None else torch.tensor(values, dtype=torch.int64)
+        )
     for l, (src, w) in enumerate(zip(sources, widths)):
         if w != current[l] and w != src.numel():
             raise ValueError(
@@ -587,12 +644,14 @@ def _plan_general(
             coef = torch.as_tensor(c, dtype=torch.float64).detach().clone().cpu()
         coefs.append(coef)
     nb_in = cfg.null_bias
-    nbs = [
-        torch.full(
-            (src.numel(),),
-            float(nb_in[l]) if isinstance(nb_in, Sequence) else float(nb_in),
-            dtype=torch.float64,
+    per_layer = list(nb_in) if isinstance(nb_in, Sequence) else [nb_in] * n
+    if len(per_layer) != n or not all(math.isfinite(float(b)) for b in per_layer):
+        raise ValueError(
+            f"General.null_bias must be one finite number, or one per hidden layer ({n}); "
+            f"got {nb_in!r}"
         )
+    nbs = [
+        torch.full((src.numel(),), float(per_layer[l]), dtype=torch.float64)
         for l, src in enumerate(sources)
     ]
     return _finish(module, layout, sources, coefs, nbs)
@@ -605,6 +664,8 @@ def _plan_random_pad(
     widths: tuple[int, ...],
     generator: torch.Generator | None,
 ) -> Embedding:
+    if not math.isfinite(cfg.scale):
+        raise ValueError(f"RandomPad.scale must be a finite number, got {cfg.scale}")
     current = layout.hidden_widths
     wide = layout.widths[:1] + widths + layout.widths[-1:]
     sources, coefs, nbs = [], [], []
