@@ -248,6 +248,18 @@ def test_refusal_explains_the_way_out(net, match) -> None:
     _refused(net, TypeError, match, [5])
 
 
+@pytest.mark.parametrize(
+    "wrap",
+    [nn.DataParallel, torch.optim.swa_utils.AveragedModel],
+    ids=["data_parallel", "averaged_model"],
+)
+def test_wrapper_of_a_sequential_names_its_module(wrap) -> None:
+    net = wrap(_mlp(nn.Tanh()))
+    _refused(
+        net, TypeError, rf"widen got a {wrap.__name__} that wraps an nn.Sequential.*`.module`", [5]
+    )
+
+
 def test_the_suggested_slice_widens_the_whole_network() -> None:
     g = torch.Generator().manual_seed(0)
     net = nn.Sequential(

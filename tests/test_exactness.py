@@ -220,3 +220,14 @@ def test_hardshrink_jump_defeats_any_lipschitz_bound() -> None:
     jump = float(act(up) - act(z))
     assert jump >= lam and float(up - z) < 1e-3
     assert jump / float(up - z) > 100  # slope far beyond any Lipschitz constant
+
+
+def test_bound_refuses_autocast() -> None:
+    # under autocast the Linear layers compute in bfloat16 while the parameters are
+    # float32: the float32 bound was ~500x too small for a widening measured that way
+    net = build_mlp(Arch(8, (32,), 4), seed=0, dtype=torch.float32)
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    refused = pytest.raises(ValueError, match=r"inside a torch.autocast region for 'cpu'.*bfloat16")
+    with torch.autocast("cpu", dtype=torch.bfloat16), refused:
+        forward_error_bound(net, x)
+    assert forward_error_bound(net, x).shape == (16, 4)  # outside the region it works

@@ -459,3 +459,22 @@ def test_schemes_that_read_weights_refuse_meta_tensors(scheme, match) -> None:
     with pytest.raises(ValueError, match=match):
         widen(net, [6], scheme, generator=torch.Generator().manual_seed(0))
     assert net[0].weight.shape == (4, 3)
+
+
+def test_widen_inside_autocast_after_a_forward_names_the_cause() -> None:
+    # the autocast cache holds a bfloat16 copy of each weight (keyed on the parameter,
+    # which keeps its identity): widening would leave it stale, so widen refuses, and
+    # says why instead of blaming a live autograd graph that does not exist
+    net = build_mlp(Arch(3, (4,), 2), seed=0, dtype=torch.float32)
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        net(x)
+        with pytest.raises(
+            RuntimeError, match=r"0.weight: widen was called inside a torch.autocast"
+        ):
+            widen(net, [6])
+    assert all(torch.equal(p, before[n]) for n, p in net.named_parameters())
+    widen(net, [6])  # outside the region it works
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        assert net(x).shape == (5, 2)

@@ -260,6 +260,15 @@ def read_sequential(module: nn.Module) -> Layout:
             f"underlying module `compiled._orig_mod` (the compiled wrapper recompiles on "
             f"the next call)"
         )
+    if not isinstance(module, nn.Sequential) and isinstance(
+        getattr(module, "module", None), nn.Sequential
+    ):
+        raise TypeError(
+            f"widen got a {type(module).__name__} that wraps an nn.Sequential; pass the "
+            f"wrapped module `.module` (a DataParallel / DistributedDataParallel wrapper must "
+            f"be rebuilt after widening; an AveragedModel holds its own copy: apply the same "
+            f"embedding to it with embed_(averaged.module, embedding))"
+        )
     if not isinstance(module, nn.Sequential):
         raise TypeError(
             f"widen expects an nn.Sequential of Linear layers and element-wise modules, "

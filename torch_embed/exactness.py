@@ -38,6 +38,13 @@ def unit_roundoff(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).eps) / 2
 
 
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except RuntimeError:  # a device type autocast does not know (e.g. "meta")
+        return False
+
+
 def _gamma(n: int, u: float) -> float:
     nu = n * u
     if nu >= 1:
@@ -60,8 +67,9 @@ def forward_error_bound(module: nn.Module, inputs: Tensor) -> Tensor:
         A ``float64`` tensor of the output's shape.
 
     Raises:
-        ValueError: A BatchNorm or Dropout module is in train mode, or an element-wise
-            module was registered without a Lipschitz constant.
+        ValueError: A BatchNorm or Dropout module is in train mode, an element-wise
+            module was registered without a Lipschitz constant, or a ``torch.autocast``
+            region is active (the network would not compute in its own dtype).
 
     Example:
         >>> import torch
@@ -78,6 +86,15 @@ def forward_error_bound(module: nn.Module, inputs: Tensor) -> Tensor:
     read_sequential(module)  # same acceptance rules as widen
     params = [p for p in module.parameters() if p.is_floating_point()]
     dtype = params[0].dtype if params else inputs.dtype
+    for device_type in {inputs.device.type, *(p.device.type for p in params)}:
+        if _autocast_on(device_type):
+            raise ValueError(
+                f"forward_error_bound was called inside a torch.autocast region for "
+                f"{device_type!r}: the network then computes in "
+                f"{torch.get_autocast_dtype(device_type)}, not in its own dtype {dtype}, and "
+                f"the bound does not cover that. Evaluate outside autocast, or cast the "
+                f"module (module.to(dtype)) to bound evaluation in a lower precision."
+            )
     u = unit_roundoff(dtype)
     v = inputs.detach().to(torch.float64)
     e = torch.zeros_like(v)

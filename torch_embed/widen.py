@@ -167,7 +167,22 @@ def _check_not_in_graph(name: str, t: Tensor) -> None:
     """
     use_count = getattr(t, "_use_count", None)
     if use_count is not None and use_count() > 1:
+        if _autocast_on(t.device.type):
+            raise RuntimeError(
+                f"{name}: widen was called inside a torch.autocast region that has cached a "
+                f"lower-precision copy of this parameter; after widening that cache would be "
+                f"stale (narrow). Call widen outside the autocast context. The module and "
+                f"optimizer were left unchanged."
+            )
         raise RuntimeError(f"{name}: {_LIVE_GRAPH}")
+
+
+def _autocast_on(device_type: str) -> bool:
+    """Whether a ``torch.autocast`` region is active for ``device_type``."""
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except RuntimeError:  # a device type autocast does not know (e.g. "meta")
+        return False
 
 
 def _swap(target: Tensor, new: Tensor) -> tuple[Tensor, bool]:
