@@ -252,3 +252,35 @@ def test_loss_must_be_scalar() -> None:
     x, y = _data(3, 2, False)
     with pytest.raises(ValueError, match="scalar"):
         gradient(model, nn.MSELoss(reduction="none"), x, y)
+
+
+def test_model_and_loss_errors_are_not_reported_as_missing_second_derivatives() -> None:
+    """A shape mismatch in the forward pass is the user's bug, not a Hessian limitation."""
+    model = _mlp([3, 4, 2], nn.Tanh, True).double()
+    x, y = _data(5, 2, False)  # 5 input features for a 3-input network
+    for call in (
+        lambda: hessian(model, nn.MSELoss(), x, y),
+        lambda: hessian(model, nn.MSELoss(), x, y, engine="reverse"),
+        lambda: HessianOperator(model, nn.MSELoss(), x, y),
+    ):
+        with pytest.raises(RuntimeError, match="cannot be multiplied") as info:
+            call()
+        assert "second derivative" not in str(info.value)
+        assert "Hessian-vector" not in str(info.value)
+
+
+def test_model_parameters_grads_mode_and_rng_untouched() -> None:
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Dropout(0.5), nn.Linear(4, 2))
+    x, y = _data(3, 2, False)
+    nn.MSELoss()(model(x), y).backward()
+    before = {n: (p.detach().clone(), p.grad.clone()) for n, p in model.named_parameters()}
+    rng = torch.get_rng_state()
+    h = hessian(model, nn.MSELoss(), x, y, allow_train_mode=True)
+    op = HessianOperator(model, nn.MSELoss(), x, y, allow_train_mode=True)
+    assert h.dtype == F64 and op.dtype == F64  # float32 model, float64 result (documented)
+    assert model.training and all(m.training for m in model.modules())
+    assert torch.equal(torch.get_rng_state(), rng)
+    for n, p in model.named_parameters():
+        assert p.dtype == torch.float32
+        assert torch.equal(p.detach(), before[n][0]) and torch.equal(p.grad, before[n][1])

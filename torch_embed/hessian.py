@@ -292,16 +292,32 @@ def _make_hvp(fn: Callable[[Tensor], Tensor], theta: Tensor, engine: str) -> HVP
     return vmap(one_rev)  # type: ignore[no-any-return]
 
 
+def _check_forward(fn: Callable[[Tensor], Tensor], theta: Tensor) -> None:
+    """Evaluate the loss once, outside the second-derivative engines.
+
+    An error of the model or the loss itself (a shape or dtype mismatch) then reaches
+    the user unchanged instead of being reworded as a missing second derivative. The
+    random-number state is restored (a train-mode Dropout draws here).
+    """
+    devices = [theta.device] if theta.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        fn(theta.detach())
+
+
 def _select_hvp(fn: Callable[[Tensor], Tensor], theta: Tensor, engine: str) -> tuple[HVP, str]:
     """The requested engine ("auto" = reverse, the fastest measured), checked by a probe."""
     if engine not in ("auto", "reverse", "forward"):
         raise ValueError(f"engine must be 'auto', 'reverse' or 'forward', got {engine!r}")
+    _check_forward(fn, theta)
     choice = "forward" if engine == "forward" else "reverse"
+    devices = [theta.device] if theta.device.type == "cuda" else []
     try:
-        hv = _make_hvp(fn, theta, choice)
-        probe = torch.zeros(1, theta.numel(), dtype=theta.dtype, device=theta.device)
-        probe[0, 0] = 1.0
-        hv(probe)
+        # a train-mode Dropout draws its one mask here; the caller's RNG is left as it was
+        with torch.random.fork_rng(devices=devices):
+            hv = _make_hvp(fn, theta, choice)
+            probe = torch.zeros(1, theta.numel(), dtype=theta.dtype, device=theta.device)
+            probe[0, 0] = 1.0
+            hv(probe)
     except RuntimeError as err:
         raise ValueError(
             f"PyTorch cannot compute Hessian-vector products of this loss ({choice} mode): "
@@ -390,6 +406,7 @@ def dense_hessian(
     out = torch.empty(p, p, dtype=dtype, device=device)
     if engine == "blocks":
         assert fl is not None and fl.param_fn is not None  # checked above
+        _check_forward(flat_fn, theta)
         try:
             _fill_blockwise_(out, fl.param_fn, theta, fl.shapes, chunk)
         except torch.OutOfMemoryError:
