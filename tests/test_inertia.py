@@ -199,10 +199,12 @@ def test_hessian_inertia_matches_brute_force_counts() -> None:
     y = torch.randn(15, 2, dtype=F64, generator=g)
     lam, gnorm = _brute(net, x, y)
     tol = default_tolerance(float(lam.abs().max()), lam.numel(), F64, gnorm)
-    res = hessian_inertia(net, nn.MSELoss(), x, y)
+    # away from a critical point the gradient term dominates: the counts say little,
+    # and the default tolerance says so
+    with pytest.warns(UserWarning, match=r"not at a critical point \(\|∇R\| = .*pass tol="):
+        res = hessian_inertia(net, nn.MSELoss(), x, y)
     assert res.as_tuple() == _counts(lam, tol)
     assert res.tol == pytest.approx(tol, rel=1e-12)
-    # away from a critical point the gradient term dominates: zero counts say little
     assert res.tol == pytest.approx(10 * gnorm, rel=1e-12)
     res = hessian_inertia(net, nn.MSELoss(), x, y, tol=1e-9)
     assert res.as_tuple() == _counts(lam, 1e-9) and res.negative > 0
@@ -232,11 +234,38 @@ def test_hessian_inertia_of_split_critical_point_fig3a() -> None:
     assert [c[1] for c in counts] == [0, 1, 2]
 
 
-def test_only_the_lower_triangle_is_read() -> None:
+def test_non_symmetric_matrix_refused_not_counted_from_one_triangle() -> None:
+    """Counting the lower triangle of a non-symmetric matrix silently disagreed with
+    eigenvalues() (which symmetrizes): [[1, 5], [0, 1]] counted (0, 0, 2), its
+    symmetric part has eigenvalues -1.5 and 3.5."""
+    b = torch.tensor([[1.0, 5.0], [0.0, 1.0]], dtype=F64)
+    for call in (lambda: inertia(b), lambda: inertia(b, method="ldl"), lambda: eigenvalues(b)):
+        with pytest.raises(ValueError, match=r"not symmetric: \|A\[0, 1\] - A\[1, 0\]\| = 5"):
+            call()
     lam = [-2.0, -1e-3, 0.0, 0.0, 0.5, 3.0]
     a = _with_spectrum(lam, seed=11)
-    garbage = a.clone()
-    upper = torch.triu(torch.ones_like(a, dtype=torch.bool), diagonal=1)
-    garbage[upper] = 7.0  # as LAPACK: the strictly upper triangle is ignored
+    a[4, 1] += 1e-3  # a real asymmetry far from the diagonal, in a larger matrix
+    with pytest.raises(ValueError, match=r"A\[1, 4\] - A\[4, 1\]"):
+        inertia(a, tol=1e-9)
+    # rounding-level asymmetry (e.g. from torch.autograd.functional.hessian) is accepted
+    a = _with_spectrum(lam, seed=11)
+    a[4, 1] *= 1 + 1e-13
     for method in ("eigh", "ldl"):
-        assert inertia(garbage, tol=1e-9, method=method).as_tuple() == (2, 2, 2)
+        assert inertia(a, tol=1e-9, method=method).as_tuple() == (2, 2, 2)
+    assert inertia(a.float(), tol=1e-5).as_tuple() == (2, 2, 2)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("method", ["eigh", "ldl"])
+def test_non_finite_entry_refused_with_its_index(bad: float, method: str) -> None:
+    """Before: NaN on the diagonal raised LAPACK's 'ill-conditioned' error; NaN in the
+    upper triangle was silently ignored, counted as (0, 0, 3)."""
+    for index in ((1, 1), (0, 2), (2, 0)):
+        a = torch.eye(3, dtype=F64)
+        a[index] = bad
+        with pytest.raises(ValueError, match=rf"non-finite entry .* at \({index[0]}, {index[1]}\)"):
+            inertia(a, method=method)
+        with pytest.raises(ValueError, match="non-finite"):
+            inertia(a, method=method, tol=1e-9)
+    with pytest.raises(ValueError, match="grad_norm must be"):
+        inertia(torch.eye(2, dtype=F64), grad_norm=bad)

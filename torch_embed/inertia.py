@@ -28,6 +28,7 @@ where a LAPACK's ``sytrf`` is faster relative to ``sytrd``, the ratio grows.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -160,6 +161,8 @@ def default_tolerance(
         >>> default_tolerance(2.0, 100, torch.float64, grad_norm=1e-9)
         1e-08
     """
+    if grad_norm is not None and not (math.isfinite(grad_norm) and grad_norm >= 0):
+        raise ValueError(f"grad_norm must be a finite number >= 0, got {grad_norm!r}")
     eps = float(torch.finfo(dtype).eps)
     tol = n * eps * float(eig_max_abs)
     if grad_norm is not None:
@@ -182,6 +185,7 @@ def eigenvalues(matrix: Tensor) -> Tensor:
         tensor([-1.,  2.], dtype=torch.float64)
     """
     mat = _as_square(matrix).to(torch.float64)
+    _check_symmetric(mat, matrix.dtype)
     lam: Tensor = torch.linalg.eigvalsh((mat + mat.T) / 2)
     return lam
 
@@ -193,6 +197,36 @@ def _as_square(matrix: Tensor) -> Tensor:
     if not matrix.is_floating_point():
         raise TypeError(f"expected a floating-point matrix, got {matrix.dtype}")
     return matrix
+
+
+def _check_symmetric(mat: Tensor, src_dtype: torch.dtype, block: int = 256) -> None:
+    """Refuse non-finite entries and a clearly non-symmetric matrix (float64 ``mat``).
+
+    Symmetric means ``max|A - Aᵀ| <= sqrt(eps)·max|A|`` (``eps`` of ``src_dtype``): far
+    above the rounding asymmetry of any Hessian routine, far below a real one. Checked
+    block pair by block pair (``O(n²)``, small temporaries).
+    """
+    n = mat.shape[0]
+    scale = max(abs(float(v)) for v in torch.aminmax(mat)) if n else 0.0  # no n×n temporary
+    if not math.isfinite(scale):
+        r, c = (int(k) for k in (~torch.isfinite(mat)).nonzero()[0])
+        raise ValueError(
+            f"the matrix has a non-finite entry ({float(mat[r, c])}) at ({r}, {c}); its "
+            f"inertia is undefined (was the Hessian computed where the loss overflows?)"
+        )
+    limit = math.sqrt(float(torch.finfo(src_dtype).eps)) * scale
+    for i in range(0, n, block):
+        for j in range(i, n, block):
+            diff = (mat[i : i + block, j : j + block] - mat[j : j + block, i : i + block].T).abs()
+            if float(diff.amax()) > limit:
+                k = int(diff.argmax())
+                worst = float(diff.view(-1)[k])
+                r, c = i + k // diff.shape[1], j + k % diff.shape[1]
+                raise ValueError(
+                    f"the matrix is not symmetric: |A[{r}, {c}] - A[{c}, {r}]| = {worst:.3g} "
+                    f"> sqrt(eps)·max|A| = {limit:.3g}; inertia needs a symmetric matrix "
+                    f"(pass (A + A.T) / 2 if the asymmetry is only rounding)"
+                )
 
 
 def _inertia_eigh(
@@ -382,6 +416,7 @@ def inertia(
     src_dtype = mat.dtype
     mat = mat.to(torch.float64)
     n = mat.shape[0]
+    _check_symmetric(mat, src_dtype)
     if tol is not None and (not math.isfinite(tol) or tol < 0):
         raise ValueError(f"tol must be a finite number >= 0, got {tol}")
     if method == "auto":
@@ -409,7 +444,12 @@ def hessian_inertia(
     Builds the dense Hessian with :func:`torch_embed.hessian.hessian` and uses the
     gradient norm at the point in the default tolerance (THEORY.md §9). Polish to a
     critical point first (:func:`torch_embed.critical.critical_point`) for a meaningful
-    zero count.
+    zero count. With the default tolerance at a point that is clearly not critical
+    (``10·|∇R| > sqrt(eps)·‖H‖``, ``‖H‖`` estimated by Lanczos) the counts are redone
+    with the rounding-level tolerance ``n·eps·‖H‖`` alone, and a ``UserWarning`` says
+    so if they differ: ``tol = 10·|∇R|`` then swallowed eigenvalues well above
+    rounding, of either sign, not only the smeared structural zeros. Pass ``tol`` to
+    count at a non-critical point on purpose (no check, no warning).
 
     Example:
         >>> from torch import nn
@@ -422,6 +462,37 @@ def hessian_inertia(
     from torch_embed.hessian import gradient, hessian
 
     h = hessian(model, loss_fn, inputs, targets, dtype=dtype)
-    g = gradient(model, loss_fn, inputs, targets, dtype=dtype)
-    result = inertia(h, tol=tol, grad_norm=float(g.norm()), method=method, min_gap=min_gap)
+    gnorm = float(gradient(model, loss_fn, inputs, targets, dtype=dtype).norm())
+    result = inertia(h, tol=tol, grad_norm=gnorm, method=method, min_gap=min_gap)
+    if tol is None:
+        _warn_if_not_critical(h, gnorm, dtype, result, method, min_gap)
     return result
+
+
+def _warn_if_not_critical(
+    h: Tensor, gnorm: float, dtype: torch.dtype, result: Inertia, method: str, min_gap: float
+) -> None:
+    """Warn when the gradient term of the default tolerance swallowed real eigenvalues.
+
+    Only far from a critical point (``10·|∇R| > sqrt(eps)·‖H‖``) the counts are redone
+    with the rounding-level tolerance ``n·eps·‖H‖`` alone; if they differ, eigenvalues
+    well above rounding were counted as zero only because the gradient is large.
+    """
+    scale = _spectral_norm_estimate(h.to(torch.float64))
+    if not DEFAULT_GRAD_FACTOR * gnorm > math.sqrt(float(torch.finfo(dtype).eps)) * scale:
+        return
+    rounding = default_tolerance(scale, h.shape[0], dtype)
+    sharp = inertia(h, tol=rounding, method=method, min_gap=min_gap)
+    if sharp.as_tuple() == result.as_tuple():
+        return
+    k = result.zero - sharp.zero
+    warnings.warn(
+        f"hessian_inertia: the model is not at a critical point (|∇R| = {gnorm:.3g}, "
+        f"‖H‖ ≈ {scale:.3g}): the default tolerance {result.tol:.3g} "
+        f"(= {DEFAULT_GRAD_FACTOR:g}·|∇R|) counts {k} eigenvalue(s) above rounding level as "
+        f"zero (with the rounding-level tolerance {rounding:.3g} alone the counts would be "
+        f"{sharp.as_tuple()} instead of {result.as_tuple()}). Polish first "
+        f"(torch_embed.critical.critical_point) or pass tol= explicitly.",
+        UserWarning,
+        stacklevel=3,
+    )
