@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -382,3 +383,26 @@ def test_embedding_method_delegates():
     a = emb.inertia_change(wide, nn.MSELoss(), x, y, tol=1e-10)
     b = inertia_change(emb, wide, nn.MSELoss(), x, y, tol=1e-10)
     assert a == b and a.total == 2 * (2 + 1 + 2)
+
+
+@pytest.mark.parametrize("train_module", ["batchnorm", "dropout"])
+def test_train_mode_refused_on_every_path(train_module):
+    """A hidden layer with BatchNorm goes to the hvp path, which did not check the mode:
+    a train-mode Dropout there redraws its mask for each block, and BatchNorm gives the
+    Hessian of the batch-statistics loss, which hessian() refuses without opt-in."""
+    g = torch.Generator().manual_seed(0)
+    net = nn.Sequential(
+        nn.Linear(2, 3), nn.BatchNorm1d(3), nn.Tanh(), nn.Dropout(0.5), nn.Linear(3, 2)
+    ).double()
+    x, y = torch.randn(12, 2, generator=g, dtype=F64), torch.randn(12, 2, generator=g, dtype=F64)
+    net.eval()
+    wide = copy.deepcopy(net)
+    emb = widen(wide, [5], Split(alpha=0.5), generator=g)
+    # per new neuron: 2 fan-in weights, bias, BatchNorm weight and bias, 2 fan-out weights
+    assert sum(inertia_change(emb, wide, nn.MSELoss(), x, y, tol=1e-9)) == 2 * 7
+    module = wide[1] if train_module == "batchnorm" else wide[3]
+    module.train()
+    name = "1' (BatchNorm1d)" if train_module == "batchnorm" else "3' (Dropout)"
+    for method in ("auto", "hvp"):
+        with pytest.raises(ValueError, match=rf"module '{re.escape(name)} is in train mode"):
+            inertia_change(emb, wide, nn.MSELoss(), x, y, tol=1e-9, method=method)

@@ -91,3 +91,42 @@ def test_report_refuses_a_non_critical_embedding(critical_net):
     emb = widen(wide, [5], Net2Net(noise=0.3), generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="only defined for critical embeddings"):
         check_embedding(net, wide, emb, nn.MSELoss(), x, y)
+
+
+def test_report_refuses_a_pair_that_is_not_narrow_and_its_image(critical_net):
+    """These used to give a silent report with 'prediction matches: NO' (or a wrong
+    'yes'): the widened model passed twice (no deepcopy kept), a different narrow copy."""
+    net, x, y = critical_net
+    wide = copy.deepcopy(net)
+    emb = widen(wide, [5], Split(alpha=0.5), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"narrow_model has widths \(2, 5, 2\) .*deepcopy"):
+        check_embedding(wide, wide, emb, nn.MSELoss(), x, y, tol=1e-9)
+    other = copy.deepcopy(net)
+    with torch.no_grad():
+        other[2].weight[1, 2] += 1e-3
+    with pytest.raises(ValueError, match=r"not this embedding's image.* '2\.weight'"):
+        check_embedding(other, wide, emb, nn.MSELoss(), x, y, tol=1e-9)
+    moved = copy.deepcopy(wide)
+    with torch.no_grad():
+        moved[0].weight[4, 0] += 1e-3  # the wide model trained after widening
+    with pytest.raises(ValueError, match=r"not at a point of this embedding: parameter '0\.w"):
+        check_embedding(net, moved, emb, nn.MSELoss(), x, y, tol=1e-9)
+    assert check_embedding(net, wide, emb, nn.MSELoss(), x, y, tol=1e-9).matches is True
+
+
+def test_report_warns_once_at_a_non_critical_point_with_the_default_tolerance():
+    """At |∇R| ~ 1 the default tol 10·|∇R| made every count zero, 'not ambiguous'."""
+    g = torch.Generator().manual_seed(3)
+    net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=F64))
+    x, y = torch.randn(10, 2, generator=g, dtype=F64), torch.randn(10, 2, generator=g, dtype=F64)
+    wide = copy.deepcopy(net)
+    emb = widen(wide, [5], Split(alpha=0.5), generator=g)
+    with pytest.warns(UserWarning, match=r"check_embedding: the model is not at a critical") as w:
+        rep = check_embedding(net, wide, emb, nn.MSELoss(), x, y)
+    assert len(w) == 1 and w[0].filename == __file__
+    assert rep.before.zero > counts(brute_eigenvalues(net, nn.MSELoss(), x, y), 1e-9)[1]
+    rep = check_embedding(net, wide, emb, nn.MSELoss(), x, y, tol=1e-9)  # no warning
+    assert rep.matches is True

@@ -61,6 +61,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vjp, vmap
 
 from torch_embed._blocks import (
+    _check_modes,
     activation_derivatives,
     full_state,
     layer_signals,
@@ -126,6 +127,9 @@ def _check_inputs(embedding: Embedding, model: nn.Module) -> Layout:
             f"congruence needs ∇R_wide = B ∇R_narrow at every embedded point); this "
             f"embedding is {embedding.kind.value}: {why}"
         )
+    # Train-mode BatchNorm/Dropout: the Hessian is of another function (batch statistics,
+    # a random mask redrawn per Hessian-vector product), and hessian() refuses it too.
+    _check_modes(model)
     layout = read_sequential(model)
     if layout.widths != embedding.wide_widths:
         raise ValueError(

@@ -10,7 +10,9 @@ prediction matches the full recount.
 
 from __future__ import annotations
 
+import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,10 +20,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from torch_embed._blocks import full_state
+from torch_embed._sequential import read_sequential
 from torch_embed.embedding import Embedding
 from torch_embed.hessian import gradient
 from torch_embed.inertia import Inertia, hessian_inertia
-from torch_embed.inertia_change import inertia_change
+from torch_embed.inertia_change import _check_embedded, _check_inputs, inertia_change
 
 __all__ = ["EmbeddingReport", "check_embedding"]
 
@@ -102,6 +106,38 @@ class EmbeddingReport:
         return "\n".join(lines)
 
 
+def _check_models(narrow_model: nn.Module, wide_model: nn.Module, embedding: Embedding) -> None:
+    """Refuse a pair that is not ``wide = embedding(narrow)``, before any Hessian is built.
+
+    Catches the usual slips: widening without keeping a copy (``narrow_model`` is the
+    widened model itself), a narrow copy taken at another time, either model trained
+    after the widening, or a non-critical embedding.
+    """
+    _check_inputs(embedding, wide_model)  # critical, wide widths, no frozen / train mode
+    narrow_widths = read_sequential(narrow_model).widths
+    if narrow_widths != embedding.narrow_widths:
+        raise ValueError(
+            f"narrow_model has widths {narrow_widths} but the embedding starts from "
+            f"{embedding.narrow_widths}; pass the model before widening (widen works in "
+            f"place: keep a copy.deepcopy of the model before calling it)"
+        )
+    pulled = embedding.restrict(full_state(wide_model))
+    for name, p in narrow_model.named_parameters():
+        target = p.detach().to(torch.float64)
+        got = pulled[name].to(target.device)
+        eps = torch.finfo(p.dtype).eps if p.is_floating_point() else 0.0
+        scale = float(target.abs().max()) if target.numel() else 0.0
+        err = float((got - target).abs().max()) if target.numel() else 0.0
+        if got.shape != target.shape or err > math.sqrt(eps) * max(scale, 1.0):
+            raise ValueError(
+                f"wide_model is not this embedding's image of narrow_model: parameter "
+                f"'{name}' of narrow_model differs from the wide model's pulled-back value "
+                f"by {err:.3g} (a copy taken at another time, or a model changed after "
+                f"widening?)"
+            )
+    _check_embedded(embedding.apply(pulled), wide_model)
+
+
 def _timed(fn: Callable[[], Inertia]) -> tuple[Inertia, float]:
     start = time.perf_counter()
     out = fn()
@@ -138,7 +174,10 @@ def check_embedding(
         An :class:`EmbeddingReport`; ``print(report)`` shows a small table.
 
     Raises:
-        ValueError: The embedding is not critical, or the wide model is not its image.
+        ValueError: The embedding is not critical, or ``wide_model`` is not its image of
+            ``narrow_model`` (other widths, e.g. the widened model passed twice; or
+            parameters that differ, e.g. a copy trained after widening). Checked before
+            any Hessian is built.
 
     Example:
         >>> import copy
@@ -165,20 +204,31 @@ def check_embedding(
         (Times vary; at this size the full recount is as cheap as the blocks. See
         ``bench/inertia.py --part 3`` for P ≈ 4000.)
     """
+    _check_models(narrow_model, wide_model, embedding)
     with torch.no_grad():
         diff = (wide_model(inputs) - narrow_model(inputs)).abs()
     out_diff = float(diff.max()) if diff.numel() else 0.0
     g_before = float(gradient(narrow_model, loss_fn, inputs, targets).norm())
     g_after = float(gradient(wide_model, loss_fn, inputs, targets).norm())
-    before, t_before = _timed(
-        lambda: hessian_inertia(narrow_model, loss_fn, inputs, targets, tol=tol)
-    )
     after: Inertia | None = None
     t_after: float | None = None
-    if full:
-        after, t_after = _timed(
-            lambda: hessian_inertia(wide_model, loss_fn, inputs, targets, tol=tol)
+    with warnings.catch_warnings(record=True) as caught:
+        # hessian_inertia warns at a non-critical point; say it once, at the caller
+        warnings.simplefilter("always")
+        before, t_before = _timed(
+            lambda: hessian_inertia(narrow_model, loss_fn, inputs, targets, tol=tol)
         )
+        if full:
+            after, t_after = _timed(
+                lambda: hessian_inertia(wide_model, loss_fn, inputs, targets, tol=tol)
+            )
+    seen: set[str] = set()
+    for w in caught:
+        text = str(w.message)
+        key = text.split(" (|∇R|")[0] if "not at a critical point" in text else text
+        if key not in seen:
+            seen.add(key)
+            warnings.warn(text.replace("hessian_inertia:", "check_embedding:"), w.category, 2)
     change_tol = tol if tol is not None else (after.tol if after is not None else None)
     change, t_change = _timed(
         lambda: inertia_change(embedding, wide_model, loss_fn, inputs, targets, tol=change_tol)
