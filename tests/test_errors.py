@@ -220,6 +220,40 @@ def test_extra_buffer_on_batchnorm_refused() -> None:
     _refused(net, ValueError, r"layer 1 \(BatchNorm1d\) holds tensors .*\('mask'\)", [5])
 
 
+def _replace_weight(net: nn.Sequential) -> None:
+    net[0].weight = nn.Parameter(torch.ones(6, 3))  # hand surgery: out_features still 4
+    net[0].bias = nn.Parameter(torch.ones(6))
+    net[2].weight = nn.Parameter(torch.ones(2, 6))
+
+
+def _replace_running_mean(net: nn.Sequential) -> None:
+    net[1].running_mean = torch.zeros(6)
+
+
+@pytest.mark.parametrize(
+    ("net", "surgery", "match"),
+    [
+        (
+            _mlp(nn.Tanh()),
+            _replace_weight,
+            r"layer 0 \(Linear\) has weight of shape \(6, 3\) but in_features=3, out_features=4",
+        ),
+        (
+            _mlp(nn.BatchNorm1d(4), nn.Tanh()),
+            _replace_running_mean,
+            r"layer 1 \(BatchNorm1d\) has running_mean of shape \(6,\) but num_features=4",
+        ),
+    ],
+    ids=["linear", "batchnorm"],
+)
+def test_features_attributes_out_of_sync_with_tensors_refused(net, surgery, match) -> None:
+    # PyTorch's forward ignores in_features/out_features, so such a network runs; widen
+    # read the stale attributes, dropped the extra rows, changed the output by O(1) and
+    # still reported kind=critical
+    surgery(net)
+    _refused(net, ValueError, match, [8])
+
+
 def test_batchnorm_without_affine_or_statistics_is_accepted() -> None:
     net = _mlp(nn.BatchNorm1d(4, affine=False, track_running_stats=False), nn.Tanh())
     widen(net, [6], generator=torch.Generator().manual_seed(0))

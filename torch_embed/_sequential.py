@@ -227,6 +227,23 @@ def _check_own_tensors(name: str, child: nn.Module) -> None:
     if expected is None:
         return
     params, buffers = expected
+    shapes: dict[str, tuple[int, ...]]
+    if isinstance(child, nn.Linear):
+        shapes = {"weight": (child.out_features, child.in_features), "bias": (child.out_features,)}
+        what = f"in_features={child.in_features}, out_features={child.out_features}"
+    else:
+        assert isinstance(child, nn.BatchNorm1d)  # the only other key of _OWN_TENSORS
+        n = child.num_features
+        shapes = dict.fromkeys(params | buffers - {"num_batches_tracked"}, (n,))
+        what = f"num_features={n}"
+    for key, shape in shapes.items():
+        t = getattr(child, key, None)
+        if isinstance(t, torch.Tensor) and tuple(t.shape) != shape:
+            raise ValueError(
+                f"layer {name} ({type(child).__name__}) has {key} of shape {tuple(t.shape)} "
+                f"but {what} (the attributes were not updated when the tensor was replaced); "
+                f"widen reads the attributes, so set them to match its tensors"
+            )
     extra = sorted((set(child._parameters) - params) | (set(child._buffers) - buffers))
     no_weight = type(child) is nn.Linear and child._parameters.get("weight") is None
     if extra or no_weight:
