@@ -308,3 +308,44 @@ def test_frozen_next_bias_warns_when_mapping_dot_grad() -> None:
     assert net[-1].bias.grad is None and net[-1].weight.grad is not None
     with pytest.warns(UserWarning, match=r"gradients \(or first moments\)"):
         embed_(net, emb)
+
+
+@pytest.mark.parametrize("flag", ["foreach", "fused"])
+def test_param_groups_flags_and_state_dict_round_trip_after_widen(flag: str) -> None:
+    # two groups with their own lr plus a parameter outside the model; the mapped state
+    # must survive opt.state_dict() -> load_state_dict() into a fresh optimizer
+    net, x, y, _ = _setup(ARCH, lambda n, g: n)
+    extra = nn.Parameter(torch.ones(3, dtype=torch.float64))
+
+    def make() -> torch.optim.Optimizer:
+        groups = [
+            {"params": list(net[0].parameters()) + list(net[1].parameters()), "lr": 1e-2},
+            {"params": [p for n, p in net.named_parameters() if int(n.split(".")[0]) > 1]},
+            {"params": [extra]},
+        ]
+        return torch.optim.Adam(groups, lr=1e-3, **{flag: True})
+
+    def step(opt: torch.optim.Optimizer) -> None:
+        opt.zero_grad()
+        (_loss(net, x, y) + (extra**2).sum()).backward()
+        opt.step()
+
+    opt = make()
+    for _ in range(3):
+        step(opt)
+    extra_state = {k: v.clone() for k, v in opt.state[extra].items()}
+    widen(net, [7, 8], Split(alpha=0.3), optimizer=opt, generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(extra_state[k], v) for k, v in opt.state[extra].items())
+    assert opt.state[net[0].weight]["exp_avg"].shape == (7, 3)
+    saved = copy.deepcopy(opt.state_dict())
+    start = {n: p.detach().clone() for n, p in net.named_parameters()}
+    step(opt)
+    after_live = {n: p.detach().clone() for n, p in net.named_parameters()}
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            p.copy_(start[n])
+    reloaded = make()
+    reloaded.load_state_dict(saved)
+    step(reloaded)
+    for n, p in net.named_parameters():
+        assert torch.equal(p.detach(), after_live[n]), n
