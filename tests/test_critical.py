@@ -175,3 +175,28 @@ def test_refuses_float32_and_train_mode() -> None:
         critical_point(_tanh_net(), nn.MSELoss(), x, y, gtol=0.0)
     with pytest.raises(ValueError, match="max_time"):
         critical_point(_tanh_net(), nn.MSELoss(), x, y, max_time=0.0)
+
+
+@pytest.mark.parametrize("at_call", [3, 60])  # in L-BFGS's first chunk / in the Newton stage
+def test_interrupt_restores_parameters_and_grads(at_call: int) -> None:
+    """A KeyboardInterrupt used to leave the model at an L-BFGS line-search trial point,
+    its .grad cleared."""
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(1, 3), nn.Tanh(), nn.Linear(3, 1)).double()
+    x = torch.linspace(-2, 2, 20, dtype=torch.float64)[:, None]
+    y = torch.sin(3 * x)
+    nn.MSELoss()(net(x), y).backward()
+    before = [(p.detach().clone(), p.grad.clone()) for p in net.parameters()]
+    calls = 0
+
+    def loss_fn(out: Tensor, target: Tensor) -> Tensor:
+        nonlocal calls
+        calls += 1
+        if calls == at_call:
+            raise KeyboardInterrupt
+        return nn.functional.mse_loss(out, target)
+
+    with pytest.raises(KeyboardInterrupt):
+        critical_point(net, loss_fn, x, y, max_iter=30)  # Newton from call 40 on
+    for p, (value, grad) in zip(net.parameters(), before):
+        assert torch.equal(p.detach(), value) and torch.equal(p.grad, grad)

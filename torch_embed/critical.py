@@ -421,12 +421,21 @@ def critical_point(
         polish_below: The trust-region minimisation hands over to the root steps once
             ``|∇R| <= polish_below`` (or earlier, when ``R`` stops decreasing above
             rounding).
-        max_time: Wall-clock budget in seconds (checked between L-BFGS chunks and
-            Newton steps; ``None``: no limit).
+        max_time: Wall-clock budget in seconds (checked between L-BFGS chunks of 25
+            iterations and between Newton steps, so it can be overrun by one of them;
+            ``None``: no limit). The first L-BFGS run in a process also pays PyTorch's
+            one-time import of ``torch._dynamo`` (seconds) inside the budget.
 
     Returns:
         A :class:`CriticalPointResult`; ``converged`` is ``False`` (no exception, no
-        warning) when ``gtol`` was not reached, and ``message`` says why.
+        warning) when ``gtol`` was not reached, and ``message`` says why. The model then
+        holds the last point accepted. The parameters' ``.grad`` are cleared (``None``)
+        when L-BFGS ran.
+
+    If an exception escapes (``KeyboardInterrupt`` included, e.g. in the middle of an
+    L-BFGS line search), the model's parameters and ``.grad`` are restored to what they
+    were before the call, then the exception propagates; use ``max_time`` for a bounded
+    run that keeps its progress.
 
     Raises:
         ValueError: The model is not float64 or has BatchNorm/Dropout in train mode, or
@@ -457,7 +466,49 @@ def critical_point(
     deadline = math.inf if max_time is None else time.monotonic() + max_time
     x = inputs.double() if inputs.is_floating_point() else inputs
     y = targets.double() if isinstance(targets, Tensor) and targets.is_floating_point() else targets
+    start = _get_flat(params).clone()
+    grads = [p.grad for p in params]
+    try:
+        return _critical_point(
+            model,
+            params,
+            loss_fn,
+            x,
+            y,
+            gtol,
+            max_iter,
+            max_newton_iter,
+            rcond,
+            newton_below,
+            newton_at,
+            polish_below,
+            deadline,
+        )
+    except BaseException:
+        # KeyboardInterrupt or an error mid-way (e.g. inside an L-BFGS line search, at a
+        # trial point): put the model back where it was, so it is never half-updated
+        _set_flat_(params, start)
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        raise
 
+
+def _critical_point(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    loss_fn: Any,
+    x: Tensor,
+    y: Any,
+    gtol: float,
+    max_iter: int,
+    max_newton_iter: int,
+    rcond: float,
+    newton_below: float,
+    newton_at: float,
+    polish_below: float,
+    deadline: float,
+) -> CriticalPointResult:
+    """The three stages of :func:`critical_point` (arguments checked, float64 data)."""
     loss0, g0 = _loss_and_grad(model, loss_fn, x, y)
     initial = float(g0.norm())
     gnorm, loss = initial, loss0
