@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 
 import pytest
 import torch
@@ -422,6 +423,33 @@ def test_errors():
     bn = nn.Sequential(nn.Linear(1, 2), nn.BatchNorm1d(2), nn.Tanh(), nn.Linear(2, 1)).eval()
     with pytest.raises(ValueError, match="BatchNorm1d"):
         saddle_certificates(bn, MSE, torch.zeros(3, 1), torch.zeros(3, 1))
+
+
+def test_argument_errors_name_what_is_accepted():
+    """These gave "'int' object is not iterable", LAPACK's eigh failure (alpha_bound=inf),
+    a NaN certificate (null bias nan) or a silent no-op (max_halvings=-1)."""
+    net = nn.Sequential(nn.Linear(1, 2), nn.Tanh(), nn.Linear(2, 1)).double()
+    x = torch.linspace(-2, 2, 10, dtype=F64)[:, None]
+    y = torch.sin(3 * x)
+    with pytest.raises(TypeError, match=r"layers must be a sequence of hidden-layer indices.*int"):
+        saddle_certificates(net, MSE, x, y, layers=0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"alpha_bound must be a finite number >= 0\.5.*inf"):
+        saddle_certificates(net, MSE, x, y, alpha_bound=math.inf)
+    with pytest.raises(ValueError, match=r"null_biases must be finite numbers, got \[nan\]"):
+        saddle_certificates(net, MSE, x, y, null_biases=[0.0, math.nan])
+    with pytest.raises(TypeError, match=r"null_biases must be a sequence of floats.*float"):
+        saddle_certificates(net, MSE, x, y, null_biases=0.5)  # type: ignore[arg-type]
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="max_halvings must be a non-negative int"):
+            escape(net, MSE, x, y, max_halvings=bad)  # type: ignore[arg-type]
+    # a tensor of candidate biases is accepted (it raised "ambiguous truth value")
+    from_tensor = saddle_certificates(
+        net, MSE, x, y, null_biases=torch.linspace(-1, 1, 3), kinds=["null"]
+    )
+    from_list = saddle_certificates(net, MSE, x, y, null_biases=[-1.0, 0.0, 1.0], kinds=["null"])
+    assert [(c.null_bias, c.curvature) for c in from_tensor] == [
+        (c.null_bias, c.curvature) for c in from_list
+    ]
 
 
 # ---------------------------------------------------------------------------- truly bad

@@ -357,9 +357,10 @@ def saddle_certificates(
         The certificates, most negative curvature first.
 
     Raises:
-        ValueError: ``alpha_bound < ½``, a layer index out of range, a hidden layer
-            with BatchNorm1d, a module in train mode, or an activation with no second
-            derivative.
+        ValueError: ``alpha_bound`` below ``½`` or infinite, a non-finite null bias, a
+            layer index out of range, a hidden layer with BatchNorm1d, a module in train
+            mode, or an activation with no second derivative.
+        TypeError: ``layers`` or ``null_biases`` is not a sequence (e.g. a bare int).
 
     Example:
         A width-1 tanh network fitted to data it cannot represent: splitting its
@@ -376,10 +377,31 @@ def saddle_certificates(
         >>> best.curvature < 0, sorted(best.direction)
         (True, ['0.bias', '0.weight', '2.bias', '2.weight'])
     """
-    if not alpha_bound >= 0.5:
-        raise ValueError(f"alpha_bound must be >= 0.5 (α ∈ [1 - B, B]), got {alpha_bound!r}")
+    if not (alpha_bound >= 0.5 and math.isfinite(alpha_bound)):
+        raise ValueError(
+            f"alpha_bound must be a finite number >= 0.5 (α ∈ [1 - B, B]), got {alpha_bound!r}"
+        )
+    if null_biases is not None:
+        if isinstance(null_biases, (str, bytes, int, float)) or not hasattr(
+            null_biases, "__iter__"
+        ):
+            raise TypeError(
+                f"null_biases must be a sequence of floats (e.g. [0.0, 0.5]) or None, got "
+                f"{type(null_biases).__name__}"
+            )
+        null_biases = [float(b) for b in null_biases]  # also a tensor or an array
+        bad = [b for b in null_biases if not math.isfinite(b)]
+        if bad:
+            raise ValueError(f"null_biases must be finite numbers, got {bad}")
     layout = read_sequential(model)
     n = len(layout.hidden)
+    if layers is not None and (
+        isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence)
+    ):
+        raise TypeError(
+            f"layers must be a sequence of hidden-layer indices (e.g. [0]) or None, got "
+            f"{type(layers).__name__}"
+        )
     chosen = range(n) if layers is None else list(layers)
     for l in chosen:
         if isinstance(l, bool) or not isinstance(l, int) or not 0 <= l < n:
@@ -581,6 +603,8 @@ def escape(
         raise ValueError(f"max_new must be a non-negative int, got {max_new!r}")
     if step is not None and not (math.isfinite(step) and step > 0):
         raise ValueError(f"step must be a positive finite number, got {step!r}")
+    if isinstance(max_halvings, bool) or not isinstance(max_halvings, int) or max_halvings < 0:
+        raise ValueError(f"max_halvings must be a non-negative int, got {max_halvings!r}")
     first_loss = _evaluate(model, loss_fn, inputs, targets, model.state_dict())
     current = first_loss
     steps: list[EscapeStep] = []
