@@ -58,6 +58,10 @@ def test_no_command_prints_help_and_succeeds(capsys: pytest.CaptureFixture[str])
         ["demo", "--threads", "-1"],
         ["demo", "--seed", "one"],
         ["frobnicate"],
+        # these raised tracebacks from inside the run (torch.device / CUDA init / .item())
+        ["demo", "--device", "nonsense"],
+        ["demo", "--device", "meta"],
+        ["reproduce", "fig3a", "--device", "cuda:99"],
     ],
 )
 def test_bad_arguments_exit_with_status_2(
@@ -67,6 +71,32 @@ def test_bad_arguments_exit_with_status_2(
         cli.main(argv)
     assert exc.value.code == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_argument_errors_name_the_subcommand_and_option(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--threads", "-1"])
+    assert "torch-embed demo: error: argument --threads: must be >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--device", "nonsense"])
+    assert "error: argument --device: not a torch device: 'nonsense'" in capsys.readouterr().err
+
+
+def test_package_runs_with_python_m() -> None:
+    """``python -m torch_embed`` said "'torch_embed' is a package and cannot be directly
+    executed" (no __main__.py)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch_embed", "demo", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: torch-embed demo" in proc.stdout
 
 
 def test_module_runs_as_a_script() -> None:

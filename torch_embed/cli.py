@@ -51,6 +51,34 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         return super()._split_lines(text, width)
 
 
+def _nonnegative_int(text: str) -> int:
+    """``--threads``: an int >= 0 (argparse reports the error against the subcommand)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _device(text: str) -> str:
+    """``--device``: a torch device this machine has (an argparse error otherwise)."""
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError) as err:
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} ({err})") from None
+    if dev.type == "meta":
+        raise argparse.ArgumentTypeError("'meta' tensors hold no values; use cpu or cuda")
+    try:
+        torch.empty(1, device=dev)
+    except (RuntimeError, AssertionError) as err:  # "Torch not compiled with CUDA enabled"
+        raise argparse.ArgumentTypeError(f"device {text!r} is not available here: {err}") from None
+    return text
+
+
 def _add_common(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument(
         "--out",
@@ -66,6 +94,7 @@ def _add_common(p: argparse.ArgumentParser, default_out: str) -> None:
     )
     p.add_argument(
         "--device",
+        type=_device,
         default="cpu",
         help="torch device for training, e.g. cpu, cuda, cuda:1; Hessians are computed "
         "in float64 on it (default: cpu)",
@@ -77,7 +106,7 @@ def _add_common(p: argparse.ArgumentParser, default_out: str) -> None:
     )
     p.add_argument(
         "--threads",
-        type=int,
+        type=_nonnegative_int,
         default=1,
         metavar="N",
         help="torch.set_num_threads during the run; the networks are tiny, so one thread "
@@ -156,8 +185,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    if args.threads < 0:
-        parser.error(f"--threads must be >= 0, got {args.threads}")
     threads = args.threads or None
     if args.command == "demo":
         from torch_embed.experiments.demo import run_demo
