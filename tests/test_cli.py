@@ -84,11 +84,18 @@ def test_argument_errors_name_the_subcommand_and_option(
     assert "error: argument --device: not a torch device: 'nonsense'" in capsys.readouterr().err
 
 
-def test_package_runs_with_python_m() -> None:
-    """``python -m torch_embed`` said "'torch_embed' is a package and cannot be directly
-    executed" (no __main__.py)."""
+@pytest.mark.parametrize(
+    ("argv", "usage"),
+    [
+        # ``python -m torch_embed`` said "'torch_embed' is a package and cannot be directly
+        # executed" before torch_embed/__main__.py existed
+        (["torch_embed", "demo", "--help"], "usage: torch-embed demo"),
+        (["torch_embed.cli", "--help"], "usage: torch-embed"),
+    ],
+)
+def test_runs_with_python_m(argv: list[str], usage: str) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "torch_embed", "demo", "--help"],
+        [sys.executable, "-m", *argv],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -96,20 +103,7 @@ def test_package_runs_with_python_m() -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "usage: torch-embed demo" in proc.stdout
-
-
-def test_module_runs_as_a_script() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch_embed.cli", "--help"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "usage: torch-embed" in proc.stdout
+    assert usage in proc.stdout
 
 
 def test_parser_defaults() -> None:
