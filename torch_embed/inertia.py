@@ -382,8 +382,10 @@ def inertia(
     """Count the negative, zero (``|λ| <= tol``) and positive eigenvalues of a symmetric matrix.
 
     The matrix is converted to float64 (the tolerance's ``eps`` is that of its own
-    dtype). It must be symmetric: both methods read only its lower triangle, as LAPACK
-    does (:func:`torch_embed.hessian.hessian` returns exactly symmetric matrices).
+    dtype). It must be symmetric: a matrix with ``max|A - Aᵀ| > sqrt(eps)·max|A|`` or a
+    non-finite entry is refused; within that, both methods read only its lower triangle,
+    as LAPACK does (:func:`torch_embed.hessian.hessian` returns exactly symmetric
+    matrices).
 
     Args:
         matrix: A symmetric ``(n, n)`` floating tensor (e.g. a Hessian).
@@ -402,6 +404,11 @@ def inertia(
         too large (optimistic); and zeros far below ``τ`` are only resolved to about
         ``eps·τ`` (the gap is then reported as very large or ``inf``). Use ``"eigh"``
         for an exact gap.
+
+    Raises:
+        ValueError: The matrix is not square, has a non-finite entry or is not symmetric;
+            ``tol`` or ``grad_norm`` is negative or not finite; ``method`` is unknown.
+        TypeError: The matrix is not a floating-point tensor.
 
     Example:
         >>> h = torch.diag(torch.tensor([-2.0, 0.0, 0.0, 1e-3, 5.0], dtype=torch.float64))
