@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -191,8 +192,11 @@ def test_cos_refused_for_non_homogeneous_and_batchnorm():
         condense(bn, cos=0.99)
     with pytest.raises(ValueError, match="cos must lie"):
         condense(_net([2, 3, 1], act=nn.ReLU), cos=1.5)
-    with pytest.raises(ValueError, match="atol"):
-        condense(_net([2, 3, 1]), atol=-1.0)
+    for bad in (-1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="atol must be a finite number"):
+            condense(_net([2, 3, 1]), atol=bad)
+    with pytest.raises(TypeError, match="atol must be a real number >= 0, got str"):
+        condense(_net([2, 3, 1]), atol="1e-8")  # type: ignore[arg-type]
 
 
 def test_batchnorm_split_round_trip():

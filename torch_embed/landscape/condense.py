@@ -42,6 +42,8 @@ fan-in rows), so the returned embedding reproduces the function, not the weights
 from __future__ import annotations
 
 import copy
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -375,9 +377,11 @@ def condense(
         function, and the effective widths.
 
     Raises:
-        TypeError: The module is not an MLP torch_embed can read.
+        TypeError: The module is not an MLP torch_embed can read, or ``atol`` is not a
+            real number.
         ValueError: ``cos`` is out of range or used with an activation that is not
-            positively homogeneous (or with BatchNorm); ``atol`` is negative.
+            positively homogeneous (or with BatchNorm); ``atol`` is negative or not
+            finite.
 
     Example:
         >>> import torch
@@ -398,8 +402,10 @@ def condense(
         >>> net[0].out_features, result.embedding.kind.value
         (6, 'critical')
     """
-    if not atol >= 0:
-        raise ValueError(f"atol must be a non-negative number, got {atol!r}")
+    if isinstance(atol, bool) or not isinstance(atol, numbers.Real):
+        raise TypeError(f"atol must be a real number >= 0, got {type(atol).__name__} {atol!r}")
+    if not (math.isfinite(atol) and atol >= 0):
+        raise ValueError(f"atol must be a finite number >= 0, got {atol!r}")
     layout = read_sequential(module)
     _check_cos(module, layout, cos)
     st = _read_state(module, layout)
