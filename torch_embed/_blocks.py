@@ -1,4 +1,4 @@
-"""Per-neuron curvature blocks of one-step embeddings (closed forms, THEORY §6-7).
+"""Per-neuron curvature blocks of one-step embeddings (closed forms, docs/theory.md).
 
 A one-step embedding adds one neuron to hidden layer ``l`` of an MLP. Its *complement
 directions* ``C`` — the parameter directions of the wide network that the embedding map

@@ -23,7 +23,7 @@ Widen trained PyTorch MLPs by critical embeddings and measure Hessian inertia
 """
 
 _FIG_HELP = """\
-which figure to reproduce (THEORY.md §10 of the notes):
+which figure to reproduce (docs/reproduction.md):
   fig1   loss plateaus of a width-500 tanh net on the
          1D staircase; at each plateau the effective
          width and the distance to the best narrow net

@@ -1,9 +1,9 @@
 """Polish a model in place to a critical point of its loss, in float64.
 
-Zero eigenvalue counts are only meaningful near an exact critical point (THEORY.md §9):
-a residual gradient of size ε smears the structural zeros to ``±O(ε)``. This module
-drives ``|∇R|`` (Euclidean norm over all trainable parameters) down to ``gtol`` in three
-stages:
+Zero eigenvalue counts are only meaningful near an exact critical point (docs/theory.md,
+"Counting eigenvalues"): a residual gradient of size ε smears the structural zeros to
+``±O(ε)``. This module drives ``|∇R|`` (Euclidean norm over all trainable parameters)
+down to ``gtol`` in three stages:
 
 1. L-BFGS with a strong-Wolfe line search (:class:`torch.optim.LBFGS`), in chunks of
    25 iterations, until ``|∇R| <= newton_at`` or until it stalls (``|∇R|`` not halved

@@ -2,7 +2,7 @@
 
 Everything in torch_embed is phrased in terms of :class:`Embedding`. For each hidden
 layer it stores, per wide neuron, the narrow neuron it copies (or ``-1`` for a null
-neuron) and the coefficient its fan-out column gets (THEORY §2-4 of the project's notes;
+neuron) and the coefficient its fan-out column gets (docs/theory.md, "Embeddings";
 JML 2022 §5). From that it can
 
 * map a narrow parameter set to the wide one (:meth:`Embedding.apply`, the affine map

@@ -3,8 +3,9 @@
 The loss is ``R(θ) = loss_fn(model(inputs), targets)`` as a function of the flat vector
 ``θ`` of the model's trainable parameters, in ``named_parameters()`` order and in
 ``dtype`` (``float64`` by default: inertia counts are meaningless in float32, see
-THEORY.md §9). The model itself is never modified: the parameters are copied, cast and
-passed through :func:`torch.func.functional_call`.
+docs/guide/inertia.md, "Tolerance, gap ratio, ambiguity"). The model itself is never
+modified: the parameters are copied, cast and passed through
+:func:`torch.func.functional_call`.
 
 Three engines:
 

@@ -1,9 +1,10 @@
 """Inertia (numbers of negative, zero and positive eigenvalues) of a symmetric matrix.
 
-A "zero" eigenvalue is one with ``|λ| <= tol``. The default tolerance follows
-THEORY.md §9 (see :func:`default_tolerance`); every result carries the tolerance, the
-*gap ratio* around it and an ``ambiguous`` flag, because a zero count is only as good
-as the separation between the near-zero cluster and the rest of the spectrum.
+A "zero" eigenvalue is one with ``|λ| <= tol``. The default tolerance is the one of
+docs/guide/inertia.md, "Tolerance, gap ratio, ambiguity" (see :func:`default_tolerance`);
+every result carries the tolerance, the *gap ratio* around it and an ``ambiguous`` flag,
+because a zero count is only as good as the separation between the near-zero cluster
+and the rest of the spectrum.
 
 Two methods:
 
@@ -140,13 +141,14 @@ def default_tolerance(
     grad_norm: float | None = None,
     c: float = DEFAULT_GRAD_FACTOR,
 ) -> float:
-    """The zero threshold ``max(n·eps·max|λ|, c·|∇R|)`` of THEORY.md §9.
+    """The zero threshold ``max(n·eps·max|λ|, c·|∇R|)``.
 
-    The first term is the backward error of a symmetric eigen-solve (or an LDLᵀ
-    factorization) of an ``n×n`` matrix whose entries are known to ``eps`` relative
-    accuracy (``eps`` of ``dtype``, the dtype the matrix was computed in); the second
-    covers the residual gradient: away from an exact critical point a structural zero
-    eigenvalue moves by ``O(|∇R|)``. ``c = 10`` by default.
+    The rule of docs/guide/inertia.md, "Tolerance, gap ratio, ambiguity". The first term
+    is the backward error of a symmetric eigen-solve (or an LDLᵀ factorization) of an
+    ``n×n`` matrix whose entries are known to ``eps`` relative accuracy (``eps`` of
+    ``dtype``, the dtype the matrix was computed in); the second covers the residual
+    gradient: away from an exact critical point a structural zero eigenvalue moves by
+    ``O(|∇R|)``. ``c = 10`` by default.
 
     Args:
         eig_max_abs: The spectral norm ``max|λ|`` (an estimate is fine).
@@ -449,12 +451,12 @@ def hessian_inertia(
     """Inertia of the loss Hessian at the model's current parameters.
 
     Builds the dense Hessian with :func:`torch_embed.hessian.hessian` and uses the
-    gradient norm at the point in the default tolerance (THEORY.md §9). Polish to a
-    critical point first (:func:`torch_embed.critical.critical_point`) for a meaningful
-    zero count. With the default tolerance at a point that is clearly not critical
-    (``10·|∇R| > sqrt(eps)·‖H‖``, ``‖H‖`` estimated by Lanczos) the counts are redone
-    with the rounding-level tolerance ``n·eps·‖H‖`` alone, and a ``UserWarning`` says
-    so if they differ: ``tol = 10·|∇R|`` then swallowed eigenvalues well above
+    gradient norm at the point in the default tolerance (:func:`default_tolerance`).
+    Polish to a critical point first (:func:`torch_embed.critical.critical_point`) for a
+    meaningful zero count. With the default tolerance at a point that is clearly not
+    critical (``10·|∇R| > sqrt(eps)·‖H‖``, ``‖H‖`` estimated by Lanczos) the counts are
+    redone with the rounding-level tolerance ``n·eps·‖H‖`` alone, and a ``UserWarning``
+    says so if they differ: ``tol = 10·|∇R|`` then swallowed eigenvalues well above
     rounding, of either sign, not only the smeared structural zeros. Pass ``tol`` to
     count at a non-critical point on purpose (no check, no warning).
 

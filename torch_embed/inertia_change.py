@@ -1,4 +1,4 @@
-"""The exact change of Hessian inertia caused by a critical embedding (THEORY §5-6).
+"""The exact change of Hessian inertia caused by a critical embedding (docs/theory.md).
 
 A critical embedding ``θ ↦ Aθ + c`` satisfies ``R_wide(Aθ + c) = R_narrow(θ)`` and
 ``∇R_wide = B ∇R_narrow`` at every embedded point. Completing ``A`` with *complement
@@ -16,7 +16,8 @@ costs ``O(N·(fan_in + fan_out)²)`` in closed form (:mod:`torch_embed._blocks`)
 
 The ``method`` argument chooses how each block ``D`` is computed:
 
-* ``"closed-form"``: the closed forms of THEORY §6 (Linear + element-wise layers).
+* ``"closed-form"``: the closed forms of docs/theory.md, "The exact inertia change of an
+  embedding" (Linear + element-wise layers).
 * ``"hvp"``: ``D = Cᵀ (H C)`` from Hessian-vector products along the explicit
   complement directions (any layer, including BatchNorm1d in eval mode).
 * ``"auto"``: closed form where it applies, ``"hvp"`` for the other steps.
@@ -30,9 +31,10 @@ Numerical limits:
 
 * Signs are exact (Sylvester), but the zero count depends on a threshold ``tol``. Each
   block's eigenvalues are compared with the tolerance the full wide count would use
-  (THEORY §9: ``max(P·eps·‖H‖, c·|∇R|)``, ``‖H‖`` estimated by at most 20 power
-  iterations of Hessian-vector products on the wide model), unless the caller passes
-  ``tol`` (e.g. the "before" count's, which also skips the estimate).
+  (:func:`~torch_embed.inertia.default_tolerance`: ``max(P·eps·‖H‖, c·|∇R|)``, ``‖H‖``
+  estimated by at most 20 power iterations of Hessian-vector products on the wide
+  model), unless the caller passes ``tol`` (e.g. the "before" count's, which also skips
+  the estimate).
 * The blocks use orthonormal complement directions (their eigenvalues are Rayleigh
   quotients of ``H_wide``, on its scale), but ``T = [A C]`` is not orthogonal: by
   Ostrowski's theorem the k-th eigenvalue of ``diag(H_narrow, D)`` is that of ``H_wide``
@@ -552,7 +554,7 @@ def inertia_change(
         loss_fn: ``loss_fn(output, targets) -> scalar``.
         inputs: The batch of inputs.
         targets: The batch of targets.
-        tol: Eigenvalue threshold for the zero count. Default: the THEORY §9 default of
+        tol: Eigenvalue threshold for the zero count. Default: the default tolerance of
             the full wide Hessian, ``default_tolerance`` with ``P_wide``, a power-
             iteration estimate of ``‖H_wide‖`` and ``|∇R_wide|``. Pass the ``tol`` of
             the "before" :class:`~torch_embed.inertia.Inertia` to count consistently

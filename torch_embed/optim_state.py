@@ -1,9 +1,10 @@
 """Map an optimizer's per-parameter state through an embedding.
 
-The rule (THEORY §8): after mapping, the state equals the state the optimizer would
-hold had it seen the mapped gradients ``B g_t`` at every past step. First moments and
-momenta are linear in the gradients, so they map by ``B``; second moments map by ``B``
-with squared scales; step counters are kept. This is exact for the optimizers below.
+The rule (docs/theory.md, "Optimizer state"): after mapping, the state equals the state
+the optimizer would hold had it seen the mapped gradients ``B g_t`` at every past step.
+First moments and momenta are linear in the gradients, so they map by ``B``; second
+moments map by ``B`` with squared scales; step counters are kept. This is exact for the
+optimizers below.
 """
 
 from __future__ import annotations

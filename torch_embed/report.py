@@ -167,8 +167,9 @@ def check_embedding(
         full: Also recount the wide Hessian's inertia in full (``O(P³)``), to check
             the prediction and to time it.
         tol: One zero threshold for every count. Default: each full count uses its
-            own THEORY §9 default; the change uses the full wide count's tolerance
-            (or, with ``full=False``, its own estimate of it).
+            own default (:func:`~torch_embed.inertia.default_tolerance`); the change
+            uses the full wide count's tolerance (or, with ``full=False``, its own
+            estimate of it).
 
     Returns:
         An :class:`EmbeddingReport`; ``print(report)`` shows a small table.

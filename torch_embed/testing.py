@@ -339,9 +339,9 @@ def assert_gradients_mapped(
     models' ``.grad`` fields are not touched); the reference's are mapped by
     ``embedding.map_gradients`` and compared with the widened model's parameter by
     parameter. This holds at every point, critical or not, exactly when the embedding
-    is critical (THEORY §2-3: fan-in rows of a split get ``(1-α)·g`` and ``α·g``,
-    fan-out columns are copied). An output-preserving embedding (Net2Net with noise,
-    null neurons with a fan-in) fails it, and the message says so.
+    is critical (docs/theory.md, "One-step splitting": fan-in rows of a split get
+    ``(1-α)·g`` and ``α·g``, fan-out columns are copied). An output-preserving embedding
+    (Net2Net with noise, null neurons with a fan-in) fails it, and the message says so.
 
     Default tolerances are ``torch.testing``'s for the less precise of the two dtypes
     (``float64``: ``rtol = atol = 1e-7``; ``float32``: ``rtol=1.3e-6, atol=1e-5``);

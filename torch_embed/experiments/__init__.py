@@ -39,7 +39,7 @@ FIGURES: Mapping[str, str] = {
     "fig4": "critical points of widths 1, 2, 3 clustered by loss and output function",
     "fig5": "condensation of a wide ReLU net on digits into direction groups",
 }
-"""The reproducible figures and what each shows (THEORY.md §10)."""
+"""The reproducible figures and what each shows (docs/reproduction.md)."""
 
 
 @dataclass(frozen=True)

@@ -6,14 +6,15 @@ initialisation with ``torch.manual_seed(seed)``) and polished to a critical poin
 ``α = 1/2`` twice (width 3, then 4). The paper reports the negative count
 ``0 -> 1 -> 2`` and one more zero eigenvalue per step.
 
-Why the pattern is what it must be (THEORY §6): at a critical point of a network with
-one output, ``G w = 0`` forces ``G = 0``, so the change of a split is
-``inertia(α(1-α)·S) + 1 zero``, with ``S`` the 2x2 splitting matrix of the split
-neuron (fan-in weight and bias). With the default seed the net reaches the width-2
-local minimum (loss ``1.0556e-2``, no negative eigenvalue) where ``S`` of neuron 0 is
-indefinite: each split adds exactly one negative and one zero eigenvalue. Seeds 0-5,
-tried during development, all reached the same minimum (up to the network's
-symmetries) and gave the same pattern, splitting either neuron.
+Why the pattern is what it must be (docs/theory.md, "The exact inertia change of an
+embedding"): at a critical point of a network with one output, ``G w = 0`` forces
+``G = 0``, so the change of a split is ``inertia(α(1-α)·S) + 1 zero``, with ``S`` the
+2x2 splitting matrix of the split neuron (fan-in weight and bias). With the default
+seed the net reaches the width-2 local minimum (loss ``1.0556e-2``, no negative
+eigenvalue) where ``S`` of neuron 0 is indefinite: each split adds exactly one negative
+and one zero eigenvalue. Seeds 0-5, tried during development, all reached the same
+minimum (up to the network's symmetries) and gave the same pattern, splitting either
+neuron.
 """
 
 from __future__ import annotations

@@ -16,10 +16,10 @@ negative eigenvalue (0 -> 0 -> 0).
 
 Which neuron is split: at each step, the one whose split adds the most negative
 eigenvalues, found with :func:`torch_embed.inertia_change.inertia_change` (cheap: no
-wide Hessian). With several outputs, the block ``G`` of THEORY §6 need not vanish at a
-critical point (only ``G w = 0``), and a split of a neuron with ``rank G = 2`` adds two
-negative eigenvalues — the paper's ``+2`` per step. A saturated (constant) neuron adds
-only zeros.
+wide Hessian). With several outputs, the block ``G`` of ``D_split`` (docs/theory.md,
+"The exact inertia change of an embedding") need not vanish at a critical point (only
+``G w = 0``), and a split of a neuron with ``rank G = 2`` adds two negative eigenvalues —
+the paper's ``+2`` per step. A saturated (constant) neuron adds only zeros.
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ def _batch(per: int, stds: list[float], gen: torch.Generator, dev: torch.device)
     A width-``w`` run is a width-3 run with ``3 - w`` null neurons (zero fan-in, bias
     and fan-out). With tanh (``σ(0) = 0``) their gradients are exactly zero, so under
     gradient descent and Adam they stay null and the run is exactly a width-``w``
-    network (the null embedding of THEORY §3 at work).
+    network (the null embedding of docs/theory.md, "One-step null embedding", at work).
     """
     top = max(WIDTHS)
     n = per * len(WIDTHS)

@@ -22,8 +22,9 @@ zero count (nullity) of the Hessian at the embedded point, measured by
 whole degeneracy, so compare the *increase*
 ``empirical_nullity(wide) - empirical_nullity(narrow)`` with :func:`critical_dimension`.
 For splits of one hidden layer with one output at a critical point where each
-splitting matrix is non-singular the two agree exactly (each split adds one zero,
-THEORY §6); with several outputs the coupling blocks can add more zeros.
+splitting matrix is non-singular the two agree exactly (each split adds one zero, see
+``D_split`` in docs/theory.md, "The exact inertia change of an embedding"); with several
+outputs the coupling blocks can add more zeros.
 """
 
 from __future__ import annotations

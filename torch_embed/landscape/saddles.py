@@ -1,7 +1,8 @@
 """Strict-saddle certificates of one-step embeddings, escape by widening, truly-bad test.
 
 A one-step embedding (split one neuron, or add one null neuron) changes the Hessian
-only by the complement block ``D`` (THEORY §6, :mod:`torch_embed._blocks`):
+only by the complement block ``D`` (docs/theory.md, "The exact inertia change of an
+embedding"; computed in ``torch_embed._blocks``):
 ``inertia(H_wide) = inertia(H_narrow) + inertia(D)``. A negative eigenvalue of ``D`` is
 a direction of negative curvature of the widened loss that the embedding *creates*,
 with zero first-order effect on the output: a certificate that the embedded point is
@@ -22,12 +23,13 @@ fan-out has magnitude at most ``B``; ``κ(α) = κ(1-α)``, the reported ``α �
 null neuron ``κ = -|σ'(β)|·σ_max(Σ h̃ δᵀ)/√(1 + σ(β)²)`` (``σ(β)²`` only when the next
 bias compensates), minimized over the candidate biases.
 
-**Three situations** (JML §6.3, THEORY §7) show up as :attr:`Certificate.situation`:
-``"coupling"`` (``G ≠ 0``: any ``α`` gives a negative eigenvalue; always so away from
-a critical point, and at a critical point with several outputs), ``"negative_s"``
-(``S`` has a negative eigenvalue: ``α(1-α) > 0``, best ``α = ½``), ``"signed"`` (``S``
-has a positive eigenvalue only: ``α(1-α) < 0``, ``α > 1``), and ``"null"`` (``σ'(β)·G'
-≠ 0``, GradMax's quantity).
+**Three situations** (JML §6.3; docs/theory.md, "Strict saddles and escape") show up as
+:class:`~torch_embed.landscape.Certificate`'s ``situation``: ``"coupling"`` (``G ≠ 0``:
+any ``α`` gives a negative eigenvalue; always so away from a critical point, and at a
+critical point with several outputs), ``"negative_s"`` (``S`` has a negative
+eigenvalue: ``α(1-α) > 0``, best ``α = ½``), ``"signed"`` (``S`` has a positive
+eigenvalue only: ``α(1-α) < 0``, ``α > 1``), and ``"null"`` (``σ'(β)·G' ≠ 0``,
+GradMax's quantity).
 """
 
 from __future__ import annotations
