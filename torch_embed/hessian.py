@@ -13,11 +13,13 @@ Three engines:
   tensor, its gradient is recorded as a function of that tensor and the ones after it
   only, and the block's rows are batched vector-Jacobian products of it; the blocks
   below the diagonal are filled by symmetry. Autograd prunes the graph to what each
-  block needs: measured 2-3x faster than the flat variant and 2.5-5x faster than
-  ``torch.func.hessian`` on CPU, with 6-11x less memory (``bench/inertia.py``). Using
-  ``torch.func`` for the second pass matters: ``torch.autograd.grad(...,
+  block needs: in ``python bench/inertia.py --part 1`` (bench/RESULTS.md; float64 tanh
+  MLP 8-w-w-2, N = 256, P = 990, 4062 and 8066, CPU, one thread) it took 2.4-3.7x less
+  wall time than the flat ``"reverse"`` engine and 2.5-3.7x less than
+  ``torch.func.hessian``, with 6.1-11.9x less peak memory than ``torch.func.hessian``.
+  Using ``torch.func`` for the second pass matters: ``torch.autograd.grad(...,
   is_grads_batched=True)`` falls back to a per-vector loop for ``tanh_backward``'s
-  derivative and was 2x slower.
+  derivative, which made it slower.
 - ``"reverse"``: reverse-over-reverse on the flat vector, ``vjp(grad(R))`` — the
   forward and first backward pass are recorded once and every product is one batched
   second backward pass. It works for every loss PyTorch can differentiate twice
