@@ -3,9 +3,9 @@
 A splitting embedding is exact in real arithmetic, but not bit-exact in floating point:
 the next layer's matmul now sums a split column's shares as separate terms, in an order
 the BLAS chooses, and a coefficient such as 1/3 is rounded when it scales a weight.
-:func:`forward_error_bound` gives, per output element, a rigorous first-order bound on
-``|computed - exact|`` for evaluating the network in its own dtype; a widening is then
-correct when ``|wide(x) - narrow(x)| <= bound(narrow, x) + bound(wide, x)``.
+:func:`~torch_embed.forward_error_bound` gives, per output element, a rigorous first-order
+bound on ``|computed - exact|`` for evaluating the network in its own dtype; a widening
+is then correct when ``|wide(x) - narrow(x)| <= bound(narrow, x) + bound(wide, x)``.
 
 The bound is the classical running error analysis (Higham, *Accuracy and Stability of
 Numerical Algorithms*, §3.1): with unit roundoff ``u`` of the dtype and

@@ -8,11 +8,12 @@ embedded set gives ``Cᵀ∇R_wide ≡ 0`` there, hence ``AᵀH_wide C = 0`` and
     inertia(H_wide) = inertia(H_narrow) + inertia(D),   D = Cᵀ H_wide C,
 
 exactly (Sylvester's law of inertia), at every embedded point, critical or not. An
-embedding in splitting form is a chain of one-step embeddings (:meth:`Embedding.steps`),
-each adding one neuron; its change is the sum of the steps' inertias, each ``D``
-evaluated at that step's network. Per step, ``D`` has one row per added parameter and
-costs ``O(N·(fan_in + fan_out)²)`` in closed form (:mod:`torch_embed._blocks`), or
-``dim C`` Hessian-vector products on the general path; the full Hessian is never built.
+embedding in splitting form is a chain of one-step embeddings
+(:meth:`Embedding.steps <torch_embed.Embedding.steps>`), each adding one neuron; its
+change is the sum of the steps' inertias, each ``D`` evaluated at that step's network.
+Per step, ``D`` has one row per added parameter and costs ``O(N·(fan_in + fan_out)²)``
+in closed form (``torch_embed._blocks``), or ``dim C`` Hessian-vector products on the
+general path; the full Hessian is never built.
 
 The ``method`` argument chooses how each block ``D`` is computed:
 
@@ -89,7 +90,7 @@ class ComplementBlock:
     """The complement block of one one-step embedding (or of a whole general embedding).
 
     Attributes:
-        matrix: ``D = Cᵀ H_wide C`` in the coordinates of :mod:`torch_embed._blocks`
+        matrix: ``D = Cᵀ H_wide C`` in the coordinates of ``torch_embed._blocks``
             (own parameters, then fan-out), with the unnormalised directions there.
         norms: Euclidean norms of the columns of ``C`` (they are mutually orthogonal),
             so ``matrix / outer(norms, norms)`` is the block for orthonormal directions.
@@ -437,7 +438,8 @@ def step_blocks(
 
     Returns:
         One :class:`ComplementBlock` per added neuron, in the order of
-        :meth:`Embedding.steps` (one block for a matrix-coefficient embedding).
+        :meth:`Embedding.steps <torch_embed.Embedding.steps>` (one block for a
+        matrix-coefficient embedding).
 
     Raises:
         ValueError: A non-critical embedding, a model of other widths or not at the
@@ -467,7 +469,7 @@ def complement_blocks(
 ) -> list[Tensor]:
     """The complement block ``D = Cᵀ H_wide C`` of every one-step piece of ``embedding``.
 
-    In the coordinates of :mod:`torch_embed._blocks` (own parameters, then fan-out), with
+    In the coordinates of ``torch_embed._blocks`` (own parameters, then fan-out), with
     the directions defined there, e.g. ``[[α(1-α)·S, G], [Gᵀ, 0]]`` for a split. Use
     :func:`step_blocks` for each block's kind, layer, neuron and column norms.
 
@@ -482,7 +484,8 @@ def complement_blocks(
 
     Returns:
         One symmetric float64 matrix per added neuron, in the order of
-        :meth:`Embedding.steps` (one matrix for a matrix-coefficient embedding).
+        :meth:`Embedding.steps <torch_embed.Embedding.steps>` (one matrix for a
+        matrix-coefficient embedding).
 
     Raises:
         ValueError: A non-critical embedding, a model of other widths or not at the

@@ -88,7 +88,7 @@ def embed_(
     """Apply an existing embedding to ``module`` in place (what :func:`widen` does).
 
     Use it to replay an embedding on another copy of the same network, or to apply one
-    built by hand or returned by :func:`torch_embed.condense`.
+    built by hand or returned by :func:`torch_embed.landscape.condense`.
 
     Raises:
         ValueError: The embedding was planned for a network of another structure.

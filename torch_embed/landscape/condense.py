@@ -1,8 +1,8 @@
 """Condensation: the inverse of widening.
 
-:func:`condense` rewrites an ``nn.Sequential`` MLP in place into the narrowest network
-it can prove computes the same function, and returns the :class:`~torch_embed.Embedding`
-that maps the condensed network back:
+:func:`~torch_embed.landscape.condense` rewrites an ``nn.Sequential`` MLP in place into
+the narrowest network it can prove computes the same function, and returns the
+:class:`~torch_embed.Embedding` that maps the condensed network back:
 
 * **merge** neurons of a hidden layer whose fan-in weights, bias (and BatchNorm
   parameters and statistics, if any) agree within ``atol``: one neuron stays, its
@@ -14,7 +14,7 @@ that maps the condensed network back:
   when ``σ(bias) = 0``); not done in a layer with BatchNorm, whose output of a constant
   depends on train/eval mode;
 * with ``cos``, and only for positively homogeneous activations (ReLU family, see
-  :func:`torch_embed._sequential.elementwise_info`), also **merge** neurons whose fan-in
+  ``torch_embed._sequential.elementwise_info``), also **merge** neurons whose fan-in
   vectors ``u = [weights; bias]`` are parallel with a positive ratio (cosine ``≥ cos``):
   ``σ(c·u·x) = c·σ(u·x)`` for ``c > 0``, so the kept neuron's fan-out becomes
   ``Σ c_j·column_j`` with ``c_j = ⟨u_j, u⟩/‖u‖²``.

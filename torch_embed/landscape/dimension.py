@@ -18,13 +18,13 @@ parameters need not be independent.
 
 The tangent space of a critical submanifold lies in the kernel of the Hessian, so the
 zero count (nullity) of the Hessian at the embedded point, measured by
-:func:`empirical_nullity`, is the number to compare with. What it measures is the
-whole degeneracy, so compare the *increase*
-``empirical_nullity(wide) - empirical_nullity(narrow)`` with :func:`critical_dimension`.
-For splits of one hidden layer with one output at a critical point where each
-splitting matrix is non-singular the two agree exactly (each split adds one zero, see
-``D_split`` in docs/theory.md, "The exact inertia change of an embedding"); with several
-outputs the coupling blocks can add more zeros.
+:func:`~torch_embed.landscape.empirical_nullity`, is the number to compare with. What it
+measures is the whole degeneracy, so compare the *increase*
+``empirical_nullity(wide) - empirical_nullity(narrow)`` with
+:func:`~torch_embed.landscape.critical_dimension`. For splits of one hidden layer with
+one output at a critical point where each splitting matrix is non-singular the two agree
+exactly (each split adds one zero, see ``D_split`` in docs/theory.md, "The exact inertia
+change of an embedding"); with several outputs the coupling blocks can add more zeros.
 """
 
 from __future__ import annotations

@@ -10,14 +10,15 @@ a strict saddle, and an explicit way down.
 
 **The curvature measure.** ``D`` is written in coordinates ``(v, c)`` whose parameter
 directions have different lengths (for a split, ``‖d‖² = (α² + (1-α)²)‖v‖² + 2‖c‖²``;
-for a null neuron ``‖d‖² = ‖v‖² + (1 + σ(β)²)‖c‖²``). :func:`saddle_certificates`
-reports the **Rayleigh quotient of the wide Hessian along a unit-norm direction in the
-wide parameter space**, ``κ = min_d dᵀ H_wide d / dᵀd`` over the complement
-directions, i.e. the smallest generalized eigenvalue of ``D x = κ M x`` with
-``M = diag(q·I, 2·I)``, ``q = α² + (1-α)²`` (split) or ``M = diag(I, (1+σ(β)²)·I)``
-(null). It does not depend on how the coordinates are scaled, so candidates in
-different layers, of different kinds and with different ``α`` compare directly. For a
-split, ``κ(α) = λ_min([[t·S, G/√(2q)], [Gᵀ/√(2q), 0]])`` with ``t = α(1-α)/q ∈ [-½, ½]``;
+for a null neuron ``‖d‖² = ‖v‖² + (1 + σ(β)²)‖c‖²``).
+:func:`~torch_embed.landscape.saddle_certificates` reports the **Rayleigh quotient of
+the wide Hessian along a unit-norm direction in the wide parameter space**,
+``κ = min_d dᵀ H_wide d / dᵀd`` over the complement directions, i.e. the smallest
+generalized eigenvalue of ``D x = κ M x`` with ``M = diag(q·I, 2·I)``,
+``q = α² + (1-α)²`` (split) or ``M = diag(I, (1+σ(β)²)·I)`` (null). It does not
+depend on how the coordinates are scaled, so candidates in different layers, of
+different kinds and with different ``α`` compare directly. For a split,
+``κ(α) = λ_min([[t·S, G/√(2q)], [Gᵀ/√(2q), 0]])`` with ``t = α(1-α)/q ∈ [-½, ½]``;
 ``α`` is searched in ``[1 - B, B]`` (``B = alpha_bound``: each copy's share of the
 fan-out has magnitude at most ``B``; ``κ(α) = κ(1-α)``, the reported ``α ≥ ½``). For a
 null neuron ``κ = -|σ'(β)|·σ_max(Σ h̃ δᵀ)/√(1 + σ(β)²)`` (``σ(β)²`` only when the next
