@@ -79,12 +79,12 @@ def _device(text: str) -> str:
     return text
 
 
-def _add_common(p: argparse.ArgumentParser, default_out: str) -> None:
+def _add_common(p: argparse.ArgumentParser, default_out: str, writes: str) -> None:
     p.add_argument(
         "--out",
         metavar="DIR",
         default=default_out,
-        help=f"folder for the PNG figure(s) and JSON numbers (created; default: {default_out})",
+        help=f"folder for {writes} (created; default: {default_out})",
     )
     p.add_argument(
         "--seed",
@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
             "well under a minute on 2 CPU cores; no download."
         ),
     )
-    _add_common(demo, "torch-embed-demo")
+    _add_common(demo, "torch-embed-demo", "the figure demo.png")
     rep = sub.add_parser(
         "reproduce",
         help="reproduce a figure of the papers and compare with the paper's numbers",
@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
     )
     rep.add_argument("figure", metavar="FIG", choices=[*_figures(), "all"], help=_FIG_HELP)
-    _add_common(rep, "torch-embed-figures")
+    _add_common(rep, "torch-embed-figures", "FIG.png and FIG.json (the numbers), per figure")
     rep.add_argument(
         "--check",
         action="store_true",
