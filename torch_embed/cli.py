@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
             "well under a minute on 2 CPU cores; no download."
         ),
     )
-    _add_common(demo, "torch-embed-demo", "the figure demo.png")
+    _add_common(demo, "torch-embed-demo", "demo.png")
     rep = sub.add_parser(
         "reproduce",
         help="reproduce a figure of the papers and compare with the paper's numbers",
