@@ -292,6 +292,7 @@ def test_hvp_path_equals_closed_form(scheme):
         assert (a.kind, a.layer, a.neuron) == (b.kind, b.layer, b.neuron)
         torch.testing.assert_close(a.matrix, b.matrix, rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(a.norms, b.norms)
+        assert torch.equal(b.matrix, b.matrix.T)  # exactly symmetric, as documented
     plain = complement_blocks(emb, wide, nn.MSELoss(), x, y)
     assert all(torch.equal(p, b.matrix) for p, b in zip(plain, closed))
     check(net, wide, emb, nn.MSELoss(), x, y, method="hvp")
@@ -406,3 +407,77 @@ def test_train_mode_refused_on_every_path(train_module):
     for method in ("auto", "hvp"):
         with pytest.raises(ValueError, match=rf"module '{re.escape(name)} is in train mode"):
             inertia_change(emb, wide, nn.MSELoss(), x, y, tol=1e-9, method=method)
+
+
+# --------------------------------------------------------------------------- tolerance, norms
+def test_default_tolerance_where_the_rounding_term_dominates():
+    """At a zero-residual fit (|∇R| ~ 1e-16) the default tol is P·eps·‖H_wide‖, not the
+    gradient term: the estimate must carry the factor P and a converged ‖H‖ (power
+    iteration); the other default-tol test sits where 10·|∇R| dominates and sees neither."""
+    widths = (3, 4, 3, 2)
+    net = randn_mlp(widths, "tanh", seed=5)
+    x, _ = randn_data(widths)
+    with torch.no_grad():
+        y = net(x)  # zero residual: an exact global minimum
+    wide, emb = widened(net, [6, 5], Split(alpha=0.3))
+    ev_n, _ = brute(net, nn.MSELoss(), x, y)
+    ev_w, g_w = brute(wide, nn.MSELoss(), x, y)
+    tol = default_tolerance(float(ev_w.abs().max()), ev_w.numel(), F64, g_w)
+    assert tol > 10 * (10 * g_w)  # the rounding term, not the gradient term 10·|∇R|
+    change = inertia_change(emb, wide, nn.MSELoss(), x, y)
+    assert change.tol == pytest.approx(tol, rel=0.1, abs=0)  # approx: abs=1e-12 by default
+    assert_clean(ev_w, tol, "wide")
+    assert tuple(a + b for a, b in zip(counts(ev_n, tol), change)) == counts(ev_w, tol)
+
+
+def test_block_norms_and_normalized_block_against_explicit_directions():
+    """``norms`` are the column norms of the complement directions C and ``normalized``
+    is QᵀH_wide Q for Q = C/norms (orthonormal columns), up to the sign of each column;
+    C is written out by hand in the final wide coordinates from the fan-out coefficients
+    γ of the split pair (own parameters: γ_b·v on neuron a, -γ_a·v on neuron b, so the
+    first-order output change Σγ·Δz vanishes; fan-out: +c on a, -c on b), H_wide is the
+    dense autograd Hessian. The counts of inertia_change are those of QᵀH_wide Q at
+    every tolerance (a large signed α makes the unnormalised block's spectrum several
+    times larger)."""
+    widths = (3, 4, 2)
+    net = randn_mlp(widths, "tanh", seed=7)
+    x, y = randn_data(widths)
+    wide, emb = widened(net, [5], Split(alpha=2.5, select=[1]))
+    (block,) = step_blocks(emb, wide, nn.MSELoss(), x, y)
+    assert block.kind == "split" and emb.layers[0].source.tolist() == [0, 1, 2, 3, 1]
+    a, b = 1, 4  # the two copies of neuron 1 in the wide layer
+    ga, gb = (float(emb.layers[0].coef[i]) for i in (a, b))
+    assert {ga, gb} == {2.5, -1.5}
+    # flat order: 0.weight (5, 3), 0.bias (5,), 2.weight (2, 5), 2.bias (2,)
+    d_in, m, out = 3, 5, 2
+    p = m * d_in + m + out * m + out
+    cols = []
+    for k in range(d_in + 1):  # own-parameter coordinates: fan-in weights, then bias
+        col = torch.zeros(p, dtype=F64)
+        idx = (lambda j, k=k: j * d_in + k) if k < d_in else (lambda j: m * d_in + j)
+        col[idx(a)], col[idx(b)] = gb, -ga
+        cols.append(col)
+    for o in range(out):  # fan-out coordinates
+        col = torch.zeros(p, dtype=F64)
+        base = m * d_in + m + o * m
+        col[base + a], col[base + b] = 1.0, -1.0
+        cols.append(col)
+    C = torch.stack(cols, dim=1)
+    assert torch.equal(wide[0].weight[a], wide[0].weight[b]) and wide[0].bias[a] == wide[0].bias[b]
+    norms = C.norm(dim=0)
+    torch.testing.assert_close(block.norms, norms, rtol=1e-15, atol=0)
+    Q = C / norms
+    torch.testing.assert_close(Q.T @ Q, torch.eye(len(cols), dtype=F64), rtol=0, atol=1e-15)
+    H = brute_hessian(wide, nn.MSELoss(), x, y)
+    ref = Q.T @ H @ Q
+    torch.testing.assert_close(block.normalized.abs(), ref.abs(), rtol=1e-9, atol=1e-12)
+    ev = torch.linalg.eigvalsh(ref)
+    torch.testing.assert_close(torch.linalg.eigvalsh(block.normalized), ev, rtol=1e-9, atol=1e-12)
+    mags = ev.abs().sort().values
+    for lo, hi in zip(mags[:-1].tolist(), mags[1:].tolist()):
+        if hi > 2 * lo > 0:
+            t = math.sqrt(lo * hi)
+            got = inertia_change(emb, wide, nn.MSELoss(), x, y, tol=t).as_tuple()
+            assert got == counts(ev, t), t
+    t = 1.5 * float(mags[-1])  # above every eigenvalue of the normalised block
+    assert inertia_change(emb, wide, nn.MSELoss(), x, y, tol=t).as_tuple() == (0, len(cols), 0)
