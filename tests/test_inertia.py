@@ -269,3 +269,52 @@ def test_non_finite_entry_refused_with_its_index(bad: float, method: str) -> Non
             inertia(a, method=method, tol=1e-9)
     with pytest.raises(ValueError, match="grad_norm must be"):
         inertia(torch.eye(2, dtype=F64), grad_norm=bad)
+
+
+def test_float32_matrix_with_float32_rounding_asymmetry_is_accepted() -> None:
+    """The symmetry check scales with the eps of the matrix's own dtype: a float32 Hessian
+    (e.g. from torch.autograd.functional.hessian, never symmetrized) is asymmetric at
+    float32 rounding, ~1e-7·max|A|, far above float64's sqrt(eps)."""
+    lam = [-2.0, -1.0, 0.5, 1.0, 3.0, 4.0]
+    a = _with_spectrum(lam, seed=3).float()
+    a[4, 1] += 1e-5 * float(a.abs().max())  # < sqrt(eps32)·max|A| ≈ 3.5e-4·max|A|
+    assert not torch.equal(a, a.T)
+    for method in ("eigh", "ldl"):
+        assert inertia(a, method=method).as_tuple() == (2, 0, 4)
+    torch.testing.assert_close(eigenvalues(a), torch.tensor(lam, dtype=F64), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="not symmetric"):  # the same asymmetry in float64
+        inertia(a.double())
+
+
+@pytest.mark.parametrize("n", [2, 7, 8, 10])
+def test_small_matrices_ldl_tolerance_and_gap_equal_eigh(n: int) -> None:
+    """Lanczos is exact once its steps reach n (10 for max|λ|, 8 on each shifted inverse
+    for the gap): on small matrices ldl's default tolerance and its gap estimate must equal
+    the exact eigh values (one Lanczos step short gives a tolerance or a gap that is off;
+    n = 10 > 8 checks the tolerance only)."""
+    lam = torch.tensor([-2.0, -0.3, -4e-7, 1e-7, 3e-7, 0.7, 5.0, 1.5, -9.0, 2.5][:n], dtype=F64)
+    if n == 2:
+        lam = torch.tensor([-0.3, 5.0], dtype=F64)
+    a = _with_spectrum(lam, seed=n)
+    e, ldl = inertia(a, method="eigh"), inertia(a, method="ldl")
+    assert e.as_tuple() == ldl.as_tuple()
+    assert ldl.tol == pytest.approx(e.tol, rel=1e-9, abs=0)
+    tol = 1e-6  # zeros at 1e-7..4e-7: resolved well by the shifted factorizations
+    e, ldl = inertia(a, tol=tol, method="eigh"), inertia(a, tol=tol, method="ldl")
+    assert e.as_tuple() == ldl.as_tuple() == _counts(lam, tol)
+    if n > 2:
+        assert e.gap == pytest.approx(0.3 / 4e-7, rel=1e-6)
+    if n <= 8:
+        assert ldl.gap == pytest.approx(e.gap, rel=1e-6)
+
+
+def test_gap_counts_an_eigenvalue_exactly_at_tol_as_zero() -> None:
+    """Zero means |λ| <= tol, so an eigenvalue exactly at tol is the largest "zero" of the
+    gap ratio: diag(-1, 0.5, tol, 2) has gap 0.5/tol = 512, ambiguous; counting it as
+    "above" gave gap inf."""
+    tol = 2.0**-10
+    h = torch.diag(torch.tensor([-1.0, 0.5, tol, 2.0], dtype=F64))
+    assert float(torch.linalg.eigvalsh(h)[1]) == tol  # exact in float64
+    res = inertia(h, tol=tol, method="eigh")
+    assert res.as_tuple() == (1, 1, 2)
+    assert res.gap == 0.5 / tol and res.ambiguous
