@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
 import torch
-from cases import F64, brute_hessian, counts
+from cases import F64, brute_gradient, brute_hessian, counts
 from torch import nn
 from torch.func import functional_call
 
+import torch_embed.report as report_module
 from torch_embed.report import EmbeddingReport, check_embedding
 from torch_embed.schemes import Net2Net, Null, Split
 from torch_embed.widen import widen
@@ -130,3 +132,62 @@ def test_report_warns_once_at_a_non_critical_point_with_the_default_tolerance():
     assert rep.before.zero > counts(brute_eigenvalues(net, nn.MSELoss(), x, y), 1e-9)[1]
     rep = check_embedding(net, wide, emb, nn.MSELoss(), x, y, tol=1e-9)  # no warning
     assert rep.matches is True
+
+
+def _random_problem(seed=3):
+    g = torch.Generator().manual_seed(seed)
+    net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=F64))
+    x, y = torch.randn(10, 2, generator=g, dtype=F64), torch.randn(10, 2, generator=g, dtype=F64)
+    return net, x, y
+
+
+def test_report_fields_against_brute_force_at_a_non_critical_point():
+    """Every number of the report against an independent computation, at a point where
+    the narrow and the wide gradient norms differ (∇R_wide = B ∇R_narrow, B not an
+    isometry) and a count stays equal (so '>=' matters in nondecreasing)."""
+    net, x, y = _random_problem()
+    wide = copy.deepcopy(net)
+    emb = widen(wide, [5], Split(alpha=0.3), generator=torch.Generator().manual_seed(0))
+    rep = check_embedding(net, wide, emb, nn.MSELoss(), x, y, tol=1e-9)
+    with torch.no_grad():
+        assert rep.output_max_abs_diff == float((wide(x) - net(x)).abs().max())
+    g_n = float(brute_gradient(net, nn.MSELoss(), x, y).norm())
+    g_w = float(brute_gradient(wide, nn.MSELoss(), x, y).norm())
+    assert abs(g_n - g_w) > 1e-3 * g_n
+    assert rep.grad_norm_before == pytest.approx(g_n, rel=1e-12, abs=0)
+    assert rep.grad_norm_after == pytest.approx(g_w, rel=1e-12, abs=0)
+    before = counts(brute_eigenvalues(net, nn.MSELoss(), x, y), 1e-9)
+    after = counts(brute_eigenvalues(wide, nn.MSELoss(), x, y), 1e-9)
+    assert rep.before.as_tuple() == before and rep.after.as_tuple() == after
+    assert any(a == b for a, b in zip(after, before))
+    assert rep.nondecreasing == tuple(a >= b for a, b in zip(after, before))
+    assert rep.speedup == rep.time_after / rep.time_change
+    same = copy.deepcopy(net)
+    ident = widen(same, [3])  # no new neuron: every count stays equal, each is "non-decreasing"
+    rep = check_embedding(net, same, ident, nn.MSELoss(), x, y, tol=1e-9)
+    assert rep.after.as_tuple() == rep.before.as_tuple() == before
+    assert rep.nondecreasing == (True, True, True) and rep.matches is True
+
+
+def test_report_on_a_wrong_prediction_judges_by_the_full_recount(critical_net, monkeypatch):
+    """If before + change disagreed with the full recount, the report must say so and
+    take nondecreasing from the recount, not from the (wrong) prediction."""
+    net, x, y = critical_net
+    wide = copy.deepcopy(net)
+    emb = widen(wide, [5], Split(alpha=0.5), generator=torch.Generator().manual_seed(0))
+    real = report_module.inertia_change
+
+    def wrong(*args, **kwargs):
+        good = real(*args, **kwargs)  # e.g. (2, 2, 6) for two split neurons
+        return dataclasses.replace(good, negative=0, zero=0, positive=-3)
+
+    monkeypatch.setattr(report_module, "inertia_change", wrong)
+    rep = check_embedding(net, wide, emb, nn.MSELoss(), x, y, tol=1e-9)
+    after = counts(brute_eigenvalues(wide, nn.MSELoss(), x, y), 1e-9)
+    before = counts(brute_eigenvalues(net, nn.MSELoss(), x, y), 1e-9)
+    assert rep.after.as_tuple() == after and rep.predicted.positive == before[2] - 3
+    assert rep.matches is False and "prediction matches: NO" in str(rep)
+    assert rep.nondecreasing == tuple(a >= b for a, b in zip(after, before)) == (True,) * 3
