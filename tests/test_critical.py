@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from cases import brute_hessian
 from torch import Tensor, nn
 
 import torch_embed
@@ -200,3 +201,28 @@ def test_interrupt_restores_parameters_and_grads(at_call: int) -> None:
         critical_point(net, loss_fn, x, y, max_iter=30)  # Newton from call 40 on
     for p, (value, grad) in zip(net.parameters(), before):
         assert torch.equal(p.detach(), value) and torch.equal(p.grad, grad)
+
+
+def test_lbfgs_moving_uphill_in_grad_norm_is_undone() -> None:
+    """L-BFGS minimises R, not |∇R|: started on the escape direction of an embedded
+    saddle it lowers R while |∇R| grows. That stage must be undone (parameters and
+    reported |∇R| back to the start), not returned as a worse point."""
+    net = _tanh_net()
+    x, y = _data()
+    assert critical_point(net, nn.MSELoss(), x, y).converged
+    torch_embed.widen(
+        net, [3], torch_embed.Split(alpha=0.5), generator=torch.Generator().manual_seed(3)
+    )
+    lam, q = torch.linalg.eigh(brute_hessian(net, nn.MSELoss(), x, y))
+    assert float(lam[0]) < -1e-3  # a strict saddle: step along its negative eigenvector
+    with torch.no_grad():
+        flat = torch.nn.utils.parameters_to_vector(net.parameters())
+        torch.nn.utils.vector_to_parameters(flat + 1e-2 * q[:, 0], net.parameters())
+    start = copy.deepcopy(net.state_dict())
+    norm0, _ = _autograd_grad_norm(net, x, y)
+    res = critical_point(net, nn.MSELoss(), x, y, max_iter=3, max_newton_iter=0, newton_at=1e-14)
+    assert res.lbfgs_iterations > 0 and not res.converged
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in start.items())
+    norm, loss = _autograd_grad_norm(net, x, y)
+    assert norm == norm0 and res.grad_norm == pytest.approx(norm, rel=1e-9, abs=0)
+    assert res.loss == pytest.approx(loss, rel=1e-12)
