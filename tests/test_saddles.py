@@ -485,3 +485,22 @@ def test_truly_bad_condition_matches_brute_force(fig3a, coupling_point):
     assert exact.holds and exact.relative < 1e-12
     with pytest.raises(ValueError, match="rtol"):
         truly_bad_condition(net, MSE, x, net(x).detach(), rtol=-1.0)
+
+
+def test_null_certificate_where_the_activation_slope_is_negative():
+    """SiLU has σ'(-2) < 0: the null direction's fan-out sign must follow the slope's
+    sign, otherwise dᵀHd = +|κ| instead of the reported κ < 0 (tanh/sigmoid above only
+    have positive slopes)."""
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Linear(2, 3), nn.SiLU(), nn.Linear(3, 2)).double()
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(15, 2, generator=gen, dtype=F64)
+    y = torch.randn(15, 2, generator=gen, dtype=F64)
+    beta = torch.tensor(-2.0, dtype=F64, requires_grad=True)
+    (slope,) = torch.autograd.grad(nn.functional.silu(beta), beta)
+    assert float(slope) < 0
+    (cert,) = [
+        c for c in saddle_certificates(net, MSE, x, y, null_biases=[-2.0]) if c.kind == "null"
+    ]
+    assert cert.null_bias == -2.0 and cert.curvature < 0 and cert.situation == "null"
+    check_certificate(net, x, y, cert)
