@@ -7,6 +7,7 @@ import itertools
 
 import pytest
 import torch
+from cases import brute_hessian, counts, randn_data, randn_mlp
 from torch import nn
 
 import torch_embed
@@ -99,3 +100,21 @@ def test_nullity_increase_matches_estimate_for_one_hidden_layer(widths, scheme):
     n1 = empirical_nullity(wide, MSE, x, y)
     assert n1 == _brute_zero_count(wide, x, y)
     assert n1 - n0 == critical_dimension(emb.narrow_widths, emb.wide_widths)
+
+
+def test_empirical_nullity_uses_the_given_tolerance():
+    """With tol= the zero count is |λ| <= tol of the dense autograd Hessian, whatever the
+    default tolerance would say (a random point: no eigenvalue is a rounding zero)."""
+    widths = (2, 3, 2)
+    net = randn_mlp(widths, "tanh", seed=2)
+    x, y = randn_data(widths)
+    ev = torch.linalg.eigvalsh(brute_hessian(net, nn.MSELoss(), x, y))
+    mags = ev.abs().sort().values
+    k = max(range(1, len(mags) - 1), key=lambda i: float(mags[i] / mags[i - 1]))
+    assert float(mags[k]) > 1.5 * float(mags[k - 1])
+    tol = float((mags[k - 1] * mags[k]).sqrt())  # a clean gap: exactly k "zeros"
+    assert counts(ev, tol)[1] == k
+    with pytest.warns(UserWarning, match="not at a critical point"):  # the default tol
+        default = empirical_nullity(net, nn.MSELoss(), x, y)
+    assert default != k
+    assert empirical_nullity(net, nn.MSELoss(), x, y, tol=tol) == k
