@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import re
 
 import pytest
@@ -431,3 +432,63 @@ def test_inertia_nondecreasing_argument_checks():
         assert_inertia_nondecreasing((0, 0, 3), a)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="counts must be a sequence"):
         assert_inertia_nondecreasing(a, a, counts=("negativ",))  # type: ignore[arg-type]
+
+
+class _Const(nn.Module):
+    """A "network" that outputs a fixed tensor (to place differences exactly)."""
+
+    def __init__(self, values: list[float]) -> None:
+        super().__init__()
+        self.register_buffer("out", torch.tensor(values, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out
+
+
+def _outputs_differ(expected: list[float], actual: list[float], rtol: float, atol: float) -> str:
+    """The failure message of assert_function_preserved, or "" if it passes."""
+    try:
+        assert_function_preserved(
+            _Const(expected), _Const(actual), torch.zeros(1), rtol=rtol, atol=atol
+        )
+    except AssertionError as err:
+        return str(err)
+    return ""
+
+
+def test_worst_element_is_the_one_furthest_beyond_its_allowance() -> None:
+    """Index 0 has the larger |difference| (2e-3) but a large allowance (rtol·100 =
+    1.5e-3); index 1 differs by 1e-3 against 1.5e-6: it is the worst element."""
+    text = _outputs_differ([100.0, 0.1], [100.002, 0.101], rtol=1.5e-5, atol=0.0)
+    assert "mismatched elements: 2 / 2" in text
+    assert "worst at index (1,): actual 0.101" in text
+
+
+def test_relative_tolerance_is_relative_to_expected() -> None:
+    """allowed = atol + rtol·|expected| (as documented, as torch.testing): 1.5 against
+    1.0 with rtol = 0.4 is 0.1 too far; 1.0 against 1.5 is within 0.6."""
+    assert "|difference| 0.5 > allowed 0.4" in _outputs_differ([1.0], [1.5], rtol=0.4, atol=0.0)
+    assert _outputs_differ([1.5], [1.0], rtol=0.4, atol=0.0) == ""
+
+
+@pytest.mark.parametrize("rtol", [0.0, 1e-6])
+def test_non_finite_outputs_match_only_when_equal(rtol: float) -> None:
+    """Equal infinities match and a NaN never does (torch.testing's rules). With
+    expected = inf the allowance atol + rtol·|expected| is inf (or NaN for rtol = 0), so
+    -inf or a finite output against +inf used to pass."""
+    inf, nan = math.inf, math.nan
+    assert _outputs_differ([inf, -inf, 1.0], [inf, -inf, 1.0], rtol=rtol, atol=1e-6) == ""
+    for expected, actual in [
+        (inf, -inf),
+        (inf, 1.0),
+        (-inf, 0.0),
+        (1.0, inf),
+        (nan, 1.0),
+        (1.0, nan),
+        (nan, nan),
+    ]:
+        text = _outputs_differ([2.0, expected], [2.0, actual], rtol=rtol, atol=1e-6)
+        assert "mismatched elements: 1 / 2" in text and "worst at index (1,)" in text, (
+            expected,
+            actual,
+        )

@@ -174,7 +174,10 @@ def _mismatch(
     tol = allowed.detach().to("cpu", torch.float64).expand_as(a)
     diff = torch.where(a == e, 0.0, (a - e).abs())
     diff = torch.where(diff.isnan(), math.inf, diff)
-    bad = diff > tol
+    # where expected is ±inf (or NaN) the allowed error atol + rtol·|expected| is inf (or
+    # NaN) and `diff > tol` can never hold: unequal infinities and NaNs are flagged here
+    nonfinite = ~(torch.isfinite(a) & torch.isfinite(e))
+    bad = (diff > tol) | (nonfinite & (a != e))
     n_bad = int(bad.sum())
     if n_bad == 0:
         return None
