@@ -253,7 +253,17 @@ def test_then_refuses_mismatched_widths() -> None:
 
 # ----------------------------------------------------------------------------- gradient maps
 @pytest.mark.parametrize(
-    "name", ["split_signed", "split_kway_repeat", "null", "composition", "general_matrix_critical"]
+    "name",
+    # general_shuffled: a null neuron with σ(β) != 0 feeding split rows of the next layer
+    # (its fan-out column's second moment needs the row scale squared)
+    [
+        "split_signed",
+        "split_kway_repeat",
+        "null",
+        "composition",
+        "general_matrix_critical",
+        "general_shuffled",
+    ],
 )
 def test_second_moments_map_like_squared_gradients(name) -> None:
     net = build_mlp(ARCH, seed=4)
