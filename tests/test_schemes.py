@@ -632,3 +632,86 @@ def test_batchnorm_in_train_mode(scheme, gen) -> None:
     copies = src >= 0
     stats = wide[1].running_mean[copies], net[1].running_mean[src[copies]]
     torch.testing.assert_close(*stats, rtol=0, atol=1e-15)
+
+
+# ----------------------------------------------------------------------------- random draws
+# (each of these was a surviving mutant: the draws' scale or their independence were
+# never compared with what the docstrings promise)
+def test_select_random_never_repeats_a_neuron_while_it_can() -> None:
+    """5 new neurons from 8: distinct for every seed (a draw with replacement repeats
+    one with probability 0.8 per seed)."""
+    net = build_mlp(Arch(2, (8,), 1))
+    for seed in range(20):
+        emb = plan(net, [13], Split(), generator=torch.Generator().manual_seed(seed))
+        assert len(set(emb.layers[0].source.tolist()[8:])) == 5, seed
+
+
+def test_net2net_noise_scale_is_noise_times_share() -> None:
+    """``N = noise · w/c · ε``, ε ~ N(0, 1): over 4000 rows of the next layer, N divided
+    by ``noise · w/c`` has mean ~0 and standard deviation ~1 (for c = 2 and c = 3)."""
+    net = build_mlp(Arch(2, (3,), 4000), seed=0)
+    w = net[2].weight.detach()
+    for select, c in (([0], 2), ([0, 0], 3)):
+        emb = plan(
+            net,
+            [3 + len(select)],
+            Net2Net(noise=0.5, select=select),
+            generator=torch.Generator().manual_seed(0),
+        )
+        off = emb.layers[0].fan_out_offset
+        assert off is not None
+        eps = off[:, 0] / (0.5 * w[:, 0] / c)
+        assert abs(float(eps.mean())) < 0.1
+        assert abs(float(eps.std()) - 1) < 0.05, (c, float(eps.std()))
+
+
+def test_random_pad_draws_like_nn_linear_default() -> None:
+    """New fan-in rows and biases uniform in ``±scale/sqrt(fan_in)``, new fan-out
+    columns in ``±scale/sqrt(wide width)`` (the next Linear's fan-in)."""
+    net = build_mlp(Arch(4, (3,), 300), seed=0)
+    scale = 0.7
+    emb = plan(net, [403], RandomPad(scale=scale), generator=torch.Generator().manual_seed(0))
+    lm = emb.layers[0]
+    assert lm.null_fan_in is not None and lm.fan_out_offset is not None
+    for values, bound in (
+        (lm.null_fan_in[3:], scale / math.sqrt(4)),  # 1600 draws
+        (lm.null_bias[3:], scale / math.sqrt(4)),  # 400 draws
+        (lm.fan_out_offset[:, 3:], scale / math.sqrt(403)),  # 120000 draws
+    ):
+        top = float(values.abs().max())
+        assert 0.97 * bound < top <= bound, (top, bound)
+
+
+def test_null_fan_in_std_is_the_draws_standard_deviation() -> None:
+    net = build_mlp(Arch(50, (3,), 1), seed=0)
+    for std in (0.05, 2.0):
+        emb = plan(net, [43], Null(fan_in_std=std), generator=torch.Generator().manual_seed(0))
+        fan_in = emb.layers[0].null_fan_in
+        assert fan_in is not None
+        assert float(fan_in[:3].abs().max()) == 0  # copied rows keep no fan-in
+        assert abs(float(fan_in[3:].std()) / std - 1) < 0.05  # 2000 draws
+
+
+def test_null_value_ignores_dropout_in_train_mode() -> None:
+    """σ(β) of a null neuron is the activation chain without Dropout's random mask,
+    also when the module is in train mode."""
+    arch = Arch(2, (3,), 1, dropout=(True,))
+    net = build_mlp(arch).train()
+    assert any(isinstance(m, nn.Dropout) and m.p > 0 for m in net)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        emb = plan(net, [5], Null(bias=0.7))
+        torch.testing.assert_close(
+            emb.layers[0].null_value[3:], torch.tanh(torch.tensor([0.7, 0.7], dtype=F64))
+        )
+
+
+def test_null_bias_is_refused_before_a_non_affine_batchnorm() -> None:
+    """A BatchNorm1d(affine=False) after the Linear re-centres its bias, so β has no
+    place; β = 0 is still fine."""
+    net = nn.Sequential(
+        nn.Linear(2, 3), nn.BatchNorm1d(3, affine=False), nn.Tanh(), nn.Linear(3, 1)
+    ).double()
+    with pytest.raises(ValueError, match=r"hidden layer 0: .*no affine BatchNorm1d"):
+        plan(net, [5], Null(bias=0.3))
+    assert plan(net, [5], Null(bias=0.0)).kind is CRIT
