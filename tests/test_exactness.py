@@ -10,6 +10,7 @@ evaluation of the same stored weights, and it is not vacuous.
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -30,7 +31,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from torch_embed._sequential import register_elementwise
+from torch_embed._sequential import elementwise_info, register_elementwise
 from torch_embed.exactness import forward_error_bound, unit_roundoff
 from torch_embed.schemes import Split
 from torch_embed.widen import embed_, widen
@@ -231,3 +232,63 @@ def test_bound_refuses_autocast() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16), refused:
         forward_error_bound(net, x)
     assert forward_error_bound(net, x).shape == (16, 4)  # outside the region it works
+
+
+# ----------------------------------------------------------------------------- the formula
+def _gamma(n: int, u: float) -> float:
+    return n * u / (1 - n * u)
+
+
+def test_bound_is_the_documented_running_error_formula() -> None:
+    """On a 1-1-1 float16 net with hand-picked exact weights, the bound is the running
+    error analysis written out by hand (Higham §3.1; module docstring): a Linear with n
+    inputs adds γ_{n+2}·(|W|(|h| + e) + |b|) and propagates |W|·e; eval BatchNorm with
+    scale s adds 6u·(|s|(|h| + e + |mean|) + |β|) and propagates |s|·e; an activation
+    with Lipschitz constant L gives L·e + 4u·(|σ(h)| + L·e). Pins every constant, which
+    the tests of validity alone cannot (the bound has a wide margin)."""
+    net = nn.Sequential(
+        nn.Linear(1, 1), nn.BatchNorm1d(1, eps=1.0), nn.Sigmoid(), nn.Linear(1, 1)
+    ).half()
+    with torch.no_grad():
+        net[0].weight.fill_(2.0), net[0].bias.fill_(1.0)
+        net[1].running_mean.fill_(0.5), net[1].running_var.fill_(3.0)
+        net[1].weight.fill_(4.0), net[1].bias.fill_(-1.0)  # s = 4 / sqrt(3 + 1) = 2
+        net[3].weight.fill_(-0.5), net[3].bias.fill_(0.25)
+    net.eval()
+    u = 2.0**-11  # float16
+    g3 = _gamma(3, u)
+    e1 = g3 * (2 * 1 + 1)  # x = 1 exact, h1 = 3
+    e2 = 2 * e1 + 6 * u * (2 * (3 + e1 + 0.5) + 1)  # h2 = (3 - 0.5) * 2 - 1 = 4
+    sig = 1 / (1 + math.exp(-4.0))
+    e3 = 0.25 * e2 + 4 * u * (sig + 0.25 * e2)  # Sigmoid: L = 1/4
+    e4 = 0.5 * e3 + g3 * (0.5 * (sig + e3) + 0.25)
+    bound = forward_error_bound(net, torch.ones(1, 1, dtype=torch.float16))
+    assert bound.dtype == torch.float64 and bound.shape == (1, 1)
+    assert math.isclose(float(bound), e4, rel_tol=1e-13), (float(bound), e4)
+
+
+def test_dropout_with_p_zero_is_accepted_in_train_mode() -> None:
+    """Dropout(p=0) is the identity even in train mode: no refusal, the same bound."""
+    plain = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    with_drop = nn.Sequential(plain[0], plain[1], nn.Dropout(p=0.0), plain[2]).train()
+    x = random_inputs(3, 5)
+    torch.testing.assert_close(
+        forward_error_bound(with_drop, x), forward_error_bound(plain, x), rtol=0, atol=0
+    )
+
+
+def test_positively_homogeneous_flags_hold_numerically() -> None:
+    """σ(c·z) = c·σ(z) for c > 0 wherever the registry says so (condensation merges
+    parallel fan-in vectors on that promise); ReLU6 and Hardtanh saturate, so not them."""
+    z = torch.linspace(-8, 8, 1601, dtype=torch.float64)
+    flagged = []
+    for name, case in ACTIVATIONS.items():
+        act = case.make().double()
+        info = elementwise_info(act)
+        assert info is not None, name
+        if info.positively_homogeneous:
+            flagged.append(type(act).__name__)
+            with torch.no_grad():
+                for c in (0.25, 0.5, 2.0, 3.0):
+                    torch.testing.assert_close(act(c * z), c * act(z), rtol=1e-15, atol=0)
+    assert "ReLU" in flagged and "Tanh" not in flagged
