@@ -401,6 +401,26 @@ def test_failure_in_optimizer_mapping_changes_nothing(monkeypatch, gen) -> None:
     _assert_same(net, opt, snap)
 
 
+@pytest.mark.parametrize("n", [2, 5])
+def test_failure_after_feature_counts_changed_restores_them(monkeypatch, n, gen) -> None:
+    """A failure after some ``in_features`` / ``out_features`` / ``num_features`` were
+    already set (call 2: the second Linear; call 5: the second BatchNorm1d) restores
+    them too, not only the tensors."""
+    net, opt, x = _trained()
+    emb = plan(net, [7, 9], Split(alpha=0.3), generator=gen)
+    snap = _snapshot(net, opt)
+    with torch.no_grad():
+        before = net(x)
+    monkeypatch.setattr(net, "get_submodule", _fail_on_call(n, net.get_submodule))
+    with pytest.raises(Boom):
+        embed_(net, emb, optimizer=opt)
+    monkeypatch.undo()
+    _assert_same(net, opt, snap)
+    assert (net[0].out_features, net[4].in_features, net[1].num_features) == (4, 4, 4)
+    with torch.no_grad():
+        assert torch.equal(net(x), before)
+
+
 # ----------------------------------------------------------------------------- meta device
 META_SCHEMES = {
     "split_third": Split(alpha=1 / 3),
