@@ -21,7 +21,7 @@ from torch import nn
 
 from torch_embed._sequential import read_sequential
 from torch_embed.embedding import Embedding, EmbeddingKind, LayerMap
-from torch_embed.schemes import Net2Net, Null, Split, plan
+from torch_embed.schemes import General, Net2Net, Null, Split, plan
 from torch_embed.widen import embed_, widen
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -198,6 +198,9 @@ def test_steps_refused_for_non_splitting_forms(name) -> None:
 FIRSTS = {
     "split_signed": Split(alpha=-0.3),
     "net2net_noise": Net2Net(noise=0.3),
+    # neuron 0 carries noise: a null neuron of the second embedding must not inherit
+    # its offset column (``then`` gathers columns with the null sources clamped to 0)
+    "net2net_noise_cyclic": Net2Net(noise=0.3, select="cyclic"),
     "null_fan_in": Null(bias=0.2, fan_in_std=0.4),
 }
 SECONDS = {
@@ -239,6 +242,29 @@ def test_then_with_matrix_coefficients() -> None:
     embed_(once, e1.then(e2))
     _states_close(once.state_dict(), twice.state_dict(), atol=1e-15)
     assert e1.then(e2).kind is EmbeddingKind.CRITICAL
+
+
+def test_then_noise_followed_by_matrix_coefficients_with_null_neurons() -> None:
+    """The first embedding's fan-out offsets are scaled by the second's matrix
+    coefficients, like the weights (regression: ``then`` copied them unscaled to every
+    copy, so the composition differed from applying the two in turn by ~3e-2)."""
+    net = build_mlp(ARCH, seed=3)
+    twice = copy.deepcopy(net)
+    e1 = widen(twice, [6, 7], Net2Net(noise=0.3, select="cyclic"), generator=_g(3))
+    c0 = torch.ones(10, 9, dtype=F64)
+    c0[:, 0] = torch.linspace(0.2, 0.8, 10, dtype=F64)  # neuron 0: row-dependent split
+    c0[:, 7] = 1 - c0[:, 0]
+    c0[:, 3] = c0[:, 8] = 0.5
+    c0[:, 6] = 0.0  # null
+    c1 = torch.ones(2, 10, dtype=F64)
+    c1[:, 2], c1[:, 9] = 0.3, 0.7
+    c1[:, 7:9] = 0.0  # nulls
+    sources = [[0, 1, 2, 3, 4, 5, -1, 0, 3], [0, 1, 2, 3, 4, 5, 6, -1, -1, 2]]
+    e2 = plan(twice, [9, 10], General(sources, [c0, c1], null_bias=0.1))
+    embed_(twice, e2)
+    once = copy.deepcopy(net)
+    embed_(once, e1.then(e2))
+    _states_close(once.state_dict(), twice.state_dict(), atol=1e-15)
 
 
 def test_then_refuses_mismatched_widths() -> None:
