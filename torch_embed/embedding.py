@@ -858,7 +858,8 @@ class Embedding:
                 if next_b is not None:
                     off = off[next_b.source.clamp(min=0)]
                     off[next_b.null_mask] = 0
-                off = off[:, sb.clamp(min=0)] * (b.coef if b.is_vector else torch.ones_like(b.coef))
+                # W_wide[i, j] = W_mid[r(i), sb(j)] * b.coef[i, j]: the offset scales too
+                off = off[:, sb.clamp(min=0)] * b.coef
                 off[:, from_b_null] = 0
                 offset = off if offset is None else offset + off
             layers.append(LayerMap(sa, coef, nb, nv, fan_in, offset))
