@@ -302,9 +302,13 @@ def _check_forward(fn: Callable[[Tensor], Tensor], theta: Tensor) -> None:
     the user unchanged instead of being reworded as a missing second derivative. The
     random-number state is restored (a train-mode Dropout draws here).
     """
-    devices = [theta.device] if theta.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
+    with torch.random.fork_rng(devices=_rng_devices(theta)), torch.no_grad():
         fn(theta.detach())
+
+
+def _rng_devices(theta: Tensor) -> list[torch.device]:
+    """Devices whose RNG ``fork_rng`` saves besides the CPU's: ``theta``'s, if CUDA."""
+    return [theta.device] if theta.device.type == "cuda" else []
 
 
 def _select_hvp(fn: Callable[[Tensor], Tensor], theta: Tensor, engine: str) -> tuple[HVP, str]:
@@ -313,10 +317,9 @@ def _select_hvp(fn: Callable[[Tensor], Tensor], theta: Tensor, engine: str) -> t
         raise ValueError(f"engine must be 'auto', 'reverse' or 'forward', got {engine!r}")
     _check_forward(fn, theta)
     choice = "forward" if engine == "forward" else "reverse"
-    devices = [theta.device] if theta.device.type == "cuda" else []
     try:
         # a train-mode Dropout draws its one mask here; the caller's RNG is left as it was
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=_rng_devices(theta)):
             hv = _make_hvp(fn, theta, choice)
             probe = torch.zeros(1, theta.numel(), dtype=theta.dtype, device=theta.device)
             probe[0, 0] = 1.0
@@ -453,7 +456,7 @@ def _fill_blockwise_(
     for n in sizes:
         offs.append(offs[-1] + n)
     leaves = [c.view(s) for c, s in zip(torch.split(theta, sizes), shapes, strict=True)]
-    devices = [theta.device] if theta.device.type == "cuda" else []
+    devices = _rng_devices(theta)
     with torch.random.fork_rng(devices=devices):
         rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state(theta.device) if devices else None
