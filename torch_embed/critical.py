@@ -261,7 +261,11 @@ class _Newton:
     def root_step(
         self, theta: Tensor, g: Tensor, gnorm: float, lam: Tensor, q: Tensor
     ) -> tuple[Tensor, Tensor, float, float] | None:
-        """The candidate step with the smallest ``|∇R|``, if it is below ``gnorm``."""
+        """A step that lowers ``|∇R|`` below ``gnorm``, or ``None``.
+
+        The first one the Levenberg-Marquardt search finds; failing that, the candidate
+        (truncated, damped or shortened pseudo-inverse step) with the smallest ``|∇R|``.
+        """
         scale = float(lam.abs().max())
         gq = q.T @ g
         coefs: list[Tensor] = []
@@ -273,10 +277,6 @@ class _Newton:
                 seen.add(count)
                 coefs.append(torch.where(keep, 1.0 / torch.where(keep, lam, 1.0), 0.0))
         n_cuts = len(coefs)
-        coefs.extend(lam / (lam**2 + d * scale**2) for d in _DAMPING)
-        # damped Newton: shorter pseudo-inverse steps (a full one may overshoot |∇R|)
-        steps = [q @ (coef * gq) for coef in coefs]
-        steps.extend(f * s for f in (0.5, 0.25, 0.1) for s in steps[:n_cuts])
         # First the Levenberg-Marquardt search of the previous version: μ carried over
         # from the last accepted step (0: the rcond pseudo-inverse step), then larger,
         # each backtracked, the first step that decreases |∇R| wins. Greedy best-of-all
@@ -288,10 +288,15 @@ class _Newton:
                 coef = torch.where(keep, lam / torch.where(keep, lam**2 + mu, 1.0), 0.0)
                 full = q @ (coef * gq)
                 for f in (1.0, 0.5, 0.25, 0.1):
-                    g_new, norm, value = self.evaluate(theta - f * full)
+                    trial = theta - f * full
+                    g_new, norm, value = self.evaluate(trial)
                     if math.isfinite(norm) and norm < gnorm:
                         self.mu = mu / 100 if mu > 0 else 0.0
-                        return theta - f * full, g_new, norm, value
+                        return trial, g_new, norm, value
+        coefs.extend(lam / (lam**2 + d * scale**2) for d in _DAMPING)
+        # damped Newton: shorter pseudo-inverse steps (a full one may overshoot |∇R|)
+        steps = [q @ (coef * gq) for coef in coefs]
+        steps.extend(f * s for f in (0.5, 0.25, 0.1) for s in steps[:n_cuts])
         best: tuple[Tensor, Tensor, float, float] | None = None
         for step in steps:
             trial = theta - step
