@@ -41,6 +41,7 @@ def unit_roundoff(dtype: torch.dtype) -> float:
 
 
 def _autocast_on(device_type: str) -> bool:
+    """Whether a ``torch.autocast`` region is active for ``device_type``."""
     try:
         return bool(torch.is_autocast_enabled(device_type))
     except RuntimeError:  # a device type autocast does not know (e.g. "meta")

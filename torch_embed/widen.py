@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from torch_embed._sequential import Layout, read_sequential
 from torch_embed.embedding import Embedding
+from torch_embed.exactness import _autocast_on
 from torch_embed.optim_state import map_optimizer_state
 from torch_embed.schemes import Scheme, plan
 
@@ -175,14 +176,6 @@ def _check_not_in_graph(name: str, t: Tensor) -> None:
                 f"optimizer were left unchanged."
             )
         raise RuntimeError(f"{name}: {_LIVE_GRAPH}")
-
-
-def _autocast_on(device_type: str) -> bool:
-    """Whether a ``torch.autocast`` region is active for ``device_type``."""
-    try:
-        return bool(torch.is_autocast_enabled(device_type))
-    except RuntimeError:  # a device type autocast does not know (e.g. "meta")
-        return False
 
 
 def _swap(target: Tensor, new: Tensor) -> tuple[Tensor, bool]:
