@@ -177,24 +177,42 @@ def fmt_steps(v: float) -> str:
     return "never" if not math.isfinite(v) else f"{v:.0f}"
 
 
+NARROW, RESTARTED, SCRATCH = (
+    "narrow, no widening",
+    "narrow, optimizer reset only",
+    "wide from scratch (c)",
+)
+
+
+def label(scheme: str, reset: bool) -> str:
+    return f"{scheme}, {'reset state (a)' if reset else 'mapped state'}"
+
+
+def seed_runs(
+    cfg: Config, opt_name: str, seed: int, data, *, scratch: bool = True
+) -> dict[str, Run]:
+    """Every run of one seed, by table label: the narrow baselines, the wide network from
+    scratch (unless ``scratch=False``), each scheme with the state mapped and reset."""
+    runs = {
+        NARROW: train(cfg, opt_name, seed, data, width=cfg.narrow),
+        RESTARTED: train(cfg, opt_name, seed, data, width=cfg.narrow, reset=True),
+    }
+    if scratch:
+        runs[SCRATCH] = train(cfg, opt_name, seed, data, width=cfg.wide)
+    for name, scheme in SCHEMES.items():
+        for reset in (False, True):
+            runs[label(name, reset)] = train(
+                cfg, opt_name, seed, data, width=cfg.narrow, widen_with=scheme, reset=reset
+            )
+    return runs
+
+
 def run_table(cfg: Config, opt_name: str, data) -> tuple[str, dict[str, dict[str, float]]]:
     rows: dict[str, list[dict[str, float]]] = {}
     for seed in cfg.seeds:
-        narrow = train(cfg, opt_name, seed, data, width=cfg.narrow)
-        scratch = train(cfg, opt_name, seed, data, width=cfg.wide)
-        target = narrow.losses[-1]
-        restarted = train(cfg, opt_name, seed, data, width=cfg.narrow, reset=True)
-        runs: dict[str, Run] = {
-            "narrow, no widening": narrow,
-            "narrow, optimizer reset only": restarted,
-            "wide from scratch (c)": scratch,
-        }
-        for name, scheme in SCHEMES.items():
-            for reset in (False, True):
-                label = f"{name}, {'reset state (a)' if reset else 'mapped state'}"
-                runs[label] = train(
-                    cfg, opt_name, seed, data, width=cfg.narrow, widen_with=scheme, reset=reset
-                )
+        runs = seed_runs(cfg, opt_name, seed, data)
+        scratch = runs[SCRATCH]
+        target = runs[NARROW].losses[-1]
         s_final, s_steps = scratch.losses[-1], steps_to(scratch.losses, target)
         p = cfg.pre_steps
         for label, r in runs.items():
@@ -242,16 +260,11 @@ def mapped_vs_reset(summaries: dict[str, dict[str, dict[str, float]]]) -> str:
     ]
     for name in SCHEMES:
         ratios = [
-            summaries[o][f"{name}, mapped state"]["final"]
-            / summaries[o][f"{name}, reset state (a)"]["final"]
+            summaries[o][label(name, False)]["final"] / summaries[o][label(name, True)]["final"]
             for o in opts
         ]
         lines.append(f"| {name} | " + " | ".join(f"{r:.2f}" for r in ratios) + " |")
-    ratios = [
-        summaries[o]["narrow, optimizer reset only"]["final"]
-        / summaries[o]["narrow, no widening"]["final"]
-        for o in opts
-    ]
+    ratios = [summaries[o][RESTARTED]["final"] / summaries[o][NARROW]["final"] for o in opts]
     lines.append(
         "| (control: narrow, reset ÷ not reset) | " + " | ".join(f"{r:.2f}" for r in ratios) + " |"
     )
@@ -283,16 +296,12 @@ def sweep(cfg: Config, data) -> str:
             narrow_final, control = [], []
             ratios: dict[str, list[float]] = {n: [] for n in SCHEMES}
             for seed in c.seeds:
-                narrow = train(c, "adam", seed, data, width=c.narrow)
-                restarted = train(c, "adam", seed, data, width=c.narrow, reset=True)
-                narrow_final.append(narrow.losses[-1])
-                control.append(restarted.losses[-1] / narrow.losses[-1])
-                for name, scheme in SCHEMES.items():
-                    mapped, reset = (
-                        train(c, "adam", seed, data, width=c.narrow, widen_with=scheme, reset=r)
-                        for r in (False, True)
-                    )
-                    ratios[name].append(mapped.losses[-1] / reset.losses[-1])
+                runs = seed_runs(c, "adam", seed, data, scratch=False)
+                final = {k: r.losses[-1] for k, r in runs.items()}
+                narrow_final.append(final[NARROW])
+                control.append(final[RESTARTED] / final[NARROW])
+                for name in SCHEMES:
+                    ratios[name].append(final[label(name, False)] / final[label(name, True)])
             line = (
                 f"| {lr:g} | {beta2:g} | {geomean(narrow_final):.2e} | "
                 f"{geomean(control):.2f} | "
