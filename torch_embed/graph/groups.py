@@ -1,0 +1,294 @@
+"""Width groups: the sets of coupled feature axes of a model, found by tracing it.
+
+A **width group** is a set of tensor axes that must grow together: every parameter or
+buffer axis that writes its features (*producers*: a Linear's weight rows and bias, a
+conv's output filters, BatchNorm's γ, β and running statistics), every axis that reads
+them (*consumers*: the next layer's weight columns), joined through every op in between
+(GROWTH.md §1). :func:`width_groups` traces one forward pass and returns them.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, SupportsIndex, overload
+
+from torch import nn
+
+from torch_embed.graph.atoms import Placement
+from torch_embed.graph.ops import Constraint, Interpretation, interpret
+from torch_embed.graph.trace import Tracer, check_model, trace
+
+__all__ = ["AxisUse", "Constraint", "WidthGroup", "WidthGroups", "width_groups"]
+
+
+@dataclass(frozen=True)
+class AxisUse:
+    """One parameter or buffer axis that writes or reads a group's features.
+
+    Unit ``i`` of the group sits at the indices ``offset + i * stride + Σ r_k * step_k``
+    (``0 <= r_k < count_k`` for ``(count_k, step_k)`` in ``repeats``) along ``axis`` of
+    ``tensor``: ``(0, 1, ())`` for a plain Linear; a Linear after ``flatten`` of
+    ``(C, H, W)`` reads channel ``c`` at ``c·H·W + r``, ``0 <= r < H·W``, which is
+    ``stride = H·W``, ``repeats = ((H·W, 1),)``; the second part of a ``cat`` has an
+    ``offset``. ``groups > 1``: the axis belongs to a grouped convolution with that many
+    groups: a consumer's axis then holds one group's share (unit ``i`` is column
+    ``i mod (size/groups)`` of the filters of group ``i div (size/groups)``).
+
+    Attributes:
+        tensor: The parameter or buffer FQN (``"layer1.0.conv1.weight"``).
+        axis: The axis of that tensor.
+        role: ``"producer"`` (writes the features: copied when a unit is copied),
+            ``"per-channel"`` (scales or shifts them: BatchNorm/LayerNorm γ and β,
+            running statistics, depthwise filters, layer scale; copied too),
+            ``"consumer"`` (reads them: split between copies), or ``"unknown"`` (an op
+            outside the vocabulary reads it; the group is then not growable).
+        module: FQN of the module whose forward used the tensor.
+        op: The aten op that used it.
+    """
+
+    tensor: str
+    axis: int
+    role: str
+    module: str
+    op: str
+    offset: int = 0
+    stride: int = 1
+    repeats: tuple[tuple[int, int], ...] = ()
+    groups: int = 1
+
+    def __str__(self) -> str:
+        where = f"{self.tensor}[{self.axis}]"
+        extra = []
+        if self.offset:
+            extra.append(f"offset {self.offset}")
+        if self.stride != 1 or self.repeats:
+            extra.append(f"stride {self.stride}")
+        if self.groups != 1:
+            extra.append(f"groups {self.groups}")
+        return where + (f" ({', '.join(extra)})" if extra else "")
+
+
+@dataclass(frozen=True)
+class WidthGroup:
+    """A set of coupled feature axes that grow together.
+
+    Attributes:
+        name: The FQN of the module that first produces the group in forward order
+            (``"layer1.0.conv1"``); a group no module produces (the model input) is
+            ``"<input x>"``. Names are unique within one :func:`width_groups` result.
+        size: The number of units (neurons, channels).
+        growable: Whether the group may grow at all; see ``reason`` if not.
+        reason: Why it may not grow (the model input or output, or the op and module
+            that pins it), ``None`` if growable.
+        aliases: Every other module that writes or scales the group (other producers,
+            BatchNorms, depthwise convs, ...); accepted wherever a name is.
+        producers: The axes that write or scale the features (copied with a unit).
+        consumers: The axes that read them (split between copies).
+        constraints: Rules that limit how the group may grow (LayerNorm, GroupNorm,
+            grouped conv, softmax, ...); growth is allowed within them.
+        through: Parameter-free modules the group flows through (activations,
+            dropout, pooling), in forward order.
+        hidden: ``False`` when the group is a model input or output axis.
+    """
+
+    name: str
+    size: int
+    growable: bool
+    reason: str | None
+    aliases: tuple[str, ...]
+    producers: tuple[AxisUse, ...]
+    consumers: tuple[AxisUse, ...]
+    constraints: tuple[Constraint, ...]
+    through: tuple[str, ...]
+    hidden: bool
+
+    def __str__(self) -> str:
+        state = "growable" if self.growable else f"rigid: {self.reason}"
+        return f"WidthGroup({self.name}, size {self.size}, {state})"
+
+
+class WidthGroups(list[WidthGroup]):
+    """The result of :func:`width_groups`: a list whose ``str`` is a table.
+
+    ``groups.find(name)`` returns the group of that name or alias.
+    """
+
+    def find(self, name: str) -> WidthGroup:
+        """The group called ``name`` or with ``name`` among its aliases.
+
+        Raises:
+            KeyError: No group has that name or alias (the message lists the names).
+        """
+        for g in self:
+            if g.name == name or name in g.aliases:
+                return g
+        raise KeyError(f"no width group named {name!r}; the groups are {[g.name for g in self]}")
+
+    def __str__(self) -> str:
+        return format_groups(self)
+
+    @overload
+    def __getitem__(self, i: SupportsIndex) -> WidthGroup: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[WidthGroup]: ...
+    def __getitem__(self, i: SupportsIndex | slice) -> WidthGroup | list[WidthGroup]:
+        return list.__getitem__(self, i)
+
+
+def format_groups(groups: Iterable[WidthGroup]) -> str:
+    """A table of ``groups``: name, size, growable, producers, consumers, notes."""
+    rows = [("group", "size", "growable", "producers", "consumers", "notes")]
+    for g in groups:
+        notes = g.reason if not g.growable else "; ".join(sorted({c.kind for c in g.constraints}))
+        rows.append(
+            (
+                g.name,
+                str(g.size),
+                "yes" if g.growable else "no",
+                ", ".join(dict.fromkeys(_short(u) for u in g.producers if u.role == "producer"))
+                or "-",
+                ", ".join(dict.fromkeys(_short(u) for u in g.consumers)) or "-",
+                notes or "",
+            )
+        )
+    widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]) - 1)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _short(u: AxisUse) -> str:
+    return u.tensor.rsplit(".", 1)[0] if u.tensor.endswith((".weight", ".bias")) else u.tensor
+
+
+def width_groups(model: nn.Module, example_inputs: Any, *, tracer: Tracer = "auto") -> WidthGroups:
+    """Trace ``model(*example_inputs)`` and return its width groups, in forward order.
+
+    Every parameter axis that carries features (not a kernel's spatial axes) belongs to
+    exactly one group. The model is not changed: the trace runs under ``torch.no_grad``
+    on ``torch.export`` (non-strict; fallback ``torch.fx.symbolic_trace``), train/eval
+    flags and buffers (BatchNorm running statistics) are left as they were.
+
+    A trace specialises to the example input: Python branches on values and sizes
+    written into ``forward`` are recorded as constants.
+
+    Args:
+        model: Any ``nn.Module`` (not a DDP/FSDP/``torch.compile`` wrapper).
+        example_inputs: A tensor, or a tuple of the forward's positional arguments.
+        tracer: ``"auto"`` (export, then fx), ``"export"`` or ``"fx"``.
+
+    Returns:
+        A :class:`WidthGroups` list (``print`` shows a table; ``.find(name)``).
+
+    Raises:
+        TypeError: A wrapper, an inference tensor, or ``example_inputs`` of the wrong type.
+        ValueError: A parametrized or uninitialized lazy module, or a model neither
+            tracer can trace (the message gives both errors).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import torch_embed
+        >>> net = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2))
+        >>> print(torch_embed.width_groups(net, torch.randn(4, 3)))
+        group      size  growable  producers  consumers  notes
+        <input x>  3     no        -          0          model input `x`
+        0          5     yes       0          2
+        2          2     no        2          -          model output
+    """
+    args = check_model(model, example_inputs, "width_groups")
+    traced = trace(model, args, tracer)
+    return _collect(interpret(traced), traced.inputs)
+
+
+def _collect(it: Interpretation, inputs: tuple[tuple[str, Any], ...]) -> WidthGroups:
+    atoms = it.atoms
+    uses: dict[int, list[tuple[int, AxisUse]]] = defaultdict(list)
+    for u in it.uses:
+        if u.role == "kernel":
+            continue
+        whole = atoms.size(u.atom)
+        for p in atoms.placements(u.atom):
+            if atoms.size(p.leaf) == 1 and whole != 1:
+                continue
+            uses[p.leaf].append((u.node, _axis_use(u, p)))
+    reasons: dict[int, list[tuple[str, str]]] = defaultdict(list)
+    for atom, kind, reason in it.rigid:
+        for leaf in atoms.leaves(atom):
+            if (kind, reason) not in reasons[leaf]:
+                reasons[leaf].append((kind, reason))
+    constraints: dict[int, list[Constraint]] = defaultdict(list)
+    for atom, c in it.constraints:
+        for leaf in atoms.leaves(atom):
+            if c not in constraints[leaf]:
+                constraints[leaf].append(c)
+    through: dict[int, list[str]] = defaultdict(list)
+    for atom, _node, module in it.through:
+        for leaf in atoms.leaves(atom):
+            if module not in through[leaf]:
+                through[leaf].append(module)
+    input_of: dict[int, str] = {}
+    for name, _shape in inputs:
+        for atom in it.values.get(name) or ():
+            for leaf in atoms.leaves(atom):
+                input_of.setdefault(leaf, name)
+
+    found: list[tuple[tuple[int, int], WidthGroup]] = []
+    for leaf, entries in uses.items():
+        entries.sort(key=lambda e: e[0])
+        writes = [(n, u) for n, u in entries if u.role == "producer"]
+        scales = [(n, u) for n, u in entries if u.role == "per-channel"]
+        if writes:
+            name, order = _owner(writes[0][1]), writes[0][0]
+        elif leaf in input_of:
+            name, order = f"<input {input_of[leaf]}>", -1
+        elif scales:
+            name, order = _owner(scales[0][1]), scales[0][0]
+        else:
+            name, order = f"<{entries[0][1].tensor}>", entries[0][0]
+        pins = reasons.get(leaf, [])
+        if not writes and not scales and any(kind == "spatial" for kind, _ in pins):
+            continue  # a spatial axis read through a flatten: the consumer's repeats cover it
+        aliases = tuple(dict.fromkeys(_owner(u) for _, u in writes + scales if _owner(u) != name))
+        group = WidthGroup(
+            name=name,
+            size=atoms.size(leaf),
+            growable=not pins,
+            reason="; ".join(r for _, r in pins) or None,
+            aliases=aliases,
+            producers=tuple(u for _, u in entries if u.role in ("producer", "per-channel")),
+            consumers=tuple(u for _, u in entries if u.role in ("consumer", "unknown")),
+            constraints=tuple(constraints.get(leaf, ())),
+            through=tuple(through.get(leaf, ())),
+            hidden=not any(kind in ("input", "output") for kind, _ in pins),
+        )
+        found.append(((order, min(n for n, _ in entries)), group))
+    found.sort(key=lambda e: e[0])
+    return WidthGroups(_unique_names([g for _, g in found]))
+
+
+def _owner(u: AxisUse) -> str:
+    return u.module if u.module else u.tensor
+
+
+def _axis_use(u: Any, p: Placement) -> AxisUse:
+    return AxisUse(
+        u.tensor, u.axis, u.role, u.module, u.op, p.offset, p.stride, p.repeats, u.groups
+    )
+
+
+def _unique_names(groups: list[WidthGroup]) -> list[WidthGroup]:
+    """Suffix ``[k]`` to names several groups share (one module producing several)."""
+    count: dict[str, int] = defaultdict(int)
+    for g in groups:
+        count[g.name] += 1
+    seen: dict[str, int] = defaultdict(int)
+    out = []
+    for g in groups:
+        if count[g.name] > 1:
+            k = seen[g.name]
+            seen[g.name] += 1
+            g = WidthGroup(**{**g.__dict__, "name": f"{g.name}[{k}]"})
+        out.append(g)
+    return out
