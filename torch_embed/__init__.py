@@ -14,6 +14,7 @@ from torch_embed._sequential import register_elementwise
 from torch_embed.critical import CriticalPointResult, critical_point
 from torch_embed.embedding import Embedding, EmbeddingKind, LayerMap
 from torch_embed.exactness import forward_error_bound, unit_roundoff
+from torch_embed.graph.groups import WidthGroup, width_groups
 from torch_embed.hessian import HessianOperator, flat_loss, gradient, hessian, hvp
 from torch_embed.inertia import Inertia, default_tolerance, eigenvalues, hessian_inertia, inertia
 from torch_embed.inertia_change import complement_blocks, inertia_change
@@ -49,6 +50,7 @@ __all__ = [
     "RandomPad",
     "Scheme",
     "Split",
+    "WidthGroup",
     "__version__",
     "check_embedding",
     "complement_blocks",
@@ -78,4 +80,5 @@ __all__ = [
     "truly_bad_condition",
     "unit_roundoff",
     "widen",
+    "width_groups",
 ]

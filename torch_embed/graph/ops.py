@@ -415,6 +415,8 @@ def _prelu(it: Interpretation, node: TracedNode) -> Any:
         ch = 1 if len(x) > 1 else 0
         it.unify(x[ch], w[0], node)
         it.use(x[ch], w[0], "per-channel", node)
+    elif node.module:  # one slope for every feature: an element-wise activation
+        it.through.extend((a, it.index, node.module) for a in x)
     return x
 
 

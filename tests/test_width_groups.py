@@ -1,0 +1,366 @@
+"""width_groups: trace any model into width groups (issue 12, the read side).
+
+The expectations come from elsewhere than the tracer: the zoo's hand-written groups
+(tests/zoo.py), today's ``read_sequential`` Layout for Sequential MLPs, and brute-force
+forward passes (a unit whose every reader is zeroed cannot change the output; a unit
+whose readers are kept does).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cases import ACTIVATION_NAMES, Arch, build_mlp, random_inputs
+from torch import Tensor, nn
+from torch.func import functional_call
+from zoo import ZOO, ZooCase, by_name
+
+import torch_embed
+from torch_embed._sequential import read_sequential
+from torch_embed.graph.groups import AxisUse, WidthGroup, WidthGroups, width_groups
+
+CASES = [pytest.param(case, id=case.name) for case in ZOO]
+BN_CASES = [pytest.param(case, id=case.name) for case in ZOO if case.batchnorm]
+# the fx fallback on a spread of architectures (each export+fx pair costs time)
+FX_CASES = [
+    pytest.param(by_name(n), id=n)
+    for n in (
+        "mlp_residual",
+        "sequential_reused_relu",
+        "conv_flatten_linear",
+        "resnet_basic",
+        "densenet_block",
+        "mobilenetv2_inverted_residual",
+        "resnext_grouped_conv",
+        "convnext_block",
+        "channel_sort",
+    )
+]
+
+
+def _listed(groups: list[WidthGroup]) -> list[WidthGroup]:
+    """The zoo's convention: hidden groups that some parameter writes."""
+    return [g for g in groups if g.hidden and any(u.role == "producer" for u in g.producers)]
+
+
+def _check_against_zoo(case: ZooCase, groups: WidthGroups) -> None:
+    got = {g.name: g for g in _listed(groups)}
+    assert sorted(got) == sorted(e.name for e in case.expected)
+    for e in case.expected:
+        g = got[e.name]
+        assert (g.size, g.growable) == (e.size, e.growable), e
+        assert set(e.aliases) <= set(g.aliases), (e.aliases, g.aliases)
+        for alias in e.aliases:
+            assert groups.find(alias) is g
+        if not e.growable:
+            assert g.reason is not None
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_zoo_groups_match_the_hand_written_expectation(case: ZooCase) -> None:
+    _check_against_zoo(case, width_groups(case.build(), case.example_inputs()))
+
+
+@pytest.mark.parametrize("case", FX_CASES)
+def test_fx_fallback_finds_the_same_groups(case: ZooCase) -> None:
+    _check_against_zoo(case, width_groups(case.build(), case.example_inputs(), tracer="fx"))
+
+
+@pytest.mark.parametrize("case", BN_CASES)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_model_left_bit_identical(case: ZooCase, train: bool) -> None:
+    model = case.build().train(train)
+    last = list(model.modules())[-1]  # the head: a mixed train/eval state must come back
+    last.train(not train)
+    modes = {n: m.training for n, m in model.named_modules()}
+    before = {k: t.clone() for k, t in model.state_dict(keep_vars=True).items()}
+    ids = {k: id(t) for k, t in model.state_dict(keep_vars=True).items()}
+    for tracer in ("export", "fx"):
+        width_groups(model, case.example_inputs(), tracer=tracer)  # type: ignore[arg-type]
+    after = model.state_dict(keep_vars=True)
+    assert {k: id(t) for k, t in after.items()} == ids
+    for k, t in after.items():
+        assert t.dtype == before[k].dtype and torch.equal(t, before[k]), k
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    # the trace really ran a train-mode forward that would have updated the statistics
+    if train:
+        model(*case.example_inputs())
+        assert any(not torch.equal(model.state_dict()[k], before[k]) for k in before)
+
+
+def test_unknown_op_is_rigid_and_named() -> None:
+    case = by_name("channel_sort")
+    groups = width_groups(case.build(), case.example_inputs())
+    fc1 = groups.find("fc1")
+    assert not fc1.growable and fc1.hidden
+    assert fc1.reason is not None and "aten.sort" in fc1.reason
+    custom_case = by_name("unknown_custom_op")
+    custom = width_groups(custom_case.build(), custom_case.example_inputs())
+    reason = custom.find("fc1").reason
+    assert reason is not None and "torch_embed_zoo::roll_channels" in reason
+
+
+class _Gather(nn.Module):
+    """An unknown op inside a named submodule: the reason must name that module."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.gather(x, 1, torch.zeros_like(x, dtype=torch.long))
+
+
+def test_unknown_op_reason_names_its_module() -> None:
+    net = nn.Sequential(nn.Linear(3, 4), _Gather(), nn.Linear(4, 2)).double()
+    groups = width_groups(net, torch.randn(2, 3, dtype=torch.float64))
+    g = groups.find("0")
+    assert not g.growable and g.reason is not None
+    assert "aten.gather" in g.reason and "`1` (_Gather)" in g.reason
+
+
+def test_sequential_subclass_is_traced_by_its_real_forward() -> None:
+    case = by_name("sequential_subclass_residual")
+    model = case.build()
+    assert isinstance(model, nn.Sequential)
+    g = width_groups(model, case.example_inputs()).find("0")
+    # the skip h + f(h) couples the first Linear's rows with the middle Linear's rows,
+    # which a layer-by-layer reading of the Sequential would not do
+    rows = {(u.tensor, u.axis) for u in g.producers if u.role == "producer"}
+    assert ("0.weight", 0) in rows and ("2.weight", 0) in rows
+    assert {(u.tensor, u.axis) for u in g.consumers} == {("2.weight", 1), ("4.weight", 1)}
+
+
+# ----------------------------------------------------------------------------- one code path
+MLP_ARCHS = [
+    Arch(3, (5,), 2),
+    Arch(2, (1, 4), 3, bias=(False, True, False)),
+    Arch(4, (3, 5, 2), 1, batchnorm=(True, False, True), dropout=(False, True, True)),
+    Arch(3, (4, 4), 2, bias=(False, False, True), batchnorm=(True, True)),
+    *[
+        Arch(2, (3, 2), 2, activation=(a, b), batchnorm=(k % 2 == 0, k % 3 == 0))
+        for k, (a, b) in enumerate(zip(ACTIVATION_NAMES, (*ACTIVATION_NAMES[1:], "Tanh")))
+    ],
+]
+
+
+@pytest.mark.parametrize("arch", MLP_ARCHS, ids=str)
+def test_sequential_mlp_groups_are_the_layout(arch: Arch) -> None:
+    net = build_mlp(arch)
+    layout = read_sequential(net)
+    groups = width_groups(net, random_inputs(arch))
+    hidden = [g for g in groups if g.hidden]
+    assert [g.name for g in hidden] == [h.linear for h in layout.hidden]
+    for k, (g, h) in enumerate(zip(hidden, layout.hidden)):
+        lin, nxt = layout.linears[k], layout.linears[k + 1]
+        assert g.growable and g.size == lin.out_features == nxt.in_features
+        writes = {("weight", 0)} | ({("bias", 0)} if lin.has_bias else set())
+        expected = {(f"{lin.name}.{t}", a, "producer") for t, a in writes}
+        if h.batchnorm is not None:
+            expected |= {
+                (f"{h.batchnorm}.{t}", 0, "per-channel")
+                for t in ("weight", "bias", "running_mean", "running_var")
+            }
+        assert {(u.tensor, u.axis, u.role) for u in g.producers} == expected
+        assert [(u.tensor, u.axis, u.role) for u in g.consumers] == [
+            (f"{nxt.name}.weight", 1, "consumer")
+        ]
+        assert all((u.offset, u.stride, u.repeats) == (0, 1, ()) for u in g.producers)
+        assert g.aliases == ((h.batchnorm,) if h.batchnorm else ())
+        assert g.constraints == ()
+        identity = {n for n in h.activations if isinstance(net.get_submodule(n), nn.Identity)}
+        assert set(g.through) == set(h.activations) - identity  # nn.Identity runs no op
+    rigid = [g for g in groups if not g.hidden]
+    assert {g.reason for g in rigid} == {"model input `input`", "model output"}
+
+
+# ----------------------------------------------------------------------------- placements
+def _indices(u: AxisUse, unit: int) -> list[int]:
+    """The indices of ``unit`` along ``u.axis`` (AxisUse's documented formula)."""
+    out = [u.offset + unit * u.stride]
+    for count, step in u.repeats:
+        out = [i + r * step for i in out for r in range(count)]
+    return out
+
+
+def _zero(model: nn.Module, uses: tuple[AxisUse, ...], unit: int) -> dict[str, Tensor]:
+    params = dict(model.named_parameters())
+    new: dict[str, Tensor] = {}
+    for u in uses:
+        t = new.get(u.tensor, params[u.tensor].detach().clone())
+        t.index_fill_(u.axis, torch.tensor(_indices(u, unit)), 0.0)
+        new[u.tensor] = t
+    return new
+
+
+def _bump(model: nn.Module, g: WidthGroup, unit: int, base: dict[str, Tensor]) -> dict[str, Tensor]:
+    params = dict(model.named_parameters())
+    new = dict(base)
+    for u in g.producers:
+        if u.role != "producer":
+            continue
+        t = new.get(u.tensor, params[u.tensor].detach().clone()).clone()
+        idx = torch.tensor(_indices(u, unit))
+        t.index_add_(u.axis, idx, torch.ones_like(t.index_select(u.axis, idx)))
+        new[u.tensor] = t
+    return new
+
+
+PLACEMENT_CASES = [
+    pytest.param(by_name(n), id=n)
+    for n in (
+        "mlp_residual",
+        "flatten_tokens_linear",
+        "conv_flatten_linear",
+        "resnet_basic",
+        "densenet_block",
+        "squeeze_excitation",
+        "mobilenetv2_inverted_residual",
+    )
+]
+
+
+@pytest.mark.parametrize("case", PLACEMENT_CASES)
+def test_consumers_are_every_reader_of_each_unit(case: ZooCase) -> None:
+    """Zero a unit's consumer entries: moving its producers no longer moves the output.
+
+    Checks offsets (cat), strides and repeats (flatten) and completeness of the consumer
+    list against forward passes, without trusting any bookkeeping of the tracer.
+    """
+    model = case.build().eval()
+    (x,) = case.example_inputs()
+    groups = width_groups(model, (x,))
+    checked = 0
+    for g in _listed(groups):
+        for unit in (0, g.size - 1):
+            zeroed = _zero(model, g.consumers, unit)
+            with torch.no_grad():
+                a = functional_call(model, zeroed, (x,))
+                b = functional_call(model, _bump(model, g, unit, zeroed), (x,))
+                c = functional_call(model, _bump(model, g, unit, {}), (x,))
+                d = model(x)
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)  # no reader left
+            assert (c - d).abs().max() > 1e-6  # the readers were real
+            checked += 1
+    assert checked >= 2
+
+
+def test_flatten_consumer_placement_by_hand() -> None:
+    case = by_name("conv_flatten_linear")
+    model = case.build()
+    (x,) = case.example_inputs()
+    g = width_groups(model, (x,)).find("2")  # conv with 4 channels, flattened into Linear 5
+    (u,) = g.consumers
+    lin = model.get_submodule("5")
+    hw = lin.in_features // g.size
+    assert (u.tensor, u.axis, u.offset, u.stride, u.repeats) == ("5.weight", 1, 0, hw, ((hw, 1),))
+
+
+def test_densenet_concat_offsets_by_hand() -> None:
+    case = by_name("densenet_block")
+    groups = width_groups(case.build(), case.example_inputs())
+    offsets = {
+        (name, u.tensor): u.offset
+        for name in ("conv0", "layer1.conv", "layer2.conv")
+        for u in groups.find(name).consumers
+    }
+    # layer2 reads cat(conv0: 4, layer1: 3); the head reads cat(4, 3, 2)
+    assert offsets[("conv0", "layer2.conv.weight")] == 0
+    assert offsets[("layer1.conv", "layer2.conv.weight")] == 4
+    assert offsets[("layer2.conv", "head.2.weight")] == 7
+    # norm5 scales every part: a per-channel producer of each, at its offset
+    parts = ("conv0", "layer1.conv", "layer2.conv")
+    norm5 = {
+        u.offset for n in parts for u in groups.find(n).producers if u.tensor == "norm5.weight"
+    }
+    assert norm5 == {0, 4, 7}
+
+
+# ----------------------------------------------------------------------------- constraints
+def test_constraints_name_the_norm_and_the_rule() -> None:
+    convnext = width_groups(
+        by_name("convnext_block").build(), by_name("convnext_block").example_inputs()
+    )
+    kinds = {c.kind: c for c in convnext.find("stem").constraints}
+    assert {"layer_norm", "depthwise_conv"} <= set(kinds)
+    assert "LayerNorm" in kinds["layer_norm"].op and "mean-fill" in kinds["layer_norm"].rule
+    gn = width_groups(by_name("groupnorm").build(), by_name("groupnorm").example_inputs())
+    (c,) = [c for c in gn.find("conv1").constraints if c.kind == "group_norm"]
+    assert c.groups == by_name("groupnorm").build().get_submodule(c.module).num_groups
+    rx = width_groups(
+        by_name("resnext_grouped_conv").build(), by_name("resnext_grouped_conv").example_inputs()
+    )
+    g = rx.find("block.conv1")
+    (c,) = g.constraints
+    assert c.kind == "grouped_conv" and c.groups == 2
+    (u,) = g.consumers
+    assert (u.tensor, u.axis, u.groups) == ("block.conv2.weight", 1, 2)
+
+
+# ----------------------------------------------------------------------------- refusals
+def _mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+
+
+def test_wrappers_refused_with_how_to_unwrap() -> None:
+    net = _mlp()
+    x = torch.randn(2, 3)
+    with pytest.raises(TypeError, match=r"DataParallel.*`\.module`"):
+        width_groups(nn.DataParallel(net), x)
+    with pytest.raises(TypeError, match="_orig_mod"):
+        width_groups(torch.compile(net, backend="eager"), x)
+
+
+def test_parametrized_and_inference_refused_untouched() -> None:
+    class Scale(nn.Module):
+        def forward(self, w: Tensor) -> Tensor:
+            return 2 * w
+
+    net = _mlp()
+    torch.nn.utils.parametrize.register_parametrization(net[0], "weight", Scale())
+    with pytest.raises(ValueError, match=r"module `0` \(ParametrizedLinear\) is parametrized"):
+        width_groups(net, torch.randn(2, 3))
+    with torch.inference_mode():
+        frozen = _mlp()
+    with pytest.raises(TypeError, match=r"parameter `0.weight` is an inference tensor"):
+        width_groups(frozen, torch.randn(2, 3))
+    with torch.inference_mode():
+        x = torch.randn(2, 3)
+    with pytest.raises(TypeError, match="example input 0 is an inference tensor"):
+        width_groups(_mlp(), x)
+
+
+def test_wrong_arguments_refused() -> None:
+    with pytest.raises(TypeError, match=r"expects an nn\.Module, got function"):
+        width_groups(lambda x: x, torch.randn(2, 3))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="not a list"):
+        width_groups(_mlp(), [torch.randn(2, 3)])
+    with pytest.raises(TypeError, match="tensor or a tuple"):
+        width_groups(_mlp(), {"x": torch.randn(2, 3)})
+    with pytest.raises(ValueError, match="tracer must be"):
+        width_groups(_mlp(), torch.randn(2, 3), tracer="jit")  # type: ignore[arg-type]
+
+
+def test_untraceable_model_reports_both_tracers() -> None:
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            if x.sum() > 0:  # data-dependent control flow: neither tracer takes it
+                return self.fc(x)
+            return -self.fc(x)
+
+    with pytest.raises(
+        ValueError, match=r"torch\.export.*failed.*torch\.fx\.symbolic_trace failed"
+    ):
+        width_groups(Branchy(), torch.randn(2, 3))
+
+
+def test_public_api_and_table() -> None:
+    assert torch_embed.width_groups is width_groups
+    assert torch_embed.WidthGroup is WidthGroup
+    groups = width_groups(by_name("resnet_basic").build(), by_name("resnet_basic").example_inputs())
+    table = str(groups).splitlines()
+    assert table[0].split() == ["group", "size", "growable", "producers", "consumers", "notes"]
+    assert len(table) == len(groups) + 1
+    assert isinstance(groups, list) and groups.find("layer1.1.bn2").name == "conv1"
+    with pytest.raises(KeyError, match="no width group named 'nope'"):
+        groups.find("nope")
