@@ -846,9 +846,9 @@ def interpret(traced: Traced) -> Interpretation:
             it, shape, f"tensor constant `{name}` is held by the model as a plain attribute "
             "(not a parameter or buffer), so its size is fixed",
         )  # fmt: skip
-    for name, shape in traced.inputs:
-        if shape is not None:
-            inp = it.fresh(shape)
+    for name, in_shape in traced.inputs:
+        if in_shape is not None:
+            inp = it.fresh(in_shape)
             it.values[name] = inp
             for a in inp:
                 it.pin(a, f"model input `{name}`", "input")
