@@ -364,3 +364,12 @@ def test_public_api_and_table() -> None:
     assert isinstance(groups, list) and groups.find("layer1.1.bn2").name == "conv1"
     with pytest.raises(KeyError, match="no width group named 'nope'"):
         groups.find("nope")
+
+
+def test_a_norm_over_a_concat_is_no_groups_alias() -> None:
+    case = by_name("densenet_block")
+    groups = width_groups(case.build(), case.example_inputs())
+    assert groups.find("norm0").name == "conv0"  # norm0 scales exactly conv0's channels
+    for name in ("norm5", "layer2.norm"):  # each scales a concatenation of three groups
+        with pytest.raises(KeyError):
+            groups.find(name)

@@ -192,10 +192,10 @@ def width_groups(model: nn.Module, example_inputs: Any, *, tracer: Tracer = "aut
         >>> import torch_embed
         >>> net = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2))
         >>> print(torch_embed.width_groups(net, torch.randn(4, 3)))
-        group      size  growable  producers  consumers  notes
-        <input x>  3     no        -          0          model input `x`
-        0          5     yes       0          2
-        2          2     no        2          -          model output
+        group          size  growable  producers  consumers  notes
+        <input input>  3     no        -          0          model input `input`
+        0              5     yes       0          2
+        2              2     no        2          -          model output
     """
     args = check_model(model, example_inputs, "width_groups")
     traced = trace(model, args, tracer)
@@ -204,7 +204,7 @@ def width_groups(model: nn.Module, example_inputs: Any, *, tracer: Tracer = "aut
 
 def _collect(it: Interpretation, inputs: tuple[tuple[str, Any], ...]) -> WidthGroups:
     atoms = it.atoms
-    uses: dict[int, list[tuple[int, AxisUse]]] = defaultdict(list)
+    uses: dict[int, list[tuple[int, AxisUse, bool]]] = defaultdict(list)
     for u in it.uses:
         if u.role == "kernel":
             continue
@@ -212,7 +212,7 @@ def _collect(it: Interpretation, inputs: tuple[tuple[str, Any], ...]) -> WidthGr
         for p in atoms.placements(u.atom):
             if atoms.size(p.leaf) == 1 and whole != 1:
                 continue
-            uses[p.leaf].append((u.node, _axis_use(u, p)))
+            uses[p.leaf].append((u.node, _axis_use(u, p), atoms.size(p.leaf) == whole))
     reasons: dict[int, list[tuple[str, str]]] = defaultdict(list)
     for atom, kind, reason in it.rigid:
         for leaf in atoms.leaves(atom):
@@ -237,8 +237,8 @@ def _collect(it: Interpretation, inputs: tuple[tuple[str, Any], ...]) -> WidthGr
     found: list[tuple[tuple[int, int], WidthGroup]] = []
     for leaf, entries in uses.items():
         entries.sort(key=lambda e: e[0])
-        writes = [(n, u) for n, u in entries if u.role == "producer"]
-        scales = [(n, u) for n, u in entries if u.role == "per-channel"]
+        writes = [(n, u) for n, u, _ in entries if u.role == "producer"]
+        scales = [(n, u) for n, u, _ in entries if u.role == "per-channel"]
         if writes:
             name, order = _owner(writes[0][1]), writes[0][0]
         elif leaf in input_of:
@@ -250,20 +250,27 @@ def _collect(it: Interpretation, inputs: tuple[tuple[str, Any], ...]) -> WidthGr
         pins = reasons.get(leaf, [])
         if not writes and not scales and any(kind == "spatial" for kind, _ in pins):
             continue  # a spatial axis read through a flatten: the consumer's repeats cover it
-        aliases = tuple(dict.fromkeys(_owner(u) for _, u in writes + scales if _owner(u) != name))
+        # modules whose whole output axis is this group (a norm over a concat is none's)
+        aliases = tuple(
+            dict.fromkeys(
+                _owner(u)
+                for _, u, whole in entries
+                if whole and u.role in ("producer", "per-channel") and _owner(u) != name
+            )
+        )
         group = WidthGroup(
             name=name,
             size=atoms.size(leaf),
             growable=not pins,
             reason="; ".join(r for _, r in pins) or None,
             aliases=aliases,
-            producers=tuple(u for _, u in entries if u.role in ("producer", "per-channel")),
-            consumers=tuple(u for _, u in entries if u.role in ("consumer", "unknown")),
+            producers=tuple(u for _, u, _ in entries if u.role in ("producer", "per-channel")),
+            consumers=tuple(u for _, u, _ in entries if u.role in ("consumer", "unknown")),
             constraints=tuple(constraints.get(leaf, ())),
             through=tuple(through.get(leaf, ())),
             hidden=not any(kind in ("input", "output") for kind, _ in pins),
         )
-        found.append(((order, min(n for n, _ in entries)), group))
+        found.append(((order, min(e[0] for e in entries)), group))
     found.sort(key=lambda e: e[0])
     return WidthGroups(_unique_names([g for _, g in found]))
 
