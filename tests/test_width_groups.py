@@ -373,3 +373,174 @@ def test_a_norm_over_a_concat_is_no_groups_alias() -> None:
     for name in ("norm5", "layer2.norm"):  # each scales a concatenation of three groups
         with pytest.raises(KeyError):
             groups.find(name)
+
+
+# ----------------------------------------------------------------------------- op coverage
+def _readers_check(model: nn.Module, x: Tensor, names: list[str]) -> WidthGroups:
+    """The forward-pass reader check of each named group; returns all groups."""
+    model = model.double().eval()
+    groups = width_groups(model, (x,))
+    for name in names:
+        g = groups.find(name)
+        for unit in range(g.size):
+            zeroed = _zero(model, g.consumers, unit)
+            with torch.no_grad():
+                a = functional_call(model, zeroed, (x,))
+                b = functional_call(model, _bump(model, g, unit, zeroed), (x,))
+                c = functional_call(model, _bump(model, g, unit, {}), (x,))
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+            assert (c - model(x)).abs().max() > 1e-6
+    return groups
+
+
+def _x(*shape: int) -> Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+
+class SwiGLU(nn.Module):
+    """A gated MLP: up writes 2h features, chunked into a gate and a value, multiplied."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc_in = nn.Linear(3, 4)
+        self.up = nn.Linear(4, 2 * 5)
+        self.down = nn.Linear(5, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc_in(x)
+        gate, value = self.up(h).chunk(2, dim=-1)
+        return self.head(h + self.down(nn.functional.silu(gate) * value))
+
+
+def test_gated_mlp_gate_and_value_are_one_group_at_two_offsets() -> None:
+    groups = _readers_check(SwiGLU(), _x(6, 3), ["fc_in", "up"])
+    up = groups.find("up")
+    assert (up.size, up.growable) == (5, True)
+    rows = sorted((u.tensor, u.offset) for u in up.producers)
+    assert rows == [("up.bias", 0), ("up.bias", 5), ("up.weight", 0), ("up.weight", 5)]
+    assert {c.kind for c in up.constraints} == {"chunk"}
+    assert groups.find("down").name == "fc_in"
+
+
+class RawParameters(nn.Module):
+    """An MLP written with bare Parameters and ``@``: no nn.Linear at all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.w1 = nn.Parameter(torch.randn(3, 6, generator=g))
+        self.b1 = nn.Parameter(torch.randn(6, generator=g))
+        self.w2 = nn.Parameter(torch.randn(6, 2, generator=g))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(x @ self.w1 + self.b1) @ self.w2
+
+
+def test_bare_parameters_and_matmul() -> None:
+    groups = _readers_check(RawParameters(), _x(5, 3), ["w1"])
+    g = groups.find("w1")
+    assert g.size == 6 and g.growable and g.hidden
+    assert {(u.tensor, u.axis) for u in g.producers} == {("w1", 1), ("b1", 0)}
+    assert [(u.tensor, u.axis, u.role) for u in g.consumers] == [("w2", 0, "consumer")]
+
+
+class HeadsReshape(nn.Module):
+    """Linear to 6 features viewed as 2 heads × 3 dims, an op per head, flattened back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(4, 6)
+        self.out = nn.Linear(6, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.qkv(x).view(x.shape[0], 2, 3)
+        h = h * torch.sigmoid(h.mean(dim=-1, keepdim=True))  # a per-head gate
+        return self.out(h.flatten(1))
+
+
+def test_view_factors_a_group_into_heads_and_head_dims() -> None:
+    # the mean over head dims reads every dim: only the heads have readers alone
+    groups = _readers_check(HeadsReshape(), _x(5, 4), ["qkv[0]"])
+    heads, dims = groups.find("qkv[0]"), groups.find("qkv[1]")
+    assert (heads.size, dims.size) == (2, 3)
+    (w,) = [u for u in heads.producers if u.tensor == "qkv.weight"]
+    assert (w.offset, w.stride, w.repeats) == (0, 3, ((3, 1),))  # head h owns rows 3h..3h+2
+    (w,) = [u for u in dims.producers if u.tensor == "qkv.weight"]
+    assert (w.offset, w.stride, w.repeats) == (0, 1, ((2, 3),))  # dim d: rows d, d+3
+    assert {c.kind for c in dims.constraints} >= {"mean"}  # the mean over head dims
+
+
+class ChannelsLastHead(nn.Module):
+    """conv -> permute to channels-last -> flatten -> Linear: channel c reads every C-th."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.fc = nn.Linear(3 * 4 * 4, 5)
+        self.out = nn.Linear(5, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.conv(x)).permute(0, 2, 3, 1).flatten(1)
+        return self.out(torch.tanh(self.fc(h)))
+
+
+def test_channels_last_flatten_interleaves_channels() -> None:
+    groups = _readers_check(ChannelsLastHead(), _x(2, 2, 4, 4), ["conv", "fc"])
+    (u,) = groups.find("conv").consumers
+    assert (u.tensor, u.offset, u.stride, u.repeats) == ("fc.weight", 0, 1, ((16, 3),))
+
+
+class FixedSize(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(3, 5)
+        self.fc2 = nn.Linear(5, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(torch.tanh(self.fc1(x)) + torch.ones(5, dtype=x.dtype))
+
+
+def test_a_tensor_of_a_size_written_in_forward_pins_its_group() -> None:
+    g = width_groups(FixedSize().double(), _x(4, 3)).find("fc1")
+    assert not g.growable and g.hidden
+    assert g.reason is not None and "aten.ones" in g.reason and "fixed" in g.reason
+
+
+class ChannelPad(nn.Module):
+    """Zero channels padded onto a conv's output: the next conv reads them at offset 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 3, 1)
+        self.conv2 = nn.Conv2d(5, 2, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = nn.functional.pad(torch.tanh(self.conv1(x)), (0, 0, 0, 0, 1, 1))
+        return self.conv2(h)
+
+
+def test_channel_padding_shifts_the_readers() -> None:
+    groups = _readers_check(ChannelPad(), _x(2, 2, 3, 3), ["conv1"])
+    (u,) = groups.find("conv1").consumers
+    assert (u.tensor, u.axis, u.offset) == ("conv2.weight", 1, 1)
+
+
+class TiedLM(nn.Module):
+    """An embedding whose matrix is also the output projection (weight tying)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        self.mid = nn.Linear(4, 4)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return nn.functional.linear(torch.tanh(self.mid(self.emb(idx))), self.emb.weight)
+
+
+def test_weight_tying_is_one_group_with_a_tied_constraint() -> None:
+    groups = width_groups(TiedLM().double(), torch.tensor([[0, 3, 6]]))
+    g = groups.find("emb")
+    assert g.growable and g.size == 4 and groups.find("mid") is g
+    (tied,) = [c for c in g.constraints if c.kind == "tied"]
+    assert "`emb.weight` is used by 2 ops" in tied.rule

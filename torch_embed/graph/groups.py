@@ -223,6 +223,10 @@ def _collect(it: Interpretation, inputs: tuple[tuple[str, Any], ...]) -> WidthGr
         for leaf in atoms.leaves(atom):
             if c not in constraints[leaf]:
                 constraints[leaf].append(c)
+    for atom, c in _tied(it):
+        for leaf in atoms.leaves(atom):
+            if c not in constraints[leaf]:
+                constraints[leaf].append(c)
     through: dict[int, list[str]] = defaultdict(list)
     for atom, _node, module in it.through:
         for leaf in atoms.leaves(atom):
@@ -273,6 +277,28 @@ def _collect(it: Interpretation, inputs: tuple[tuple[str, Any], ...]) -> WidthGr
         found.append(((order, min(e[0] for e in entries)), group))
     found.sort(key=lambda e: e[0])
     return WidthGroups(_unique_names([g for _, g in found]))
+
+
+def _tied(it: Interpretation) -> list[tuple[int, Constraint]]:
+    """A ``"tied"`` constraint on every group a tensor used by several ops touches."""
+    ops: dict[str, dict[int, str]] = defaultdict(dict)
+    for u in it.uses:
+        if u.role != "kernel":
+            ops[u.tensor][u.node] = u.module
+    out = []
+    for u in it.uses:
+        modules = ops[u.tensor]
+        if len(modules) > 1 and u.role != "kernel":
+            names = ", ".join(
+                f"`{m}`" if m else "the model's own forward" for m in modules.values()
+            )
+            rule = (
+                f"`{u.tensor}` is used by {len(modules)} ops ({names}): weight tying or a "
+                f"module called twice; every use must see the same copies"
+            )
+            first = next(iter(modules.values()))
+            out.append((u.atom, Constraint("tied", f"`{u.tensor}`", first, rule)))
+    return out
 
 
 def _owner(u: AxisUse) -> str:

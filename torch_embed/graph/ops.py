@@ -45,7 +45,8 @@ class Constraint:
     Attributes:
         kind: ``"layer_norm"``, ``"rms_norm"``, ``"group_norm"``, ``"grouped_conv"``,
             ``"depthwise_conv"``, ``"softmax"``, ``"mean"``, ``"sum"``, ``"max"``,
-            ``"var"``, ``"norm"``, ``"chunk"``, ``"split"``, ``"contraction"``.
+            ``"var"``, ``"norm"``, ``"chunk"``, ``"split"``, ``"contraction"``, ``"tied"``
+            (a tensor used by several ops).
         op: The op as messages name it (``aten.layer_norm in `blocks.0.norm` (LayerNorm)``).
         module: The owning module's FQN.
         rule: What stays exact, in words.
