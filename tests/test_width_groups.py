@@ -61,9 +61,29 @@ def test_zoo_groups_match_the_hand_written_expectation(case: ZooCase) -> None:
     _check_against_zoo(case, width_groups(case.build(), case.example_inputs()))
 
 
+def _records(groups: WidthGroups) -> list[tuple[object, ...]]:
+    return [
+        (
+            g.name,
+            g.size,
+            g.growable,
+            g.aliases,
+            sorted((u.tensor, u.axis, u.role, u.offset, u.stride, u.repeats) for u in g.producers),
+            sorted((u.tensor, u.axis, u.role, u.offset, u.stride, u.repeats) for u in g.consumers),
+            sorted(c.kind for c in g.constraints),
+        )
+        for g in groups
+    ]
+
+
 @pytest.mark.parametrize("case", FX_CASES)
 def test_fx_fallback_finds_the_same_groups(case: ZooCase) -> None:
-    _check_against_zoo(case, width_groups(case.build(), case.example_inputs(), tracer="fx"))
+    model = case.build()
+    fx = width_groups(model, case.example_inputs(), tracer="fx")
+    exported = width_groups(model, case.example_inputs(), tracer="export")
+    assert (fx.tracer, exported.tracer) == ("torch.fx", "torch.export")
+    _check_against_zoo(case, fx)
+    assert _records(fx) == _records(exported)
 
 
 @pytest.mark.parametrize("case", BN_CASES)
@@ -544,3 +564,22 @@ def test_weight_tying_is_one_group_with_a_tied_constraint() -> None:
     assert g.growable and g.size == 4 and groups.find("mid") is g
     (tied,) = [c for c in g.constraints if c.kind == "tied"]
     assert "`emb.weight` is used by 2 ops" in tied.rule
+
+
+@pytest.mark.parametrize(
+    ("make", "x"),
+    [
+        (SwiGLU, _x(6, 3)),
+        (RawParameters, _x(5, 3)),
+        (HeadsReshape, _x(5, 4)),
+        (ChannelsLastHead, _x(2, 2, 4, 4)),
+        (ChannelPad, _x(2, 2, 3, 3)),
+        (TiedLM, torch.tensor([[0, 3, 6]])),
+    ],
+    ids=lambda v: getattr(v, "__name__", ""),
+)
+def test_fx_and_export_agree_on_custom_models(make: type[nn.Module], x: Tensor) -> None:
+    model = make().double()
+    assert _records(width_groups(model, x, tracer="fx")) == _records(
+        width_groups(model, x, tracer="export")
+    )

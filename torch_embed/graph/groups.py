@@ -112,8 +112,11 @@ class WidthGroup:
 class WidthGroups(list[WidthGroup]):
     """The result of :func:`width_groups`: a list whose ``str`` is a table.
 
-    ``groups.find(name)`` returns the group of that name or alias.
+    ``groups.find(name)`` returns the group of that name or alias; ``groups.tracer`` says
+    which tracer produced it (``"torch.export"`` or ``"torch.fx"``).
     """
+
+    tracer: str = ""
 
     def find(self, name: str) -> WidthGroup:
         """The group called ``name`` or with ``name`` among its aliases.
@@ -199,7 +202,9 @@ def width_groups(model: nn.Module, example_inputs: Any, *, tracer: Tracer = "aut
     """
     args = check_model(model, example_inputs, "width_groups")
     traced = trace(model, args, tracer)
-    return _collect(interpret(traced), traced.inputs)
+    groups = _collect(interpret(traced), traced.inputs)
+    groups.tracer = traced.tracer
+    return groups
 
 
 def _collect(it: Interpretation, inputs: tuple[tuple[str, Any], ...]) -> WidthGroups:

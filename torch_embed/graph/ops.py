@@ -711,9 +711,9 @@ def _spatial(it: Interpretation, node: TracedNode) -> Any:
     x = it.axes(node.args[0])
     shape = node.shape
     m = re.search(r"(\d)d", node.op)
-    if x is None or shape is None or m is None:
+    if x is None or shape is None or (m is None and node.op != "upsample"):
         return _unknown(it, node)
-    k = int(m.group(1))
+    k = int(m.group(1)) if m is not None else len(x) - 2  # fx's nn.Upsample: (N, C, *spatial)
     first = shape if isinstance(shape[0], int) else shape[0]
     keep = x[: len(x) - k]
     spatial = it.fresh(first[len(keep) :])
@@ -820,7 +820,7 @@ _TABLE: tuple[tuple[Rule, str], ...] = (
         "upsample_nearest1d upsample_nearest2d upsample_nearest3d upsample_linear1d "
         "upsample_bilinear2d upsample_bicubic2d upsample_trilinear3d "
         "_upsample_nearest_exact1d _upsample_nearest_exact2d _upsample_nearest_exact3d "
-        "_upsample_bilinear2d_aa _upsample_bicubic2d_aa",
+        "_upsample_bilinear2d_aa _upsample_bicubic2d_aa upsample",
     ),
     (_embedding, "embedding"),
     (_getitem, "getitem"),
@@ -837,11 +837,13 @@ def known_ops() -> frozenset[str]:
 def interpret(traced: Traced) -> Interpretation:
     """Give every axis of ``traced`` its atoms and record uses, pins and constraints."""
     it = Interpretation()
+    by_fqn: dict[str, Axes] = {}  # a tensor reached under two names has one set of axes
     for name, (fqn, shape) in traced.tensors.items():
-        axes = it.fresh(shape)
-        it.values[name] = axes
-        for k, a in enumerate(axes):
-            it.origin[a] = (fqn, k)
+        if fqn not in by_fqn:
+            by_fqn[fqn] = it.fresh(shape)
+            for k, a in enumerate(by_fqn[fqn]):
+                it.origin[a] = (fqn, k)
+        it.values[name] = by_fqn[fqn]
     for name, shape in traced.constants.items():
         it.values[name] = _fresh_pinned(
             it, shape, f"tensor constant `{name}` is held by the model as a plain attribute "

@@ -15,6 +15,7 @@ the constant it was.
 from __future__ import annotations
 
 import operator
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -302,6 +303,13 @@ def _module_call(
 
     if type(mod) is nn.Linear:
         return "linear", (x, p("weight"), p("bias"))
+    if type(mod) is nn.Embedding:
+        return "embedding", (p("weight"), x)
+    if isinstance(mod, (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d,
+                        nn.ConstantPad2d, nn.ConstantPad3d)):  # fmt: skip
+        return "constant_pad_nd", (x, list(mod.padding), getattr(mod, "value", 0.0))
+    if type(mod) is nn.Upsample:
+        return "upsample", (x,)
     if isinstance(mod, nn.modules.conv._ConvNd) and type(mod).__module__.startswith("torch.nn"):
         k = len(mod.kernel_size)
         if mod.transposed:
@@ -387,6 +395,12 @@ def _trace_fx(model: nn.Module, args: tuple[Any, ...]) -> Traced:
         for k, v in results.items()
         if not isinstance(v, torch.Tensor) and _shape(v) is None and not isinstance(v, nn.Module)
     }
+    for node in gm.graph.nodes:  # a parameter read by get_attr is the same value
+        t = results.get(node.name)
+        if node.op == "placeholder" and node.name != node.target:
+            folded[node.name] = Ref(str(node.target))  # the forward's own argument name
+        if node.op == "get_attr" and isinstance(t, torch.Tensor) and id(t) in tensor_fqns:
+            folded[node.name] = Ref(tensor_fqns[id(t)])
     outputs: tuple[Any, ...] = ()
     for name, mod in model.named_modules(remove_duplicate=False):
         for attr in list(mod._parameters) + list(mod._buffers):
@@ -398,13 +412,10 @@ def _trace_fx(model: nn.Module, args: tuple[Any, ...]) -> Traced:
         out = results.get(node.name)
         shape = _shape(out)
         if node.op == "placeholder":
-            inputs.append((node.name, shape))
+            inputs.append((str(node.target), shape))
             continue
         if node.op == "get_attr":
-            t = out
-            if isinstance(t, torch.Tensor) and id(t) in tensor_fqns:
-                tensors[node.name] = (tensor_fqns[id(t)], tuple(t.shape))
-            elif shape is not None:
+            if node.name not in folded and shape is not None:
                 constants[node.name] = shape
             continue
         if node.op == "output":
@@ -465,7 +476,11 @@ def trace(model: nn.Module, args: tuple[Any, ...], tracer: Tracer = "auto") -> T
     errors: list[str] = []
     for name in order:
         try:
-            with _untouched(model):
+            # the forward runs on fake tensors (export) or once more (fx): its warnings
+            # are the tracer's business, and a warning turned into an error by a filter
+            # must not make the trace fail over to the other tracer
+            with _untouched(model), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
                 return _TRACERS[name](model, args)
         except Exception as exc:  # any tracer failure: try the next, report all
             label = (
