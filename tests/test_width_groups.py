@@ -95,7 +95,9 @@ def test_model_left_bit_identical(case: ZooCase, train: bool) -> None:
     modes = {n: m.training for n, m in model.named_modules()}
     before = {k: t.clone() for k, t in model.state_dict(keep_vars=True).items()}
     ids = {k: id(t) for k, t in model.state_dict(keep_vars=True).items()}
-    for tracer in ("export", "fx"):
+    # fx runs the real forward (train-mode BatchNorm updates its statistics); export
+    # runs on fake tensors: both in train mode, export alone in eval mode
+    for tracer in ("export", "fx") if train else ("export",):
         width_groups(model, case.example_inputs(), tracer=tracer)  # type: ignore[arg-type]
     after = model.state_dict(keep_vars=True)
     assert {k: id(t) for k, t in after.items()} == ids
