@@ -300,7 +300,8 @@ def test_constraints_name_the_norm_and_the_rule() -> None:
         by_name("convnext_block").build(), by_name("convnext_block").example_inputs()
     )
     kinds = {c.kind: c for c in convnext.find("stem").constraints}
-    assert {"layer_norm", "depthwise_conv"} <= set(kinds)
+    # the layer scale (gamma * x, then + residual) is one use of gamma, not weight tying
+    assert set(kinds) == {"layer_norm", "depthwise_conv"}
     assert "LayerNorm" in kinds["layer_norm"].op and "mean-fill" in kinds["layer_norm"].rule
     gn = width_groups(by_name("groupnorm").build(), by_name("groupnorm").example_inputs())
     (c,) = [c for c in gn.find("conv1").constraints if c.kind == "group_norm"]
@@ -585,3 +586,30 @@ def test_fx_and_export_agree_on_custom_models(make: type[nn.Module], x: Tensor) 
     assert _records(width_groups(model, x, tracer="fx")) == _records(
         width_groups(model, x, tracer="export")
     )
+
+
+class MaskedWeight(nn.Module):
+    """A weight computed from two parameters (w * mask) and applied with F.linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(3, 5)
+        self.w = nn.Parameter(torch.randn(4, 5, generator=torch.Generator().manual_seed(1)))
+        self.mask = nn.Parameter(torch.rand(4, 5, generator=torch.Generator().manual_seed(2)))
+        self.fc2 = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = nn.functional.linear(torch.tanh(self.fc1(x)), self.w * self.mask)
+        return self.fc2(torch.tanh(h))
+
+
+def test_a_weight_derived_from_two_parameters() -> None:
+    groups = _readers_check(MaskedWeight(), _x(5, 3), ["fc1", "w"])
+    fc1, w = groups.find("fc1"), groups.find("w")
+    assert [(u.tensor, u.axis, u.role) for u in fc1.consumers] == [("w", 1, "consumer")]
+    assert ("mask", 1, "per-channel") in {(u.tensor, u.axis, u.role) for u in fc1.producers}
+    assert {(u.tensor, u.axis, u.role) for u in w.producers} == {
+        ("w", 0, "producer"),
+        ("mask", 0, "per-channel"),
+    }
+    assert not any(c.kind == "tied" for g in groups for c in g.constraints)

@@ -192,9 +192,13 @@ def _elementwise(it: Interpretation, node: TracedNode) -> Any:
             continue
         for a in found[1:]:
             it.unify(found[0], a, node)
+        # the result is an activation if any operand is one (x * gamma), else a weight
+        # derived from parameters (w * mask), whose role the op that reads it records
+        rep = next((a for a in found if a not in it.origin), found[0])
         for a in found:
-            it.use(found[0], a, "per-channel", node)
-        out.append(found[0])
+            if a != rep:
+                it.use(rep, a, "per-channel", node)
+        out.append(rep)
     axes = tuple(reversed(out))
     if node.module and len(operands) == 1 and not any(u.node == it.index for u in it.uses):
         it.through.extend((a, it.index, node.module) for a in axes)
