@@ -613,3 +613,49 @@ def test_a_weight_derived_from_two_parameters() -> None:
         ("mask", 0, "per-channel"),
     }
     assert not any(c.kind == "tied" for g in groups for c in g.constraints)
+
+
+# ----------------------------------------------------------------------------- axis layouts
+def test_layouts_give_the_indices_after_widening() -> None:
+    """Resized layouts against the indices torch's own flatten/permute/cat produce."""
+    groups = width_groups(ChannelsLastHead().double(), _x(2, 2, 4, 4))
+    layout = groups.layouts[("fc.weight", 1)]
+    assert str(layout) == "(<4> × <4> × conv)"
+    wide = layout.resized({"conv": 5})
+    (slot,) = wide.placements()
+    positions = torch.arange(4 * 4 * 5).view(4, 4, 5)  # channels-last, flattened
+    for c in range(5):
+        assert slot.indices(c) == sorted(positions[:, :, c].flatten().tolist())
+    assert wide.size == 80
+
+    case = by_name("densenet_block")
+    groups = width_groups(case.build(), case.example_inputs())
+    layout = groups.layouts[("head.2.weight", 1)]
+    assert str(layout) == "(conv0 + layer1.conv + layer2.conv)"
+    widths = {"conv0": 6, "layer1.conv": 5, "layer2.conv": 2}
+    parts = [torch.full((w,), k) for k, w in enumerate(widths.values())]
+    owner = torch.cat(parts)  # which part each channel of the concatenation comes from
+    unit = torch.cat([torch.arange(w) for w in widths.values()])
+    for slot in layout.resized(widths).placements():
+        k = list(widths).index(slot.group)
+        for i in range(widths[slot.group]):
+            (j,) = slot.indices(i)
+            assert (owner[j].item(), unit[j].item()) == (k, i)
+
+    groups = width_groups(HeadsReshape().double(), _x(5, 4))
+    layout = groups.layouts[("qkv.weight", 0)].resized({"qkv[0]": 3, "qkv[1]": 4})
+    heads, dims = layout.placements()
+    rows = torch.arange(12).view(3, 4)  # view(N, heads, dims) of the Linear's rows
+    assert [heads.indices(h) for h in range(3)] == rows.tolist()
+    assert [dims.indices(d) for d in range(4)] == rows.T.tolist()
+
+
+def test_every_use_agrees_with_its_layout() -> None:
+    for case in (by_name("resnet_basic"), by_name("densenet_block")):
+        groups = width_groups(case.build(), case.example_inputs())
+        for g in groups:
+            for u in g.producers + g.consumers:
+                slots = groups.layouts[(u.tensor, u.axis)].placements()
+                assert (g.name, u.offset, u.stride, u.repeats) in {
+                    (s.group, s.offset, s.stride, s.repeats) for s in slots
+                }

@@ -7,8 +7,8 @@ atom into parts: a **product** when axes are merged by a reshape (``flatten`` of
 **sum** when an axis is concatenated or split (``cat`` of ``(A, B)`` is ``sum(A, B)``).
 A refinement is stored on the class root, so every atom unified with it is refined the
 same way. The width groups are the unrefined roots (the *leaves*); every atom resolves
-to a tree of them, which gives each leaf's offset and stride within that axis
-(:meth:`Atoms.placements`).
+to a tree of them (:meth:`Atoms.layout`, an :class:`~torch_embed.graph.layout.AxisLayout`),
+which gives each leaf's offset and stride within that axis.
 
 Facts about atoms (rigid, constrained, a parameter axis's role) are recorded on the atom
 they were seen on and resolved to leaves only at the end, so a refinement made later
@@ -18,26 +18,10 @@ still carries them to its parts.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
-__all__ = ["Atoms", "Placement"]
+from torch_embed.graph.layout import AxisLayout
 
-
-@dataclass(frozen=True)
-class Placement:
-    """Where the units of a leaf sit inside an axis.
-
-    Unit ``i`` of the leaf occupies the indices ``offset + i * stride + Σ r_k * step_k``
-    for every ``0 <= r_k < count_k`` of ``repeats = ((count_k, step_k), ...)``: a plain
-    axis is ``(0, 1, ())``; the channel in ``flatten(C, H, W)`` is ``(0, H·W, ((H·W, 1),))``
-    (channel ``c`` owns ``H·W`` consecutive inputs); the second part of ``cat(A, B)`` is
-    ``(|A|, 1, ())``.
-    """
-
-    leaf: int
-    offset: int = 0
-    stride: int = 1
-    repeats: tuple[tuple[int, int], ...] = ()
+__all__ = ["Atoms"]
 
 
 class Atoms:
@@ -175,52 +159,17 @@ class Atoms:
         return merged
 
     def leaves(self, atom: int) -> list[int]:
-        """The leaf roots ``atom`` resolves to."""
-        return [p.leaf for p in self.placements(atom)]
+        """The leaf roots ``atom`` resolves to, in axis order."""
+        return [int(name[1:]) for name in self.layout(atom).groups()]
 
-    def placements(self, atom: int) -> list[Placement]:
-        """Every leaf in ``atom``'s tree, with its offset, stride and repeats."""
-        out: list[Placement] = []
-        self._walk(atom, 0, 1, (), out, 0)
-        return out
+    def layout(self, atom: int) -> AxisLayout:
+        """``atom``'s tree, each leaf a ``"group"`` named ``"#<leaf root>"``."""
+        return self._layout(atom, 0)
 
-    def _walk(
-        self,
-        atom: int,
-        offset: int,
-        stride: int,
-        repeats: tuple[tuple[int, int], ...],
-        out: list[Placement],
-        depth: int,
-    ) -> None:
+    def _layout(self, atom: int, depth: int) -> AxisLayout:
         root = self.find(atom)
         ref = self._refined.get(root)
         if ref is None or depth > 64:
-            out.append(Placement(root, offset, stride, _merge(repeats)))
-            return
-        kind, parts = ref
-        sizes = [self._size[p] for p in parts]
-        if kind == "sum":
-            start = 0
-            for part, s in zip(parts, sizes):
-                self._walk(part, offset + start * stride, stride, repeats, out, depth + 1)
-                start += s
-            return
-        inner = [math.prod(sizes[k + 1 :]) for k in range(len(parts))]
-        for k, part in enumerate(parts):
-            others = tuple(
-                (sizes[m], stride * inner[m]) for m in range(len(parts)) if m != k and sizes[m] != 1
-            )
-            self._walk(part, offset, stride * inner[k], repeats + others, out, depth + 1)
-
-
-def _merge(repeats: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
-    """Sort ``(count, step)`` pairs by step, merge contiguous ones: ``(H,W),(W,1)`` → ``(HW,1)``."""
-    items = sorted((step, count) for count, step in repeats if count != 1)
-    merged: list[tuple[int, int]] = []
-    for step, count in items:
-        if merged and merged[-1][0] * merged[-1][1] == step:
-            merged[-1] = (merged[-1][0], merged[-1][1] * count)
-        else:
-            merged.append((step, count))
-    return tuple((count, step) for step, count in merged)
+            return AxisLayout("group", self._size[root], f"#{root}")
+        parts = tuple(self._layout(p, depth + 1) for p in ref[1])
+        return AxisLayout(ref[0], self._size[root], parts=parts)

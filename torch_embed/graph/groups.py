@@ -16,7 +16,7 @@ from typing import Any, SupportsIndex, overload
 
 from torch import nn
 
-from torch_embed.graph.atoms import Placement
+from torch_embed.graph.layout import AxisLayout
 from torch_embed.graph.ops import Constraint, Interpretation, interpret
 from torch_embed.graph.trace import Tracer, check_model, trace
 
@@ -113,10 +113,24 @@ class WidthGroups(list[WidthGroup]):
     """The result of :func:`width_groups`: a list whose ``str`` is a table.
 
     ``groups.find(name)`` returns the group of that name or alias; ``groups.tracer`` says
-    which tracer produced it (``"torch.export"`` or ``"torch.fx"``).
+    which tracer produced it (``"torch.export"`` or ``"torch.fx"``); ``groups.layouts``
+    maps ``(tensor FQN, axis)`` to the :class:`~torch_embed.graph.layout.AxisLayout` of
+    every tensor axis that carries features: the tree of groups it is made of, from
+    which the indices after widening follow (``layout.resized({name: width})``). The
+    in-axis of a grouped convolution's weight holds one group's share and has no entry
+    (see :attr:`AxisUse.groups`).
     """
 
-    tracer: str = ""
+    def __init__(
+        self,
+        groups: Iterable[WidthGroup] = (),
+        *,
+        tracer: str = "",
+        layouts: dict[tuple[str, int], AxisLayout] | None = None,
+    ) -> None:
+        super().__init__(groups)
+        self.tracer = tracer
+        self.layouts: dict[tuple[str, int], AxisLayout] = dict(layouts or {})
 
     def find(self, name: str) -> WidthGroup:
         """The group called ``name`` or with ``name`` among its aliases.
@@ -210,14 +224,23 @@ def width_groups(model: nn.Module, example_inputs: Any, *, tracer: Tracer = "aut
 def _collect(it: Interpretation, inputs: tuple[tuple[str, Any], ...]) -> WidthGroups:
     atoms = it.atoms
     uses: dict[int, list[tuple[int, AxisUse, bool]]] = defaultdict(list)
+    layouts: dict[tuple[str, int], AxisLayout] = {}
     for u in it.uses:
         if u.role == "kernel":
             continue
-        whole = atoms.size(u.atom)
-        for p in atoms.placements(u.atom):
-            if atoms.size(p.leaf) == 1 and whole != 1:
+        layout = atoms.layout(u.atom)
+        whole = layout.kind == "group"
+        for slot in layout.placements():
+            leaf = int(slot.group[1:])
+            if atoms.size(leaf) == 1 and not whole:
                 continue
-            uses[p.leaf].append((u.node, _axis_use(u, p), atoms.size(p.leaf) == whole))
+            use = AxisUse(
+                u.tensor, u.axis, u.role, u.module, u.op, slot.offset, slot.stride,
+                slot.repeats, u.groups,
+            )  # fmt: skip
+            uses[leaf].append((u.node, use, whole))
+        if not (u.role == "consumer" and u.groups > 1):  # a grouped conv's share: see groups
+            layouts.setdefault((u.tensor, u.axis), layout)
     reasons: dict[int, list[tuple[str, str]]] = defaultdict(list)
     for atom, kind, reason in it.rigid:
         for leaf in atoms.leaves(atom):
@@ -243,7 +266,7 @@ def _collect(it: Interpretation, inputs: tuple[tuple[str, Any], ...]) -> WidthGr
             for leaf in atoms.leaves(atom):
                 input_of.setdefault(leaf, name)
 
-    found: list[tuple[tuple[int, int], WidthGroup]] = []
+    found: list[tuple[tuple[int, int], int, WidthGroup]] = []
     for leaf, entries in uses.items():
         entries.sort(key=lambda e: e[0])
         writes = [(n, u) for n, u, _ in entries if u.role == "producer"]
@@ -279,9 +302,14 @@ def _collect(it: Interpretation, inputs: tuple[tuple[str, Any], ...]) -> WidthGr
             through=tuple(through.get(leaf, ())),
             hidden=not any(kind in ("input", "output") for kind, _ in pins),
         )
-        found.append(((order, min(e[0] for e in entries)), group))
+        found.append(((order, min(e[0] for e in entries)), leaf, group))
     found.sort(key=lambda e: e[0])
-    return WidthGroups(_unique_names([g for _, g in found]))
+    named = _unique_names([g for _, _, g in found])
+    names = {f"#{leaf}": g.name for (_, leaf, _), g in zip(found, named)}
+    fixed = frozenset(n for lay in layouts.values() for n in lay.groups() if n not in names)
+    return WidthGroups(
+        named, layouts={key: lay.rename(names, fixed) for key, lay in layouts.items()}
+    )
 
 
 def _tied(it: Interpretation) -> list[tuple[int, Constraint]]:
@@ -308,12 +336,6 @@ def _tied(it: Interpretation) -> list[tuple[int, Constraint]]:
 
 def _owner(u: AxisUse) -> str:
     return u.module if u.module else u.tensor
-
-
-def _axis_use(u: Any, p: Placement) -> AxisUse:
-    return AxisUse(
-        u.tensor, u.axis, u.role, u.module, u.op, p.offset, p.stride, p.repeats, u.groups
-    )
 
 
 def _unique_names(groups: list[WidthGroup]) -> list[WidthGroup]:
