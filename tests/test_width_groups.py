@@ -659,3 +659,35 @@ def test_every_use_agrees_with_its_layout() -> None:
                 assert (g.name, u.offset, u.stride, u.repeats) in {
                     (s.group, s.offset, s.stride, s.repeats) for s in slots
                 }
+
+
+class TwoInputs(nn.Module):
+    """Two inputs, a flag and a size, a buffer, a plain tensor attribute, a dict output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(3, 4), nn.Linear(2, 4), nn.Linear(4, 2)
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, 4))
+        self.offset = torch.ones(4)  # not a buffer: its size is fixed
+
+    def forward(self, x: Tensor, y: Tensor, shift: bool, k: int) -> dict[str, Tensor]:
+        h = torch.relu(self.a(x) + self.b(y)) * self.scale * k
+        if shift:
+            h = h + self.offset
+        return {"out": self.c(h)}
+
+
+@pytest.mark.parametrize("tracer", ["export", "fx"])
+def test_several_inputs_flags_buffers_and_plain_tensors(tracer: str) -> None:
+    model = TwoInputs()
+    args = (torch.randn(2, 3), torch.randn(2, 2))
+    free = width_groups(model, (*args, False, 3), tracer=tracer)  # type: ignore[arg-type]
+    a = free.find("b")
+    assert (
+        a.name == "a"
+        and a.growable
+        and ("scale", 0, "per-channel") in {(u.tensor, u.axis, u.role) for u in a.producers}
+    )
+    assert [g.name for g in free if not g.hidden] == ["<input x>", "<input y>", "c"]
+    pinned = width_groups(model, (*args, True, 3), tracer=tracer).find("a")  # type: ignore[arg-type]
+    assert not pinned.growable and "tensor constant `offset`" in str(pinned.reason)

@@ -848,9 +848,9 @@ def interpret(traced: Traced) -> Interpretation:
             for k, a in enumerate(by_fqn[fqn]):
                 it.origin[a] = (fqn, k)
         it.values[name] = by_fqn[fqn]
-    for name, shape in traced.constants.items():
+    for name, (label, shape) in traced.constants.items():
         it.values[name] = _fresh_pinned(
-            it, shape, f"tensor constant `{name}` is held by the model as a plain attribute "
+            it, shape, f"tensor constant `{label}` is held by the model as a plain attribute "
             "(not a parameter or buffer), so its size is fixed",
         )  # fmt: skip
     for name, in_shape in traced.inputs:

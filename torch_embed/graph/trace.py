@@ -14,6 +14,7 @@ the constant it was.
 
 from __future__ import annotations
 
+import inspect
 import operator
 import warnings
 from collections.abc import Callable, Iterator
@@ -90,7 +91,7 @@ class Traced:
         inputs: The user inputs, as ``(name, shape)`` (``shape`` ``None`` for non-tensors).
         tensors: Parameters and buffers by value name: ``name -> (fqn, shape)``.
         constants: Tensors the forward created or held that are not parameters or
-            buffers (lifted constants): ``name -> shape``.
+            buffers (lifted constants): ``name -> (attribute name, shape)``.
         nodes: The ops in execution order.
         outputs: The user outputs (:class:`Ref` or constants).
     """
@@ -98,7 +99,7 @@ class Traced:
     tracer: str
     inputs: tuple[tuple[str, Shape | None], ...]
     tensors: dict[str, tuple[str, Shape]]
-    constants: dict[str, Shape]
+    constants: dict[str, tuple[str, Shape]]
     nodes: tuple[TracedNode, ...]
     outputs: tuple[Any, ...]
 
@@ -241,7 +242,7 @@ def _trace_export(model: nn.Module, args: tuple[Any, ...]) -> Traced:
     ep = torch.export.export(model, args, strict=False)
     sig = ep.graph_signature
     tensors: dict[str, tuple[str, Shape]] = {}
-    constants: dict[str, Shape] = {}
+    constants: dict[str, tuple[str, Shape]] = {}
     inputs: list[tuple[str, Shape | None]] = []
     user_outputs = {
         spec.arg.name
@@ -259,7 +260,7 @@ def _trace_export(model: nn.Module, args: tuple[Any, ...]) -> Traced:
         elif spec.kind == InputKind.USER_INPUT:
             inputs.append((name, shape))
         elif shape is not None:
-            constants[name] = shape
+            constants[name] = (str(spec.target or name), shape)
     nodes: list[TracedNode] = []
     outputs: tuple[Any, ...] = ()
     for node in ep.graph.nodes:
@@ -373,7 +374,10 @@ _FX_VARARGS = {"view", "reshape", "permute", "expand", "repeat", "tile"}
 
 
 def _trace_fx(model: nn.Module, args: tuple[Any, ...]) -> Traced:
-    gm = torch.fx.symbolic_trace(model)
+    # non-tensor arguments (flags, sizes) are traced as the constants they are
+    names = list(inspect.signature(model.forward).parameters)
+    concrete = {n: a for n, a in zip(names, args) if not isinstance(a, torch.Tensor)}
+    gm = torch.fx.symbolic_trace(model, concrete_args=concrete or None)
     results: dict[str, Any] = {}
 
     class _Recorder(torch.fx.Interpreter):
@@ -386,7 +390,7 @@ def _trace_fx(model: nn.Module, args: tuple[Any, ...]) -> Traced:
     tensor_fqns = {id(t): fqn for fqn, t in model.named_parameters(remove_duplicate=False)}
     tensor_fqns.update({id(t): fqn for fqn, t in model.named_buffers(remove_duplicate=False)})
     tensors: dict[str, tuple[str, Shape]] = {}
-    constants: dict[str, Shape] = {}
+    constants: dict[str, tuple[str, Shape]] = {}
     inputs: list[tuple[str, Shape | None]] = []
     nodes: list[TracedNode] = []
     # non-tensor results (sizes read from tensors, ints) are folded into the arguments
@@ -416,10 +420,10 @@ def _trace_fx(model: nn.Module, args: tuple[Any, ...]) -> Traced:
             continue
         if node.op == "get_attr":
             if node.name not in folded and shape is not None:
-                constants[node.name] = shape
+                constants[node.name] = (str(node.target), shape)
             continue
         if node.op == "output":
-            outs = node.args[0] if isinstance(node.args[0], (tuple, list)) else (node.args[0],)
+            outs = torch.utils._pytree.tree_leaves(node.args[0])  # as export flattens them
             outputs = tuple(_convert(o, folded) for o in outs)
             continue
         if node.name in folded:
