@@ -691,3 +691,25 @@ def test_several_inputs_flags_buffers_and_plain_tensors(tracer: str) -> None:
     assert [g.name for g in free if not g.hidden] == ["<input x>", "<input y>", "c"]
     pinned = width_groups(model, (*args, True, 3), tracer=tracer).find("a")  # type: ignore[arg-type]
     assert not pinned.growable and "tensor constant `offset`" in str(pinned.reason)
+
+
+class TypeAsAndRoll(nn.Module):
+    def __init__(self, roll_features: bool) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(3, 4), nn.Linear(2, 4)
+        self.out1, self.out2 = nn.Linear(4, 2), nn.Linear(4, 2)
+        self.dim = 1 if roll_features else 0
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        g = torch.tanh(self.fc2(y))
+        h = torch.roll(torch.tanh(self.fc1(x)), 1, dims=self.dim).type_as(g)
+        return self.out1(h) + self.out2(g)
+
+
+def test_type_as_couples_nothing_and_roll_pins_only_its_axis() -> None:
+    args = (_x(4, 3), _x(4, 2))
+    groups = width_groups(TypeAsAndRoll(roll_features=False).double(), args)
+    assert groups.find("fc1") is not groups.find("fc2")  # type_as reads only the dtype
+    assert groups.find("fc1").growable  # rolled along the batch
+    fc1 = width_groups(TypeAsAndRoll(roll_features=True).double(), args).find("fc1")
+    assert not fc1.growable and "aten.roll" in str(fc1.reason)

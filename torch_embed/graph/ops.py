@@ -1,6 +1,6 @@
 """The op vocabulary: each traced op's rule for how it couples feature axes.
 
-Every tensor axis is an atom of :class:`~torch_embed.graph.atoms.Atoms`. :func:`apply_op`
+Every tensor axis is an atom of :class:`~torch_embed.graph.atoms.Atoms`. :func:`interpret`
 gives a traced op's output its atoms and records what the op says about its inputs:
 
 - **pass / unify** (element-wise ops of any arity, with broadcasting: activations,
@@ -45,8 +45,8 @@ class Constraint:
     Attributes:
         kind: ``"layer_norm"``, ``"rms_norm"``, ``"group_norm"``, ``"grouped_conv"``,
             ``"depthwise_conv"``, ``"softmax"``, ``"mean"``, ``"sum"``, ``"max"``,
-            ``"var"``, ``"norm"``, ``"chunk"``, ``"split"``, ``"contraction"``, ``"tied"``
-            (a tensor used by several ops).
+            ``"var"``, ``"norm"``, ``"chunk"``, ``"split"``, ``"reshape"``, ``"contraction"``,
+            ``"tied"`` (a tensor used by several ops).
         op: The op as messages name it (``aten.layer_norm in `blocks.0.norm` (LayerNorm)``).
         module: The owning module's FQN.
         rule: What stays exact, in words.
@@ -77,7 +77,11 @@ _RULES = {
     "contraction": "contracted between two activations (not a weight): copies scale the "
     "result; zero-extend one side instead",
     "chunk": "every chunk grows by the same amount",
-    "split": "the split sizes are fixed in the graph; widen re-traces to check them",
+    "split": "the sizes are constants of the trace: forward must compute them from the "
+    "tensor for the group to grow, which a re-trace after widening has to confirm",
+    "reshape": "the target size is a constant of the trace: if forward writes it as a number "
+    "instead of computing it from the tensor, the group cannot grow (a re-trace after "
+    "widening has to confirm)",
 }
 
 
@@ -88,7 +92,7 @@ class Use:
     atom: int
     tensor: str
     axis: int
-    role: str  # "producer" | "consumer" | "per-channel" | "unknown"
+    role: str  # "producer" | "consumer" | "per-channel" | "unknown" | "kernel"
     node: int  # index of the op in the traced graph
     module: str
     op: str
@@ -485,7 +489,7 @@ def _ordered(it: Interpretation, node: TracedNode) -> Any:
     x = it.axes(node.args[0])
     if x is None:
         return _unknown(it, node)
-    dims = node.args[1] if len(node.args) > 1 else None
+    dims = node.arg(2, "dims") if node.op == "roll" else node.arg(1, "dims")
     dims = [dims] if isinstance(dims, int) else list(dims or range(len(x)))
     for d in dims:
         it.pin(x[_dim(int(d), len(x))], f"{node.where} depends on the order along the axis")
@@ -548,10 +552,7 @@ def _reshape(it: Interpretation, node: TracedNode) -> Any:
         target = list(node.arg(1, "size") or [])
         grown = [a for a, t in zip(out, target) if t != -1 and it.atoms.size(a) > 1 and a not in x]
         for a in grown:
-            it.constrain(
-                a, "split", node, "its size is written in the graph (view/reshape); if forward "
-                "hard-codes it, widening fails the re-trace check",
-            )  # fmt: skip
+            it.constrain(a, "reshape", node)
     return out
 
 
@@ -602,6 +603,7 @@ def _repeat(it: Interpretation, node: TracedNode) -> Any:
     if x is None or not isinstance(shape, tuple):
         return _unknown(it, node)
     reps = list(node.args[1])
+    reps = [1] * (len(shape) - len(reps)) + reps  # tile: fewer repeats than axes
     out: list[int] = []
     for pos in range(1, len(shape) + 1):
         r = reps[-pos]
@@ -699,7 +701,8 @@ def _pad(it: Interpretation, node: TracedNode) -> Any:
         lo, hi = int(pads[2 * k]), int(pads[2 * k + 1])
         if lo == 0 and hi == 0:
             continue
-        if node.op not in ("constant_pad_nd", "pad") or lo < 0 or hi < 0:
+        copies = node.op == "pad" and node.arg(2, "mode", "constant") != "constant"
+        if node.op not in ("constant_pad_nd", "pad") or copies or lo < 0 or hi < 0:
             it.pin(x[d], f"{node.where} pads the axis with copies of its own entries")
             out[d] = it.atoms.new(shape[d])
             continue
@@ -762,13 +765,16 @@ _TABLE: tuple[tuple[Rule, str], ...] = (
         "sign sgn clamp clamp_min clamp_max clip floor ceil round trunc frac positive "
         "nan_to_num threshold logit dropout alpha_dropout feature_dropout "
         "feature_alpha_dropout contiguous clone detach alias lift_fresh_copy to _to_copy "
-        "type_as float double half bfloat16 elementwise_module add sub rsub mul div "
+        "float double half bfloat16 elementwise_module add sub rsub mul div "
         "true_divide floor_divide remainder fmod pow float_power maximum minimum fmax fmin "
         "where masked_fill lerp addcmul addcdiv atan2 hypot eq ne lt le gt ge logical_and "
         "logical_or logical_xor logical_not bitwise_and bitwise_or bitwise_xor bitwise_not "
         "copysign xlogy heaviside isnan isinf isfinite",
     ),
-    (_like, "zeros_like ones_like full_like empty_like rand_like randn_like randint_like"),
+    (
+        _like,
+        "zeros_like ones_like full_like empty_like rand_like randn_like randint_like type_as",
+    ),
     (
         _factory,
         "ones zeros full empty arange rand randn randint new_zeros new_ones new_full "
