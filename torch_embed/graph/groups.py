@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, SupportsIndex, overload
+from typing import Any
 
 from torch import nn
 
@@ -32,9 +32,11 @@ class AxisUse:
     ``tensor``: ``(0, 1, ())`` for a plain Linear; a Linear after ``flatten`` of
     ``(C, H, W)`` reads channel ``c`` at ``c·H·W + r``, ``0 <= r < H·W``, which is
     ``stride = H·W``, ``repeats = ((H·W, 1),)``; the second part of a ``cat`` has an
-    ``offset``. ``groups > 1``: the axis belongs to a grouped convolution with that many
-    groups: a consumer's axis then holds one group's share (unit ``i`` is column
-    ``i mod (size/groups)`` of the filters of group ``i div (size/groups)``).
+    ``offset``. The numbers come from the axis's
+    :class:`~torch_embed.graph.layout.AxisLayout` (``WidthGroups.layouts``), which also
+    gives them after widening. ``groups > 1``: the axis belongs to a grouped convolution
+    with that many groups: a consumer's axis then holds one group's share (unit ``i`` is
+    column ``i mod (size/groups)`` of the filters of group ``i div (size/groups)``).
 
     Attributes:
         tensor: The parameter or buffer FQN (``"layer1.0.conv1.weight"``).
@@ -76,14 +78,20 @@ class WidthGroup:
 
     Attributes:
         name: The FQN of the module that first produces the group in forward order
-            (``"layer1.0.conv1"``); a group no module produces (the model input) is
-            ``"<input x>"``. Names are unique within one :func:`width_groups` result.
+            (``"layer1.0.conv1"``); a bare parameter of the root module (``x @ self.w``)
+            gives its own FQN (``"w"``); a group no module produces is ``"<input x>"``
+            (the model input) or ``"<fc.weight>"`` (only read, e.g. after an unknown op).
+            A module that produces several groups (a Linear viewed as heads × head
+            dims) names them ``"qkv[0]"``, ``"qkv[1]"``, ... in the order found. Names are
+            unique within one :func:`width_groups` result.
         size: The number of units (neurons, channels).
         growable: Whether the group may grow at all; see ``reason`` if not.
         reason: Why it may not grow (the model input or output, or the op and module
             that pins it), ``None`` if growable.
-        aliases: Every other module that writes or scales the group (other producers,
-            BatchNorms, depthwise convs, ...); accepted wherever a name is.
+        aliases: Every other module that writes or scales the group's whole axis (other
+            producers, BatchNorms, depthwise convs, a layer scale's owner), in forward
+            order; accepted wherever a name is. A norm over a concatenation of several
+            groups is an alias of none of them.
         producers: The axes that write or scale the features (copied with a unit).
         consumers: The axes that read them (split between copies).
         constraints: Rules that limit how the group may grow (LayerNorm, GroupNorm,
@@ -146,13 +154,6 @@ class WidthGroups(list[WidthGroup]):
     def __str__(self) -> str:
         return format_groups(self)
 
-    @overload
-    def __getitem__(self, i: SupportsIndex) -> WidthGroup: ...
-    @overload
-    def __getitem__(self, i: slice) -> list[WidthGroup]: ...
-    def __getitem__(self, i: SupportsIndex | slice) -> WidthGroup | list[WidthGroup]:
-        return list.__getitem__(self, i)
-
 
 def format_groups(groups: Iterable[WidthGroup]) -> str:
     """A table of ``groups``: name, size, growable, producers, consumers, notes."""
@@ -182,10 +183,12 @@ def _short(u: AxisUse) -> str:
 def width_groups(model: nn.Module, example_inputs: Any, *, tracer: Tracer = "auto") -> WidthGroups:
     """Trace ``model(*example_inputs)`` and return its width groups, in forward order.
 
-    Every parameter axis that carries features (not a kernel's spatial axes) belongs to
-    exactly one group. The model is not changed: the trace runs under ``torch.no_grad``
-    on ``torch.export`` (non-strict; fallback ``torch.fx.symbolic_trace``), train/eval
-    flags and buffers (BatchNorm running statistics) are left as they were.
+    Every parameter or buffer axis that carries features (not a kernel's spatial axes)
+    is made of one or more groups (several after a ``flatten``, a ``cat`` or a view into
+    heads: see ``WidthGroups.layouts``). The model is not changed: the trace runs under
+    ``torch.no_grad`` on ``torch.export`` (non-strict; fallback
+    ``torch.fx.symbolic_trace``), train/eval flags and buffers (BatchNorm running
+    statistics) are left as they were.
 
     A trace specialises to the example input: Python branches on values and sizes
     written into ``forward`` are recorded as constants.
