@@ -713,3 +713,24 @@ def test_type_as_couples_nothing_and_roll_pins_only_its_axis() -> None:
     assert groups.find("fc1").growable  # rolled along the batch
     fc1 = width_groups(TypeAsAndRoll(roll_features=True).double(), args).find("fc1")
     assert not fc1.growable and "aten.roll" in str(fc1.reason)
+
+
+class Counter(nn.Module):
+    """A forward that rebinds a buffer to a new tensor (not an in-place update)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls = self.calls + 1
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("tracer", ["export", "fx"])
+def test_a_rebound_buffer_is_put_back(tracer: str) -> None:
+    model = Counter()
+    calls = model.calls
+    width_groups(model, torch.randn(2, 3), tracer=tracer)  # type: ignore[arg-type]
+    assert model.calls is calls and model.calls.item() == 0.0

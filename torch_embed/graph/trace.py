@@ -175,9 +175,18 @@ def check_model(model: object, example_inputs: object, caller: str) -> tuple[Any
 
 @contextmanager
 def _untouched(model: nn.Module) -> Iterator[None]:
-    """Run a block that may update buffers or flags; restore both bit for bit."""
+    """Run a block that may update buffers or flags; restore both bit for bit.
+
+    A buffer updated in place (BatchNorm's running statistics in train mode) gets its
+    values back; one the forward replaced by another tensor is put back itself.
+    """
     modes = [(m, m.training) for m in model.modules()]
-    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    saved = [
+        (m, name, b, b.detach().clone())
+        for m in model.modules()
+        for name, b in m._buffers.items()
+        if b is not None
+    ]
     try:
         with torch.no_grad():
             yield
@@ -185,12 +194,10 @@ def _untouched(model: nn.Module) -> Iterator[None]:
         for m, mode in modes:
             m.training = mode
         with torch.no_grad():
-            for b, old in saved:
-                if (
-                    b.shape != old.shape
-                    or not torch.equal(b.view(-1), old.view(-1))
-                    or b.isnan().any()
-                ):
+            for m, name, b, old in saved:
+                if m._buffers.get(name) is not b:
+                    m._buffers[name] = b
+                if not torch.equal(b, old):  # NaN != NaN: copied back, same bits
                     b.copy_(old)
 
 
