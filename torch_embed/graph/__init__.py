@@ -1,0 +1,1 @@
+"""Trace arbitrary models into width groups."""
