@@ -414,3 +414,13 @@ def test_set_attributes_restores_on_failure() -> None:
     assert module.a == 1
     old = set_attributes(module, {"a": 5})
     assert (module.a, old) == (5, {"a": 1})
+
+
+def test_handler_errors_name_the_module_and_its_class() -> None:
+    resize = Resize({"weight": (7,), "bias": (7,)})
+    with pytest.raises(
+        ValueError, match=r"^module 'stem\.gn' \(GroupNorm\): 7 channels do not split in num_groups"
+    ):
+        attribute_updates(nn.GroupNorm(2, 4), resize, name="stem.gn")
+    with pytest.raises(ValueError, match=r"^GroupNorm module: 7 channels"):
+        attribute_updates(nn.GroupNorm(2, 4), resize)

@@ -243,7 +243,10 @@ def attribute_updates(module: nn.Module, resize: Resize, *, name: str = "") -> d
             f"torch_embed.graph.handlers.register_handler({cls}, handler) "
             f"(no_attributes if the tensors' shapes are its only sizes)"
         )
-    updates = handler(module, resize)
+    try:
+        updates = handler(module, resize)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from error
     if not isinstance(updates, Mapping):
         raise TypeError(f"the handler of {cls} returned {type(updates)}, not a mapping")
     for attr in updates:
@@ -285,26 +288,23 @@ def set_attributes(module: nn.Module, updates: Mapping[str, object]) -> dict[str
 
 
 # ----------------------------------------------------------------------------- handlers
+# Handlers raise plain ValueErrors; attribute_updates prefixes the module's name and class.
 def no_attributes(module: nn.Module, resize: Resize, /) -> Mapping[str, object]:
     """Handler for modules whose tensors' shapes are their only sizes (layer scale)."""
     return {}
 
 
-def _refuse(module: nn.Module, why: str) -> ValueError:
-    return ValueError(f"{type(module).__name__}: {why}")
-
-
 def _required(module: nn.Module, resize: Resize, name: str, ndim: int) -> tuple[int, ...]:
     shape = resize.shape(module, name)
     if shape is None or len(shape) != ndim:
-        raise _refuse(module, f"expected a {ndim}-d tensor {name!r}, got shape {shape}")
+        raise ValueError(f"expected a {ndim}-d tensor {name!r}, got shape {shape}")
     return shape
 
 
 def _expect(module: nn.Module, resize: Resize, name: str, expected: tuple[int, ...]) -> None:
     shape = resize.shape(module, name)
     if shape is not None and shape != expected:
-        raise _refuse(module, f"{name!r} has shape {shape}, inconsistent with {expected}")
+        raise ValueError(f"{name!r} has shape {shape}, inconsistent with {expected}")
 
 
 _M = TypeVar("_M", bound=nn.Module)
@@ -333,26 +333,25 @@ def _conv(module: nn.Module, resize: Resize, /) -> Mapping[str, object]:
     kernel = tuple(conv.kernel_size)
     weight = _required(conv, resize, "weight", 2 + len(kernel))
     if weight[2:] != kernel:
-        raise _refuse(conv, f"the kernel must stay {kernel}, got weight shape {weight}")
+        raise ValueError(f"the kernel must stay {kernel}, got weight shape {weight}")
     # the input's channel count: unbatched (C, *spatial) or batched (N, C, *spatial)
     in_shape = resize.input_shape
     channels_in: int | None = None
     if in_shape is not None:
         axis = len(in_shape) - len(kernel) - 1
         if axis not in (0, 1):
-            raise _refuse(conv, f"input shape {in_shape} does not fit kernel {kernel}")
+            raise ValueError(f"input shape {in_shape} does not fit kernel {kernel}")
         channels_in = in_shape[axis]
     if resize.groups is not None:
         groups = resize.groups
     elif channels_in is not None and not conv.transposed:
         if channels_in % weight[1]:
-            raise _refuse(conv, f"{channels_in} input channels, {weight[1]} per group")
+            raise ValueError(f"{channels_in} input channels, {weight[1]} per group")
         groups = channels_in // weight[1]
     elif conv.groups == 1:
         groups = 1
     else:
-        raise _refuse(
-            conv,
+        raise ValueError(
             f"a grouped conv (groups={conv.groups}) cannot tell its new groups from its "
             "weight alone; pass Resize(groups=...) or its input_shape",
         )
@@ -361,9 +360,9 @@ def _conv(module: nn.Module, resize: Resize, /) -> Mapping[str, object]:
     else:
         out, in_ = weight[0], weight[1] * groups
     if in_ % groups or out % groups:
-        raise _refuse(conv, f"{in_} in and {out} out channels do not split in {groups} groups")
+        raise ValueError(f"{in_} in and {out} out channels do not split in {groups} groups")
     if channels_in is not None and channels_in != in_:
-        raise _refuse(conv, f"input shape {in_shape} has not {in_} channels")
+        raise ValueError(f"input shape {in_shape} has not {in_} channels")
     _expect(conv, resize, "bias", (out,))
     return {"in_channels": in_, "out_channels": out, "groups": groups}
 
@@ -375,10 +374,10 @@ def _channels(module: nn.Module, resize: Resize, names: tuple[str, ...], batch_d
         channels = next(iter(shapes.values()))[0]
         for n, s in shapes.items():
             if s != (channels,):
-                raise _refuse(module, f"{n!r} has shape {s}, other tensors give {channels}")
+                raise ValueError(f"{n!r} has shape {s}, other tensors give {channels}")
         return channels
     if resize.input_shape is None or len(resize.input_shape) <= batch_dims:
-        raise _refuse(module, "without affine parameters it needs Resize(input_shape=...)")
+        raise ValueError("without affine parameters it needs Resize(input_shape=...)")
     return resize.input_shape[batch_dims]
 
 
@@ -395,8 +394,7 @@ def _group_norm(module: nn.Module, resize: Resize, /) -> Mapping[str, object]:
     old_groups = _as(module, nn.GroupNorm).num_groups
     groups = resize.groups if resize.groups is not None else old_groups
     if channels % groups:
-        raise _refuse(
-            module,
+        raise ValueError(
             f"{channels} channels do not split in num_groups={groups}; grow every group "
             "equally or pass Resize(groups=...) to duplicate whole groups",
         )
@@ -409,10 +407,10 @@ def _layer_norm(module: nn.Module, resize: Resize, /) -> Mapping[str, object]:
     shape = resize.shape(module, "weight")
     if shape is None:
         if resize.input_shape is None or len(resize.input_shape) < len(old):
-            raise _refuse(module, "without affine parameters it needs Resize(input_shape=...)")
+            raise ValueError("without affine parameters it needs Resize(input_shape=...)")
         shape = resize.input_shape[len(resize.input_shape) - len(old) :]
     if len(shape) != len(old):
-        raise _refuse(module, f"normalized_shape {old} cannot become {shape}")
+        raise ValueError(f"normalized_shape {old} cannot become {shape}")
     _expect(module, resize, "bias", shape)
     return {"normalized_shape": shape}
 
@@ -422,7 +420,7 @@ def _multihead_attention(module: nn.Module, resize: Resize, /) -> Mapping[str, o
     if mha._qkv_same_embed_dim:
         rows, embed = _required(module, resize, "in_proj_weight", 2)
         if rows != 3 * embed:
-            raise _refuse(module, f"in_proj_weight must be (3E, E), got {(rows, embed)}")
+            raise ValueError(f"in_proj_weight must be (3E, E), got {(rows, embed)}")
         kdim = vdim = embed
     else:
         embed, _ = _required(module, resize, "q_proj_weight", 2)
@@ -436,7 +434,7 @@ def _multihead_attention(module: nn.Module, resize: Resize, /) -> Mapping[str, o
     _expect(module, resize, "bias_v", (1, 1, embed))
     heads = resize.groups if resize.groups is not None else mha.num_heads
     if embed % heads:
-        raise _refuse(module, f"embed_dim {embed} does not split in num_heads={heads}")
+        raise ValueError(f"embed_dim {embed} does not split in num_heads={heads}")
     return {
         "embed_dim": embed,
         "kdim": kdim,
@@ -451,7 +449,7 @@ def _embedding(module: nn.Module, resize: Resize, /) -> Mapping[str, object]:
     emb = module if isinstance(module, nn.Embedding) else _as(module, nn.EmbeddingBag)
     padding_idx = emb.padding_idx
     if padding_idx is not None and not 0 <= padding_idx < num:
-        raise _refuse(module, f"padding_idx {padding_idx} is outside {num} embeddings")
+        raise ValueError(f"padding_idx {padding_idx} is outside {num} embeddings")
     return {"num_embeddings": num, "embedding_dim": dim}
 
 
