@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from torch import Tensor, nn
+from zoo import ZOO, ConvNeXtBlock
 
 from torch_embed.graph import handlers
 from torch_embed.graph.handlers import (
@@ -424,3 +425,24 @@ def test_handler_errors_name_the_module_and_its_class() -> None:
         attribute_updates(nn.GroupNorm(2, 4), resize, name="stem.gn")
     with pytest.raises(ValueError, match=r"^GroupNorm module: 7 channels"):
         attribute_updates(nn.GroupNorm(2, 4), resize)
+
+
+@pytest.mark.parametrize("case", ZOO, ids=[c.name for c in ZOO])
+def test_zoo_modules_unchanged_shapes_give_their_own_attributes(case) -> None:
+    # Every module of the zoo that owns tensors has a built-in handler, except the
+    # ConvNeXt block owning its layer scale, which is refused until registered.
+    for fqn, module in case.build().named_modules():
+        tensors = dict(module.named_parameters(recurse=False))
+        tensors.update(module.named_buffers(recurse=False))
+        if not tensors:
+            continue
+        # a grouped conv's weight does not tell its groups: the planner always says
+        groups = module.groups if isinstance(module, nn.modules.conv._ConvNd) else None
+        resize = Resize.from_tensors(tensors, groups=groups)
+        if isinstance(module, ConvNeXtBlock):
+            with pytest.raises(ValueError, match=f"'{fqn}' \\(ConvNeXtBlock\\).*register_handler"):
+                attribute_updates(module, resize, name=fqn)
+            continue
+        updates = attribute_updates(module, resize, name=fqn)
+        assert updates, fqn
+        assert updates == {k: getattr(module, k) for k in updates}, fqn
