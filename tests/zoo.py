@@ -791,7 +791,10 @@ ZOO: tuple[ZooCase, ...] = (
             ),
             G("block.pwconv1", 16, True),  # the inverted bottleneck 4·dim, GELU between
         ),
-        note="the block owns its layer-scale Parameter 'gamma' directly (torchvision CNBlock)",
+        note=(
+            "the block owns its layer-scale Parameter 'gamma' directly (torchvision CNBlock): "
+            "widening it needs register_handler(ConvNeXtBlock, no_attributes)"
+        ),
     ),
     ZooCase(
         "sequential_subclass_residual",
