@@ -734,3 +734,26 @@ def test_a_rebound_buffer_is_put_back(tracer: str) -> None:
     calls = model.calls
     width_groups(model, torch.randn(2, 3), tracer=tracer)  # type: ignore[arg-type]
     assert model.calls is calls and model.calls.item() == 0.0
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_feature_axis_of_every_tensor_is_accounted_for(case: ZooCase) -> None:
+    """No parameter or buffer axis is silently left out of the groups."""
+    model = case.build()
+    groups = width_groups(model, case.example_inputs())
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    for fqn, t in tensors.items():
+        if t.dim() == 0:  # num_batches_tracked
+            continue
+        owner = model.get_submodule(fqn.rpartition(".")[0])
+        grouped = isinstance(owner, nn.modules.conv._ConvNd) and owner.groups > 1
+        axes = [0] if t.dim() == 1 or (grouped and fqn.endswith("weight")) else [0, 1]
+        for axis in axes:
+            layout = groups.layouts[(fqn, axis)]
+            assert layout.size == t.shape[axis], (fqn, axis)
+
+
+def test_lazy_module_refused() -> None:
+    net = nn.Sequential(nn.LazyLinear(4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"`0` \(LazyLinear\) is a lazy module"):
+        width_groups(net, torch.randn(2, 3))
