@@ -291,6 +291,13 @@ def read_sequential(module: nn.Module) -> Layout:
             f"widen expects an nn.Sequential of Linear layers and element-wise modules, "
             f"got {type(module).__name__}"
         )
+    if type(module).forward is not nn.Sequential.forward:
+        raise TypeError(
+            f"widen got a {type(module).__name__}, a subclass of nn.Sequential that overrides "
+            f"forward; widen reads the layers in order and would not see what that forward "
+            f"does (a skip connection, a reused layer). torch_embed.width_groups(model, "
+            f"example_inputs) traces its real forward"
+        )
     seen_modules: dict[int, str] = {}
     seen_params: dict[int, str] = {}
     linears: list[LinearLayer] = []
