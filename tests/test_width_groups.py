@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cases import ACTIVATION_NAMES, Arch, build_mlp, random_inputs
+from cases import ACTIVATION_NAMES, Arch, archs, build_mlp, random_inputs
+from hypothesis import given, settings
 from torch import Tensor, nn
 from torch.func import functional_call
 from zoo import ZOO, ZooCase, by_name
@@ -164,6 +165,16 @@ MLP_ARCHS = [
 
 @pytest.mark.parametrize("arch", MLP_ARCHS, ids=str)
 def test_sequential_mlp_groups_are_the_layout(arch: Arch) -> None:
+    _assert_groups_are_the_layout(arch)
+
+
+@settings(max_examples=15)
+@given(arch=archs(max_depth=3, max_width=5))
+def test_sequential_mlp_groups_are_the_layout_for_any_mlp(arch: Arch) -> None:
+    _assert_groups_are_the_layout(arch)
+
+
+def _assert_groups_are_the_layout(arch: Arch) -> None:
     net = build_mlp(arch)
     layout = read_sequential(net)
     groups = width_groups(net, random_inputs(arch))
