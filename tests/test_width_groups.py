@@ -768,3 +768,38 @@ def test_lazy_module_refused() -> None:
     net = nn.Sequential(nn.LazyLinear(4), nn.ReLU(), nn.Linear(4, 2))
     with pytest.raises(ValueError, match=r"`0` \(LazyLinear\) is a lazy module"):
         width_groups(net, torch.randn(2, 3))
+
+
+class CatThenFlatten(nn.Module):
+    """Two convs concatenated, then flattened into a Linear: a sum inside a product."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(2, 2, 1), nn.Conv2d(2, 3, 1)
+        self.fc = nn.Linear(5 * 2 * 2, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.cat([torch.tanh(self.a(x)), torch.tanh(self.b(x))], dim=1)
+        return self.fc(torch.flatten(h, 1))
+
+
+class SwapHalves(nn.Module):
+    """A Linear viewed as 3 × 4, each row's halves swapped, and flattened back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.out = nn.Linear(3, 12), nn.Linear(12, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        first, second = self.lin(x).view(x.shape[0], 3, 4).chunk(2, dim=-1)
+        return self.out(torch.cat([torch.tanh(second), first], dim=-1).reshape(x.shape[0], 12))
+
+
+def test_nested_sums_and_products() -> None:
+    groups = _readers_check(CatThenFlatten(), _x(2, 2, 2, 2), ["a", "b"])
+    assert str(groups.layouts[("fc.weight", 1)]) == "((a + b) × <2> × <2>)"
+    (b,) = groups.find("b").consumers
+    assert (b.offset, b.stride, b.repeats) == (8, 4, ((4, 1),))
+    groups = _readers_check(SwapHalves(), _x(4, 3), ["lin[0]", "lin[1]", "lin[2]"])
+    assert str(groups.layouts[("lin.weight", 0)]) == "(lin[0] × (lin[1] + lin[2]))"
+    assert str(groups.layouts[("out.weight", 1)]) == "(lin[0] × (lin[2] + lin[1]))"
