@@ -68,10 +68,14 @@ class Inertia:
         positive: Eigenvalues above ``tol``.
         tol: The tolerance used.
         gap: Gap ratio: the smallest ``|λ|`` above ``tol`` over the largest ``|λ|`` at
-            or below ``tol`` (``inf`` when one side is empty or the zeros are exact).
-            With ``"ldl"`` it is an estimate (see :func:`inertia`).
+            or below ``tol`` (``inf`` when nothing is at or below ``tol`` or the zeros
+            are exact; ``1`` when every eigenvalue of a non-zero matrix is at or below
+            it). With the default tolerance at a point that is not critical and without
+            a clear gap, the clearest ratio of neighbouring ``|λ|`` between the rounding
+            level and ``c·|∇R|``. With ``"ldl"`` it is an estimate (see :func:`inertia`).
         ambiguous: ``gap`` is below the threshold (``1e3`` by default): moving ``tol``
-            within the gap could change the counts.
+            within the gap could change the counts, or (default tolerance, not at a
+            critical point) no clear gap tells smeared zeros from the rest.
         method: How the counts were obtained, e.g. ``"eigh"``, ``"ldl"``,
             ``"eigh+closed-form"`` for a sum.
 
