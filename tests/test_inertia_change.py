@@ -8,6 +8,7 @@ scheme, at random points and at polished critical points.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import re
 
@@ -546,3 +547,28 @@ def test_before_plus_change_equals_a_full_recount_at_a_trained_point(trained_poi
     default_change = inertia_change(emb, wide, loss, x, y)
     assert default_change.zero < default_change.total
     assert (before + default_change).as_tuple() == full
+
+
+def test_change_gap_is_over_the_eigenvalues_of_all_blocks_together():
+    """The gap around tol is that of the union of the blocks' spectra: the old result
+    took the smallest of the per-block gaps, which misses a "zero" of one block and a
+    non-zero of another sitting side by side (each block alone looked well separated)."""
+    widths = (3, 4, 3, 2)
+    net = randn_mlp(widths, "tanh", seed=7)
+    x, y = randn_data(widths)
+    wide, emb = widened(net, [5, 4], Split(alpha=0.3))
+    blocks = step_blocks(emb, wide, nn.MSELoss(), x, y)
+    assert len(blocks) == 2
+    tagged = sorted(
+        (float(v), i)
+        for i, b in enumerate(blocks)
+        for v in torch.linalg.eigvalsh(b.normalized).abs()
+    )
+    pairs = [
+        (lo, hi) for (lo, i), (hi, j) in itertools.pairwise(tagged) if i != j and hi > 4 * lo > 0
+    ]
+    assert any(hi / lo < 1e3 for lo, hi in pairs)  # e.g. 9e-9 (block 0), 1.2e-7 (block 1)
+    for lo, hi in pairs:
+        change = inertia_change(emb, wide, nn.MSELoss(), x, y, tol=math.sqrt(lo * hi))
+        assert change.gap == pytest.approx(hi / lo, rel=1e-9)
+        assert change.ambiguous == (hi / lo < 1e3)
