@@ -178,7 +178,8 @@ def _gap_at(mags: Tensor, tol: float, rounding: float) -> float:
     from the rest of the spectrum.
     """
     n = mags.numel()
-    k = int(torch.searchsorted(mags, torch.tensor([tol], dtype=mags.dtype), right=True))
+    probe = torch.tensor([tol], dtype=mags.dtype, device=mags.device)
+    k = int(torch.searchsorted(mags, probe, right=True))
     if k == n:
         return math.inf if n == 0 or float(mags[-1]) <= rounding else 1.0
     return _gap(float(mags[k - 1]) if k else None, float(mags[k]))
@@ -218,7 +219,7 @@ def _tolerance_and_gap(
     n, ceiling = mags.numel(), _ceiling(grad_norm)
     if ceiling <= rounding or n == 0:
         return rounding, _gap_at(mags, rounding, rounding)
-    bounds = torch.tensor([rounding, ceiling], dtype=mags.dtype)
+    bounds = torch.tensor([rounding, ceiling], dtype=mags.dtype, device=mags.device)
     k0, k_top = (int(k) for k in torch.searchsorted(mags, bounds, right=True))
     if k_top == k0:  # no eigenvalue between the rounding level and c·|∇R|
         return rounding, _gap_at(mags, rounding, rounding)
@@ -294,7 +295,7 @@ def _inertia_eigh(
     mat: Tensor, tol: float | None, grad_norm: float | None, src_dtype: torch.dtype, min_gap: float
 ) -> Inertia:
     lam = torch.linalg.eigvalsh(mat)
-    mags = lam.abs().sort().values
+    mags = lam.abs().sort().values.cpu()  # n numbers; the rule runs on the host
     rounding = default_tolerance(float(mags[-1]) if lam.numel() else 0.0, lam.numel(), src_dtype)
     tol, gap = _tolerance_and_gap(mags, rounding, tol, grad_norm, min_gap)
     neg = int((lam < -tol).sum())
