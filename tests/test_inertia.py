@@ -138,6 +138,9 @@ def test_default_tolerance_is_the_rounding_level_and_moves_only_into_a_clear_gap
         assert res.as_tuple() == (1, 3, 1) and not res.ambiguous
         assert res.tol == pytest.approx(math.sqrt(5e-7 * 1.0), rel=1e-9)
         assert res.method == "eigh"  # the spectrum in the window decides (see inertia())
+    # critical (10·|∇R| below the rounding level): ldl factorizes at the rounding level
+    res = inertia(a, grad_norm=1e-18, method="ldl")
+    assert res.method == "ldl" and res.as_tuple() == (2, 0, 3)
     # float32 matrix: eps of float32 in the tolerance
     assert inertia(a.float()).tol == pytest.approx(5 * 2.0**-23 * 2.0, rel=1e-5)
 
