@@ -23,7 +23,7 @@ from torch_embed.optim_state import (
     ApproximateStateWarning,
     map_optimizer_state,
 )
-from torch_embed.schemes import Null, Split, plan
+from torch_embed.schemes import Net2Net, Null, RandomPad, Split, plan
 from torch_embed.widen import embed_, widen
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -404,3 +404,89 @@ def test_param_groups_flags_and_state_dict_round_trip_after_widen(flag: str) -> 
     step(reloaded)
     for n, p in net.named_parameters():
         assert torch.equal(p.detach(), after_live[n]), n
+
+
+# ----------------------------------------------------------------------------- issue 11 §4
+def test_adamax_default_eps_warns_and_stays_within_its_bound() -> None:
+    # exp_inf' = max_t β₂^(k-t)(|s g_t| + ε) is |s|·exp_inf + (1-|s|)·ε when the latest
+    # step attains the maximum, and within |1-|s||·ε·(1-β₂^(k-1)) of it otherwise (the
+    # plain |s|·exp_inf is off by up to |1-|s||·ε: 6e-4 here)
+    eps, beta2 = 1e-3, 0.999  # a large ε: the bound is far above rounding
+    make = lambda p: torch.optim.Adamax(p, lr=0.01, eps=eps, betas=(0.9, beta2))  # noqa: E731
+    arch, planner = SCHEMES["split_signed"]
+    net, x, y, emb = _setup(arch, planner)
+    initial = copy.deepcopy(net)
+    opt = make(net.parameters())
+    grads = _train(net, opt, x, y)
+    with pytest.warns(
+        ApproximateStateWarning,
+        match=r"exp_inf is within \|1 - \|s\|\|·eps·\(1 - beta2",
+    ):
+        embed_(net, emb, optimizer=opt)
+    ref_params, ref_opt = _reference_state(initial, emb, make, grads)
+    for name, p in net.named_parameters():
+        mine, ref = opt.state[p]["exp_inf"], ref_opt.state[ref_params[name]]["exp_inf"]
+        bound = 1.4 * eps * (1 - beta2 ** (K - 1))  # |1 - |s|| <= 1.4 here
+        assert float((mine - ref).abs().max()) <= bound, name
+        exp_avg = ref_opt.state[ref_params[name]]["exp_avg"]
+        assert float((opt.state[p]["exp_avg"] - exp_avg).abs().max()) <= 1e-15, name
+
+
+def test_asgd_average_maps_like_the_parameters() -> None:
+    # ax is an average of past iterates (weights summing to 1), so it maps by the affine
+    # embedding itself; eta, mu and step depend on the step count only and are kept
+    for t0 in (1e6, 1.0):  # averaging not started (ax is the parameter) / started
+        arch, planner = SCHEMES["null_bn"]
+        net, x, y, emb = _setup(arch, planner)
+        opt = torch.optim.ASGD(net.parameters(), lr=0.01, t0=t0)
+        _train(net, opt, x, y)
+        ax = {n: opt.state[p]["ax"].clone() for n, p in net.named_parameters()}
+        kept = {
+            n: {k: opt.state[p][k] for k in ("eta", "mu", "step")}
+            for n, p in net.named_parameters()
+        }
+        expected = emb.apply(ax)
+        embed_(net, emb, optimizer=opt)
+        for name, p in net.named_parameters():
+            assert torch.equal(opt.state[p]["ax"], expected[name]), name
+            assert all(opt.state[p][k] is v for k, v in kept[name].items())
+            if t0 == 1e6:
+                assert torch.equal(opt.state[p]["ax"], p.detach()), name
+        _train(net, opt, x, y, k=1)
+
+
+NOT_CRITICAL = {
+    "net2net_noise": lambda n, g: plan(n, [7, 8], Net2Net(noise=0.3), generator=g),
+    "random_pad": lambda n, g: plan(n, [7, 8], RandomPad(), generator=g),
+    "null_fan_in": lambda n, g: plan(n, [7, 8], Null(fan_in_std=0.3), generator=g),
+}
+
+
+@pytest.mark.parametrize("scheme", list(NOT_CRITICAL))
+def test_state_mapped_for_a_non_critical_embedding_warns_once(scheme: str) -> None:
+    net, x, y, emb = _setup(ARCH, NOT_CRITICAL[scheme])
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    _train(net, opt, x, y)
+    _loss(net, x, y).backward()  # a .grad to map too: still one warning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        embed_(net, emb, optimizer=opt)
+    assert [w.category for w in caught] == [ApproximateStateWarning], caught
+    assert f"the embedding is {emb.kind.value}, not critical" in str(caught[0].message)
+
+
+def test_critical_embedding_maps_state_without_a_warning() -> None:
+    net, x, y, emb = _setup(*SCHEMES["split_signed"])
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    _train(net, opt, x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        embed_(net, emb, optimizer=opt)
+
+
+def test_coupled_weight_decay_warning_has_the_approximate_class() -> None:
+    net, x, y, emb = _setup(*SCHEMES["split_signed"])
+    opt = torch.optim.NAdam(net.parameters(), lr=0.01, weight_decay=0.1)  # coupled
+    _train(net, opt, x, y)
+    with pytest.warns(ApproximateStateWarning, match="NAdam param group 0 uses coupled"):
+        embed_(net, emb, optimizer=opt)

@@ -30,7 +30,8 @@ value)
 =====================================  ==========================  ==================
 
 ``exp_inf``: the wide maximum is attained where the narrow one is when ``|s| ≤ 1`` and
-the latest step attains it; in general the map is within ``|1-|s||·ε`` per entry, and
+the latest step attains it; in general the map is within ``|1-|s||·ε·(1-β₂^(k-1))``
+per entry after ``k`` steps (``|s|·x`` alone would be off by up to ``|1-|s||·ε``), and
 exact for ``ε = 0`` or ``|s| ∈ {0, 1}``. ``acc_delta``: Adadelta's update
 ``sqrt(a+ε)/sqrt(v+ε)·g`` is invariant to scaling ``g`` (then ``v`` scales by ``s²``)
 up to the ``ε`` in ``sqrt(v+ε)``, so the map is exact up to a relative ``ε/(s²v)``,
@@ -275,8 +276,8 @@ def map_optimizer_state(
                 bool(((o - 1).abs() > 1e-12).logical_and(o != 0).any()) for o in ones.values()
             ):
                 inexact.append(
-                    "Adamax's exp_inf is within |1 - |s||·eps of the replay (exact for "
-                    "eps=0 or |s| in {0, 1})"
+                    "Adamax's exp_inf is within |1 - |s||·eps·(1 - beta2^(steps-1)) of the "
+                    "replay (exact for eps=0 or |s| in {0, 1})"
                 )
         else:
             fill = initial_step_size if key == "step_size" else (lambda _name: 0.0)
