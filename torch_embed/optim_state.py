@@ -7,27 +7,19 @@ Per entry of a reshaped parameter, ``B`` scales the narrow gradient by a factor 
 bias's gradient for a null neuron's fan-out column). Each state entry then maps by how
 it depends on ``s``:
 
-=====================================  ==========================  ==================
-entry (optimizer)                      depends on the gradients    mapped value
-=====================================  ==========================  ==================
-``momentum_buffer`` (SGD),             linearly                    ``s·x`` (exact)
-``exp_avg`` (Adam(W), NAdam, RAdam,
-Adamax), ``grad_avg`` (RMSprop),
-``prev`` (Rprop)
-``exp_avg_sq``, ``max_exp_avg_sq``,    quadratically               ``s²·x`` (exact)
-``square_avg`` (RMSprop, Adadelta),
-``sum`` (Adagrad, less its initial
-value)
-``exp_inf`` (Adamax)                   ``max_t β₂^(k-t)(|g_t|+ε)``  ``|s|·x + (1-|s|)·ε``
-``step_size`` (Rprop)                  signs of ``g_t·g_(t-1)``    ``x`` (exact), or the
-                                       only                        initial ``lr`` where
-                                                                   ``s = 0``
-``acc_delta`` (Adadelta)               invariant to the scale up   ``x``, ``0`` where
-                                       to ``ε``                    ``s = 0``
-``ax`` (ASGD)                          an average of iterates      like the parameters
-``step``, ``mu_product`` (NAdam),      the step count only         kept
-``eta``, ``mu`` (ASGD)
-=====================================  ==========================  ==================
+* linear in the gradients, mapped to ``s·x`` (exact): ``momentum_buffer`` (SGD),
+  ``exp_avg`` (Adam, AdamW, NAdam, RAdam, Adamax), ``grad_avg`` (RMSprop), ``prev``
+  (Rprop);
+* quadratic, mapped to ``s²·x`` (exact): ``exp_avg_sq``, ``max_exp_avg_sq``,
+  ``square_avg`` (RMSprop, Adadelta), ``sum`` (Adagrad, less its initial value);
+* ``exp_inf`` (Adamax), ``max_t β₂^(k-t)(|g_t| + ε)``: mapped to ``|s|·x + (1-|s|)·ε``;
+* ``step_size`` (Rprop), which depends only on the signs of ``g_t·g_(t-1)``: copied
+  (exact), or the initial ``lr`` (clamped to ``step_sizes``) where ``s = 0``;
+* ``acc_delta`` (Adadelta), invariant to the gradient's scale up to ``ε``: copied, or
+  ``0`` where ``s = 0``;
+* ``ax`` (ASGD), an average of past iterates: mapped like the parameters;
+* ``step``, ``mu_product`` (NAdam), ``eta`` and ``mu`` (ASGD), functions of the step
+  count only: kept.
 
 ``exp_inf``: the wide maximum is attained where the narrow one is when ``|s| ≤ 1`` and
 the latest step attains it; in general the map is within ``|1-|s||·ε·(1-β₂^(k-1))``

@@ -21,11 +21,7 @@ from torch import Tensor, nn
 from torch_embed._sequential import Layout, read_sequential
 from torch_embed.embedding import Embedding
 from torch_embed.exactness import _autocast_on, unit_roundoff
-from torch_embed.optim_state import (
-    ApproximateStateWarning,
-    _approximate_message,
-    map_optimizer_state,
-)
+from torch_embed.optim_state import map_optimizer_state
 from torch_embed.schemes import Scheme, _null_value, plan
 
 __all__ = ["embed_", "widen"]
@@ -76,9 +72,10 @@ def widen(
             DistributedDataParallel wrapper still holds a parameter.
 
     Warns:
-        ApproximateStateWarning: Gradients or optimizer state are mapped for an
-            embedding that is not critical, or by a map that is exact only up to an
-            optimizer's ``eps`` (see :mod:`torch_embed.optim_state`).
+        ApproximateStateWarning: Optimizer state is mapped for an embedding that is
+            not critical, or by a map that is exact only up to an optimizer's ``eps``
+            (see :mod:`torch_embed.optim_state`). ``.grad`` is mapped by the same ``B``
+            without a warning (the next backward usually replaces it).
 
     Example:
         >>> import torch
@@ -162,8 +159,6 @@ def _embed(
             changed = [n for n in new_state if new_state[n] is not state[n]]
             grads = {n: p.grad for n, p in named_params.items() if p.grad is not None}
             new_grads = embedding.map_gradients(grads) if grads else {}
-            if grads and (message := _approximate_message(embedding)) is not None:
-                warnings.warn(message, ApproximateStateWarning, stacklevel=2)
             new_opt: dict[nn.Parameter, dict[str, Any]] = {}
             if optimizer is not None:
                 new_opt = map_optimizer_state(optimizer, named_params, embedding)
@@ -267,7 +262,7 @@ def _check_coefficients(module: nn.Module, embedding: Embedding) -> None:
     ``Σ_j c_j·w·h`` with rounding error up to ``u·Σ_j|c_j|·|w·h|``, so the sum of
     magnitudes ``A = Σ_j|c_j|`` (1 for a split with α in [0, 1]) multiplies the
     rounding error of the narrow network. Refused: ``A·u > sqrt(u)`` (more than half
-    of the dtype's significant digits lost: ``A`` up to 6.7e7 in float64, 2896 in
+    of the dtype's significant digits lost: ``A`` up to 9.5e7 in float64, 4096 in
     float32, 45 in float16, 16 in bfloat16; :class:`~torch_embed.Embedding` caps it at
     1e6 for every dtype), and any written value (``c·w``, offsets, null fan-ins and
     biases) beyond the dtype's largest finite number.
