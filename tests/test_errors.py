@@ -4,6 +4,7 @@ unchanged module afterwards (values, shapes, parameter identity, features)."""
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 from dataclasses import replace
 
@@ -837,6 +838,9 @@ def test_scheme_scalars_of_the_wrong_type_are_named(scheme, exc, match) -> None:
     _refused(build_mlp(NET), exc, match, [6, 6], scheme)
 
 
+@pytest.mark.skipif(
+    not hasattr(os, "sysconf"), reason="the CPU's memory size is read with os.sysconf"
+)
 def test_huge_width_refused_with_its_size_before_allocating() -> None:
     # 10**12 neurons: a bare MemoryError from the planner before
     _refused(

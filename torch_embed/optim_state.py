@@ -26,9 +26,13 @@ the latest step attains it; in general the map is within ``|1-|s||·ε·(1-β₂
 per entry after ``k`` steps (``|s|·x`` alone would be off by up to ``|1-|s||·ε``), and
 exact for ``ε = 0`` or ``|s| ∈ {0, 1}``. ``acc_delta``: Adadelta's update
 ``sqrt(a+ε)/sqrt(v+ε)·g`` is invariant to scaling ``g`` (then ``v`` scales by ``s²``)
-up to the ``ε`` in ``sqrt(v+ε)``, so the map is exact up to a relative ``ε/(s²v)``,
-and exact where ``|s| ∈ {0, 1}``. Both warn with :class:`ApproximateStateWarning` when
-some ``|s|`` is neither. ``ax``: ASGD's average of past iterates maps like them, so it
+up to the ``ε`` in ``sqrt(v+ε)``, so copying is exact where ``|s| ∈ {0, 1}`` and, for
+other ``s``, only in the limit ``ε ≪ s²·v`` at every past step (the replay test uses
+``ε = 1e-30``). Where ``s²·v`` is of the order of ``ε`` (Adadelta's default
+``ε = 1e-6`` with gradients of order 1e-3), ``acc_delta`` behaves more like a second
+moment and no map of the current state is exact: the copy can then be off by a factor
+of order 1. Both warn with :class:`ApproximateStateWarning` when some ``|s|`` is
+neither 0 nor 1. ``ax``: ASGD's average of past iterates maps like them, so it
 is the average of the embedded narrow iterates (``ax`` equals the parameter itself
 until averaging starts at step ``t0``). The maps are checked against replays in
 tests/test_optim_state.py.
@@ -276,8 +280,11 @@ def map_optimizer_state(
             mapped[key], other = _scale_free(embedding, tensors, fill)
             if key == "acc_delta" and other:
                 inexact.append(
-                    "Adadelta's acc_delta is exact only up to a relative eps/(s²·square_avg) "
-                    "(its update is invariant to the gradient's scale up to eps)"
+                    "Adadelta's acc_delta is copied, which is exact only while eps << "
+                    "s²·square_avg (its update is then invariant to the gradient's scale); "
+                    "with eps of the order of s²·square_avg (the default eps=1e-6 with "
+                    "gradients of order 1e-3) it can be off by a factor of order 1: pass "
+                    "optimizer=None and rebuild Adadelta if that matters"
                 )
     if inexact:
         warnings.warn(
