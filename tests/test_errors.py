@@ -937,3 +937,12 @@ def test_frozen_bias_warning_is_given_once() -> None:
     messages = [str(w.message) for w in caught]
     assert len(messages) == 1, messages
     assert "layer '2' (Linear)" in messages[0] and "its bias is not among" in messages[0]
+    assert caught[0].filename == __file__  # it points at the call to widen
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        emb = plan(_tanh_net(), [6], Null(bias=0.5))
+        frozen = _tanh_net()
+        frozen[2].bias.requires_grad_(False)
+        frozen(torch.randn(4, 3, dtype=torch.float64)).sum().backward()
+        embed_(frozen, emb)  # and at the call to embed_
+    assert [w.filename for w in caught] == [__file__], [str(w.message) for w in caught]

@@ -95,7 +95,7 @@ def widen(
     # parameters that every later backward (and in-place update) refuses
     with torch.inference_mode(False):
         embedding = plan(module, new_widths, scheme, generator=generator)
-        _embed(module, embedding, optimizer, stacklevel=4)
+        _embed(module, embedding, optimizer, stacklevel=3)
     return embedding
 
 
@@ -120,7 +120,7 @@ def embed_(
             parameters.
     """
     with torch.inference_mode(False):
-        _embed(module, embedding, optimizer, stacklevel=4)
+        _embed(module, embedding, optimizer, stacklevel=3)
 
 
 def _embed(
