@@ -14,7 +14,9 @@ it depends on ``s``:
   ``square_avg`` (RMSprop, Adadelta), ``sum`` (Adagrad, less its initial value);
 * ``exp_inf`` (Adamax), ``max_t β₂^(k-t)(|g_t| + ε)``: mapped to ``|s|·x + (1-|s|)·ε``;
 * ``step_size`` (Rprop), which depends only on the signs of ``g_t·g_(t-1)``: copied
-  (exact), or the initial ``lr`` (clamped to ``step_sizes``) where ``s = 0``;
+  (exact), or the initial ``lr`` (clamped to ``step_sizes``) where ``s = 0`` (read from
+  the param group: a scheduler that changed ``lr`` since the first step makes it
+  differ from the replay's);
 * ``acc_delta`` (Adadelta), invariant to the gradient's scale up to ``ε``: copied, or
   ``0`` where ``s = 0``;
 * ``ax`` (ASGD), an average of past iterates: mapped like the parameters;
