@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from torch import nn
 
@@ -54,12 +54,13 @@ finite = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False)
 
 
 @given(st.lists(finite, max_size=12), st.floats(min_value=0.0, max_value=10.0))
+@example([1.0, -2.0382599167903647e-137], 1.0)  # 1 - (-2e-137) rounds to tol: a tie
 def test_rule_properties(values: list[float], tol: float) -> None:
     order = ranked(values, tol=tol)
     assert sorted(order) == list(range(len(values)))
     pos = {i: k for k, i in enumerate(order)}
     for i, j in itertools.permutations(range(len(values)), 2):
-        if values[i] < values[j] - tol:  # a value more than tol below comes first
+        if values[j] - values[i] > tol:  # more than tol below (as computed) comes first
             assert pos[i] < pos[j]
     for a, b in itertools.pairwise(order):  # out of value order only within a tie
         if values[a] > values[b]:
