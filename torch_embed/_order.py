@@ -12,13 +12,15 @@ user-visible order or choice goes through :func:`ranked`.
 **The rule.** With ``scale = max |v|`` over the finite values and
 ``tol = sqrt(eps)·scale`` (:func:`tie_tolerance`, ``eps`` of the dtype the values'
 inputs were computed in), values are grouped in ascending order: a group starts at the
-smallest value not yet placed and takes every value ``<= start + tol``. Groups come in
-ascending order, the members of a group in ascending *key* order (layer, neuron,
-candidate index: whatever is the caller's natural order). Hence
+smallest value not yet placed and takes every value ``v`` with ``v - start <= tol``.
+Groups come in ascending order, the members of a group in ascending *key* order (layer,
+neuron, candidate index: whatever is the caller's natural order). Hence
 
-- a value more than ``tol`` below another always comes first (a real difference wins);
-- values within ``tol`` of each other, all in one group, come in key order, whatever
-  their last bits (a tie goes to the lower key);
+- a value more than ``tol`` below another (``b - a > tol`` as computed) always comes
+  first (a real difference wins);
+- values in one group come in key order, whatever their last bits (a tie goes to the
+  lower key); values equal up to rounding share a group unless a group boundary falls
+  between them, which needs another value almost exactly ``tol`` below them;
 - NaN comes last.
 
 ``sqrt(eps)`` (1.5e-8 relative in float64) is the project's usual line between rounding
