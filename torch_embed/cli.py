@@ -17,7 +17,10 @@ import tempfile
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["build_parser", "main"]
 
@@ -84,7 +87,7 @@ def _first_line(err: BaseException) -> str:
     return line if len(line) <= 200 else line[:197] + "..."
 
 
-def _unavailable(dev: Any) -> str | None:
+def _unavailable(dev: torch.device) -> str | None:
     """Why the torch device ``dev`` cannot be used on this machine, or ``None``."""
     import torch
 
@@ -130,9 +133,9 @@ def _device(text: str) -> str:
 def _writable_folder(out: str) -> str | None:
     """Create the folder ``out`` and write (then remove) a probe file in it.
 
-    Returns why that failed, or ``None``. An actual write, not ``os.access``: as root,
-    ``os.access`` says yes to read-only folders but a read-only file system still
-    refuses.
+    Returns why that failed (the system's reason), or ``None``. An actual write, not
+    ``os.access``: that answers for the real user ID and ignores some ACLs and
+    mounts; the write is what the run will do.
     """
     path = Path(out)
     if path.exists() and not path.is_dir():
