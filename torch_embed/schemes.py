@@ -30,6 +30,7 @@ from typing import Any, Literal, TypeAlias
 import torch
 from torch import Tensor, nn
 
+from torch_embed._order import ranked, tie_tolerance
 from torch_embed._sequential import Layout, check_wide_size, read_sequential
 from torch_embed.embedding import Embedding, LayerMap
 
@@ -68,7 +69,8 @@ class Split:
             (one ``α ~ U(0, 1)`` per split, drawn from the generator).
         select: Which neurons to split: ``"random"`` (uniform without replacement while
             possible, with the generator), ``"cyclic"`` (0, 1, 2, ...: the Net2Net
-            habit), ``"norm"`` (largest fan-out column norm first), or explicit indices:
+            habit), ``"norm"`` (largest fan-out column norm first; norms equal within
+            ``sqrt(eps)`` of the largest, as copies' are, in index order), or explicit indices:
             a sequence (when one hidden layer is widened), one sequence per hidden
             layer, or a ``{hidden_layer: indices}`` mapping.
 
@@ -420,9 +422,11 @@ def _choose(
         return chosen
     if select == "cyclic":
         return [i % m for i in range(count)]
-    if select == "norm":
-        order = torch.argsort(_fan_out_norms(module, layout, layer), descending=True, stable=True)
-        return [int(order[i % m]) for i in range(count)]
+    if select == "norm":  # equal norms (copies, mirror images) up to rounding: lower index
+        norms = _fan_out_norms(module, layout, layer).tolist()
+        dtype = _linear(module, layout.linears[layer + 1].name).weight.dtype
+        order = ranked(norms, tol=tie_tolerance(norms, dtype), descending=True)
+        return [order[i % m] for i in range(count)]
     full, rest = divmod(count, m)
     picks = [i for _ in range(full) for i in range(m)]
     perm = torch.randperm(m, generator=generator)[:rest]
