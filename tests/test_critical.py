@@ -59,9 +59,15 @@ def _wiggly(n: int = 64) -> tuple[Tensor, Tensor]:
     return x, y + 0.3 * torch.sin(4 * x)
 
 
-@pytest.mark.parametrize(("width", "seed"), [(2, 2), (4, 2)])
+@pytest.mark.parametrize(("width", "seed"), [(2, 2), (4, 6)])
 def test_random_starts_the_old_polisher_missed(width: int, seed: int) -> None:
-    """The L-BFGS + LM version stalled here at |∇R| ≈ 2e-6 after ~12 s (bench/critical.py)."""
+    """The L-BFGS + LM version (6c2e116) stalled here at |∇R| ≈ 2e-6 / 2e-7.
+
+    Starts are chosen to converge under scalar and vector kernels alike: from width 4,
+    seed 2 (the former case) the L-BFGS path forks on rounding, to a critical point
+    with AVX2/AVX-512 and down a valley with ``ATEN_CPU_CAPABILITY=default``; from seed
+    6 both reach the same critical point.
+    """
     net = _tanh_net(width, seed)
     x, y = _wiggly()
     res = critical_point(net, nn.MSELoss(), x, y)

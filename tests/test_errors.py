@@ -3,6 +3,8 @@ unchanged module afterwards (values, shapes, parameter identity, features)."""
 
 from __future__ import annotations
 
+import copy
+import os
 import warnings
 from dataclasses import replace
 
@@ -694,3 +696,253 @@ def test_embed_refuses_an_embedding_of_another_network() -> None:
         match=r"layers \['0', '2', '4'\], but the module has .* layers \['m0', 'm2', 'm4'\]",
     ):
         embed_(renamed, emb)
+
+
+# ----------------------------------------------------------------------------- issue 11 §4
+def _tanh_net(dtype: torch.dtype = torch.float64) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(dtype)
+
+
+def test_widen_inside_inference_mode_leaves_trainable_parameters() -> None:
+    # the new tensors used to be inference tensors: the next backward failed far away
+    net = _tanh_net()
+    x = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = net(x)
+    with torch.inference_mode():
+        widen(net, [7], Split(alpha=0.25), generator=torch.Generator().manual_seed(0))
+    assert not any(t.is_inference() for t in [*net.parameters(), *net.buffers()])
+    assert torch.allclose(net(x), before, rtol=0, atol=1e-14)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    net(x).pow(2).sum().backward()  # raised "Inference tensors cannot be saved for backward"
+    opt.step()
+    assert net[0].weight.grad.shape == (7, 3)
+
+
+def test_module_built_under_inference_mode_refused_with_the_fix() -> None:
+    with torch.inference_mode():
+        net = _tanh_net()
+    _refused(
+        net,
+        ValueError,
+        r"'0.weight' of the Sequential is an inference tensor .* torch.inference_mode\(\).*"
+        r"`net = copy.deepcopy\(net\)`",
+        [6],
+    )
+    for p in net.parameters():  # half a fix: the Parameter objects keep no version counter
+        p.data = p.data.clone()
+    assert not any(p.is_inference() for p in net.parameters())
+    _refused(net, ValueError, r"'0.weight' of the Sequential is an inference tensor", [6])
+    net = copy.deepcopy(net)  # the fix the message gives works
+    widen(net, [6])
+    net(torch.randn(2, 3, dtype=torch.float64)).sum().backward()
+
+
+def test_buffer_shared_between_layers_refused() -> None:
+    net = nn.Sequential(
+        nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 4), nn.BatchNorm1d(4)
+    )
+    net.append(nn.Tanh()).append(nn.Linear(4, 2))
+    net[4].running_mean = net[1].running_mean  # widening layer 0 used to break layer 4
+    _refused(
+        net,
+        ValueError,
+        r"layer 4 \(BatchNorm1d\) shares its buffer 'running_mean' with layer 1 "
+        r"\(a shared buffer\)",
+        [6, 4],
+    )
+
+
+@pytest.mark.parametrize(
+    ("widths", "scheme", "match"),
+    [
+        # all outputs inf/NaN, reported as critical
+        (
+            [5, 5],
+            Split(alpha=1e30),
+            r"hidden layer 0: .* magnitudes summing to 2e\+30 .* above 1e\+08",
+        ),
+        ([6, 5], Split(alpha=(1e10, 1.0, -1e10)), r"magnitudes summing to 2e\+10"),
+        # (1e20, 1 - 1e20) sums to 0 in float64 and passed the relative check as critical
+        (
+            [5, 5],
+            General(
+                sources=[[0, 1, 2, 3, 0], None], coefficients=[[1e20, 1, 1, 1, 1 - 1e20], None]
+            ),
+            r"magnitudes summing to 2e\+20 .* float64 cannot confirm that they sum to 1",
+        ),
+    ],
+    ids=["split_1e30", "kway_1e10", "general_1e20"],
+)
+def test_huge_coefficients_refused(widths, scheme, match) -> None:
+    _refused(build_mlp(NET), ValueError, match, widths, scheme)
+
+
+def test_coefficients_refused_against_the_dtype() -> None:
+    # α = 1e5 in float16: |1-α| + |α| = 2e5 times u = 4.9e-4 gave output errors of ~1
+    net = _tanh_net(torch.float16)
+    _refused(
+        net,
+        ValueError,
+        r"hidden layer 0: .* summing to 2e\+05 .* rounding error of torch.float16 \(u = 0.000488\) "
+        r"to 97.7 relative.* a sum up to 45.3",
+        [6],
+        Split(alpha=1e5),
+    )
+    widen(_tanh_net(torch.float16), [6], Split(alpha=10.0))  # 19 u: accepted
+    widen(_tanh_net(torch.float32), [6], Split(alpha=1e3))  # 1999 u in float32: accepted
+    _refused(_tanh_net(torch.float32), ValueError, r"torch.float32", [6], Split(alpha=1e4))
+
+
+def test_coefficient_times_weights_overflowing_the_dtype_refused() -> None:
+    net = _tanh_net(torch.float16)
+    with torch.no_grad():
+        net[2].weight.fill_(1e4)
+    _refused(
+        net,
+        ValueError,
+        r"write values up to 1e\+05 into torch.float16 weights, whose largest finite number "
+        r"is 6.55e\+04",
+        [6],
+        Split(alpha=10.0),
+    )
+
+
+def test_embed_given_widths_says_to_use_widen() -> None:
+    net = _tanh_net()
+    snap = _snapshot(net)
+    with pytest.raises(TypeError, match=r"embed_ takes an Embedding .* got list \[16\].*widen"):
+        embed_(net, [16])  # type: ignore[arg-type]
+    _assert_unchanged(net, snap)
+
+
+def test_zero_width_layer_refused() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Initializing zero-element tensors is a no-op"
+        net = nn.Sequential(nn.Linear(3, 0), nn.Tanh(), nn.Linear(0, 2))
+    _refused(net, ValueError, r"layer 0 \(Linear\) has in_features=3, out_features=0", [4])
+
+
+@pytest.mark.parametrize(
+    ("scheme", "exc", "match"),
+    [
+        (Null(bias="0.5"), TypeError, r"Null.bias must be a real number .* got str '0.5'"),
+        (Null(fan_in_std=None), TypeError, r"Null.fan_in_std must be a real number"),
+        (Net2Net(noise=True), TypeError, r"Net2Net.noise must be a real number .* got bool"),
+        (RandomPad(scale="1"), TypeError, r"RandomPad.scale must be a real number"),
+    ],
+    ids=["null_bias", "null_fan_in_std", "net2net_noise", "random_pad_scale"],
+)
+def test_scheme_scalars_of_the_wrong_type_are_named(scheme, exc, match) -> None:
+    _refused(build_mlp(NET), exc, match, [6, 6], scheme)
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sysconf"), reason="the CPU's memory size is read with os.sysconf"
+)
+def test_huge_width_refused_with_its_size_before_allocating() -> None:
+    # 10**12 neurons: a bare MemoryError from the planner before
+    _refused(
+        build_mlp(NET),
+        ValueError,
+        # 8 bytes x (10**12 x (3 + 1) + 5 x (10**12 + 1) + 2 x (5 + 1))
+        r"widening to hidden widths \(1000000000000, 5\) needs 72,000,000,000,136 bytes "
+        r"\(67,055.2 GiB\) for the wide parameters alone, more than the [\d,]+ bytes",
+        [10**12, 5],
+    )
+
+
+@pytest.mark.parametrize(
+    "widths",
+    [torch.tensor([6, 7]), torch.tensor([6, 7], dtype=torch.int32)],
+    ids=["int64", "int32"],
+)
+def test_widths_as_a_tensor(widths) -> None:
+    ref, net = build_mlp(NET), build_mlp(NET)
+    e1 = widen(ref, [6, 7], Split(alpha=0.25), generator=torch.Generator().manual_seed(0))
+    e2 = widen(net, widths, Split(alpha=0.25), generator=torch.Generator().manual_seed(0))
+    assert e2.wide_widths == e1.wide_widths == (3, 6, 7, 2)
+    assert all(
+        torch.equal(a, b) for a, b in zip(ref.state_dict().values(), net.state_dict().values())
+    )
+
+
+def test_widths_as_a_numpy_array() -> None:
+    np = pytest.importorskip("numpy")
+    net = build_mlp(NET)
+    widen(net, np.array([6, 7]))
+    assert (net[0].out_features, net[2].out_features) == (6, 7)
+
+
+@pytest.mark.parametrize(
+    ("widths", "match"),
+    [
+        (torch.tensor([[6, 7]]), r"new_widths given as a Tensor must be 1-D .* shape \(1, 2\)"),
+        (torch.tensor([6.0, 7.0]), r"new width of hidden layer 0 must be an int, got float 6.0"),
+        (torch.tensor(6), r"must be 1-D .* shape \(\)"),
+    ],
+    ids=["2d", "float", "0d"],
+)
+def test_bad_widths_tensor(widths, match) -> None:
+    _refused(build_mlp(NET), ValueError, match, widths)
+
+
+def test_embedding_planned_on_other_activations_refused() -> None:
+    # planned on Tanh, replayed on Sigmoid: the null neurons' σ(β) was Tanh's
+    tanh = _tanh_net()
+    sigmoid = nn.Sequential(nn.Linear(3, 4), nn.Sigmoid(), nn.Linear(4, 2)).double()
+    emb = plan(tanh, [6], Null(bias=0.5))
+    snap = _snapshot(sigmoid)
+    with pytest.raises(
+        ValueError,
+        match=r"hidden layer 0: .* planned on activations \['Tanh'\] .* has \['Sigmoid'\]",
+    ):
+        embed_(sigmoid, emb)
+    _assert_unchanged(sigmoid, snap)
+    # same type, other parameters: caught by the null neurons' value σ(β)
+    leaky = nn.Sequential(nn.Linear(3, 4), nn.LeakyReLU(0.01), nn.Linear(4, 2)).double()
+    steep = nn.Sequential(nn.Linear(3, 4), nn.LeakyReLU(0.2), nn.Linear(4, 2)).double()
+    emb = plan(leaky, [6], Null(bias=-1.0))
+    with pytest.raises(ValueError, match=r"null neurons output σ\(β\) = -0.01, .* give -0.2"):
+        embed_(steep, emb)
+    embed_(copy.deepcopy(leaky), emb)  # the network it was planned on
+
+
+def test_optimizer_holding_none_of_the_parameters_refused() -> None:
+    net, other = _tanh_net(), _tanh_net()
+    opt = torch.optim.Adam(other.parameters())  # e.g. built on a copy
+    other(torch.randn(2, 3, dtype=torch.float64)).sum().backward()
+    opt.step()
+    _refused(
+        net,
+        ValueError,
+        r"the optimizer \(Adam, 4 parameters\) holds none of the module's 4 parameters",
+        [6],
+        optimizer=opt,
+    )
+    with pytest.raises(TypeError, match=r"optimizer must be a torch.optim.Optimizer .* got list"):
+        widen(net, [6], optimizer=[opt])  # type: ignore[arg-type]
+
+
+def test_frozen_bias_warning_is_given_once() -> None:
+    net = _tanh_net()
+    net[2].bias.requires_grad_(False)
+    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad])
+    net(torch.randn(4, 3, dtype=torch.float64)).sum().backward()
+    opt.step()  # .grad, exp_avg and exp_avg_sq all meet the missing bias
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        widen(net, [6], Null(bias=0.5), optimizer=opt)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1, messages
+    assert "layer '2' (Linear)" in messages[0] and "its bias is not among" in messages[0]
+    assert caught[0].filename == __file__  # it points at the call to widen
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        emb = plan(_tanh_net(), [6], Null(bias=0.5))
+        frozen = _tanh_net()
+        frozen[2].bias.requires_grad_(False)
+        frozen(torch.randn(4, 3, dtype=torch.float64)).sum().backward()
+        embed_(frozen, emb)  # and at the call to embed_
+    assert [w.filename for w in caught] == [__file__], [str(w.message) for w in caught]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tol_reference import reference_rule
 from torch import nn
 
 from torch_embed.experiments import FIGURES, FigureResult, Headline, format_headline, run_figure
@@ -49,14 +50,13 @@ def _flat_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor):  # type: ignor
 
 
 def _reference_inertia(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[int, int, int]:
-    """Counts of the dense float64 Hessian, zero threshold max(P·eps·max|λ|, 10·|∇R|)."""
+    """Counts of the dense float64 Hessian by the default rule (tests/tol_reference.py)."""
     loss, theta = _flat_loss(net, x, y)
     h = torch.autograd.functional.hessian(loss, theta)
     t = theta.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(loss(t), t)
     lam = torch.linalg.eigvalsh((h + h.T) / 2)
-    tol = max(lam.numel() * 2.0**-52 * float(lam.abs().max()), 10 * float(g.norm()))
-    return (int((lam < -tol).sum()), int((lam.abs() <= tol).sum()), int((lam > tol).sum()))
+    return reference_rule(lam, float(g.norm()))[1]
 
 
 # ------------------------------------------------------------------------------ demo

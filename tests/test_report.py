@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 from cases import F64, brute_gradient, brute_hessian, counts
+from tol_reference import reference_rule
 from torch import nn
 from torch.func import functional_call
 
@@ -116,8 +117,12 @@ def test_report_refuses_a_pair_that_is_not_narrow_and_its_image(critical_net):
     assert check_embedding(net, wide, emb, nn.MSELoss(), x, y, tol=1e-9).matches is True
 
 
-def test_report_warns_once_at_a_non_critical_point_with_the_default_tolerance():
-    """At |∇R| ~ 1 the default tol 10·|∇R| made every count zero, 'not ambiguous'."""
+def test_report_uses_one_default_tolerance_and_counts_signs_at_a_non_critical_point():
+    """At |∇R| ~ 1 the old default tol 10·|∇R| made every count zero, 'not ambiguous',
+    and the narrow and wide counts each used their own 10·|∇R| (the split changes it).
+    Now before, after and change share the "before" count's tolerance (the rounding
+    level here), the counts are the eigenvalue signs of the brute-force Hessians, and the
+    missing gap is flagged instead of warned about."""
     g = torch.Generator().manual_seed(3)
     net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2)).double()
     with torch.no_grad():
@@ -126,11 +131,17 @@ def test_report_warns_once_at_a_non_critical_point_with_the_default_tolerance():
     x, y = torch.randn(10, 2, generator=g, dtype=F64), torch.randn(10, 2, generator=g, dtype=F64)
     wide = copy.deepcopy(net)
     emb = widen(wide, [5], Split(alpha=0.5), generator=g)
-    with pytest.warns(UserWarning, match=r"check_embedding: the model is not at a critical") as w:
-        rep = check_embedding(net, wide, emb, nn.MSELoss(), x, y)
-    assert len(w) == 1 and w[0].filename == __file__
-    assert rep.before.zero > counts(brute_eigenvalues(net, nn.MSELoss(), x, y), 1e-9)[1]
-    rep = check_embedding(net, wide, emb, nn.MSELoss(), x, y, tol=1e-9)  # no warning
+    rep = check_embedding(net, wide, emb, nn.MSELoss(), x, y)  # no warning (an error here)
+    ev_n = brute_eigenvalues(net, nn.MSELoss(), x, y)
+    ev_w = brute_eigenvalues(wide, nn.MSELoss(), x, y)
+    g_n = float(brute_gradient(net, nn.MSELoss(), x, y).norm())
+    tol, before, ambiguous = reference_rule(ev_n, g_n)
+    assert rep.before.tol == rep.after.tol == rep.change.tol == pytest.approx(tol, rel=1e-9)
+    assert rep.before.as_tuple() == before == counts(ev_n, 1e-9)  # the signs: no zeros
+    assert rep.after.as_tuple() == counts(ev_w, tol) == counts(ev_w, 1e-9)
+    assert rep.matches is True and rep.before.ambiguous == ambiguous
+    rep = check_embedding(net, wide, emb, nn.MSELoss(), x, y, tol=1e-9)
+    assert rep.before.tol == rep.after.tol == rep.change.tol == 1e-9
     assert rep.matches is True
 
 

@@ -498,3 +498,41 @@ def test_widen_inside_autocast_after_a_forward_names_the_cause() -> None:
     widen(net, [6])  # outside the region it works
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
         assert net(x).shape == (5, 2)
+
+
+@pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="this PyTorch build has no torch.distributed with gloo",
+)
+def test_widen_under_a_live_ddp_wrapper_says_how_to_rewrap(tmp_path) -> None:
+    # used to say only "a computation graph ... del the tensor"
+    import gc
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group(
+        "gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1
+    )
+    try:
+        net = build_mlp(Arch(3, (4,), 2))
+        x = random_inputs(Arch(3, (4,), 2), 5, seed=1)
+        ddp = DistributedDataParallel(net)
+        with pytest.raises(
+            RuntimeError,
+            match=r"0.weight: a torch.distributed process group is initialized: if this module is "
+            r"wrapped by DistributedDataParallel, the DDP object holds its parameters .* "
+            r"`module = ddp.module; del ddp; widen\(module, ...\); ddp = "
+            r"DistributedDataParallel\(module, ...\)`",
+        ):
+            widen(ddp.module, [6])
+        assert net[0].out_features == 4 and net[0].weight.shape == (4, 3)
+        module = ddp.module  # what the message says
+        del ddp
+        gc.collect()
+        widen(module, [6], Split(alpha=0.25), generator=torch.Generator().manual_seed(0))
+        ddp = DistributedDataParallel(module)
+        ddp(x).sum().backward()
+        assert module[0].weight.grad.shape == (6, 3)
+    finally:
+        dist.destroy_process_group()

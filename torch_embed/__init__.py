@@ -27,7 +27,11 @@ from torch_embed.landscape import (
     saddle_certificates,
     truly_bad_condition,
 )
-from torch_embed.optim_state import SUPPORTED_OPTIMIZERS, map_optimizer_state
+from torch_embed.optim_state import (
+    SUPPORTED_OPTIMIZERS,
+    ApproximateStateWarning,
+    map_optimizer_state,
+)
 from torch_embed.report import EmbeddingReport, check_embedding
 from torch_embed.schemes import General, Net2Net, Null, RandomPad, Scheme, Split, plan
 from torch_embed.widen import embed_, widen
@@ -37,6 +41,7 @@ __version__ = "0.1.0"
 # Sorted (ruff RUF022); the README's table groups the same names by task.
 __all__ = [
     "SUPPORTED_OPTIMIZERS",
+    "ApproximateStateWarning",
     "CriticalPointResult",
     "Embedding",
     "EmbeddingKind",

@@ -10,8 +10,9 @@ what would have been accepted; nothing is ever skipped silently.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -21,6 +22,7 @@ __all__ = [
     "HiddenLayer",
     "Layout",
     "LinearLayer",
+    "check_wide_size",
     "elementwise_info",
     "read_sequential",
     "register_elementwise",
@@ -162,11 +164,18 @@ class LinearLayer:
 
 @dataclass(frozen=True)
 class HiddenLayer:
-    """A hidden layer: the Linear that feeds it, optional BatchNorm1d, activations."""
+    """A hidden layer: the Linear that feeds it, optional BatchNorm1d, activations.
+
+    ``activation_types`` holds the types of the ``activations`` modules, as read; it is
+    left out of ``==`` (layouts built by hand may omit it) and compared explicitly by
+    :func:`torch_embed.embed_`, which refuses to replay an embedding planned on other
+    activations (a null neuron's constant output ``σ(β)`` depends on them).
+    """
 
     linear: str
     batchnorm: str | None
     activations: tuple[str, ...]
+    activation_types: tuple[type[nn.Module], ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True)
@@ -315,12 +324,17 @@ def read_sequential(module: nn.Module) -> Layout:
                 f"consistently. Use separate modules."
             )
         seen_modules[id(child)] = name
-        for pname, p in child.named_parameters():
+        tensors: list[tuple[str, str, torch.Tensor]] = [
+            ("parameter", n, t) for n, t in child.named_parameters()
+        ]
+        tensors += [("buffer", n, t) for n, t in child.named_buffers()]
+        for what, pname, p in tensors:
             if id(p) in seen_params:
+                tie = "weight tying" if what == "parameter" else "a shared buffer"
                 raise ValueError(
-                    f"layer {name} ({type(child).__name__}) shares its parameter '{pname}' "
-                    f"with {seen_params[id(p)]} (weight tying); tied weights cannot be "
-                    f"widened independently. Untie them first."
+                    f"layer {name} ({type(child).__name__}) shares its {what} '{pname}' "
+                    f"with {seen_params[id(p)]} ({tie}); tied tensors cannot be widened "
+                    f"independently. Untie them first."
                 )
             seen_params[id(p)] = f"layer {name}"
         if torch.nn.utils.parametrize.is_parametrized(child):
@@ -336,6 +350,13 @@ def read_sequential(module: nn.Module) -> Layout:
             )
         _check_own_tensors(name, child)
         if type(child) is nn.Linear:
+            if child.in_features == 0 or child.out_features == 0:
+                raise ValueError(
+                    f"layer {name} (Linear) has in_features={child.in_features}, "
+                    f"out_features={child.out_features}: a layer of width 0 has no neuron to "
+                    f"copy or connect; widen accepts Linear layers of width >= 1 (rebuild the "
+                    f"layer with out_features >= 1)"
+                )
             if linears and linears[-1].out_features != child.in_features:
                 raise ValueError(
                     f"layer {name} (Linear) has in_features={child.in_features} but the "
@@ -343,7 +364,8 @@ def read_sequential(module: nn.Module) -> Layout:
                     f"out_features={linears[-1].out_features}"
                 )
             if linears:
-                hidden.append(HiddenLayer(linears[-1].name, batchnorm, tuple(activations)))
+                types = tuple(type(module._modules[a]) for a in activations)
+                hidden.append(HiddenLayer(linears[-1].name, batchnorm, tuple(activations), types))
             linears.append(
                 LinearLayer(name, child.in_features, child.out_features, child.bias is not None)
             )
@@ -402,3 +424,50 @@ def read_sequential(module: nn.Module) -> Layout:
             f"{len(linears)} in a Sequential of {len(module)} modules"
         )
     return Layout(tuple(linears), tuple(hidden))
+
+
+def _device_memory(device: torch.device) -> int | None:
+    """Total memory of ``device`` in bytes, or ``None`` where it is not known."""
+    if device.type == "cpu":
+        try:
+            return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+        except (AttributeError, ValueError, OSError):  # no sysconf (Windows)
+            return None
+    if device.type == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return None
+
+
+def check_wide_size(module: nn.Module, layout: Layout, widths: Sequence[int]) -> None:
+    """Refuse hidden ``widths`` whose wide parameters alone exceed the device's memory.
+
+    Checked before anything is allocated, so that a typo such as ``10**12`` gives a
+    message with the size instead of a bare ``MemoryError`` (or an allocation that
+    swaps the machine to a halt). Only the parameters and BatchNorm buffers of the wide
+    network are counted; widening also needs the narrow ones, gradients and optimizer
+    state, so passing this check does not guarantee that the allocation succeeds.
+    Devices whose memory size is not known (``meta``, or CPU without ``sysconf``) are
+    not checked.
+
+    Raises:
+        ValueError: The wide parameters need more bytes than the device has.
+    """
+    wide = (layout.widths[0], *widths, layout.widths[-1])
+    total = 0
+    device: torch.device | None = None
+    for k, lin in enumerate(layout.linears):
+        weight = module.get_submodule(lin.name).get_parameter("weight")
+        device = weight.device if device is None else device
+        per_neuron = wide[k] + int(lin.has_bias)
+        if k < len(widths) and layout.hidden[k].batchnorm is not None:
+            per_neuron += 4  # weight, bias, running_mean, running_var
+        total += wide[k + 1] * per_neuron * weight.element_size()
+    if device is None or device.type == "meta":
+        return
+    memory = _device_memory(device)
+    if memory is not None and total > memory:
+        raise ValueError(
+            f"widening to hidden widths {tuple(widths)} needs {total:,} bytes "
+            f"({total / 2**30:,.1f} GiB) for the wide parameters alone, more than the "
+            f"{memory:,} bytes of memory of device '{device}'; choose smaller widths"
+        )

@@ -1,16 +1,31 @@
 """The ``torch-embed`` command: ``torch-embed demo`` and ``torch-embed reproduce FIG``.
 
 A thin argparse front end; the work is done in :mod:`torch_embed.experiments`.
+Everything that can be checked before the work is (exit status 2, one error line): the
+arguments, that ``--device`` exists on this machine, and that the ``--out`` folder can be
+created and written. Ctrl-C ends the run with one line and exit status 130; outputs
+already finished (``reproduce all``: the figures before the interrupted one) are kept,
+and the interrupted step's half-written files are removed.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 import textwrap
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["build_parser", "main"]
+
+#: The exit status after Ctrl-C (128 + SIGINT, the shell's convention).
+INTERRUPTED = 130
 
 _DESCRIPTION = """\
 Widen trained PyTorch MLPs by critical embeddings and measure Hessian inertia
@@ -62,6 +77,41 @@ def _nonnegative_int(text: str) -> int:
     return value
 
 
+def _first_line(err: BaseException) -> str:
+    """An exception's message cut to its first line (and 200 characters).
+
+    torch's dispatcher errors run to dozens of lines listing registered kernels.
+    """
+    text = str(err).strip()
+    line = text.splitlines()[0] if text else type(err).__name__
+    return line if len(line) <= 200 else line[:197] + "..."
+
+
+def _unavailable(dev: torch.device) -> str | None:
+    """Why the torch device ``dev`` cannot be used on this machine, or ``None``."""
+    import torch
+
+    if dev.type == "cpu":
+        return None
+    if dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            return "torch.backends.mps.is_available() is False (MPS needs Apple silicon)"
+    else:
+        backend = getattr(torch, dev.type, None)
+        is_available = getattr(backend, "is_available", None)
+        if callable(is_available) and not is_available():
+            return f"torch.{dev.type}.is_available() is False"
+        device_count = getattr(backend, "device_count", None)
+        if dev.index is not None and callable(device_count) and dev.index >= device_count():
+            n = device_count()
+            return f"this machine has {n} {dev.type} device{'s' if n != 1 else ''}"
+    try:
+        torch.empty(1, device=dev)
+    except Exception as err:  # e.g. NotImplementedError: a backend this build lacks
+        return _first_line(err)
+    return None
+
+
 def _device(text: str) -> str:
     """``--device``: a torch device this machine has (an argparse error otherwise)."""
     import torch
@@ -69,14 +119,62 @@ def _device(text: str) -> str:
     try:
         dev = torch.device(text)
     except (RuntimeError, ValueError) as err:
-        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} ({err})") from None
+        raise argparse.ArgumentTypeError(
+            f"not a torch device: {text!r} ({_first_line(err)})"
+        ) from None
     if dev.type == "meta":
         raise argparse.ArgumentTypeError("'meta' tensors hold no values; use cpu or cuda")
-    try:
-        torch.empty(1, device=dev)
-    except (RuntimeError, AssertionError) as err:  # "Torch not compiled with CUDA enabled"
-        raise argparse.ArgumentTypeError(f"device {text!r} is not available here: {err}") from None
+    problem = _unavailable(dev)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"device {text!r} is not available here: {problem}")
     return text
+
+
+def _writable_folder(out: str) -> str | None:
+    """Create the folder ``out`` and write (then remove) a probe file in it.
+
+    Returns why that failed (the system's reason), or ``None``. An actual write, not
+    ``os.access``: that answers for the real user ID and ignores some ACLs and
+    mounts; the write is what the run will do.
+    """
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        return "it exists and is not a folder"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".torch-embed-write-check-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        return err.strerror or _first_line(err)
+    return None
+
+
+def _snapshot(paths: Sequence[Path]) -> dict[Path, tuple[int, int] | None]:
+    """``(mtime_ns, size)`` of each path, ``None`` where there is no file."""
+    out: dict[Path, tuple[int, int] | None] = {}
+    for p in paths:
+        try:
+            st = p.stat()
+        except OSError:
+            out[p] = None
+        else:
+            out[p] = (st.st_mtime_ns, st.st_size)
+    return out
+
+
+def _remove_unfinished(before: dict[Path, tuple[int, int] | None]) -> list[str]:
+    """Remove the files the interrupted step wrote (changed since ``before``)."""
+    removed = []
+    for p, old in before.items():
+        new = _snapshot([p])[p]
+        if new is not None and new != old:
+            try:
+                p.unlink()
+            except OSError:
+                continue
+            removed.append(p.name)
+    return removed
 
 
 def _add_common(p: argparse.ArgumentParser, default_out: str, writes: str) -> None:
@@ -176,40 +274,81 @@ def _figures() -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``torch-embed`` with ``argv`` (default ``sys.argv[1:]``); return the exit status.
 
+    0: done (``reproduce --check``: and every headline claim reproduced), 1: the demo's
+    check or ``--check`` failed, 2: bad arguments, no command, a device this machine
+    lacks or an ``--out`` folder that cannot be written (argparse's ``SystemExit(2)``,
+    before any work), 130: interrupted by Ctrl-C (one line on stderr; finished outputs
+    are kept).
+
     Example:
         >>> main(["--version"])  # doctest: +SKIP
         torch-embed 0.1.0
     """
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # before the work started (e.g. while importing torch)
+        print("torch-embed: interrupted", file=sys.stderr)
+        return INTERRUPTED
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.print_help()
-        return 0
+        parser.error("a command is required: demo or reproduce (see torch-embed --help)")
+    problem = _writable_folder(args.out)
+    if problem is not None:
+        parser.exit(
+            2,
+            f"{parser.prog} {args.command}: error: argument --out: cannot create or write "
+            f"the folder {args.out!r}: {problem}\n",
+        )
     threads = args.threads or None
+    out = Path(args.out)
     if args.command == "demo":
         from torch_embed.experiments.demo import run_demo
 
-        demo = run_demo(
-            out=args.out, seed=args.seed, device=args.device, quick=args.quick, threads=threads
-        )
+        before = _snapshot([out / "demo.png"])
+        try:
+            demo = run_demo(
+                out=args.out, seed=args.seed, device=args.device, quick=args.quick, threads=threads
+            )
+        except KeyboardInterrupt:
+            return _interrupted("demo", out, [], _remove_unfinished(before))
         return 0 if demo.ok else 1
     from torch_embed.experiments import run_figure
 
     names = _figures() if args.figure == "all" else [args.figure]
     ok = True
+    finished: list[str] = []
     for name in names:
-        result = run_figure(
-            name,
-            quick=args.quick,
-            out=args.out,
-            seed=args.seed,
-            device=args.device,
-            threads=threads,
-        )
+        before = _snapshot([out / f"{name}.png", out / f"{name}.json"])
+        try:
+            result = run_figure(
+                name,
+                quick=args.quick,
+                out=args.out,
+                seed=args.seed,
+                device=args.device,
+                threads=threads,
+            )
+        except KeyboardInterrupt:
+            return _interrupted(f"reproduce {name}", out, finished, _remove_unfinished(before))
+        finished.extend(p.name for p in (result.figure, result.json) if p is not None)
         ok = ok and result.agrees
         if len(names) > 1:
             print()
     return 1 if (args.check and not ok) else 0
+
+
+def _interrupted(what: str, out: Path, kept: list[str], removed: list[str]) -> int:
+    """Say in one line what was kept and removed; return :data:`INTERRUPTED`."""
+    line = f"torch-embed: interrupted during {what}"
+    line += f"; kept {', '.join(kept)} in {out}" if kept else "; no output was finished"
+    if removed:
+        line += f"; removed the unfinished {', '.join(removed)}"
+    print(line, file=sys.stderr, flush=True)
+    return INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -41,6 +41,40 @@ if TYPE_CHECKING:
 __all__ = ["Embedding", "EmbeddingKind", "LayerMap"]
 
 _COEF_RTOL = 1e-9
+# Largest sum of |coefficients| over the copies of one narrow neuron. Coefficients that
+# sum to 1 with a larger sum of magnitudes amplify every rounding error that many times
+# (Split(alpha=1e30) gives infinities, (1e20, 1 - 1e20) sums to 0 in float64 and
+# would pass a relative check): float64 can no longer confirm the sum is 1 to 1e-9.
+# embed_ applies a stricter, dtype-aware limit (torch_embed.widen._check_coefficients).
+_MAX_AMPLIFICATION = 1e8
+_U64 = 2.0**-53
+
+
+def _coef_tol(scale: Tensor) -> Tensor:
+    """How far a sum of float64 coefficients may be from 1: 1e-9 plus its own rounding.
+
+    ``scale`` is the sum of the magnitudes; summing ``k`` float64 numbers (and the
+    rounding of each coefficient, e.g. ``1 - α``) errs by at most about ``k·u·scale``;
+    ``16`` covers ``k`` up to the copies of one neuron in practice.
+    """
+    return _COEF_RTOL + 16 * _U64 * scale
+
+
+def _check_amplification(layer: int, scale: Tensor) -> None:
+    """Refuse coefficients whose magnitudes sum (per narrow neuron) above the limit."""
+    bad = scale > _MAX_AMPLIFICATION
+    if bool(bad.any()):
+        where = bad.nonzero()[0].tolist()
+        s = where[-1]
+        raise ValueError(
+            f"hidden layer {layer}: the fan-out coefficients of the copies of narrow neuron "
+            f"{s} have magnitudes summing to {float(scale[tuple(where)]):.3g} (for a split, "
+            f"|1 - α| + |α|); above {_MAX_AMPLIFICATION:.0e} they amplify rounding errors that "
+            f"many times and float64 cannot confirm that they sum to 1 (1e20 + (1 - 1e20) is "
+            f"0). Use coefficients of moderate size (|α| of order 1)"
+        )
+
+
 # elements per row block when gathering a weight matrix: the scratch stays small next
 # to the matrix, and there are few enough ops that thread synchronisation (CPU) or
 # kernel launches (accelerators) do not dominate (4096 -> 8192 MLP, 2 cores: 1 << 22
@@ -114,7 +148,7 @@ def _null_index(lm: LayerMap | None, device: torch.device) -> Tensor | None:
     return lm.null_mask.nonzero().flatten().to(device)
 
 
-def _warn_missing_bias(name: str, cols: LayerMap | None, mode: _Mode) -> None:
+def _warn_missing_bias(name: str, cols: LayerMap | None) -> None:
     """Warn when null fan-out columns need a bias gradient that is not being mapped.
 
     A null neuron's constant output ``σ(β)`` gives its fan-out column the gradient
@@ -126,9 +160,9 @@ def _warn_missing_bias(name: str, cols: LayerMap | None, mode: _Mode) -> None:
         return
     if not bool((cols.null_value[cols.null_mask] != 0).any()):
         return
-    what = "gradients (or first moments)" if mode == "grad" else "second moments"
     warnings.warn(
-        f"layer {name!r} (Linear): the {what} of its fan-out columns from null neurons "
+        f"layer {name!r} (Linear): the gradients (or first moments) and second moments "
+        f"of its fan-out columns from null neurons "
         f"with σ(β) != 0 are σ(β) times those of its bias, but its bias is not among the "
         f"mapped tensors (absent, frozen, or without optimizer state); they are set to 0, "
         f"which is not the exact map. Give that layer a trainable bias, or use a null bias "
@@ -360,8 +394,9 @@ class Embedding:
                 scale = torch.zeros(m, dtype=torch.float64).index_add_(
                     0, src.clamp(min=0), torch.where(src >= 0, lm.coef.abs(), 0.0)
                 )
-                if bool(((sums - 1).abs() > _COEF_RTOL * scale.clamp(min=1)).any()):
-                    s = int(((sums - 1).abs() > _COEF_RTOL * scale.clamp(min=1)).nonzero()[0])
+                _check_amplification(l, scale)
+                if bool(((sums - 1).abs() > _coef_tol(scale)).any()):
+                    s = int(((sums - 1).abs() > _coef_tol(scale)).nonzero()[0])
                     raise ValueError(
                         f"hidden layer {l}: the fan-out coefficients of the copies of narrow "
                         f"neuron {s} sum to {float(sums[s])!r}; they must sum to 1"
@@ -381,8 +416,12 @@ class Embedding:
                 sums = torch.zeros(n_next, m, dtype=torch.float64).index_add_(
                     1, src.clamp(min=0), torch.where(src >= 0, lm.coef, 0.0)
                 )
-                if bool(((sums - 1).abs() > _COEF_RTOL * sums.abs().clamp(min=1)).any()):
-                    i, s = ((sums - 1).abs() > _COEF_RTOL).nonzero()[0].tolist()
+                scale = torch.zeros(n_next, m, dtype=torch.float64).index_add_(
+                    1, src.clamp(min=0), torch.where(src >= 0, lm.coef.abs(), 0.0)
+                )
+                _check_amplification(l, scale)
+                if bool(((sums - 1).abs() > _coef_tol(scale)).any()):
+                    i, s = ((sums - 1).abs() > _coef_tol(scale)).nonzero()[0].tolist()
                     raise ValueError(
                         f"hidden layer {l}: in row {i} of the next layer, the coefficients of "
                         f"the copies of narrow neuron {s} sum to {float(sums[i, s])!r}; they "
@@ -544,7 +583,7 @@ class Embedding:
             cols = self.layers[k - 1] if k > 0 else None
             wkey = f"{lin.name}.weight"
             if mode != "param" and wkey in state and f"{lin.name}.bias" not in state:
-                _warn_missing_bias(lin.name, cols, mode)
+                _warn_missing_bias(lin.name, cols)
             if wkey in state:
                 out[wkey] = self._map_weight(
                     state[wkey],

@@ -29,7 +29,6 @@ where a LAPACK's ``sytrf`` is faster relative to ``sytrd``, the ratio grows.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -51,7 +50,8 @@ __all__ = [
 
 #: Gap ratio below which a zero count is flagged as ambiguous.
 DEFAULT_MIN_GAP = 1e3
-#: ``c`` in ``tol = max(n·eps·max|λ|, c·|∇R|)``.
+#: ``c``: away from a critical point the default tolerance moves up from the rounding
+#: level only into a clear gap whose lower side is at most ``c·|∇R|``.
 DEFAULT_GRAD_FACTOR = 10.0
 #: ``method="auto"`` switches from eigh to ldl at this size.
 AUTO_LDL_MIN_SIZE = 1000
@@ -68,10 +68,14 @@ class Inertia:
         positive: Eigenvalues above ``tol``.
         tol: The tolerance used.
         gap: Gap ratio: the smallest ``|λ|`` above ``tol`` over the largest ``|λ|`` at
-            or below ``tol`` (``inf`` when one side is empty or the zeros are exact).
-            With ``"ldl"`` it is an estimate (see :func:`inertia`).
+            or below ``tol`` (``inf`` when nothing is at or below ``tol`` or the zeros
+            are exact; ``1`` when every eigenvalue of a non-zero matrix is at or below
+            it). With the default tolerance at a point that is not critical and without
+            a clear gap, the clearest ratio of neighbouring ``|λ|`` between the rounding
+            level and ``c·|∇R|``. With ``"ldl"`` it is an estimate (see :func:`inertia`).
         ambiguous: ``gap`` is below the threshold (``1e3`` by default): moving ``tol``
-            within the gap could change the counts.
+            within the gap could change the counts, or (default tolerance, not at a
+            critical point) no clear gap tells smeared zeros from the rest.
         method: How the counts were obtained, e.g. ``"eigh"``, ``"ldl"``,
             ``"eigh+closed-form"`` for a sum.
 
@@ -134,42 +138,28 @@ class Inertia:
         )
 
 
-def default_tolerance(
-    eig_max_abs: float,
-    n: int,
-    dtype: torch.dtype,
-    grad_norm: float | None = None,
-    c: float = DEFAULT_GRAD_FACTOR,
-) -> float:
-    """The zero threshold ``max(n·eps·max|λ|, c·|∇R|)``.
+def default_tolerance(eig_max_abs: float, n: int, dtype: torch.dtype) -> float:
+    """The rounding level ``n·eps·max|λ|``: the default zero threshold at a critical point.
 
-    The rule of docs/guide/inertia.md, "Tolerance, gap ratio, ambiguity". The first term
-    is the backward error of a symmetric eigen-solve (or an LDLᵀ factorization) of an
+    The backward error of a symmetric eigen-solve (or an LDLᵀ factorization) of an
     ``n×n`` matrix whose entries are known to ``eps`` relative accuracy (``eps`` of
-    ``dtype``, the dtype the matrix was computed in); the second covers the residual
-    gradient: away from an exact critical point a structural zero eigenvalue moves by
-    ``O(|∇R|)``. ``c = 10`` by default.
+    ``dtype``, the dtype the matrix was computed in). Below it an eigenvalue cannot be
+    told from zero. Away from a critical point the default threshold of :func:`inertia`
+    can move up from here into a clear gap of the spectrum below ``c·|∇R|``
+    (:data:`DEFAULT_GRAD_FACTOR`), never further: the rule of docs/guide/inertia.md,
+    "Tolerance, gap ratio, ambiguity".
 
     Args:
         eig_max_abs: The spectral norm ``max|λ|`` (an estimate is fine).
         n: The matrix size.
         dtype: The dtype the matrix entries were computed in.
-        grad_norm: ``|∇R|`` (Euclidean) at the point, if known.
-        c: The factor on the gradient norm.
 
     Example:
         >>> default_tolerance(2.0, 100, torch.float64) == 100 * 2.0**-52 * 2.0
         True
-        >>> default_tolerance(2.0, 100, torch.float64, grad_norm=1e-9)
-        1e-08
     """
-    if grad_norm is not None and not (math.isfinite(grad_norm) and grad_norm >= 0):
-        raise ValueError(f"grad_norm must be a finite number >= 0, got {grad_norm!r}")
     eps = float(torch.finfo(dtype).eps)
-    tol = n * eps * float(eig_max_abs)
-    if grad_norm is not None:
-        tol = max(tol, c * float(grad_norm))
-    return tol
+    return n * eps * float(eig_max_abs)
 
 
 def _gap(below: float | None, above: float | None) -> float:
@@ -177,6 +167,76 @@ def _gap(below: float | None, above: float | None) -> float:
     if below is None or above is None or below == 0.0:
         return math.inf
     return above / below
+
+
+def _gap_at(mags: Tensor, tol: float, rounding: float) -> float:
+    """The gap ratio around ``tol`` of the ascending magnitudes ``mags``.
+
+    ``inf`` when nothing is at or below ``tol`` or the zeros are exact; when nothing is
+    above ``tol`` it is ``inf`` only for a numerically zero matrix (``max|λ| <=
+    rounding``), else ``1``: every eigenvalue counted zero, nothing separates the zeros
+    from the rest of the spectrum.
+    """
+    n = mags.numel()
+    probe = torch.tensor([tol], dtype=mags.dtype, device=mags.device)
+    k = int(torch.searchsorted(mags, probe, right=True))
+    if k == n:
+        return math.inf if n == 0 or float(mags[-1]) <= rounding else 1.0
+    return _gap(float(mags[k - 1]) if k else None, float(mags[k]))
+
+
+def _check_grad_norm(grad_norm: float | None) -> None:
+    if grad_norm is not None and not (math.isfinite(grad_norm) and grad_norm >= 0):
+        raise ValueError(f"grad_norm must be a finite number >= 0, got {grad_norm!r}")
+
+
+def _ceiling(grad_norm: float | None) -> float:
+    """``c·|∇R|``: how far smeared structural zeros may sit (0 without a gradient norm)."""
+    return 0.0 if grad_norm is None else DEFAULT_GRAD_FACTOR * grad_norm
+
+
+def _tolerance_and_gap(
+    mags: Tensor,
+    rounding: float,
+    tol: float | None,
+    grad_norm: float | None,
+    min_gap: float,
+) -> tuple[float, float]:
+    """``(tol, gap ratio)`` by the rule of docs/guide/inertia.md for ascending ``mags``.
+
+    A given ``tol`` is kept. By default ``tol`` is the rounding level; at a point that is
+    not critical (``ceiling = c·|∇R|`` above the rounding level) the eigenvalues with
+    ``rounding < |λ| <= ceiling`` may be smeared structural zeros, so the threshold moves
+    up to the
+    highest clear gap (``|λ_{k+1}| / |λ_k| >= min_gap``, ``|λ_k| <= ceiling``, at least
+    one ``|λ|`` at or below it and one above it), to the geometric middle of that gap
+    capped at ``ceiling``. Without one it stays at the rounding level and the gap ratio
+    returned is the clearest ratio of neighbouring ``|λ|`` in the window (below
+    ``min_gap``: ambiguous). No eigenvalue in the window: nothing to decide.
+    """
+    if tol is not None:
+        return tol, _gap_at(mags, tol, rounding)
+    n, ceiling = mags.numel(), _ceiling(grad_norm)
+    if ceiling <= rounding or n == 0:
+        return rounding, _gap_at(mags, rounding, rounding)
+    bounds = torch.tensor([rounding, ceiling], dtype=mags.dtype, device=mags.device)
+    k0, k_top = (int(k) for k in torch.searchsorted(mags, bounds, right=True))
+    if k_top == k0:  # no eigenvalue between the rounding level and c·|∇R|
+        return rounding, _gap_at(mags, rounding, rounding)
+    lo, hi = max(k0, 1), min(k_top, n - 1)  # zeros mags[:k], non-zeros mags[k:]
+    if lo > hi:  # n == 1 and its eigenvalue in the window
+        return rounding, 1.0
+    below, above = mags[lo - 1 : hi], mags[lo : hi + 1]
+    ratios = above / below  # inf over exact zeros (above > rounding >= 0)
+    clear = (ratios >= min_gap).nonzero()
+    if clear.numel() == 0:
+        return rounding, float(ratios.max())
+    j = int(clear[-1])
+    k, gap = lo + j, float(ratios[j])
+    if k == k0:  # the gap is just above the rounding-level zeros
+        return rounding, gap
+    b, a = float(below[j]), float(above[j])
+    return min(math.sqrt(b) * math.sqrt(a), ceiling), gap
 
 
 def eigenvalues(matrix: Tensor) -> Tensor:
@@ -235,18 +295,12 @@ def _inertia_eigh(
     mat: Tensor, tol: float | None, grad_norm: float | None, src_dtype: torch.dtype, min_gap: float
 ) -> Inertia:
     lam = torch.linalg.eigvalsh(mat)
-    n = lam.numel()
-    lam_max = float(lam.abs().max()) if n else 0.0
-    if tol is None:
-        tol = default_tolerance(lam_max, n, src_dtype, grad_norm)
-    mag = lam.abs()
-    small = mag <= tol
+    mags = lam.abs().sort().values.cpu()  # n numbers; the rule runs on the host
+    rounding = default_tolerance(float(mags[-1]) if lam.numel() else 0.0, lam.numel(), src_dtype)
+    tol, gap = _tolerance_and_gap(mags, rounding, tol, grad_norm, min_gap)
     neg = int((lam < -tol).sum())
     pos = int((lam > tol).sum())
-    below = float(mag[small].max()) if bool(small.any()) else None
-    above = float(mag[~small].min()) if bool((~small).any()) else None
-    gap = _gap(below, above)
-    return Inertia(neg, n - neg - pos, pos, float(tol), gap, gap < min_gap, "eigh")
+    return Inertia(neg, lam.numel() - neg - pos, pos, float(tol), gap, gap < min_gap, "eigh")
 
 
 def _block_signs(ld: Tensor, pivots: Tensor) -> tuple[int, int]:
@@ -339,8 +393,15 @@ def _inertia_ldl(
     mat: Tensor, tol: float | None, grad_norm: float | None, src_dtype: torch.dtype, min_gap: float
 ) -> Inertia:
     n = mat.shape[0]
+    scale = _spectral_norm_estimate(mat)
+    rounding = default_tolerance(scale, n, src_dtype)
     if tol is None:
-        tol = default_tolerance(_spectral_norm_estimate(mat), n, src_dtype, grad_norm)
+        if _ceiling(grad_norm) > rounding:
+            # Not critical: placing the threshold needs the spectrum between the rounding
+            # level and c·|∇R|. Counting there with factorizations takes two per probed
+            # shift, at least four in all (as much as eigvalsh's reduction): use eigh.
+            return _inertia_eigh(mat, None, grad_norm, src_dtype, min_gap)
+        tol = rounding
     # One working copy, shifted in place: sytrf reads the lower triangle of H - τI, then
     # of H + τI (an info > 0 from ldl_factor_ex is an exact zero pivot: counted as zero).
     work = mat.clone()
@@ -370,6 +431,8 @@ def _inertia_ldl(
         below = max(cand_below) if cand_below else None
         above = min(c for c in cand_above if c > tol) if any(c > tol for c in cand_above) else None
     gap = _gap(below, above)
+    if zero == n and n > 0 and scale > rounding:
+        gap = 1.0  # every eigenvalue counted zero in a non-zero matrix (see _gap_at)
     return Inertia(neg, zero, pos, float(tol), gap, gap < min_gap, "ldl")
 
 
@@ -389,14 +452,28 @@ def inertia(
     as LAPACK does (:func:`torch_embed.hessian.hessian` returns exactly symmetric
     matrices).
 
+    The default tolerance (docs/guide/inertia.md, "Tolerance, gap ratio, ambiguity") is
+    the rounding level ``n·eps·max|λ|`` (:func:`default_tolerance`). With ``grad_norm``
+    at a point that is not critical (``c·|∇R|`` above the rounding level, ``c =``
+    :data:`DEFAULT_GRAD_FACTOR`) it moves up into the highest clear gap (ratio of
+    neighbouring ``|λ|`` at least ``min_gap``) whose lower side is at most ``c·|∇R|``,
+    where smeared structural zeros sit; without such a gap it stays at the rounding level
+    and the result is ``ambiguous``.
+
     Args:
         matrix: A symmetric ``(n, n)`` floating tensor (e.g. a Hessian).
-        tol: Zero threshold; default :func:`default_tolerance` with ``max|λ|`` exact
-            (``"eigh"``) or estimated by 10 Lanczos steps (``"ldl"``: a lower bound,
-            typically accurate to a few digits).
+        tol: Zero threshold; default as above, with ``max|λ|`` exact (``"eigh"``) or
+            estimated by 10 Lanczos steps (``"ldl"``: a lower bound, typically accurate
+            to a few digits).
         grad_norm: ``|∇R|`` at the point, for the default tolerance.
-        method: ``"eigh"``, ``"ldl"`` or ``"auto"`` (eigh below ``n = 1000``).
-        min_gap: Gap ratio under which the result is flagged ``ambiguous``.
+        method: ``"eigh"``, ``"ldl"`` or ``"auto"`` (eigh below ``n = 1000``). With the
+            default tolerance at a point that is not critical, ``"ldl"`` computes the
+            eigenvalues instead (the result says ``method="eigh"``): placing the
+            threshold needs the spectrum between the rounding level and ``c·|∇R|``,
+            and counting there by factorizations would take at least two more of them,
+            about the cost of ``eigvalsh``.
+        min_gap: Gap ratio under which the result is flagged ``ambiguous``, and the
+            smallest gap the default tolerance moves into.
 
     Returns:
         An :class:`Inertia`. For ``"ldl"`` the gap is estimated by 8 Lanczos steps on
@@ -420,6 +497,18 @@ def inertia(
         (1, 2, 2)
         >>> inertia(h, tol=1e-2).as_tuple()
         (1, 3, 1)
+
+        Away from a critical point (``|∇R| = 1e-3``) the eigenvalue ``1e-3`` may be a
+        smeared structural zero; a clear gap (2000) separates it from ``2``, so the
+        threshold moves there. In a spectrum without a clear gap below ``10·|∇R|`` the
+        threshold stays at the rounding level and the zero count is flagged:
+
+        >>> inertia(h, grad_norm=1e-3).as_tuple()
+        (1, 3, 1)
+        >>> spread = torch.diag(torch.tensor([-2.0, 0.01, 0.3, 5.0], dtype=torch.float64))
+        >>> r = inertia(spread, grad_norm=1.0)
+        >>> r.as_tuple(), r.ambiguous, r.gap < 100
+        ((1, 0, 3), True, True)
     """
     mat = _as_square(matrix)
     src_dtype = mat.dtype
@@ -428,6 +517,7 @@ def inertia(
     _check_symmetric(mat, src_dtype)
     if tol is not None and (not math.isfinite(tol) or tol < 0):
         raise ValueError(f"tol must be a finite number >= 0, got {tol}")
+    _check_grad_norm(grad_norm)
     if method == "auto":
         method = "eigh" if n < AUTO_LDL_MIN_SIZE else "ldl"
     if method == "eigh" or n == 0:
@@ -450,15 +540,14 @@ def hessian_inertia(
 ) -> Inertia:
     """Inertia of the loss Hessian at the model's current parameters.
 
-    Builds the dense Hessian with :func:`torch_embed.hessian.hessian` and uses the
-    gradient norm at the point in the default tolerance (:func:`default_tolerance`).
-    Polish to a critical point first (:func:`torch_embed.critical.critical_point`) for a
-    meaningful zero count. With the default tolerance at a point that is clearly not
-    critical (``10·|∇R| > sqrt(eps)·‖H‖``, ``‖H‖`` estimated by Lanczos) the counts are
-    redone with the rounding-level tolerance ``n·eps·‖H‖`` alone, and a ``UserWarning``
-    says so if they differ: ``tol = 10·|∇R|`` then swallowed eigenvalues well above
-    rounding, of either sign, not only the smeared structural zeros. Pass ``tol`` to
-    count at a non-critical point on purpose (no check, no warning).
+    Builds the dense Hessian with :func:`torch_embed.hessian.hessian` and passes the
+    gradient norm at the point to :func:`inertia`, whose default tolerance is the
+    rounding level, moved up into a clear gap below ``10·|∇R|`` at a point that is not
+    critical. There, without such a gap, the zero count is not determined: the result is
+    flagged ``ambiguous`` (its negative and positive counts are the signs of the
+    eigenvalues above rounding level). Polish to a critical point first
+    (:func:`torch_embed.critical.critical_point`) for a meaningful zero count, or pass
+    ``tol`` to count at a threshold of your own.
 
     Example:
         >>> from torch import nn
@@ -472,36 +561,4 @@ def hessian_inertia(
 
     h = hessian(model, loss_fn, inputs, targets, dtype=dtype)
     gnorm = float(gradient(model, loss_fn, inputs, targets, dtype=dtype).norm())
-    result = inertia(h, tol=tol, grad_norm=gnorm, method=method, min_gap=min_gap)
-    if tol is None:
-        _warn_if_not_critical(h, gnorm, dtype, result, method, min_gap)
-    return result
-
-
-def _warn_if_not_critical(
-    h: Tensor, gnorm: float, dtype: torch.dtype, result: Inertia, method: str, min_gap: float
-) -> None:
-    """Warn when the gradient term of the default tolerance swallowed real eigenvalues.
-
-    Only far from a critical point (``10·|∇R| > sqrt(eps)·‖H‖``) the counts are redone
-    with the rounding-level tolerance ``n·eps·‖H‖`` alone; if they differ, eigenvalues
-    well above rounding were counted as zero only because the gradient is large.
-    """
-    scale = _spectral_norm_estimate(h.to(torch.float64))
-    if not DEFAULT_GRAD_FACTOR * gnorm > math.sqrt(float(torch.finfo(dtype).eps)) * scale:
-        return
-    rounding = default_tolerance(scale, h.shape[0], dtype)
-    sharp = inertia(h, tol=rounding, method=method, min_gap=min_gap)
-    if sharp.as_tuple() == result.as_tuple():
-        return
-    k = result.zero - sharp.zero
-    warnings.warn(
-        f"hessian_inertia: the model is not at a critical point (|∇R| = {gnorm:.3g}, "
-        f"‖H‖ ≈ {scale:.3g}): the default tolerance {result.tol:.3g} "
-        f"(= {DEFAULT_GRAD_FACTOR:g}·|∇R|) counts {k} eigenvalue(s) above rounding level as "
-        f"zero (with the rounding-level tolerance {rounding:.3g} alone the counts would be "
-        f"{sharp.as_tuple()} instead of {result.as_tuple()}). Polish first "
-        f"(torch_embed.critical.critical_point) or pass tol= explicitly.",
-        UserWarning,
-        stacklevel=3,
-    )
+    return inertia(h, tol=tol, grad_norm=gnorm, method=method, min_gap=min_gap)

@@ -30,22 +30,27 @@ gives ``AᵀH C = H_narrow BᵀC = 0`` because ``H_wide A = B H_narrow``). That 
 
 Numerical limits:
 
-* Signs are exact (Sylvester), but the zero count depends on a threshold ``tol``. Each
-  block's eigenvalues are compared with the tolerance the full wide count would use
-  (:func:`~torch_embed.inertia.default_tolerance`: ``max(P·eps·‖H‖, c·|∇R|)``, ``‖H‖``
-  estimated by at most 20 power iterations of Hessian-vector products on the wide
-  model), unless the caller passes ``tol`` (e.g. the "before" count's, which also skips
-  the estimate).
+* Signs are exact (Sylvester), but the zero count depends on a threshold ``tol``. Pass
+  one ``tol`` to every count that is to be compared, e.g. the "before" count's
+  (``tol=before.tol``, which also skips the estimate below); ``before + change`` then
+  equals a full recount at that ``tol`` (up to the factor below). By default the blocks
+  are counted by the rule of :func:`~torch_embed.inertia.inertia` applied to their
+  eigenvalues: the rounding level of the full wide count
+  (:func:`~torch_embed.inertia.default_tolerance` with ``P_wide`` and ``‖H_wide‖``,
+  estimated by at most 20 power iterations of Hessian-vector products), moved up into a
+  clear gap of the blocks' spectrum below ``10·|∇R_wide|`` at a point that is not
+  critical, ``ambiguous`` when there is none.
 * The blocks use orthonormal complement directions (their eigenvalues are Rayleigh
   quotients of ``H_wide``, on its scale), but ``T = [A C]`` is not orthogonal: by
   Ostrowski's theorem the k-th eigenvalue of ``diag(H_narrow, D)`` is that of ``H_wide``
   times a factor in ``[σ_min(T)², σ_max(T)²]`` (``O(1)`` for ``α`` in ``[0, 1]``, growing
   like ``α²`` for a large signed split). So counts agree with a full recount whenever
-  no eigenvalue lies within such a factor of ``tol``; the result's ``gap`` and
-  ``ambiguous`` (from the blocks) and the full count's own gap say when that is in doubt.
-* Zero counts mean something only at a polished critical point (``|∇R| ~ 1e-12``):
-  away from one, structural zeros smear to ``±O(|∇R|)`` and the default tolerance
-  ``10·|∇R|`` then swallows small genuine eigenvalues as well.
+  no eigenvalue lies within such a factor of ``tol``; the result's ``gap`` (over the
+  eigenvalues of all blocks together) and ``ambiguous``, and the full count's own gap,
+  say when that is in doubt.
+* Zero counts mean something only at a polished critical point: away from one,
+  structural zeros smear to ``±O(|∇R|)``, and unless a clear gap separates them from
+  the rest of the spectrum the zero count is not determined (``ambiguous``).
 * Signals are computed in float64 at the embedded point recovered from the model
   (``embedding.restrict``) and pushed through the steps; for a float32 model that
   point differs from the model's own parameters by float32 rounding.
@@ -53,7 +58,6 @@ Numerical limits:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -76,7 +80,13 @@ from torch_embed._blocks import (
 )
 from torch_embed._sequential import Layout, read_sequential
 from torch_embed.embedding import Embedding
-from torch_embed.inertia import Inertia, default_tolerance, inertia
+from torch_embed.inertia import (
+    DEFAULT_MIN_GAP,
+    Inertia,
+    _tolerance_and_gap,
+    default_tolerance,
+    eigenvalues,
+)
 
 __all__ = ["ComplementBlock", "complement_blocks", "inertia_change", "step_blocks"]
 
@@ -545,6 +555,7 @@ def inertia_change(
     *,
     tol: float | None = None,
     method: Method = "auto",
+    min_gap: float = DEFAULT_MIN_GAP,
 ) -> Inertia:
     """The exact change of Hessian inertia, ``inertia(H_wide) - inertia(H_narrow)``.
 
@@ -557,19 +568,23 @@ def inertia_change(
         loss_fn: ``loss_fn(output, targets) -> scalar``.
         inputs: The batch of inputs.
         targets: The batch of targets.
-        tol: Eigenvalue threshold for the zero count. Default: the default tolerance of
-            the full wide Hessian, ``default_tolerance`` with ``P_wide``, a power-
-            iteration estimate of ``‖H_wide‖`` and ``|∇R_wide|``. Pass the ``tol`` of
-            the "before" :class:`~torch_embed.inertia.Inertia` to count consistently
-            with it (and to skip the estimate).
+        tol: Eigenvalue threshold for the zero count; the result records it. Pass the
+            ``tol`` of the "before" :class:`~torch_embed.inertia.Inertia` to count
+            consistently with it (and to skip the estimate of ``‖H_wide‖``): then
+            ``before + change`` equals the full wide count at that ``tol``. Default: the
+            rule of :func:`~torch_embed.inertia.inertia` on the blocks' eigenvalues, with
+            the rounding level ``P_wide·eps·‖H_wide‖`` (``‖H_wide‖`` by power iteration)
+            and ``|∇R_wide|``.
         method: ``"auto"`` (closed form where possible), ``"closed-form"`` or ``"hvp"``.
+        min_gap: Gap ratio under which the result is ``ambiguous`` (and the smallest gap
+            the default tolerance moves into).
 
     Returns:
-        An :class:`~torch_embed.inertia.Inertia` (negative, zero, positive added),
-        whose ``gap``/``ambiguous`` describe the worst block.
+        An :class:`~torch_embed.inertia.Inertia` (negative, zero, positive added), whose
+        ``gap`` is that of the blocks' eigenvalues together around ``tol``.
 
     Raises:
-        ValueError: As :func:`complement_blocks`.
+        ValueError: As :func:`complement_blocks`; a negative or non-finite ``tol``.
 
     Example:
         Splitting a neuron of a 1-D tanh net with ``α = 1/2`` adds one parameter per
@@ -585,12 +600,26 @@ def inertia_change(
         >>> sum(change)
         3
     """
+    if tol is not None and (not math.isfinite(tol) or tol < 0):
+        raise ValueError(f"tol must be a finite number >= 0, got {tol}")
     blocks, wide_state = _blocks(embedding, model, loss_fn, inputs, targets, method)
+    spectra = [eigenvalues(b.normalized) for b in blocks]
+    dtype = torch.float64
+    mags = torch.cat([torch.zeros(0, dtype=dtype)] + [lam.abs().cpu() for lam in spectra])
+    mags = mags.sort().values
+    scale = float(mags[-1]) if mags.numel() else 0.0  # a lower bound on ‖H_wide‖
+    gnorm: float | None = None
     if tol is None:
-        gnorm, scale, p = _scale_estimate(model, loss_fn, inputs, targets, wide_state)
-        tol = default_tolerance(scale, p, torch.float64, gnorm)
-    total = Inertia(0, 0, 0, tol=float(tol), gap=math.inf, ambiguous=False, method="")
-    for b in blocks:
-        part = inertia(b.normalized, tol=tol, method="eigh")
-        total = total + dataclasses.replace(part, method=b.method)
-    return total
+        gnorm, power, p = _scale_estimate(model, loss_fn, inputs, targets, wide_state)
+        scale = max(scale, power)
+    else:
+        p = sum(v.numel() for v in model.parameters())
+    rounding = default_tolerance(scale, p, dtype)
+    tol, gap = _tolerance_and_gap(mags, rounding, tol, gnorm, min_gap)
+    neg = pos = 0
+    for lam in spectra:
+        neg += int((lam < -tol).sum())
+        pos += int((lam > tol).sum())
+    methods = "+".join(dict.fromkeys(b.method for b in blocks))
+    zero = mags.numel() - neg - pos
+    return Inertia(neg, zero, pos, float(tol), gap, gap < min_gap, methods)

@@ -2,55 +2,135 @@
 
 The rule (docs/theory.md, "Optimizer state"): after mapping, the state equals the state
 the optimizer would hold had it seen the mapped gradients ``B g_t`` at every past step.
-First moments and momenta are linear in the gradients, so they map by ``B``; second
-moments map by ``B`` with squared scales; step counters are kept. This is exact for the
-optimizers below.
+Per entry of a reshaped parameter, ``B`` scales the narrow gradient by a factor ``s``
+(the copy's error scaling; ``0`` for a null neuron's fan-in; ``σ(β)`` times the next
+bias's gradient for a null neuron's fan-out column). Each state entry then maps by how
+it depends on ``s``:
+
+* linear in the gradients, mapped to ``s·x`` (exact): ``momentum_buffer`` (SGD),
+  ``exp_avg`` (Adam, AdamW, NAdam, RAdam, Adamax), ``grad_avg`` (RMSprop), ``prev``
+  (Rprop);
+* quadratic, mapped to ``s²·x`` (exact): ``exp_avg_sq``, ``max_exp_avg_sq``,
+  ``square_avg`` (RMSprop, Adadelta), ``sum`` (Adagrad, less its initial value);
+* ``exp_inf`` (Adamax), ``max_t β₂^(k-t)(|g_t| + ε)``: mapped to ``|s|·x + (1-|s|)·ε``;
+* ``step_size`` (Rprop), which depends only on the signs of ``g_t·g_(t-1)``: copied
+  (exact), or the initial ``lr`` (clamped to ``step_sizes``) where ``s = 0`` (read from
+  the param group: a scheduler that changed ``lr`` since the first step makes it
+  differ from the replay's);
+* ``acc_delta`` (Adadelta), invariant to the gradient's scale up to ``ε``: copied, or
+  ``0`` where ``s = 0``;
+* ``ax`` (ASGD), an average of past iterates: mapped like the parameters;
+* ``step``, ``mu_product`` (NAdam), ``eta`` and ``mu`` (ASGD), functions of the step
+  count only: kept.
+
+``exp_inf``: the wide maximum is attained where the narrow one is when ``|s| ≤ 1`` and
+the latest step attains it; in general the map is within ``|1-|s||·ε·(1-β₂^(k-1))``
+per entry after ``k`` steps (``|s|·x`` alone would be off by up to ``|1-|s||·ε``), and
+exact for ``ε = 0`` or ``|s| ∈ {0, 1}``. ``acc_delta``: Adadelta's update
+``sqrt(a+ε)/sqrt(v+ε)·g`` is invariant to scaling ``g`` (then ``v`` scales by ``s²``)
+up to the ``ε`` in ``sqrt(v+ε)``, so copying is exact where ``|s| ∈ {0, 1}`` and, for
+other ``s``, only in the limit ``ε ≪ s²·v`` at every past step (the replay test uses
+``ε = 1e-30``). Where ``s²·v`` is of the order of ``ε`` (Adadelta's default
+``ε = 1e-6`` with gradients of order 1e-3), ``acc_delta`` behaves more like a second
+moment and no map of the current state is exact: the copy can then be off by a factor
+of order 1. Both warn with :class:`ApproximateStateWarning` when some ``|s|`` is
+neither 0 nor 1. ``ax``: ASGD's average of past iterates maps like them, so it
+is the average of the embedded narrow iterates (``ax`` equals the parameter itself
+until averaging starts at step ``t0``). The maps are checked against replays in
+tests/test_optim_state.py.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from torch_embed.embedding import Embedding
+from torch_embed.embedding import Embedding, EmbeddingKind
 
-__all__ = ["SUPPORTED_OPTIMIZERS", "map_optimizer_state"]
+__all__ = ["SUPPORTED_OPTIMIZERS", "ApproximateStateWarning", "map_optimizer_state"]
 
-_GRAD_LIKE = frozenset({"momentum_buffer", "exp_avg", "grad_avg"})
+
+class ApproximateStateWarning(UserWarning):
+    """Mapped gradients or optimizer state are only close to those of a wide replay.
+
+    Raised (as a warning) for embeddings that are not critical (``Net2Net`` with noise,
+    ``Null`` with a fan-in, ``RandomPad``: their ``B`` is not the wide network's
+    gradient map), for coupled weight decay, and for the state entries whose map is
+    exact only up to ``ε`` (Adamax's ``exp_inf``, Adadelta's ``acc_delta``). Filter it
+    by class: ``warnings.simplefilter("ignore", torch_embed.ApproximateStateWarning)``.
+    """
+
+
+_GRAD_LIKE = frozenset({"momentum_buffer", "exp_avg", "grad_avg", "prev"})
 _SQ_LIKE = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum"})
-_KEPT = frozenset({"step"})
+_ABS_LIKE = frozenset({"exp_inf"})
+_SCALE_FREE = frozenset({"step_size", "acc_delta"})
+_PARAM_LIKE = frozenset({"ax"})
+_KEPT = frozenset({"step", "mu_product", "eta", "mu"})
+_MAPPED = _GRAD_LIKE | _SQ_LIKE | _ABS_LIKE | _SCALE_FREE | _PARAM_LIKE
 
 SUPPORTED_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
     torch.optim.SGD,
     torch.optim.Adam,
     torch.optim.AdamW,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.Adamax,
     torch.optim.RMSprop,
     torch.optim.Adagrad,
+    torch.optim.Adadelta,
+    torch.optim.Rprop,
+    torch.optim.ASGD,
 )
+
+_REFUSED: dict[type[torch.optim.Optimizer], str] = {
+    torch.optim.LBFGS: (
+        "LBFGS keeps a history of flattened steps and gradient differences over all "
+        "parameters together (old_dirs, old_stps, d, prev_flat_grad), whose length is "
+        "the total parameter count; it has no per-parameter state to map. Rebuild the "
+        "LBFGS optimizer after widening (its history restarts)"
+    ),
+    torch.optim.SparseAdam: (
+        "SparseAdam is for sparse gradients (nn.Embedding with sparse=True); the "
+        "Linear layers widen reshapes have dense gradients, which SparseAdam refuses. "
+        "Use Adam"
+    ),
+}
+
+
+def _exact_decay(optimizer: torch.optim.Optimizer, group: Mapping[str, Any]) -> bool:
+    """Whether the group's weight decay leaves the state a function of gradients only."""
+    return isinstance(optimizer, torch.optim.AdamW) or bool(
+        group.get("decoupled_weight_decay", False)
+    )
 
 
 def _check_supported(optimizer: torch.optim.Optimizer) -> None:
+    if type(optimizer) in _REFUSED:
+        raise TypeError(
+            f"cannot map the state of {type(optimizer).__name__}: "
+            f"{_REFUSED[type(optimizer)]}. Pass optimizer=None."
+        )
     if type(optimizer) not in SUPPORTED_OPTIMIZERS:
         names = ", ".join(t.__name__ for t in SUPPORTED_OPTIMIZERS)
         raise TypeError(
             f"cannot map the state of {type(optimizer).__name__}: only {names} are supported. "
             f"Pass optimizer=None and rebuild the optimizer yourself if a reset state is fine."
         )
-    if not isinstance(optimizer, torch.optim.AdamW):
-        for i, group in enumerate(optimizer.param_groups):
-            if group.get("weight_decay", 0) != 0:
-                warnings.warn(
-                    f"{type(optimizer).__name__} param group {i} uses coupled weight_decay="
-                    f"{group['weight_decay']}: its state accumulated g + λθ, and λθ does not map "
-                    f"like a gradient, so the mapped state is only approximate (use AdamW's "
-                    f"decoupled decay for an exact map)",
-                    UserWarning,
-                    stacklevel=4,
-                )
+    for i, group in enumerate(optimizer.param_groups):
+        if group.get("weight_decay", 0) != 0 and not _exact_decay(optimizer, group):
+            warnings.warn(
+                f"{type(optimizer).__name__} param group {i} uses coupled weight_decay="
+                f"{group['weight_decay']}: its state accumulated g + λθ, and λθ does not map "
+                f"like a gradient, so the mapped state is only approximate (use AdamW's "
+                f"decoupled decay, or decoupled_weight_decay=True, for an exact map)",
+                ApproximateStateWarning,
+                stacklevel=4,
+            )
     if isinstance(optimizer, torch.optim.RMSprop):
         for i, group in enumerate(optimizer.param_groups):
             if group.get("momentum", 0) != 0:
@@ -59,6 +139,56 @@ def _check_supported(optimizer: torch.optim.Optimizer) -> None:
                     f"its momentum buffer holds g/(sqrt(v)+eps), which no linear map of past "
                     f"gradients reproduces. Use momentum=0, or Adam."
                 )
+
+
+def _check_holds_parameters(
+    optimizer: torch.optim.Optimizer, named_params: Mapping[str, nn.Parameter]
+) -> None:
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if named_params and not any(id(p) in held for p in named_params.values()):
+        raise ValueError(
+            f"the optimizer ({type(optimizer).__name__}, {len(held)} parameters) holds "
+            f"none of the module's {len(named_params)} parameters, so its steps would not "
+            f"train the widened module (and an optimizer built on a copy would crash on "
+            f"the new shapes); pass the optimizer built on this module's parameters, or "
+            f"optimizer=None"
+        )
+
+
+def _approximate_message(embedding: Embedding) -> str | None:
+    """Why gradients mapped by ``embedding`` are not the wide ones (``None``: they are)."""
+    if embedding.kind is EmbeddingKind.CRITICAL:
+        return None
+    return (
+        f"the embedding is {embedding.kind.value}, not critical "
+        f"({'; '.join(embedding.reasons)}): mapped gradients and optimizer state are "
+        f"only close to what an optimizer on the wide network would hold. For an exact "
+        f"map use a critical scheme (Split, Null with fan_in_std=0, Net2Net with "
+        f"noise=0), or reset the state of the reshaped parameters"
+    )
+
+
+def _scale_free(
+    embedding: Embedding, tensors: dict[str, Tensor], fill: Callable[[str], float]
+) -> tuple[dict[str, Tensor], bool]:
+    """Copy each entry to the wide entries whose gradient it scales; ``fill`` where ``s = 0``.
+
+    Computed as ``B²x / B²1`` in float64 (the factors ``s²`` cancel); also returns whether
+    some ``|s|`` is neither 0 nor 1.
+    """
+    wide = embedding.map_second_moments({n: t.to(torch.float64) for n, t in tensors.items()})
+    ones = embedding.map_second_moments(
+        {n: torch.ones_like(t, dtype=torch.float64) for n, t in tensors.items()}
+    )
+    out: dict[str, Tensor] = {}
+    other_scale = False
+    for name, t in tensors.items():
+        sq = ones[name]
+        zero = sq == 0
+        other_scale |= bool(((sq - 1).abs() > 1e-12).logical_and(~zero).any())
+        value = torch.where(zero, fill(name), wide[name] / torch.where(zero, 1.0, sq))
+        out[name] = value.to(t.dtype)
+    return out, other_scale
 
 
 def map_optimizer_state(
@@ -78,15 +208,22 @@ def map_optimizer_state(
         modified (``widen`` installs the result only once everything has succeeded).
 
     Raises:
-        TypeError: For an unsupported optimizer or a state entry of unknown meaning.
+        TypeError: For an unsupported optimizer (LBFGS and SparseAdam say why) or a
+            state entry of unknown meaning.
+        ValueError: The optimizer holds none of ``named_params``.
+
+    Warns:
+        ApproximateStateWarning: The map is not exact (a non-critical embedding, coupled
+            weight decay, Adamax's ``exp_inf`` or Adadelta's ``acc_delta`` under a
+            scaling other than 0 or ±1).
     """
     _check_supported(optimizer)
+    _check_holds_parameters(optimizer, named_params)
+    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
     # Adagrad's sum starts at initial_accumulator_value, not 0: only the part that the
     # squared gradients added maps; the constant is added back after mapping.
     offset = {
-        id(p): float(group.get("initial_accumulator_value", 0.0))
-        for group in optimizer.param_groups
-        for p in group["params"]
+        i: float(group.get("initial_accumulator_value", 0.0)) for i, group in group_of.items()
     }
     by_key: dict[str, dict[str, Tensor]] = {}
     for name, p in named_params.items():
@@ -96,7 +233,7 @@ def map_optimizer_state(
         for key, value in state.items():
             if key in _KEPT or value is None:
                 continue
-            if key not in _GRAD_LIKE | _SQ_LIKE:
+            if key not in _MAPPED:
                 raise TypeError(
                     f"{type(optimizer).__name__} state entry '{key}' of parameter '{name}' has "
                     f"no known mapping; refusing rather than resetting it silently"
@@ -104,12 +241,60 @@ def map_optimizer_state(
             if key == "sum" and offset.get(id(p), 0.0) != 0.0:
                 value = value - offset[id(p)]
             by_key.setdefault(key, {})[name] = value
+    if by_key and (message := _approximate_message(embedding)) is not None:
+        warnings.warn(message, ApproximateStateWarning, stacklevel=2)
+    params = dict(named_params)
+
+    def eps(name: str) -> float:
+        return float(group_of[id(params[name])].get("eps", 0.0))
+
+    def initial_step_size(name: str) -> float:
+        group = group_of[id(params[name])]
+        low, high = (float(v) for v in group["step_sizes"])
+        return min(max(float(group["lr"]), low), high)
+
     mapped: dict[str, dict[str, Tensor]] = {}
+    inexact: list[str] = []
     for key, tensors in by_key.items():
         if key in _GRAD_LIKE:
             mapped[key] = embedding.map_gradients(tensors)
-        else:
+        elif key in _SQ_LIKE:
             mapped[key] = embedding.map_second_moments(tensors)
+        elif key in _PARAM_LIKE:
+            mapped[key] = embedding.apply(tensors)
+        elif key in _ABS_LIKE:  # |s|·x + (1 - |s|)·ε, as sqrt(B²x²) + (1 - sqrt(B²1))·ε
+            x64 = {n: t.to(torch.float64) for n, t in tensors.items()}
+            sq = embedding.map_second_moments({n: t * t for n, t in x64.items()})
+            ones = embedding.map_second_moments({n: torch.ones_like(t) for n, t in x64.items()})
+            mapped[key] = {
+                n: (sq[n].sqrt() + (1 - ones[n].sqrt()) * eps(n)).to(t.dtype)
+                for n, t in tensors.items()
+            }
+            if any(eps(n) != 0 for n in tensors) and any(
+                bool(((o - 1).abs() > 1e-12).logical_and(o != 0).any()) for o in ones.values()
+            ):
+                inexact.append(
+                    "Adamax's exp_inf is within |1 - |s||·eps·(1 - beta2^(steps-1)) of the "
+                    "replay (exact for eps=0 or |s| in {0, 1})"
+                )
+        else:
+            fill = initial_step_size if key == "step_size" else (lambda _name: 0.0)
+            mapped[key], other = _scale_free(embedding, tensors, fill)
+            if key == "acc_delta" and other:
+                inexact.append(
+                    "Adadelta's acc_delta is copied, which is exact only while eps << "
+                    "s²·square_avg (its update is then invariant to the gradient's scale); "
+                    "with eps of the order of s²·square_avg (the default eps=1e-6 with "
+                    "gradients of order 1e-3) it can be off by a factor of order 1: pass "
+                    "optimizer=None and rebuild Adadelta if that matters"
+                )
+    if inexact:
+        warnings.warn(
+            f"{type(optimizer).__name__}: the embedding scales some gradients by factors "
+            f"s other than 0 and ±1, and " + "; ".join(inexact),
+            ApproximateStateWarning,
+            stacklevel=2,
+        )
     result: dict[nn.Parameter, dict[str, Any]] = {}
     for name, p in named_params.items():
         state = optimizer.state.get(p)

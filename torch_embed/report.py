@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -166,10 +165,12 @@ def check_embedding(
         targets: The targets.
         full: Also recount the wide Hessian's inertia in full (``O(P³)``), to check
             the prediction and to time it.
-        tol: One zero threshold for every count. Default: each full count uses its
-            own default (:func:`~torch_embed.inertia.default_tolerance`); the change
-            uses the full wide count's tolerance (or, with ``full=False``, its own
-            estimate of it).
+        tol: One zero threshold for every count (before, after and change), so that
+            ``before + change`` and the full recount compare like with like. Default:
+            the one the "before" count picks by the rule of
+            :func:`~torch_embed.inertia.hessian_inertia` (the rounding level, moved up
+            into a clear gap below ``10·|∇R|`` away from a critical point), then used
+            for the other two.
 
     Returns:
         An :class:`EmbeddingReport`; ``print(report)`` shows a small table.
@@ -211,28 +212,18 @@ def check_embedding(
     out_diff = float(diff.max()) if diff.numel() else 0.0
     g_before = float(gradient(narrow_model, loss_fn, inputs, targets).norm())
     g_after = float(gradient(wide_model, loss_fn, inputs, targets).norm())
+    before, t_before = _timed(
+        lambda: hessian_inertia(narrow_model, loss_fn, inputs, targets, tol=tol)
+    )
+    common = before.tol
     after: Inertia | None = None
     t_after: float | None = None
-    with warnings.catch_warnings(record=True) as caught:
-        # hessian_inertia warns at a non-critical point; say it once, at the caller
-        warnings.simplefilter("always")
-        before, t_before = _timed(
-            lambda: hessian_inertia(narrow_model, loss_fn, inputs, targets, tol=tol)
+    if full:
+        after, t_after = _timed(
+            lambda: hessian_inertia(wide_model, loss_fn, inputs, targets, tol=common)
         )
-        if full:
-            after, t_after = _timed(
-                lambda: hessian_inertia(wide_model, loss_fn, inputs, targets, tol=tol)
-            )
-    seen: set[str] = set()
-    for w in caught:
-        text = str(w.message)
-        key = text.split(" (|∇R|")[0] if "not at a critical point" in text else text
-        if key not in seen:
-            seen.add(key)
-            warnings.warn(text.replace("hessian_inertia:", "check_embedding:"), w.category, 2)
-    change_tol = tol if tol is not None else (after.tol if after is not None else None)
     change, t_change = _timed(
-        lambda: inertia_change(embedding, wide_model, loss_fn, inputs, targets, tol=change_tol)
+        lambda: inertia_change(embedding, wide_model, loss_fn, inputs, targets, tol=common)
     )
     predicted = before + change
     reference = after if after is not None else predicted

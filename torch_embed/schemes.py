@@ -30,7 +30,8 @@ from typing import Any, Literal, TypeAlias
 import torch
 from torch import Tensor, nn
 
-from torch_embed._sequential import Layout, read_sequential
+from torch_embed._order import ranked, tie_tolerance
+from torch_embed._sequential import Layout, check_wide_size, read_sequential
 from torch_embed.embedding import Embedding, LayerMap
 
 __all__ = [
@@ -68,7 +69,8 @@ class Split:
             (one ``α ~ U(0, 1)`` per split, drawn from the generator).
         select: Which neurons to split: ``"random"`` (uniform without replacement while
             possible, with the generator), ``"cyclic"`` (0, 1, 2, ...: the Net2Net
-            habit), ``"norm"`` (largest fan-out column norm first), or explicit indices:
+            habit), ``"norm"`` (largest fan-out column norm first; norms equal within
+            ``sqrt(eps)`` of the largest, as copies' are, in index order), or explicit indices:
             a sequence (when one hidden layer is widened), one sequence per hidden
             layer, or a ``{hidden_layer: indices}`` mapping.
 
@@ -170,6 +172,21 @@ def _as_scheme(scheme: Scheme | str) -> Scheme:
     return scheme
 
 
+def _real(value: object, what: str, *, nonnegative: bool = False) -> float:
+    """``value`` as a float, refusing what is not a finite real number (bools, strings)."""
+    bound = " >= 0" if nonnegative else ""
+    if isinstance(value, Tensor) and value.dim() == 0 and value.is_floating_point():
+        value = float(value)
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(
+            f"{what} must be a real number (an int or float){bound}, got "
+            f"{type(value).__name__} {value!r}"
+        )
+    if not math.isfinite(value) or (nonnegative and value < 0):
+        raise ValueError(f"{what} must be a finite number{bound}, got {value!r}")
+    return float(value)
+
+
 def _is_int(value: object) -> bool:
     """An integer (Python or numpy), not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
@@ -188,6 +205,14 @@ def resolve_widths(
     n = len(current)
     if new_widths is None:
         return current
+    array: Any = new_widths
+    if hasattr(array, "tolist") and hasattr(array, "ndim"):  # a tensor or numpy array
+        if array.ndim != 1:
+            raise ValueError(
+                f"new_widths given as a {type(array).__name__} must be 1-D (one width per "
+                f"hidden layer), got shape {tuple(array.shape)}"
+            )
+        new_widths = array.tolist()  # Python ints; float widths are refused below
     if isinstance(new_widths, Mapping):
         out = list(current)
         for key, value in new_widths.items():
@@ -264,6 +289,7 @@ def plan(
     if new_widths is None and not isinstance(config, General):
         raise ValueError("new_widths may only be None with a General scheme")
     widths = resolve_widths(layout, new_widths)
+    check_wide_size(module, layout, widths)
     planner = _PLANNERS[type(config)]
     return planner(config, module, layout, widths, generator)
 
@@ -396,9 +422,11 @@ def _choose(
         return chosen
     if select == "cyclic":
         return [i % m for i in range(count)]
-    if select == "norm":
-        order = torch.argsort(_fan_out_norms(module, layout, layer), descending=True, stable=True)
-        return [int(order[i % m]) for i in range(count)]
+    if select == "norm":  # equal norms (copies, mirror images) up to rounding: lower index
+        norms = _fan_out_norms(module, layout, layer).tolist()
+        dtype = _linear(module, layout.linears[layer + 1].name).weight.dtype
+        order = ranked(norms, tol=tie_tolerance(norms, dtype), descending=True)
+        return [order[i % m] for i in range(count)]
     full, rest = divmod(count, m)
     picks = [i for _ in range(full) for i in range(m)]
     perm = torch.randperm(m, generator=generator)[:rest]
@@ -525,10 +553,8 @@ def _plan_null(
     widths: tuple[int, ...],
     generator: torch.Generator | None,
 ) -> Embedding:
-    if cfg.fan_in_std < 0 or not math.isfinite(cfg.fan_in_std):
-        raise ValueError(f"Null.fan_in_std must be a finite number >= 0, got {cfg.fan_in_std}")
-    if not math.isfinite(cfg.bias):
-        raise ValueError(f"Null.bias must be a finite number, got {cfg.bias}")
+    _real(cfg.fan_in_std, "Null.fan_in_std", nonnegative=True)
+    _real(cfg.bias, "Null.bias")
     current = layout.hidden_widths
     wide = layout.widths[:1] + widths
     sources, coefs, nbs = [], [], []
@@ -557,8 +583,7 @@ def _plan_net2net(
     widths: tuple[int, ...],
     generator: torch.Generator | None,
 ) -> Embedding:
-    if cfg.noise < 0 or not math.isfinite(cfg.noise):
-        raise ValueError(f"Net2Net.noise must be a finite number >= 0, got {cfg.noise}")
+    _real(cfg.noise, "Net2Net.noise", nonnegative=True)
     current = layout.hidden_widths
     widened = [l for l, (a, b) in enumerate(zip(current, widths)) if b > a]
     explicit = _explicit(cfg.select, widened, len(current))
@@ -664,8 +689,7 @@ def _plan_random_pad(
     widths: tuple[int, ...],
     generator: torch.Generator | None,
 ) -> Embedding:
-    if not math.isfinite(cfg.scale):
-        raise ValueError(f"RandomPad.scale must be a finite number, got {cfg.scale}")
+    _real(cfg.scale, "RandomPad.scale")
     current = layout.hidden_widths
     wide = layout.widths[:1] + widths + layout.widths[-1:]
     sources, coefs, nbs = [], [], []

@@ -601,7 +601,8 @@ def assert_embedding_nondecreasing(
         inputs: The inputs.
         targets: The targets.
         tol: Eigenvalue threshold passed to ``hessian_inertia`` (``None``: its default,
-            meant for polished critical points; it warns elsewhere).
+            the rounding level, moved up only into a clear gap away from a critical
+            point; each count picks its own).
         method: ``method`` passed to ``hessian_inertia``.
         counts: Which counts to check.
         msg: Replacement message (``str``) or a callable editing the generated one.
@@ -621,7 +622,7 @@ def assert_embedding_nondecreasing(
         >>> x = torch.linspace(-1, 1, 6, dtype=torch.float64)[:, None]
         >>> narrow = copy.deepcopy(net)
         >>> _ = torch_embed.widen(net, [3], "split", generator=g)
-        >>> # not a critical point: pass tol (the default, 10·|∇R|, is for polished points)
+        >>> # not a critical point: the zero counts may be undetermined; count at a tol
         >>> before, after = assert_embedding_nondecreasing(
         ...     narrow, net, nn.MSELoss(), x, x**2, tol=1e-9
         ... )

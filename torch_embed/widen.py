@@ -10,6 +10,7 @@ undone and the module and optimizer are exactly as before.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -19,9 +20,9 @@ from torch import Tensor, nn
 
 from torch_embed._sequential import Layout, read_sequential
 from torch_embed.embedding import Embedding
-from torch_embed.exactness import _autocast_on
+from torch_embed.exactness import _autocast_on, unit_roundoff
 from torch_embed.optim_state import map_optimizer_state
-from torch_embed.schemes import Scheme, plan
+from torch_embed.schemes import Scheme, _null_value, plan
 
 __all__ = ["embed_", "widen"]
 
@@ -41,15 +42,17 @@ def widen(
             separated by element-wise modules (activations, ``nn.Dropout``, types added
             with :func:`torch_embed.register_elementwise`), optionally with an
             ``nn.BatchNorm1d`` right after a hidden Linear.
-        new_widths: One int per hidden layer, or ``{hidden_layer_index: width}``
-            (0-based among hidden layers). Widths may stay equal, never shrink.
+        new_widths: One int per hidden layer (a list, tuple, 1-D integer tensor or
+            numpy array), or ``{hidden_layer_index: width}`` (0-based among hidden
+            layers). Widths may stay equal, never shrink.
         scheme: :class:`~torch_embed.Split` (default ``"split"``: α = 1/2 on randomly
             selected neurons), :class:`~torch_embed.Null`,
             :class:`~torch_embed.Net2Net`, :class:`~torch_embed.General`,
             :class:`~torch_embed.RandomPad`, or the name of one.
-        optimizer: If given, its state for the reshaped parameters is mapped exactly
-            (SGD with momentum, Adam, AdamW incl. amsgrad, RMSprop without momentum,
-            Adagrad), so ``optimizer.step()`` works right away.
+        optimizer: If given, its state for the reshaped parameters is mapped (see
+            :data:`~torch_embed.SUPPORTED_OPTIMIZERS`; exact for critical embeddings,
+            with an :class:`~torch_embed.ApproximateStateWarning` where it is not), so
+            ``optimizer.step()`` works right away.
         generator: ``torch.Generator`` for the scheme's random choices.
 
     Returns:
@@ -59,7 +62,20 @@ def widen(
     Raises:
         TypeError: ``module`` contains a module that cannot be widened, or the
             optimizer's state cannot be mapped.
-        ValueError: Bad ``new_widths`` or scheme arguments.
+        ValueError: Bad ``new_widths`` or scheme arguments, coefficients too large
+            for the module's dtype, widths whose parameters exceed the device's
+            memory, tied (shared) tensors between layers, a module built under
+            ``torch.inference_mode()``, or an optimizer that holds none of the
+            module's parameters. Widening inside ``torch.inference_mode()`` works (the
+            new tensors are made outside it).
+        RuntimeError: A live autograd graph, an autocast cache or a
+            DistributedDataParallel wrapper still holds a parameter.
+
+    Warns:
+        ApproximateStateWarning: Optimizer state is mapped for an embedding that is
+            not critical, or by a map that is exact only up to an optimizer's ``eps``
+            (see :mod:`torch_embed.optim_state`). ``.grad`` is mapped by the same ``B``
+            without a warning (the next backward usually replaces it).
 
     Example:
         >>> import torch
@@ -75,8 +91,11 @@ def widen(
         >>> torch.allclose(net(x), before, rtol=0, atol=1e-14)
         True
     """
-    embedding = plan(module, new_widths, scheme, generator=generator)
-    embed_(module, embedding, optimizer=optimizer)
+    # inference_mode(False): tensors made inside torch.inference_mode() would become
+    # parameters that every later backward (and in-place update) refuses
+    with torch.inference_mode(False):
+        embedding = plan(module, new_widths, scheme, generator=generator)
+        _embed(module, embedding, optimizer, stacklevel=3)
     return embedding
 
 
@@ -92,22 +111,62 @@ def embed_(
     built by hand or returned by :func:`torch_embed.landscape.condense`.
 
     Raises:
-        ValueError: The embedding was planned for a network of another structure.
+        TypeError: ``embedding`` is not an :class:`~torch_embed.Embedding`, or
+            ``optimizer`` is not a ``torch.optim.Optimizer`` (or its state cannot be
+            mapped).
+        ValueError: The embedding was planned for a network of another structure or
+            other activations, its coefficients are too large for the module's dtype,
+            the module holds inference tensors, or the optimizer holds none of its
+            parameters.
     """
+    with torch.inference_mode(False):
+        _embed(module, embedding, optimizer, stacklevel=3)
+
+
+def _embed(
+    module: nn.Module,
+    embedding: Embedding,
+    optimizer: torch.optim.Optimizer | None,
+    *,
+    stacklevel: int,
+) -> None:
+    if not isinstance(embedding, Embedding):
+        raise TypeError(
+            f"embed_ takes an Embedding (from torch_embed.plan, widen or condense), got "
+            f"{type(embedding).__name__} {embedding!r:.60}; to widen a "
+            f"{type(module).__name__} to new widths, call "
+            f"torch_embed.widen(module, new_widths, scheme)"
+        )
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
+        )
     layout = read_sequential(module)
     _check_layout(layout, embedding.layout)
-    _warn_dead_units(module, embedding)
+    _check_normal_tensors(module)
+    _check_null_values(module, embedding)
+    _check_coefficients(module, embedding)
     named_params = dict(module.named_parameters())
     named_buffers = dict(module.named_buffers())
-    with torch.no_grad():
-        state = {n: t.detach() for n, t in {**named_params, **named_buffers}.items()}
-        new_state = embedding.apply(state)
-        changed = [n for n in new_state if new_state[n] is not state[n]]
-        grads = {n: p.grad for n, p in named_params.items() if p.grad is not None}
-        new_grads = embedding.map_gradients(grads) if grads else {}
-        new_opt: dict[nn.Parameter, dict[str, Any]] = {}
-        if optimizer is not None:
-            new_opt = map_optimizer_state(optimizer, named_params, embedding)
+    # every warning of the maps below once, although .grad, exp_avg and exp_avg_sq
+    # each meet the same cause
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _warn_dead_units(module, embedding)
+        with torch.no_grad():
+            state = {n: t.detach() for n, t in {**named_params, **named_buffers}.items()}
+            new_state = embedding.apply(state)
+            changed = [n for n in new_state if new_state[n] is not state[n]]
+            grads = {n: p.grad for n, p in named_params.items() if p.grad is not None}
+            new_grads = embedding.map_gradients(grads) if grads else {}
+            new_opt: dict[nn.Parameter, dict[str, Any]] = {}
+            if optimizer is not None:
+                new_opt = map_optimizer_state(optimizer, named_params, embedding)
+    seen: set[tuple[type[Warning], str]] = set()
+    for w in caught:
+        if (w.category, str(w.message)) not in seen:
+            seen.add((w.category, str(w.message)))
+            warnings.warn(w.message, stacklevel=stacklevel)
     _swap_in(module, embedding, named_params, named_buffers, new_state, changed, new_grads)
     if optimizer is not None:
         for p, st in new_opt.items():
@@ -121,6 +180,125 @@ def _check_layout(actual: Layout, planned: Layout) -> None:
             f"layers {[lin.name for lin in planned.linears]}, but the module has widths "
             f"{actual.widths} and layers {[lin.name for lin in actual.linears]}"
         )
+    for l, (a, p) in enumerate(zip(actual.hidden, planned.hidden)):
+        if p.activation_types and a.activation_types != p.activation_types:
+            names = [t.__name__ for t in p.activation_types]
+            found = [t.__name__ for t in a.activation_types]
+            raise ValueError(
+                f"hidden layer {l}: the embedding was planned on activations {names} "
+                f"(layers {list(p.activations)}), but the module has {found}; a null "
+                f"neuron's output σ(β) and the optimizer state mapped with it depend on "
+                f"the activation. Plan the embedding on this module instead "
+                f"(torch_embed.plan or widen)"
+            )
+
+
+def _check_null_values(module: nn.Module, embedding: Embedding) -> None:
+    """Refuse when the module's activations give null neurons another ``σ(β)``.
+
+    Same types with other parameters (a ``LeakyReLU`` slope, a ``Softplus`` beta) change
+    the constant a null neuron outputs, hence the gradient map of its fan-out column.
+    The tolerance allows for an embedding planned in another floating-point dtype.
+    """
+    for l, lm in enumerate(embedding.layers):
+        null = lm.null_mask
+        if not bool(null.any()):
+            continue
+        weight = module.get_submodule(embedding.layout.hidden[l].linear).get_parameter("weight")
+        if weight.is_meta:
+            continue
+        value = _null_value(module, embedding.layout, l, lm.null_bias[null])
+        planned = lm.null_value[null]
+        u = max(unit_roundoff(weight.dtype), unit_roundoff(torch.float32))
+        tol = 8 * u * planned.abs().clamp(min=1)
+        if bool(((value - planned).abs() > tol).any()):
+            i = int(((value - planned).abs() > tol).nonzero()[0])
+            raise ValueError(
+                f"hidden layer {l}: the embedding's null neurons output σ(β) = "
+                f"{float(planned[i])!r}, but this module's activations "
+                f"{list(embedding.layout.hidden[l].activations)} give "
+                f"{float(value[i])!r} for β = {float(lm.null_bias[null][i])!r}; the "
+                f"embedding was planned on other activation parameters. Plan it on this "
+                f"module instead (torch_embed.plan or widen)"
+            )
+
+
+def _inference_tensor(t: Tensor) -> bool:
+    """Whether ``t`` was made under ``torch.inference_mode()``.
+
+    ``is_inference()`` alone misses a Parameter whose ``.data`` was replaced by a normal
+    tensor: the Parameter object itself still has no version counter, so every view of
+    it (and every backward through it) fails.
+    """
+    if t.is_inference():
+        return True
+    try:
+        t._version  # noqa: B018
+    except RuntimeError:
+        return True
+    return False
+
+
+def _check_normal_tensors(module: nn.Module) -> None:
+    """Refuse inference tensors (a module built under ``torch.inference_mode()``)."""
+    tensors = [*module.named_parameters(), *module.named_buffers()]
+    for name, t in tensors:
+        if _inference_tensor(t):
+            raise ValueError(
+                f"'{name}' of the {type(module).__name__} is an inference tensor (it was "
+                f"built or loaded under torch.inference_mode()); no later backward or "
+                f"optimizer step can use it, widened or not. Build the module outside "
+                f"inference mode, or make a normal copy outside it, `net = "
+                f"copy.deepcopy(net)`, and build the optimizer on the copy (`p.data = "
+                f"p.data.clone()` is not enough: the Parameter object keeps no version "
+                f"counter)"
+            )
+
+
+def _check_coefficients(module: nn.Module, embedding: Embedding) -> None:
+    """Refuse coefficients that the module's dtype cannot carry.
+
+    A wide neuron's fan-out is ``c_j·w``; the copies of a narrow neuron contribute
+    ``Σ_j c_j·w·h`` with rounding error up to ``u·Σ_j|c_j|·|w·h|``, so the sum of
+    magnitudes ``A = Σ_j|c_j|`` (1 for a split with α in [0, 1]) multiplies the
+    rounding error of the narrow network. Refused: ``A·u > sqrt(u)`` (more than half
+    of the dtype's significant digits lost: ``A`` up to 9.5e7 in float64, 4096 in
+    float32, 45 in float16, 16 in bfloat16; :class:`~torch_embed.Embedding` caps it at
+    1e6 for every dtype), and any written value (``c·w``, offsets, null fan-ins and
+    biases) beyond the dtype's largest finite number.
+    """
+    widths = embedding.layout.hidden_widths
+    for l, lm in enumerate(embedding.layers):
+        nxt = module.get_submodule(embedding.layout.linears[l + 1].name).get_parameter("weight")
+        dtype = nxt.dtype
+        u = unit_roundoff(dtype)
+        src = lm.source
+        mags = torch.where(src >= 0, lm.coef.abs(), 0.0)
+        amp_shape = (widths[l],) if lm.is_vector else (lm.coef.shape[0], widths[l])
+        amp = torch.zeros(amp_shape, dtype=torch.float64).index_add_(-1, src.clamp(min=0), mags)
+        worst = float(amp.max()) if amp.numel() else 0.0
+        if worst * u > math.sqrt(u):
+            raise ValueError(
+                f"hidden layer {l}: the fan-out coefficients of one narrow neuron's copies "
+                f"have magnitudes summing to {worst:.3g} (for a split, |1 - α| + |α|), which "
+                f"multiplies the rounding error of {dtype} (u = {u:.3g}) to {worst * u:.3g} "
+                f"relative, more than half its digits; use |α| closer to [0, 1] or a wider "
+                f"dtype (accepted for {dtype}: a sum up to {math.sqrt(u) / u:.3g})"
+            )
+        if nxt.is_meta:
+            continue
+        big = float(torch.finfo(dtype).max)
+        w_max = float(nxt.detach().abs().max()) if nxt.numel() else 0.0
+        written = float(lm.coef.abs().max()) * w_max
+        for extra in (lm.fan_out_offset, lm.null_fan_in, lm.null_bias):
+            if extra is not None and extra.numel():
+                written = max(written, float(extra.abs().max()))
+        if written > big:
+            raise ValueError(
+                f"hidden layer {l}: the embedding would write values up to {written:.3g} "
+                f"into {dtype} weights, whose largest finite number is {big:.3g}; use "
+                f"smaller coefficients or a wider dtype"
+            )
 
 
 def _warn_dead_units(module: nn.Module, embedding: Embedding) -> None:
@@ -159,6 +337,23 @@ _LIVE_GRAPH = (
 )
 
 
+_DDP = (
+    "a torch.distributed process group is initialized: if this module is wrapped by "
+    "DistributedDataParallel, the DDP object holds its parameters (its reducer keeps "
+    "gradient hooks and buckets of the narrow shapes). Widen the bare module after "
+    "dropping the wrapper, then wrap it again: `module = ddp.module; del ddp; "
+    "widen(module, ...); ddp = DistributedDataParallel(module, ...)` (the optimizer "
+    "can stay; pass optimizer= to widen). Otherwise, "
+)
+
+
+def _held_message() -> str:
+    """Why a parameter is still in use, with DDP first when it can be the holder."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return _DDP + _LIVE_GRAPH
+    return _LIVE_GRAPH
+
+
 def _check_not_in_graph(name: str, t: Tensor) -> None:
     """Refuse before any swap if a live autograd graph holds ``t``.
 
@@ -175,7 +370,7 @@ def _check_not_in_graph(name: str, t: Tensor) -> None:
                 f"stale (narrow). Call widen outside the autocast context. The module and "
                 f"optimizer were left unchanged."
             )
-        raise RuntimeError(f"{name}: {_LIVE_GRAPH}")
+        raise RuntimeError(f"{name}: {_held_message()}")
 
 
 def _swap(target: Tensor, new: Tensor) -> tuple[Tensor, bool]:
@@ -202,7 +397,7 @@ def _swap(target: Tensor, new: Tensor) -> tuple[Tensor, bool]:
         return new, True  # ``new`` now holds the old contents
     except RuntimeError as err:
         if "AccumulateGrad" in str(err):
-            raise RuntimeError(_LIVE_GRAPH) from err
+            raise RuntimeError(_held_message()) from err
         raise
 
 

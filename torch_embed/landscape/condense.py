@@ -15,7 +15,9 @@ the narrowest network it can prove computes the same function, and returns the
   depends on train/eval mode;
 * with ``cos``, and only for positively homogeneous activations (ReLU family, see
   ``torch_embed._sequential.elementwise_info``), also **merge** neurons whose fan-in
-  vectors ``u = [weights; bias]`` are parallel with a positive ratio (cosine ``≥ cos``):
+  vectors ``u = [weights; bias]`` are parallel with a positive ratio (cosine ``≥ cos``,
+  the computed cosine given ``(n + 4)·eps`` of slack for its rounding, ``n`` the length
+  of ``u``: with ``cos=1`` exactly parallel rows merge on every CPU):
   ``σ(c·u·x) = c·σ(u·x)`` for ``c > 0``, so the kept neuron's fan-out becomes
   ``Σ c_j·column_j`` with ``c_j = ⟨u_j, u⟩/‖u‖²``.
 
@@ -162,6 +164,8 @@ def _group(
     groups: list[list[int]] = []
     factors: list[list[float]] = []
     norms = rows.norm(dim=1)
+    # the computed cosine of parallel rows is 1 ± a few ulps, by the kernels' rounding
+    slack = (rows.shape[1] + 4) * torch.finfo(rows.dtype).eps
     for j in range(rows.shape[0]):
         placed = False
         for g, r in enumerate(reps):
@@ -178,7 +182,7 @@ def _group(
                 if float(norms[r]) <= atol:
                     continue
                 dot = float(rows[j] @ rows[r])
-                if dot / (float(norms[j]) * float(norms[r])) >= cos and dot > 0:
+                if dot / (float(norms[j]) * float(norms[r])) >= cos - slack and dot > 0:
                     groups[g].append(j)
                     factors[g].append(dot / float(norms[r]) ** 2)
                     placed = True

@@ -117,9 +117,10 @@ def empirical_nullity(
 
     Meaningful near an exact critical point only (polish first with
     :func:`torch_embed.critical.critical_point`); the tolerance is
-    :func:`torch_embed.inertia.hessian_inertia`'s default (scaled by the size of the
-    Hessian and the gradient norm) unless ``tol`` is given. Use ``hessian_inertia``
-    itself to see the gap ratio that says how trustworthy the count is.
+    :func:`torch_embed.inertia.hessian_inertia`'s default (the rounding level, moved up
+    into a clear gap below ``10·|∇R|`` away from a critical point) unless ``tol`` is
+    given. Use ``hessian_inertia`` itself to see the gap ratio and the ``ambiguous``
+    flag that say how trustworthy the count is.
 
     Example:
         Splitting a neuron of a one-output network at a critical point adds exactly

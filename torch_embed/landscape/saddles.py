@@ -53,6 +53,7 @@ from torch_embed._blocks import (
     split_direction,
     splitting_matrix,
 )
+from torch_embed._order import ranked, tie_tolerance
 from torch_embed._sequential import Layout, read_sequential
 from torch_embed.embedding import Embedding
 from torch_embed.hessian import flat_loss, hessian
@@ -158,7 +159,21 @@ def _activation_value_slope(
     return a.detach(), slope.detach()
 
 
-def _full_direction(layout: Layout, touched: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's floating parameters: the precision its symmetries hold to."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float64)
+
+
+def _full_direction(
+    layout: Layout, touched: Mapping[str, Tensor], dtype: torch.dtype
+) -> dict[str, Tensor]:
+    """Every Linear parameter of ``layout`` (zeros where untouched), sign fixed.
+
+    An eigenvector's (or singular vector's) sign is arbitrary and LAPACK's choice
+    depends on the kernels, so the sign is fixed here: the first entry (in parameter
+    order) whose magnitude is above ``tie_tolerance`` of the entries (``dtype``: the
+    model's) is positive.
+    """
     ref = next(iter(touched.values()))
     out: dict[str, Tensor] = {}
     for lin in layout.linears:
@@ -174,6 +189,13 @@ def _full_direction(layout: Layout, touched: Mapping[str, Tensor]) -> dict[str, 
                 if t is not None
                 else torch.zeros(shape, dtype=torch.float64, device=ref.device)
             )
+    flat = torch.cat([t.reshape(-1) for t in out.values()])
+    if flat.numel():
+        magnitude = flat.abs()
+        cut = tie_tolerance([float(magnitude.max())], dtype)
+        first = flat[magnitude > cut]
+        if first.numel() and float(first[0]) < 0:
+            out = {k: -t for k, t in out.items()}
     return out
 
 
@@ -201,7 +223,7 @@ def _best_alpha(s: Tensor, g: Tensor, bound: float) -> tuple[float, float, Tenso
 
     grid = [0.5 + (bound - 0.5) * k / (_GRID - 1) for k in range(_GRID)] if bound > 0.5 else [0.5]
     values = [f(a) for a in grid]
-    i = min(range(len(grid)), key=lambda k: values[k])
+    i = ranked(values, tol=tie_tolerance(values))[0]  # a flat κ(α): the smallest α
     best_a, best_v = grid[i], values[i]
     if len(grid) > 1:
         lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
@@ -249,7 +271,9 @@ def _split_certificate(
     m = layout.hidden_widths[layer]
     emb = plan(model, {layer: m + 1}, Split(alpha=alpha, select={layer: [neuron]}))
     wide = emb.wide_layout
-    direction = _full_direction(wide, split_direction(wide, layer, neuron, m, alpha, v, c))
+    direction = _full_direction(
+        wide, split_direction(wide, layer, neuron, m, alpha, v, c), _model_dtype(model)
+    )
     s_eval = torch.linalg.eigvalsh(s)
     s_min, s_max = float(s_eval[0]), float(s_eval[-1])
     s_only = _s_only_best(s_min, s_max, bound)
@@ -293,7 +317,8 @@ def _null_certificate(
         return None
     scale = slope.abs() / torch.sqrt(1 + torch.where(value == 0, 0.0, value**2))
     scale = torch.where(ok, scale, -1.0)
-    k = int(torch.argmax(scale))
+    # the first candidate among the best (a symmetric activation ties β and -β)
+    k = ranked(scale.tolist(), tol=tie_tolerance(scale[ok].tolist()), descending=True)[0]
     g0 = null_coupling(signals, 1.0)
     u, sv, vh = torch.linalg.svd(g0, full_matrices=False)
     sigma_v, slope_k, k_scale = float(value[k]), float(slope[k]), float(scale[k])
@@ -304,7 +329,9 @@ def _null_certificate(
     m = layout.hidden_widths[layer]
     emb = plan(model, {layer: m + 1}, Null(bias=float(beta[k])))
     wide = emb.wide_layout
-    direction = _full_direction(wide, null_direction(wide, layer, m, sigma_v, v, c))
+    direction = _full_direction(
+        wide, null_direction(wide, layer, m, sigma_v, v, c), _model_dtype(model)
+    )
     return Certificate(
         layer=layer,
         neuron=None,
@@ -342,6 +369,14 @@ def saddle_certificates(
     sorted by ``κ``, most negative first. Works at any point, critical or not: the
     complement directions have zero first-order effect everywhere.
 
+    Curvatures within ``sqrt(eps)·max|κ|`` of each other (``eps`` of the model's
+    dtype) are a tie, ordered by layer, then neuron, then the layer's null neuron: two
+    mirror-image neurons differ only by rounding, and rounding depends on the CPU's
+    kernels (``torch_embed._order`` states the rule). The same rule picks α on its
+    grid, the null bias among equally good candidates and, in :func:`escape`, ``+t``
+    over ``-t``; each direction's sign is fixed (its first non-negligible entry is
+    positive), so results do not depend on the CPU.
+
     Args:
         model: An ``nn.Sequential`` MLP of Linear layers and twice-differentiable
             element-wise activations (no BatchNorm; Dropout in eval mode).
@@ -357,7 +392,7 @@ def saddle_certificates(
         kinds: Which one-step embeddings to examine: ``"split"``, ``"null"`` or both.
 
     Returns:
-        The certificates, most negative curvature first.
+        The certificates, most negative curvature first (ties by layer and neuron).
 
     Raises:
         ValueError: ``alpha_bound`` below ``½`` or infinite, a non-finite null bias, a
@@ -422,8 +457,23 @@ def saddle_certificates(
             cert = _null_certificate(model, layout, signals, l, null_biases)
             if cert is not None:
                 certs.append(cert)
-    certs.sort(key=lambda c: c.curvature)
-    return certs
+    return _rank(certs, _model_dtype(model))
+
+
+def _rank(certs: Sequence[Certificate], dtype: torch.dtype) -> list[Certificate]:
+    """Most negative curvature first; ties (``torch_embed._order``) by (layer, neuron).
+
+    Within a tie, splits come in neuron order, then the layer's null neuron. Two
+    mirror-image neurons have equal certificates up to rounding; without the tie rule
+    the CPU's kernels chose which one :func:`escape` splits.
+    """
+    values = [c.curvature for c in certs]
+
+    def key(i: int) -> tuple[int, bool, int]:
+        c = certs[i]
+        return (c.layer, c.kind == "null", c.neuron if c.neuron is not None else 0)
+
+    return [certs[i] for i in ranked(values, key, tol=tie_tolerance(values, dtype))]
 
 
 @dataclass(frozen=True)
@@ -513,6 +563,7 @@ def _line_search(
         if k in direction
     }
     norm = math.sqrt(sum(float(v.to(torch.float64).pow(2).sum()) for v in wide.values()))
+    dtype = next((v.dtype for v in wide.values() if v.is_floating_point()), torch.float64)
 
     def loss_at(t: float) -> float:
         moved = {k: (v + t * d[k] if k in d else v) for k, v in wide.items()}
@@ -526,7 +577,9 @@ def _line_search(
     accepted: tuple[float, float] | None = None
     for _ in range(max_halvings):
         plus, minus = loss_at(t), loss_at(-t)
-        best_t, best = (t, plus) if plus <= minus else (-t, minus)
+        # +t on a tie: a symmetric direction (an equal split's copies) has equal losses
+        pick = ranked([plus, minus], tol=tie_tolerance([plus, minus], dtype))[0]
+        best_t, best = (t, plus) if pick == 0 else (-t, minus)
         model_decrease = 0.5 * -curvature * t * t
         if best < reference and reference - best >= 0.25 * model_decrease:
             accepted = (best_t, best)
