@@ -297,9 +297,7 @@ def _trace_export(model: nn.Module, args: tuple[Any, ...]) -> Traced:
 
 
 # ----------------------------------------------------------------------------- fx
-def _module_call(
-    name: str, mod: nn.Module, x: Any, owner: str
-) -> tuple[str, tuple[Any, ...]] | None:
+def _module_call(mod: nn.Module, x: Any, owner: str) -> tuple[str, tuple[Any, ...]] | None:
     """The aten-level op and arguments an ``nn`` leaf module's forward amounts to."""
 
     def p(attr: str) -> Ref | None:
@@ -408,7 +406,7 @@ def _trace_fx(model: nn.Module, args: tuple[Any, ...]) -> Traced:
     }
     for node in gm.graph.nodes:  # a parameter read by get_attr is the same value
         t = results.get(node.name)
-        if node.op == "placeholder" and node.name != node.target:
+        if node.op == "placeholder" and node.name != node.target and isinstance(t, torch.Tensor):
             folded[node.name] = Ref(str(node.target))  # the forward's own argument name
         if node.op == "get_attr" and isinstance(t, torch.Tensor) and id(t) in tensor_fqns:
             folded[node.name] = Ref(tensor_fqns[id(t)])
@@ -441,7 +439,7 @@ def _trace_fx(model: nn.Module, args: tuple[Any, ...]) -> Traced:
         if node.op == "call_module":
             mod = model.get_submodule(str(node.target))
             owner, mtype = str(node.target), type(mod).__name__
-            call = _module_call(owner, mod, args_[0] if args_ else None, owner)
+            call = _module_call(mod, args_[0] if args_ else None, owner)
             op, args_ = call if call is not None else (f"module::{mtype}", args_)
             kwargs = {}
         elif node.op == "call_method":
