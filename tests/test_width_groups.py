@@ -803,3 +803,31 @@ def test_nested_sums_and_products() -> None:
     groups = _readers_check(SwapHalves(), _x(4, 3), ["lin[0]", "lin[1]", "lin[2]"])
     assert str(groups.layouts[("lin.weight", 0)]) == "(lin[0] × (lin[1] + lin[2]))"
     assert str(groups.layouts[("out.weight", 1)]) == "(lin[0] × (lin[2] + lin[1]))"
+
+
+class Decoder(nn.Module):
+    """Conv, transposed conv (weight is in × out), BatchNorm, InstanceNorm, Upsample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.up_conv = nn.ConvTranspose2d(3, 4, 2, stride=2)
+        self.bn = nn.BatchNorm2d(4)
+        self.inorm = nn.InstanceNorm2d(4, affine=True)
+        self.up = nn.Upsample(scale_factor=2)
+        self.out = nn.Conv2d(4, 1, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.bn(self.up_conv(torch.tanh(self.conv(x)))))
+        return self.out(self.up(self.inorm(h)))
+
+
+def test_transposed_conv_reads_axis_0_and_writes_axis_1() -> None:
+    model, x = Decoder(), _x(2, 2, 3, 3)
+    groups = _readers_check(model, x, ["conv", "up_conv"])
+    assert [(u.tensor, u.axis) for u in groups.find("conv").consumers] == [("up_conv.weight", 0)]
+    up = groups.find("up_conv")
+    assert ("up_conv.weight", 1, "producer") in {(u.tensor, u.axis, u.role) for u in up.producers}
+    assert up.aliases == ("bn", "inorm")
+    fx = width_groups(model, x, tracer="fx")
+    assert _records(fx) == _records(width_groups(model, x, tracer="export"))

@@ -337,6 +337,11 @@ def _module_call(mod: nn.Module, x: Any, owner: str) -> tuple[str, tuple[Any, ..
             x, p("weight"), p("bias"), p("running_mean"), p("running_var"), mod.training,
             mod.momentum, mod.eps, False,
         )  # fmt: skip
+    if isinstance(mod, nn.modules.instancenorm._InstanceNorm):
+        return "instance_norm", (
+            x, p("weight"), p("bias"), p("running_mean"), p("running_var"), True,
+            mod.momentum, mod.eps, False,
+        )  # fmt: skip
     if type(mod) is nn.LayerNorm:
         return "layer_norm", (x, list(mod.normalized_shape), p("weight"), p("bias"), mod.eps)
     if type(mod) is getattr(nn, "RMSNorm", None):
