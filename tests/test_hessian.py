@@ -284,3 +284,187 @@ def test_model_parameters_grads_mode_and_rng_untouched() -> None:
     for n, p in model.named_parameters():
         assert p.dtype == torch.float32
         assert torch.equal(p.detach(), before[n][0]) and torch.equal(p.grad, before[n][1])
+
+
+def _hessian_module() -> Any:
+    import sys
+
+    return sys.modules["torch_embed.hessian"]  # the module, not the re-exported function
+
+
+def _record_batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the number of vectors of every batched product built from now on."""
+    mod = _hessian_module()
+    sizes: list[int] = []
+    real_vmap = mod.vmap
+
+    def counting_vmap(f: Callable[..., Any], *a: Any, **kw: Any) -> Callable[..., Any]:
+        batched = real_vmap(f, *a, **kw)
+
+        def run(v: Tensor) -> Any:
+            sizes.append(int(v.shape[0]))
+            return batched(v)
+
+        return run
+
+    monkeypatch.setattr(mod, "vmap", counting_vmap)
+    return sizes
+
+
+def test_matmat_batches_sized_from_free_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 11 §5: a fixed batch of 128 vectors once asked for 9.4 GB at P ≈ 1e6."""
+    mod = _hessian_module()
+    torch.manual_seed(9)
+    model = _mlp([3, 6, 2], nn.Tanh, True).double()
+    x, y = _data(3, 2, False, n=40)
+    ref, _ = _reference(model, nn.MSELoss(), x, y)
+    p = ref.shape[0]
+    g = torch.Generator().manual_seed(1)
+    vs = torch.randn(20, p, dtype=F64, generator=g)
+    sizes = _record_batches(monkeypatch)
+    op = HessianOperator(model, nn.MSELoss(), x, y)
+    # the first product runs alone and measures what one vector allocates
+    assert torch.allclose(op.matvec(vs[0]), ref @ vs[0], rtol=1e-10, atol=1e-13)
+    assert sizes == [1]
+    per = op._products.vector_bytes
+    assert per is not None and per >= 2 * p * 8
+    # free memory for the (20, P) result plus 3.5 vectors' work in MEMORY_FRACTION of it
+    need = vs.numel() * 8
+    free = need + int(3.5 * per / mod.MEMORY_FRACTION)
+    monkeypatch.setattr(mod, "_available_bytes", lambda device: free)
+    sizes.clear()
+    out = op.matmat(vs)
+    assert sizes == [3] * 6 + [2]
+    assert torch.allclose(out, vs @ ref, rtol=1e-10, atol=1e-13)
+    # plenty of memory: one batch; too little even for the result: refused up front
+    monkeypatch.setattr(mod, "_available_bytes", lambda device: 2**40)
+    sizes.clear()
+    assert torch.allclose(op.matmat(vs), vs @ ref, rtol=1e-10, atol=1e-13)
+    assert sizes == [20]
+    monkeypatch.setattr(mod, "_available_bytes", lambda device: need - 1)
+    with pytest.raises(MemoryError, match=r"20 vectors of P=\d+ .*fewer vectors"):
+        op.matmat(vs)
+    # max_bytes overrides the probe; an explicit chunk_size is used as given
+    small = HessianOperator(model, nn.MSELoss(), x, y, max_bytes=need + 1)
+    sizes.clear()
+    assert torch.allclose(small.matmat(vs), vs @ ref, rtol=1e-10, atol=1e-13)
+    assert sizes == [1] * 20
+    monkeypatch.setattr(mod, "_available_bytes", lambda device: 2**40)
+    fixed = HessianOperator(model, nn.MSELoss(), x, y, chunk_size=7)
+    sizes.clear()
+    assert torch.allclose(fixed.matmat(vs), vs @ ref, rtol=1e-10, atol=1e-13)
+    assert sizes == [7, 7, 6]
+
+
+def test_measured_vector_memory_grows_with_the_batch_not_with_p() -> None:
+    """The activations of the N samples, not the P parameters, dominate a product."""
+    torch.manual_seed(10)
+    model = _mlp([3, 16, 2], nn.Tanh, True).double()
+    measured = []
+    for n in (40, 400):
+        x, y = _data(3, 2, False, n=n)
+        op = HessianOperator(model, nn.MSELoss(), x, y)
+        op.matvec(torch.ones(op.shape[0], dtype=F64))
+        assert op._products.vector_bytes is not None
+        measured.append(op._products.vector_bytes)
+    p = HessianOperator(model, nn.MSELoss(), x, y).shape[0]
+    assert measured[1] > 5 * measured[0]  # 10x the samples
+    assert measured[1] > 20 * 2 * p * 8  # far above the 2·P numbers of input and output
+
+
+def test_allocation_failure_is_a_memory_error_with_advice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU allocator's RuntimeError is not reworded as a missing second derivative."""
+    mod = _hessian_module()
+    model = _mlp([3, 4, 2], nn.Tanh, True).double()
+    x, y = _data(3, 2, False)
+
+    def failing_vmap(f: Callable[..., Any], *a: Any, **kw: Any) -> Callable[..., Any]:
+        def run(v: Tensor) -> Tensor:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to ...")
+
+        return run
+
+    monkeypatch.setattr(mod, "vmap", failing_vmap)
+    with pytest.raises(MemoryError, match="smaller chunk_size"):
+        hvp(model, nn.MSELoss(), x, y, torch.ones(3, 26, dtype=F64))
+
+
+@pytest.mark.parametrize("k", [None, 5])
+def test_hvp_costs_one_forward_and_no_probe(monkeypatch: pytest.MonkeyPatch, k: Any) -> None:
+    """One hvp call: the loss runs once and the second backward sees only the k vectors."""
+    torch.manual_seed(11)
+    model = _mlp([3, 5, 2], nn.Tanh, True).double()
+    x, y = _data(3, 2, False)
+    ref, _ = _reference(model, nn.MSELoss(), x, y)
+    p = ref.shape[0]
+    calls: list[int] = []
+
+    def loss(out: Tensor, target: Tensor) -> Tensor:
+        calls.append(1)
+        return F.mse_loss(out, target)
+
+    rows = _record_batches(monkeypatch)
+    g = torch.Generator().manual_seed(2)
+    v = torch.randn(p, dtype=F64, generator=g) if k is None else torch.randn(k, p, generator=g)
+    out = hvp(model, loss, x, y, v)
+    expected = ref @ v if k is None else v.double() @ ref
+    assert torch.allclose(out, expected, rtol=1e-10, atol=1e-13)
+    assert len(calls) == 1  # one forward pass (recorded with its backward), no check pass
+    assert sum(rows) == (1 if k is None else k)  # no probe vector
+    if k is None:
+        assert rows == [1]  # one vector: exactly one Hessian-vector product
+
+
+def test_hvp_casts_mapping_vectors_and_dict_inputs() -> None:
+    """float32 {name: tensor} vectors and dict inputs are cast like tensors (issue 11 §5)."""
+
+    class DictNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 4)
+            self.out = nn.Linear(4, 2)
+
+        def forward(self, batch: dict[str, Tensor]) -> Tensor:
+            h: Tensor = self.out(torch.tanh(self.lin(batch["x"]) * batch["scale"]))
+            return h
+
+    torch.manual_seed(12)
+    model = DictNet()  # float32
+    x, y = _data(3, 2, False)
+    inputs = {"x": x, "scale": torch.full((1, 4), 1.5)}
+    ref64 = copy.deepcopy(model).double()
+    params = dict(ref64.named_parameters())
+    names = list(params)
+    sizes = [q.numel() for q in params.values()]
+    in64 = {k: t.double() for k, t in inputs.items()}
+
+    def f(t: Tensor) -> Tensor:
+        d = {n: c.view_as(params[n]) for n, c in zip(names, torch.split(t, sizes))}
+        return F.mse_loss(torch.func.functional_call(ref64, d, (in64,)), y.double())
+
+    theta = torch.cat([q.detach().reshape(-1) for q in params.values()])
+    ref = torch.autograd.functional.hessian(f, theta)
+    g = torch.Generator().manual_seed(3)
+    v = torch.randn(theta.numel(), generator=g)  # float32
+    expected = ref @ v.double()
+    out = hvp(model, F.mse_loss, inputs, y, v)
+    assert out.dtype == F64 and torch.allclose(out, expected, rtol=1e-10, atol=1e-13)
+    # the same vector as a {name: float32 tensor} mapping: a dict of the same shapes back
+    as_map = {n: c.view_as(params[n]).float() for n, c in zip(names, torch.split(v, sizes))}
+    got = hvp(model, F.mse_loss, inputs, y, as_map)
+    assert list(got) == names
+    for n, c in zip(names, torch.split(expected, sizes)):
+        assert got[n].dtype == F64 and got[n].shape == params[n].shape
+        assert torch.allclose(got[n], c.view_as(params[n]), rtol=1e-10, atol=1e-13)
+    # k vectors with a leading dimension
+    vs = torch.randn(3, theta.numel(), generator=g)
+    batch = {n: c.reshape(3, *params[n].shape) for n, c in zip(names, torch.split(vs, sizes, 1))}
+    got_k = hvp(model, F.mse_loss, inputs, y, batch)
+    flat = torch.cat([got_k[n].reshape(3, -1) for n in names], 1)
+    assert torch.allclose(flat, vs.double() @ ref, rtol=1e-10, atol=1e-13)
+    with pytest.raises(ValueError, match=r"missing \['out.bias'\], unknown \['bogus'\]"):
+        hvp(model, F.mse_loss, inputs, y, {**{n: as_map[n] for n in names[:-1]}, "bogus": v})
+    with pytest.raises(ValueError, match=r"vectors\['lin.bias'\] has shape \(5,\)"):
+        hvp(model, F.mse_loss, inputs, y, {**as_map, "lin.bias": torch.ones(5)})
+    with pytest.raises(TypeError, match=r"vectors\['lin.bias'\] must be a tensor"):
+        hvp(model, F.mse_loss, inputs, y, {**as_map, "lin.bias": [1.0] * 4})  # type: ignore[dict-item]
