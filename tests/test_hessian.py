@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -287,8 +290,6 @@ def test_model_parameters_grads_mode_and_rng_untouched() -> None:
 
 
 def _hessian_module() -> Any:
-    import sys
-
     return sys.modules["torch_embed.hessian"]  # the module, not the re-exported function
 
 
@@ -323,9 +324,13 @@ def test_matmat_batches_sized_from_free_memory(monkeypatch: pytest.MonkeyPatch) 
     vs = torch.randn(20, p, dtype=F64, generator=g)
     sizes = _record_batches(monkeypatch)
     op = HessianOperator(model, nn.MSELoss(), x, y)
-    # the first product runs alone and measures what one vector allocates
+    # one vector needs no sizing: not measured
     assert torch.allclose(op.matvec(vs[0]), ref @ vs[0], rtol=1e-10, atol=1e-13)
-    assert sizes == [1]
+    assert sizes == [1] and op._products.vector_bytes is None
+    # the first of several runs alone and measures what one vector allocates
+    sizes.clear()
+    assert torch.allclose(op.matmat(vs[:3]), vs[:3] @ ref, rtol=1e-10, atol=1e-13)
+    assert sizes == [1, 2]
     per = op._products.vector_bytes
     assert per is not None and per >= 2 * p * 8
     # free memory for the (20, P) result plus 3.5 vectors' work in MEMORY_FRACTION of it
@@ -364,7 +369,7 @@ def test_measured_vector_memory_grows_with_the_batch_not_with_p() -> None:
     for n in (40, 400):
         x, y = _data(3, 2, False, n=n)
         op = HessianOperator(model, nn.MSELoss(), x, y)
-        op.matvec(torch.ones(op.shape[0], dtype=F64))
+        op.matmat(torch.ones(2, op.shape[0], dtype=F64))
         assert op._products.vector_bytes is not None
         measured.append(op._products.vector_bytes)
     p = HessianOperator(model, nn.MSELoss(), x, y).shape[0]
@@ -468,3 +473,37 @@ def test_hvp_casts_mapping_vectors_and_dict_inputs() -> None:
         hvp(model, F.mse_loss, inputs, y, {**as_map, "lin.bias": torch.ones(5)})
     with pytest.raises(TypeError, match=r"vectors\['lin.bias'\] must be a tensor"):
         hvp(model, F.mse_loss, inputs, y, {**as_map, "lin.bias": [1.0] * 4})  # type: ignore[dict-item]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc and sets RLIMIT_AS")
+def test_available_memory_respects_address_space_limit() -> None:
+    """``ulimit -v`` (how bench scripts cap memory) bounds the batches, not only RAM."""
+    code = (
+        "import resource, sys, torch, torch_embed.hessian\n"
+        "m = sys.modules['torch_embed.hessian']\n"
+        "vm = [l for l in open('/proc/self/status') if l.startswith('VmSize')][0]\n"
+        "vm = int(vm.split()[1]) * 1024\n"
+        "hard = resource.getrlimit(resource.RLIMIT_AS)[1]\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (vm + 2**30, hard))\n"
+        "print(m._available_bytes(torch.device('cpu')))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=False
+    )
+    assert run.returncode == 0, run.stderr
+    got = int(run.stdout.split()[-1])
+    assert 2**29 < got <= 2**30
+
+
+def test_available_memory_respects_cgroup_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mod = _hessian_module()
+    monkeypatch.setattr(mod, "_CGROUP_DIR", str(tmp_path))
+    (tmp_path / "memory.max").write_text("max\n")
+    (tmp_path / "memory.current").write_text("1000000\n")
+    assert mod._cgroup_available() is None
+    (tmp_path / "memory.max").write_text("5000000\n")
+    assert mod._cgroup_available() == 4_000_000
+    assert mod._available_bytes(torch.device("cpu")) <= 4_000_000

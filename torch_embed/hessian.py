@@ -378,12 +378,13 @@ class _Products:
     first backward pass, once); nothing is probed. A failure is diagnosed where it
     happens: an error of the model or loss itself is raised unchanged (the loss is
     evaluated once more, only then), a missing second derivative becomes a
-    ``ValueError``, an allocation failure a ``MemoryError``. In the reverse engine the
-    first single-vector product also measures the memory one product allocates
-    (:attr:`vector_bytes`, see :class:`_AllocatedBytes`), from which :meth:`chunk`
-    sizes the batches. The forward engine is not measured: under a dispatch mode its
-    forward-mode AD crashed the interpreter (torch 2.13, segmentation fault in the test
-    suite), so its batches are sized from ``2·P`` numbers per vector. Every
+    ``ValueError``, an allocation failure a ``MemoryError``. In the reverse engine, the
+    first time several vectors come, the first of them runs alone and measures the
+    memory one product allocates (:attr:`vector_bytes`, see :class:`_AllocatedBytes`),
+    from which :meth:`chunk` sizes the batches. The forward engine is not measured:
+    under a dispatch mode its forward-mode AD crashed the interpreter (torch 2.13,
+    segmentation fault in the test suite), so its batches are sized from ``2·P``
+    numbers per vector. Every
     product runs from the random-number state of construction (a train-mode Dropout
     keeps one mask, also in the forward engine, which reruns the forward pass), and the
     caller's state is left as it was.
@@ -405,10 +406,12 @@ class _Products:
             except RuntimeError as err:
                 raise self._failure(err) from err
 
-    def __call__(self, rows: Tensor) -> Tensor:
-        """``rows @ H`` for ``(k, P)`` rows in ``theta``'s dtype and device, one pass."""
-        first = self._measure and self.vector_bytes is None and len(rows) == 1
-        counter = _AllocatedBytes() if first else None
+    def __call__(self, rows: Tensor, *, measure: bool = False) -> Tensor:
+        """``rows @ H`` for ``(k, P)`` rows in ``theta``'s dtype and device, one pass.
+
+        With ``measure`` (one row, reverse engine) it also sets :attr:`vector_bytes`.
+        """
+        counter = _AllocatedBytes() if measure and self._measure and len(rows) == 1 else None
         with torch.random.fork_rng(devices=self._devices):
             torch.set_rng_state(self._rng)
             for dev, state in zip(self._devices, self._cuda_rng, strict=True):
@@ -464,12 +467,14 @@ class _Products:
         """``out[i:j] = rows(i, j) @ H`` for every row of ``out``, one batch at a time.
 
         ``chunk_size`` rows per batch, or (``None``) as many as :meth:`chunk` allows in
-        ``budget`` bytes; before the first measurement, the first row runs alone.
+        ``budget`` bytes. Before the first measurement, the first of several rows runs
+        alone and is measured (a single row needs no sizing and is not measured: the
+        dispatch mode costs Python time per operation).
         """
         k = out.shape[0]
         start = 0
-        if chunk_size is None and self._measure and self.vector_bytes is None and k > 0:
-            out[:1] = self(rows(0, 1))
+        if chunk_size is None and self._measure and self.vector_bytes is None and k > 1:
+            out[:1] = self(rows(0, 1), measure=True)
             start = 1
         chunk = self.chunk(k - start, budget) if chunk_size is None else chunk_size
         for i in range(start, k, chunk):
@@ -478,20 +483,68 @@ class _Products:
 
 
 def _available_bytes(device: torch.device) -> int:
+    """Bytes the process can still allocate on ``device``.
+
+    CUDA: the free memory of the device. CPU: the smallest of the system's available
+    memory (``MemAvailable``), what the process's address-space limit (``ulimit -v``,
+    ``RLIMIT_AS``) leaves beside its current address space, and what a cgroup v2 memory
+    limit leaves (``memory.max - memory.current``); a limit that is not set is ignored.
+    """
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(free)
+    found = [
+        b for b in (_meminfo_available(), _rlimit_available(), _cgroup_available()) if b is not None
+    ]
+    return max(min(found), 0) if found else 2**62
+
+
+def _meminfo_available() -> int | None:
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
-    except OSError:
+    except (OSError, ValueError, IndexError):
         pass
     try:
         return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):
-        return 2**62
+        return None
+
+
+def _rlimit_available() -> int | None:
+    """``RLIMIT_AS`` minus the current address space (``VmSize``); ``None`` if unlimited."""
+    try:
+        import resource
+
+        soft, _hard = resource.getrlimit(resource.RLIMIT_AS)
+        if soft == resource.RLIM_INFINITY or soft < 0:
+            return None
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmSize:"):
+                    return int(soft) - int(line.split()[1]) * 1024
+    except (ImportError, OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+#: Where a cgroup v2 hierarchy's files for this process are read (its root in a container).
+_CGROUP_DIR = "/sys/fs/cgroup"
+
+
+def _cgroup_available() -> int | None:
+    """``memory.max - memory.current`` of cgroup v2; ``None`` without a limit."""
+    try:
+        with open(os.path.join(_CGROUP_DIR, "memory.max")) as fh:
+            limit = fh.read().strip()
+        if limit == "max":
+            return None
+        with open(os.path.join(_CGROUP_DIR, "memory.current")) as fh:
+            return int(limit) - int(fh.read().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def _size(nbytes: int) -> str:
@@ -679,8 +732,9 @@ def hessian(
         inputs: The batch of inputs.
         targets: The batch of targets.
         dtype: Floating dtype of the computation and of the result.
-        chunk_size: Hessian-vector products per batched pass (default
-            ``min(P, DEFAULT_CHUNK)``).
+        chunk_size: Hessian-vector products per batched pass (default: ``min(P,
+            DEFAULT_CHUNK)`` for ``"blocks"``; for ``"reverse"``/``"forward"``, sized
+            from the memory left beside the matrix, as in :class:`HessianOperator`).
         allow_train_mode: Differentiate a train-mode BatchNorm/Dropout model (batch
             statistics; one dropout mask, drawn once, for all products).
         max_bytes: Memory the result may use (default: the available memory of the
@@ -841,12 +895,13 @@ class HessianOperator:
     ``torch.cuda.mem_get_info``; ``max_bytes`` if given), as :func:`hessian` does: the
     result is allocated first, then each batch may plan to use ``MEMORY_FRACTION`` of
     what is left, at most ``DEFAULT_CHUNK`` vectors. What one vector costs is measured
-    on the first product, which runs alone: the bytes of every tensor the second
-    backward pass allocates, summed (an upper bound of its peak; the activations of
-    the batch, not ``P``, dominate it). A fixed batch of 128 vectors of an 8-1000-1000-1
-    MLP (``P ≈ 10⁶``, ``N = 1024`` samples) once asked for one 9.4 GB allocation. The
-    ``"forward"`` engine is not measured (PyTorch crashed when forward-mode AD ran
-    under the measuring dispatch mode); it counts ``2·P`` numbers per vector.
+    the first time several vectors come, on the first of them, which runs alone: the
+    bytes of every tensor the second backward pass allocates, summed (an upper bound
+    of its peak; the activations of the batch, not ``P``, dominate it). A fixed batch
+    of 128 vectors of an 8-1000-1000-1 MLP (``P ≈ 10⁶``, ``N = 1024`` samples) once
+    asked for one 9.4 GB allocation. The ``"forward"`` engine is not measured (PyTorch
+    crashed when forward-mode AD ran under the measuring dispatch mode); it counts
+    ``2·P`` numbers per vector.
 
     Args:
         model: The network (not modified; later changes to it are not seen).
