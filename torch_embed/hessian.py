@@ -384,10 +384,9 @@ class _Products:
     from which :meth:`chunk` sizes the batches. The forward engine is not measured:
     under a dispatch mode its forward-mode AD crashed the interpreter (torch 2.13,
     segmentation fault in the test suite), so its batches are sized from ``2·P``
-    numbers per vector. Every
-    product runs from the random-number state of construction (a train-mode Dropout
-    keeps one mask, also in the forward engine, which reruns the forward pass), and the
-    caller's state is left as it was.
+    numbers per vector. Every product runs from the random-number state of
+    construction (a train-mode Dropout keeps one mask, also in the forward engine,
+    which reruns the forward pass), and the caller's state is left as it was.
     """
 
     def __init__(self, fn: Callable[[Tensor], Tensor], theta: Tensor, engine: str) -> None:
@@ -450,7 +449,7 @@ class _Products:
         """Vectors per pass: as many as fit in ``MEMORY_FRACTION`` of ``budget`` bytes.
 
         At least 1, at most ``DEFAULT_CHUNK`` and ``count``; each vector is taken to need
-        :attr:`vector_bytes` (measured by the first single-vector product), and never
+        :attr:`vector_bytes` (measured, see :meth:`into_`), and never
         less than ``2·P`` numbers (its input and output row).
         """
         per = max(self.vector_bytes or 0, 2 * self.theta.numel() * self.theta.element_size(), 1)
