@@ -507,3 +507,28 @@ def test_available_memory_respects_cgroup_limit(
     (tmp_path / "memory.max").write_text("5000000\n")
     assert mod._cgroup_available() == 4_000_000
     assert mod._available_bytes(torch.device("cpu")) <= 4_000_000
+
+
+@pytest.mark.parametrize("engine", ["blocks", "reverse"])
+def test_dense_hessian_batches_sized_from_memory_left_beside_the_matrix(
+    monkeypatch: pytest.MonkeyPatch, engine: str
+) -> None:
+    torch.manual_seed(13)
+    model = _mlp([3, 6, 2], nn.Tanh, True).double()
+    x, y = _data(3, 2, False, n=200)
+    ref, _ = _reference(model, nn.MSELoss(), x, y)
+    p = ref.shape[0]  # 38: blocks of 18, 6, 12 and 2 rows
+    sizes = _record_batches(monkeypatch)
+    # plenty of memory: one batch per block (blocks) or for all rows (reverse), after
+    # the first row, which runs alone to measure what a row costs
+    h = hessian(model, nn.MSELoss(), x, y, engine=engine, max_bytes=2**40)
+    assert (h - ref).abs().max() <= 1e-10 * ref.abs().max()
+    assert sizes == ([1, 17, 6, 12, 2] if engine == "blocks" else [1, 37])
+    # just enough for the matrix and the up-front check's two 38-row chunks: half of
+    # what is left holds less than one measured row (its activations: 200 samples x 6
+    # neurons), so the rows go one at a time
+    sizes.clear()
+    need = p * p * 8 + 2 * p * p * 8
+    h = hessian(model, nn.MSELoss(), x, y, engine=engine, max_bytes=need)
+    assert (h - ref).abs().max() <= 1e-10 * ref.abs().max()
+    assert sizes == [1] * p

@@ -446,15 +446,9 @@ class _Products:
         )
 
     def chunk(self, count: int, budget: int) -> int:
-        """Vectors per pass: as many as fit in ``MEMORY_FRACTION`` of ``budget`` bytes.
-
-        At least 1, at most ``DEFAULT_CHUNK`` and ``count``; each vector is taken to need
-        :attr:`vector_bytes` (measured, see :meth:`into_`), and never
-        less than ``2·P`` numbers (its input and output row).
-        """
-        per = max(self.vector_bytes or 0, 2 * self.theta.numel() * self.theta.element_size(), 1)
-        fit = int(MEMORY_FRACTION * max(budget, 0)) // per
-        return max(1, min(DEFAULT_CHUNK, count, fit))
+        """Vectors per pass for ``count`` vectors in ``budget`` bytes (:func:`_batch_size`)."""
+        row = 2 * self.theta.numel() * self.theta.element_size()
+        return _batch_size(max(self.vector_bytes or 0, row), budget, count)
 
     def into_(
         self,
@@ -479,6 +473,16 @@ class _Products:
         for i in range(start, k, chunk):
             j = min(i + chunk, k)
             out[i:j] = self(rows(i, j))
+
+
+def _batch_size(vector_bytes: int, budget: int, count: int) -> int:
+    """Vectors per batched pass: as many as fit in ``MEMORY_FRACTION`` of ``budget`` bytes.
+
+    Each vector is taken to need ``vector_bytes``; the result is at least 1 and at most
+    ``DEFAULT_CHUNK`` and ``count``.
+    """
+    fit = int(MEMORY_FRACTION * max(budget, 0)) // max(vector_bytes, 1)
+    return max(1, min(DEFAULT_CHUNK, count, fit))
 
 
 def _available_bytes(device: torch.device) -> int:
@@ -614,10 +618,20 @@ def dense_hessian(
         assert fl is not None and fl.param_fn is not None  # checked above
         _check_forward(flat_fn, theta)
         try:
-            _fill_blockwise_(out, fl.param_fn, theta, fl.shapes, chunk)
-        except torch.OutOfMemoryError:
-            raise
+            _fill_blockwise_(
+                out,
+                fl.param_fn,
+                theta,
+                fl.shapes,
+                None if chunk_size is None else chunk,
+                budget - p * p * itemsize,
+            )
         except RuntimeError as err:
+            if _is_out_of_memory(err):
+                raise MemoryError(
+                    f"the Hessian's rows of P={p} parameters ran out of memory ({err}); pass "
+                    f"a smaller chunk_size (rows per batched pass) or fewer inputs"
+                ) from err
             raise ValueError(
                 f"PyTorch cannot compute second derivatives of this loss: {err}. Every "
                 f"module and the loss must be twice differentiable in PyTorch"
@@ -640,7 +654,8 @@ def _fill_blockwise_(
     param_fn: Callable[[Sequence[Tensor]], Tensor],
     theta: Tensor,
     shapes: Sequence[torch.Size],
-    chunk: int,
+    chunk: int | None,
+    budget: int,
 ) -> None:
     """Fill ``out`` with the Hessian one parameter tensor (block row) at a time.
 
@@ -650,7 +665,10 @@ def _fill_blockwise_(
     forward and first backward pass recorded once per block). The blocks left of the
     diagonal are copied from their transposes (``H_kl = H_lkᵀ``), so the result is
     exactly symmetric. The random-number state is reset before each block, so a
-    train-mode Dropout draws the same mask for every block.
+    train-mode Dropout draws the same mask for every block. ``chunk=None`` sizes the
+    batches from ``budget`` bytes: the first row of the first block (whose graph spans
+    every later block, so it costs the most) runs alone and is measured
+    (:class:`_AllocatedBytes`), and every block uses the batch size this gives.
     """
     sizes = [math.prod(s) for s in shapes]
     offs = [0]
@@ -665,7 +683,7 @@ def _fill_blockwise_(
             torch.set_rng_state(rng)
             if cuda_rng is not None:
                 torch.cuda.set_rng_state(cuda_rng, theta.device)
-            _fill_block_row_(out, param_fn, leaves, l, offs, chunk)
+            chunk = _fill_block_row_(out, param_fn, leaves, l, offs, chunk, budget)
 
 
 def _fill_block_row_(
@@ -674,9 +692,13 @@ def _fill_block_row_(
     leaves: Sequence[Tensor],
     l: int,
     offs: Sequence[int],
-    chunk: int,
-) -> None:
-    """Rows of parameter block ``l``, against blocks ``l, l+1, ...``, and their mirror."""
+    chunk: int | None,
+    budget: int,
+) -> int:
+    """Rows of parameter block ``l``, against blocks ``l, l+1, ...``, and their mirror.
+
+    Returns the batch size used (measured and chosen here when ``chunk`` is ``None``).
+    """
     lo, hi = offs[l], offs[l + 1]
     head = list(leaves[:l])
 
@@ -689,19 +711,34 @@ def _fill_block_row_(
 
     vjp_fn = vjp(block_grad, *leaves[l:])[1]
     shape = leaves[l].shape
-    for s in range(0, hi - lo, chunk):
-        e = min(s + chunk, hi - lo)
+    p = out.shape[1]
+
+    def fill(s: int, e: int, counter: _AllocatedBytes | None = None) -> None:
         k = e - s
         basis = torch.zeros(k, hi - lo, dtype=out.dtype, device=out.device)
         basis[torch.arange(k), torch.arange(s, e)] = 1.0
-        rows = vmap(vjp_fn)(basis.view(k, *shape))
+        if counter is None:
+            rows = vmap(vjp_fn)(basis.view(k, *shape))
+        else:
+            with counter:
+                rows = vmap(vjp_fn)(basis.view(k, *shape))
         for j, r in enumerate(rows, start=l):
             blk = out[lo + s : lo + e, offs[j] : offs[j + 1]]
             blk.copy_(r.detach().reshape(k, -1))
             if j != l:
                 out[offs[j] : offs[j + 1], lo + s : lo + e] = blk.T
-        del rows, basis
-    _symmetrize_(out[lo:hi, lo:hi], chunk)
+
+    start = 0
+    if chunk is None:
+        counter = _AllocatedBytes()
+        fill(0, 1, counter)
+        start = 1
+        row = 2 * p * out.element_size()
+        chunk = _batch_size(max(counter.total, row), budget, p)
+    for s in range(start, hi - lo, chunk):
+        fill(s, min(s + chunk, hi - lo))
+    _symmetrize_(out[lo:hi, lo:hi], _default_chunk(p))
+    return chunk
 
 
 def hessian(
@@ -731,9 +768,9 @@ def hessian(
         inputs: The batch of inputs.
         targets: The batch of targets.
         dtype: Floating dtype of the computation and of the result.
-        chunk_size: Hessian-vector products per batched pass (default: ``min(P,
-            DEFAULT_CHUNK)`` for ``"blocks"``; for ``"reverse"``/``"forward"``, sized
-            from the memory left beside the matrix, as in :class:`HessianOperator`).
+        chunk_size: Hessian-vector products per batched pass (default: sized from the
+            memory left beside the matrix, as in :class:`HessianOperator`: the first
+            row runs alone and is measured, at most ``DEFAULT_CHUNK``).
         allow_train_mode: Differentiate a train-mode BatchNorm/Dropout model (batch
             statistics; one dropout mask, drawn once, for all products).
         max_bytes: Memory the result may use (default: the available memory of the
