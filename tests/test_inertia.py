@@ -333,6 +333,12 @@ def test_auto_method_by_device(monkeypatch: pytest.MonkeyPatch) -> None:
     for device in ("cpu", torch.device("cpu")):
         assert auto_method(n - 1, device) == "eigh"
         assert auto_method(n, device) == "ldl"
+    with pytest.raises(ValueError, match=r"device must be a torch\.device"):
+        auto_method(n, "gpu0")
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        auto_method(-1, "cpu")
+    with pytest.raises(TypeError, match="n must be an int"):
+        auto_method(10.0, "cpu")  # type: ignore[arg-type]
     # inertia(method="auto") asks with the matrix's own device
     mod = sys.modules["torch_embed.inertia"]
     asked: list[tuple[int, torch.device]] = []

@@ -397,11 +397,26 @@ def auto_method(n: int, device: torch.device | str) -> str:
     Returns:
         ``"eigh"`` or ``"ldl"``.
 
+    Raises:
+        ValueError: ``n`` is negative or ``device`` names no device type.
+        TypeError: ``n`` is not an integer.
+
     Example:
         >>> auto_method(5000, "cpu"), auto_method(5000, "cuda:0"), auto_method(10, "cpu")
         ('ldl', 'eigh', 'eigh')
     """
-    if torch.device(device).type != "cpu":
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"auto_method: n must be an int (the matrix size), got {n!r}")
+    if n < 0:
+        raise ValueError(f"auto_method: n must be >= 0, got {n}")
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(
+            f"auto_method: device must be a torch.device or a device string such as "
+            f"'cpu' or 'cuda:0', got {device!r}"
+        ) from err
+    if kind != "cpu":
         return "eigh"
     return "ldl" if n >= AUTO_LDL_MIN_SIZE else "eigh"
 
