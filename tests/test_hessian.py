@@ -235,6 +235,10 @@ def test_hvp_and_operator_match_dense() -> None:
     assert torch.allclose(op @ vs.T, ref @ vs.T, rtol=1e-10, atol=1e-13)
     with pytest.raises(ValueError, match=r"expected vectors of shape \(32,\)"):
         op.matmat(torch.ones(3, dtype=F64))
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        HessianOperator(model, nn.MSELoss(), x, y, chunk_size=0)
+    with pytest.raises(TypeError, match="max_bytes must be an int"):
+        HessianOperator(model, nn.MSELoss(), x, y, max_bytes=1e9)  # type: ignore[arg-type]
 
 
 def test_to_scipy_eigsh_finds_extreme_eigenvalues() -> None:

@@ -953,7 +953,8 @@ class HessianOperator:
             device, read at each :meth:`matmat`).
 
     Raises:
-        ValueError: As :func:`hessian`, or a ``chunk_size`` below 1.
+        ValueError: As :func:`hessian`, or ``chunk_size``/``max_bytes`` below 1.
+        TypeError: ``chunk_size``/``max_bytes`` not an int.
 
     Example:
         >>> from torch import nn
@@ -978,13 +979,16 @@ class HessianOperator:
         chunk_size: int | None = None,
         max_bytes: int | None = None,
     ) -> None:
-        if chunk_size is not None and int(chunk_size) < 1:
-            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
+        for name, value in (("chunk_size", chunk_size), ("max_bytes", max_bytes)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise TypeError(f"HessianOperator: {name} must be an int or None, got {value!r}")
+            if value is not None and value < 1:
+                raise ValueError(f"HessianOperator: {name} must be >= 1 or None, got {value}")
         check_model(model, allow_train_mode=allow_train_mode)
         self.flat = flat_loss(model, loss_fn, inputs, targets, dtype=dtype)
         self._products = _Products(self.flat.fn, self.flat.theta, engine)
         self.engine = self._products.engine
-        self.chunk_size = None if chunk_size is None else int(chunk_size)
+        self.chunk_size = chunk_size
         self.max_bytes = max_bytes
 
     @property
