@@ -333,23 +333,19 @@ def _is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)
 
 
-def _storage(t: Tensor) -> tuple[int, int] | None:
-    """``(address, bytes)`` of a dense tensor's storage, ``None`` for other kinds."""
-    if t.layout != torch.strided or t._is_zerotensor() or t.is_meta:
-        return None
-    try:
-        st = t.untyped_storage()
-        return st.data_ptr(), st.nbytes()
-    except (RuntimeError, NotImplementedError, TypeError):
-        return None
+def _returns_alias(func: Any) -> bool:
+    """Whether an operator's results share their inputs' memory (views, in-place, out=)."""
+    schema = getattr(func, "_schema", None)
+    return schema is None or any(r.alias_info is not None for r in schema.returns)
 
 
 class _AllocatedBytes(TorchDispatchMode):
-    """Sums the bytes of the new storages that the operations run under it return.
+    """Sums the bytes of the tensors that the operations run under it allocate.
 
-    Views and in-place results share a storage of their inputs and are not counted;
-    memory freed along the way is not subtracted, so the sum is an upper bound of the
-    extra memory those operations held at their peak.
+    Results of views, in-place and ``out=`` operators share their inputs' memory and
+    are not counted (read from the operator's schema; no storage is inspected). Memory
+    freed along the way is not subtracted, so the sum is an upper bound of the extra
+    memory those operations held at their peak.
     """
 
     def __init__(self) -> None:
@@ -358,16 +354,10 @@ class _AllocatedBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        seen = {
-            st[0]
-            for t in tree_leaves((args, kwargs))
-            if isinstance(t, Tensor) and (st := _storage(t)) is not None
-        }
-        for t in tree_leaves(out):
-            st = _storage(t) if isinstance(t, Tensor) else None
-            if st is not None and st[0] not in seen:
-                seen.add(st[0])
-                self.total += st[1]
+        if not _returns_alias(func):
+            for t in tree_leaves(out):
+                if isinstance(t, Tensor) and t.layout == torch.strided:
+                    self.total += t.numel() * t.element_size()
         return out
 
 
