@@ -2,7 +2,8 @@
 
 Trains a narrow MLP (64 -> 16 -> 10, tanh, cross-entropy) on scikit-learn's bundled
 digits (no download), widens the hidden layer to 64 at a fixed step with each scheme,
-and continues for a fixed budget. Each scheme is run twice: with the SAME optimizer
+and continues for a fixed budget; the first scheme is ``widen``'s default
+(``torch_embed.schemes.DEFAULT_SCHEME``). Each scheme is run twice: with the SAME optimizer
 object, its state mapped by ``widen(..., optimizer=opt)`` ("mapped"), and with a new
 optimizer after widening ("reset"). Baselines: random padding (``RandomPad``: new units
 randomly initialised, the function changes), the narrow network trained on without
@@ -54,12 +55,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import RESULTS, write_results
 
 import torch_embed
+from torch_embed.schemes import DEFAULT_SCHEME
 
 EVAL = 5  # full-training-set loss every EVAL steps ...
 WINDOW = 20  # ... and every step for WINDOW steps after widening
 SECTION = "## bench/warmstart.py"
 
 SCHEMES: dict[str, torch_embed.Scheme] = {
+    "default: net2net + noise 4": DEFAULT_SCHEME,
     "split α=1/2": torch_embed.Split(alpha=0.5),
     "net2net": torch_embed.Net2Net(),
     "net2net + noise 0.5": torch_embed.Net2Net(noise=0.5),

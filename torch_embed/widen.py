@@ -21,7 +21,7 @@ from torch_embed._sequential import Layout, read_sequential
 from torch_embed.embedding import Embedding
 from torch_embed.exactness import _autocast_on
 from torch_embed.optim_state import map_optimizer_state
-from torch_embed.schemes import Scheme, plan
+from torch_embed.schemes import DEFAULT_SCHEME, Scheme, plan
 
 __all__ = ["embed_", "widen"]
 
@@ -29,12 +29,16 @@ __all__ = ["embed_", "widen"]
 def widen(
     module: nn.Module,
     new_widths: Sequence[int] | Mapping[int, int] | None,
-    scheme: Scheme | str = "split",
+    scheme: Scheme | str = DEFAULT_SCHEME,
     *,
     optimizer: torch.optim.Optimizer | None = None,
     generator: torch.Generator | None = None,
 ) -> Embedding:
-    """Widen an ``nn.Sequential`` MLP in place by a critical embedding.
+    """Widen an ``nn.Sequential`` MLP in place, preserving the function it computes.
+
+    The default scheme is for training on; pass ``"split"`` for the symmetric critical
+    split of the Embedding Principle (landscape work). ``Embedding.kind`` says which
+    you got.
 
     Args:
         module: An ``nn.Sequential`` of ``nn.Linear`` layers (with or without bias)
@@ -43,10 +47,16 @@ def widen(
             ``nn.BatchNorm1d`` right after a hidden Linear.
         new_widths: One int per hidden layer, or ``{hidden_layer_index: width}``
             (0-based among hidden layers). Widths may stay equal, never shrink.
-        scheme: :class:`~torch_embed.Split` (default ``"split"``: α = 1/2 on randomly
-            selected neurons), :class:`~torch_embed.Null`,
+        scheme: :class:`~torch_embed.Split`, :class:`~torch_embed.Null`,
             :class:`~torch_embed.Net2Net`, :class:`~torch_embed.General`,
-            :class:`~torch_embed.RandomPad`, or the name of one.
+            :class:`~torch_embed.RandomPad`, or the name of one. The default,
+            :data:`torch_embed.schemes.DEFAULT_SCHEME` (``Net2Net(noise=4.0)``: copies
+            of randomly selected neurons with exact symmetric noise on their fan-out),
+            is output-preserving, not critical: the function is kept to rounding and
+            the copies receive different gradients, so they become different units
+            (use it to keep training). ``"split"`` (``Split(alpha=0.5)``) is critical:
+            every critical point stays critical, and its copies stay equal under
+            training (use it to study the loss landscape).
         optimizer: If given, its state for the reshaped parameters is mapped exactly
             (SGD with momentum, Adam, AdamW incl. amsgrad, RMSprop without momentum,
             Adagrad), so ``optimizer.step()`` works right away.
