@@ -64,8 +64,10 @@ SECTION = "## bench/warmstart.py"
 SCHEMES: dict[str, torch_embed.Scheme] = {
     "default: net2net + noise 4": DEFAULT_SCHEME,
     "split α=1/2": torch_embed.Split(alpha=0.5),
+    "split α=1/4": torch_embed.Split(alpha=0.25),
     "net2net": torch_embed.Net2Net(),
     "net2net + noise 0.5": torch_embed.Net2Net(noise=0.5),
+    "net2net + noise 8": torch_embed.Net2Net(noise=8.0),
     "null β=0.5": torch_embed.Null(bias=0.5),
     "null, fan-in std 0.1": torch_embed.Null(fan_in_std=0.1),
     "random pad (baseline b)": torch_embed.RandomPad(),
@@ -326,6 +328,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pre-steps", type=int, help="steps before widening")
     parser.add_argument("--post-steps", type=int, help="steps after widening")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds to average over")
+    parser.add_argument("--wide", type=int, help="hidden width after widening (64)")
     parser.add_argument("--optimizers", nargs="+", choices=["adam", "sgd"])
     parser.add_argument("--adam-lr", type=float, help="Adam learning rate (3e-3)")
     parser.add_argument("--adam-beta2", type=float, help="Adam beta2 (0.999)")
@@ -335,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = Config()
     if args.quick:
         cfg = Config(pre_steps=100, post_steps=200, seeds=(0,), optimizers=("adam",))
-    for field in ("pre_steps", "post_steps", "adam_lr", "adam_beta2", "sgd_lr"):
+    for field in ("pre_steps", "post_steps", "wide", "adam_lr", "adam_beta2", "sgd_lr"):
         if getattr(args, field) is not None:
             setattr(cfg, field, getattr(args, field))
     if args.seeds:

@@ -607,7 +607,8 @@ def _plan_net2net(
         w_next = _weight_data(
             module,
             layout.linears[l + 1].name,
-            f"{cfg!r}" + (" (the default scheme)" if cfg == DEFAULT_SCHEME else ""),
+            f"Net2Net(noise={cfg.noise})"
+            + (" (the default scheme)" if cfg == DEFAULT_SCHEME else ""),
             "use a scheme without noise (Net2Net(), 'split')",
         ).to("cpu", torch.float64)
         off = torch.zeros(w_next.shape[0], src.numel(), dtype=torch.float64)
@@ -622,7 +623,9 @@ def _plan_net2net(
             nxt = sources[l + 1]
             off = off[nxt.clamp(min=0)]
             off[nxt < 0] = 0
-        offsets.append(off)
+        # no pair of copies (nothing added, or single copies): no offsets, so the
+        # embedding stays critical and decomposes into steps like an equal split
+        offsets.append(off if bool((off != 0).any()) else None)
     return _finish(module, layout, sources, coefs, nbs, None, offsets)
 
 
