@@ -580,3 +580,17 @@ def test_default_widening_preserves_the_function(dtype: torch.dtype) -> None:
         with torch.no_grad():
             ref, out = narrow(x), net(x)
         assert float((out - ref).abs().max()) <= 1e-12 * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_default_widening_preserves_the_function_in_half_precision(dtype: torch.dtype) -> None:
+    # the noise offsets are rounded to the dtype with the shares; the rigorous bound of
+    # the wide network (which sees the larger |W|) still covers the difference
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4))
+    net = net.to(dtype)
+    narrow = copy.deepcopy(net)
+    x = random_inputs(8, 64, dtype=dtype)
+    emb = widen(net, [40, 25], generator=torch.Generator().manual_seed(1))
+    assert all(lm.fan_out_offset is not None for lm in emb.layers)
+    assert_function_preserved(narrow, net, x)
