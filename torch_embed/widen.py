@@ -34,7 +34,7 @@ def widen(
     optimizer: torch.optim.Optimizer | None = None,
     generator: torch.Generator | None = None,
 ) -> Embedding:
-    """Widen an ``nn.Sequential`` MLP in place, preserving the function it computes.
+    """Widen an ``nn.Sequential`` MLP in place; every scheme but ``RandomPad`` keeps its function.
 
     The default scheme is for training on; pass ``"split"`` for the symmetric critical
     split of the Embedding Principle (landscape work). ``Embedding.kind`` says which
@@ -59,7 +59,9 @@ def widen(
             training (use it to study the loss landscape).
         optimizer: If given, its state for the reshaped parameters is mapped exactly
             (SGD with momentum, Adam, AdamW incl. amsgrad, RMSprop without momentum,
-            Adagrad), so ``optimizer.step()`` works right away.
+            Adagrad), so ``optimizer.step()`` works right away. For output-preserving
+            schemes, the default among them, the map does not see the noise: the
+            copies start from the equal split's state.
         generator: ``torch.Generator`` for the scheme's random choices.
 
     Returns:
