@@ -511,14 +511,14 @@ def _copy_gaps(net: nn.Sequential, emb: Embedding) -> torch.Tensor:
     return (rows[m:] - rows[src[m:]]).norm(dim=1)
 
 
-def _train_widened(scheme, opt_name: str, steps: int = 100) -> torch.Tensor:
-    """Train a 3-4-2 tanh MLP 20 steps, widen it to 8 with ``scheme`` mapping the
+def _train_widened(scheme, opt_name: str, out: int, steps: int = 100) -> torch.Tensor:
+    """Train a 3-4-``out`` tanh MLP 20 steps, widen it to 8 with ``scheme`` mapping the
     optimizer's state, train ``steps`` more (full batch, MSE); return the copy gaps."""
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, out)).double()
     g = torch.Generator().manual_seed(1)
     x = torch.randn(64, 3, generator=g, dtype=torch.float64)
-    y = torch.randn(64, 2, generator=g, dtype=torch.float64)
+    y = torch.randn(64, out, generator=g, dtype=torch.float64)
     if opt_name == "adam":
         opt: torch.optim.Optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
     else:
@@ -537,14 +537,16 @@ def _train_widened(scheme, opt_name: str, steps: int = 100) -> torch.Tensor:
     return _copy_gaps(net, emb)
 
 
+@pytest.mark.parametrize("out", [1, 2])
 @pytest.mark.parametrize("opt_name", ["adam", "sgd"])
-def test_default_widening_copies_become_different_units(opt_name: str) -> None:
+def test_default_widening_copies_become_different_units(opt_name: str, out: int) -> None:
     """Issue 11 §3: after the default widening and 100 steps (the optimizer's state
     mapped), every copy differs from its original, while the symmetric critical split's
-    copies are still equal (so the measurement can tell the two apart)."""
-    default = _train_widened(DEFAULT_SCHEME, opt_name)
+    copies are still equal (so the measurement can tell the two apart). With one output
+    the noise makes each pair an unequal split; with two, unequal in each output."""
+    default = _train_widened(DEFAULT_SCHEME, opt_name, out)
     assert float(default.min()) > 1e-2, default
-    split = _train_widened("split", opt_name)
+    split = _train_widened("split", opt_name, out)
     assert float(split.max()) < 1e-9, split
 
 
