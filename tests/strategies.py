@@ -49,7 +49,9 @@ class Widening:
     Attributes:
         family: One of :data:`FAMILIES`.
         scheme: The scheme config, passed as is.
-        new_widths: One width per hidden layer (``None`` only for some ``General``).
+        new_widths: What to pass as ``new_widths``: a list or tuple of one width per
+            hidden layer, a ``{hidden_layer: width}`` mapping of the widened layers, or
+            ``None`` (only for ``General``).
         kind: The kind the embedding must have, or ``None`` where it depends on
             numbers not predicted here (matrix coefficients of ``General``).
         dead_unit_warning: Whether widen must warn that null ReLU units never learn.
@@ -57,7 +59,7 @@ class Widening:
 
     family: str
     scheme: Scheme
-    new_widths: list[int] | None
+    new_widths: Sequence[int] | Mapping[int, int] | None
     kind: EmbeddingKind | None
     dead_unit_warning: bool
 
@@ -111,6 +113,14 @@ def _select(draw: st.DrawFn, hidden: Sequence[int], picks: Sequence[int]) -> Any
     return [c if c else draw(st.sampled_from(([], None))) for c in chosen]
 
 
+def _as_arg(draw: st.DrawFn, hidden: Sequence[int], widths: Sequence[int]) -> Any:
+    """``new_widths`` in one of the accepted forms: list, tuple or a mapping of changes."""
+    form = draw(st.sampled_from(("list", "tuple", "mapping")))
+    if form == "mapping":
+        return {l: w for l, (m, w) in enumerate(zip(hidden, widths)) if w != m}
+    return list(widths) if form == "list" else tuple(widths)
+
+
 _BETA = st.one_of(st.just(0.0), st.floats(0.05, 1.5), st.floats(-1.5, -0.05))
 """Null biases: 0, or bounded away from 0 (a β of 1e-300 would give σ(β) = 0 in one
 dtype and not in another, and the kind is then a property of rounding)."""
@@ -145,7 +155,8 @@ def widenings(
         extra = _extras(draw, n, max_extra, grow=False)
         alpha = draw(st.one_of(st.floats(-2.5, 3.5), st.sampled_from((0.0, 0.5, 1.0, "random"))))
         scheme: Scheme = Split(alpha, _select(draw, hidden, extra))
-        return Widening(family, scheme, [m + e for m, e in zip(hidden, extra)], CRIT, False)
+        widths = [m + e for m, e in zip(hidden, extra)]
+        return Widening(family, scheme, _as_arg(draw, hidden, widths), CRIT, False)
 
     if family == "split_kway":
         k = draw(st.integers(3, 4)) if draw(st.booleans()) else 2
@@ -154,7 +165,7 @@ def widenings(
         groups = _extras(draw, n, max(1, max_extra // (k - 1)), grow=False)
         widths = [m + g * (k - 1) for m, g in zip(hidden, groups)]
         scheme = Split(alphas, _select(draw, hidden, groups))
-        return Widening(family, scheme, widths, CRIT, False)
+        return Widening(family, scheme, _as_arg(draw, hidden, widths), CRIT, False)
 
     if family == "null":
         extra = _extras(draw, n, max_extra, grow=True)
@@ -164,7 +175,8 @@ def widenings(
         kind = OUT if fan_in_std > 0 else _null_kind(arch, nulls)
         dead = fan_in_std == 0 and _dead_units(arch, nulls)
         scheme = Null(bias=beta, fan_in_std=fan_in_std)
-        return Widening(family, scheme, [m + e for m, e in zip(hidden, extra)], kind, dead)
+        widths = [m + e for m, e in zip(hidden, extra)]
+        return Widening(family, scheme, _as_arg(draw, hidden, widths), kind, dead)
 
     if family == "net2net":
         extra = _extras(draw, n, max_extra, grow=False)
@@ -172,7 +184,8 @@ def widenings(
         # every new neuron is a copy of a neuron that then has >= 2 copies: a ±N pair
         kind = OUT if noise > 0 and sum(extra) > 0 else CRIT
         scheme = Net2Net(noise, _select(draw, hidden, extra))
-        return Widening(family, scheme, [m + e for m, e in zip(hidden, extra)], kind, False)
+        widths = [m + e for m, e in zip(hidden, extra)]
+        return Widening(family, scheme, _as_arg(draw, hidden, widths), kind, False)
 
     if family == "general":
         seed = draw(st.integers(0, 2**16))
@@ -219,15 +232,14 @@ def widenings(
         nulls = {l: betas[l] for l, s in enumerate(sources) if s is not None and -1 in s}
         kind = None if matrix else _null_kind(arch, nulls)
         scheme = General(sources, coefs if any(c is not None for c in coefs) else None, null_bias)
-        pass_widths = None if draw(st.booleans()) else widths
+        pass_widths = None if draw(st.booleans()) else _as_arg(draw, hidden, widths)
         return Widening(family, scheme, pass_widths, kind, _dead_units(arch, nulls))
 
     if family == "random_pad":
         extra = _extras(draw, n, max_extra, grow=True)
         scale = draw(st.sampled_from((0.25, 1.0, 2.0)))
-        return Widening(
-            family, RandomPad(scale), [m + e for m, e in zip(hidden, extra)], NONE, False
-        )
+        widths = [m + e for m, e in zip(hidden, extra)]
+        return Widening(family, RandomPad(scale), _as_arg(draw, hidden, widths), NONE, False)
 
     raise AssertionError(family)
 
