@@ -113,6 +113,35 @@ def _select(draw: st.DrawFn, hidden: Sequence[int], picks: Sequence[int]) -> Any
     return [c if c else draw(st.sampled_from(([], None))) for c in chosen]
 
 
+def critical_matrix(
+    src: Sequence[int], src_next: Sequence[int], beta_next: Tensor, g: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """Matrix coefficients ``C = 1 vᵀ + u wᵀ`` of a critical General layer, and ``v``.
+
+    ``C`` is ``(len(src_next), len(src))``: one row per wide neuron of the next layer.
+    ``v`` are vector coefficients (summing to 1 over the copies of each narrow neuron),
+    ``w`` sums to 0 over those copies (every row still sums to 1: the output is kept),
+    and ``u`` satisfies ``Σ_{i ∈ copies(s)} β_i u_i = 0`` for each narrow neuron ``s`` of
+    the next layer with error scalings ``β = beta_next``: the backward condition, with
+    error scalings ``v`` for this layer (JML 2022 §5; cases.critical_matrix_general is
+    one fixed instance). Rows differ whenever a next-layer neuron has two copies.
+    """
+    f64 = torch.float64
+    s, sn = torch.tensor(list(src)), torch.tensor(list(src_next))
+    v = torch.tensor(random_coefficients(src, g), dtype=f64)
+    w = torch.randn(len(src), generator=g, dtype=f64)
+    w[s < 0] = 0.0
+    for j in set(src) - {-1}:
+        w[s == j] -= w[s == j].mean()
+    u = torch.randn(len(src_next), generator=g, dtype=f64)
+    u[sn < 0] = 0.0
+    for i in set(src_next) - {-1}:
+        b, ui = beta_next[sn == i], u[sn == i]
+        norm = float((b * b).sum())
+        u[sn == i] = ui - b * float((b * ui).sum()) / norm if norm > 0 else 0.0
+    return v[None, :] + u[:, None] * w[None, :], v
+
+
 def _as_arg(draw: st.DrawFn, hidden: Sequence[int], widths: Sequence[int]) -> Any:
     """``new_widths`` in one of the accepted forms: list, tuple or a mapping of changes."""
     form = draw(st.sampled_from(("list", "tuple", "mapping")))
@@ -188,40 +217,46 @@ def widenings(
         return Widening(family, scheme, _as_arg(draw, hidden, widths), kind, False)
 
     if family == "general":
-        seed = draw(st.integers(0, 2**16))
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
         sources: list[list[int] | None] = []
-        coefs: list[Any] = []
+        forms: list[str | None] = []
         widths: list[int] = []
-        matrix = False
         for m in hidden:
             e = draw(st.one_of(st.none(), st.integers(0, 3)))
-            if e is None:
-                sources.append(None)
-                coefs.append(None)
-                widths.append(m)
-                continue
-            src = random_sources(m, m + e, g, null=True)
+            src = None if e is None else random_sources(m, m + e, g, null=True)
             sources.append(src)
-            widths.append(m + e)
-            form = draw(st.sampled_from(("equal", "vector", "vector", "matrix")))
-            if form == "matrix" and critical_only:
-                form = "vector"
+            widths.append(m if src is None else len(src))
+            choice = ("equal", "vector", "vector", "matrix_critical", "matrix")
+            form = None if src is None else draw(st.sampled_from(choice))
+            forms.append("matrix_critical" if form == "matrix" and critical_only else form)
+        # coefficients from the last hidden layer back: a critical matrix needs the error
+        # scalings of the next layer, which are that layer's (vector part of) coefficients
+        coefs: list[Any] = [None] * n
+        beta_next = torch.ones(arch.out_features, dtype=torch.float64)
+        src_next = list(range(arch.out_features))
+        for l in reversed(range(n)):
+            src, form = sources[l], forms[l]
+            if src is None:
+                beta_next = torch.ones(hidden[l], dtype=torch.float64)
+                src_next = list(range(hidden[l]))
+                continue
             if form == "equal":
-                coefs.append(None)
-            elif form == "vector":
-                coefs.append(random_coefficients(src, g))
-            else:
-                matrix = True
-                coefs.append(form)  # filled in below, once the next layer's width is known
-        for l, c in enumerate(coefs):
-            if c == "matrix":
-                src = sources[l]
-                assert src is not None
-                rows = widths[l + 1] if l + 1 < n else arch.out_features
-                coefs[l] = torch.tensor(
-                    [random_coefficients(src, g) for _ in range(rows)], dtype=torch.float64
+                counts = torch.bincount(
+                    torch.tensor([i for i in src if i >= 0]), minlength=hidden[l]
                 )
+                beta = torch.tensor([1 / float(counts[i]) if i >= 0 else 0.0 for i in src])
+            elif form == "vector":
+                coefs[l] = random_coefficients(src, g)
+                beta = torch.tensor(coefs[l], dtype=torch.float64)
+            elif form == "matrix_critical":
+                coefs[l], beta = critical_matrix(src, src_next, beta_next, g)
+            else:
+                coefs[l] = torch.tensor(
+                    [random_coefficients(src, g) for _ in src_next], dtype=torch.float64
+                )
+                beta = torch.ones(len(src), dtype=torch.float64)  # kind not predicted
+            beta_next, src_next = beta.to(torch.float64), src
+        matrix = "matrix" in forms
         per_layer = draw(st.booleans())
         betas = (
             [draw(_BETA) if arch.can_store_bias(l) else 0.0 for l in range(n)]
