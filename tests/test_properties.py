@@ -28,15 +28,20 @@ supported row
 (``pytest tests/test_properties.py --hypothesis-show-statistics`` lists them, with
 events for the schemes, kinds, dtypes and losses drawn).
 
-Tolerances of the gradient and state comparisons: ``RTOL[dtype]`` times the largest
+Tolerances of the gradient and state comparisons: ``RTOL[dtype] · κ`` times the largest
 entry of the same quantity over the whole network (one scale per quantity, so that an
-entry that is small by cancellation is not held to its own size). Both sides are
-computed in the same dtype and differ only by rounding: a few dozen units of roundoff
-``u`` for these nets (at most 4 Linear layers, width <= 10, coefficients <= ~6).
-``RTOL`` is ``1e-10`` (~10^6 u) in float64 and ``1e-3`` (~10^4 u) in float32, so no
-CPU's rounding order comes near it, while a structural error (a wrong index, scale or
-sign) is of order 1. The output check needs no tolerance of its own: it uses the
-rigorous bound.
+entry that is small by cancellation is not held to its own size), where ``κ`` is the
+embedding's amplification (:func:`amplification`: 1 for shares of one sign, up to ~10^3
+for signed 3-layer splits). Both sides are computed in the same dtype and differ only by
+rounding, which grows with ``κ``. ``RTOL`` is ``1e-10`` (~10^6 u) in float64 and ``1e-3``
+(~10^4 u) in float32. The largest errors seen, in units of ``u · κ · scale``: at most
+2^4 in CI (``--hypothesis-show-statistics`` prints them as events), and 165 in a
+search steered towards large errors over 10x the examples (``pytest
+tests/test_properties.py -k "gradients_map or optimizer_state"
+--hypothesis-profile=torch_embed-explore --hypothesis-show-statistics``, one run; it
+is randomized), so the margin is over 100x in float32 and 5000x in float64, while a
+structural error (a wrong index, scale or sign) is of order 1. The output check needs
+no tolerance of its own: it uses the rigorous bound (largest error seen: 0.19 of it).
 """
 
 from __future__ import annotations
@@ -91,6 +96,11 @@ F64 = torch.float64
 F32 = torch.float32
 RTOL = {F64: 1e-10, F32: 1e-3}  # of the largest entry of the same quantity; see the docstring
 GRAD_DTYPES = st.sampled_from((F64, F64, F64, F32))  # gradient and state checks: 1/4 float32
+# Every accepted activation but Tanhshrink, x - tanh(x): its derivative tanh(x)² is
+# computed as 1 - (1 - tanh(x)²) with an absolute error of u, so near 0, where it and
+# hence every gradient behind it is small, no gradient has relative accuracy (found by
+# the exploring profile: 6e-9 of the scale). The output check keeps it (rigorous bound).
+GRAD_ACTIVATIONS = tuple(a for a in ACTIVATION_NAMES if a != "Tanhshrink")
 
 
 def examples(n: int) -> int:
@@ -178,8 +188,34 @@ def _scale(tensors: dict[str, Tensor]) -> float:
     return max((float(t.abs().max()) for t in tensors.values() if t.numel()), default=0.0)
 
 
-def _assert_close(mine: dict[str, Tensor], ref: dict[str, Tensor], what: str) -> float:
-    """``|mine - ref| <= RTOL[dtype] * max|ref|`` per tensor; return the worst in units of u."""
+def amplification(emb: Embedding) -> float:
+    """``κ``: the product over hidden layers of the largest ``Σ |coefficient|`` of the
+    copies of one neuron (per row of the next layer for matrix coefficients).
+
+    A split with shares ``α, 1 - α`` sums terms of size ``|α| + |1 - α|`` that cancel to
+    the narrow term, so rounding errors grow by that factor per layer (the |W|·|h| terms
+    of forward_error_bound); ``κ = 1`` for shares of one sign.
+    """
+    kappa = 1.0
+    for l, lm in enumerate(emb.layers):
+        valid = lm.source >= 0
+        m = emb.narrow_widths[l + 1]
+        c = lm.coef.abs()
+        if lm.is_vector:
+            sums = torch.zeros(m, dtype=F64).index_add_(0, lm.source[valid], c[valid])
+        else:
+            sums = torch.zeros(c.shape[0], m, dtype=F64).index_add_(
+                1, lm.source[valid], c[:, valid]
+            )
+        kappa *= max(1.0, float(sums.max())) if sums.numel() else 1.0
+    return kappa
+
+
+def _assert_close(
+    mine: dict[str, Tensor], ref: dict[str, Tensor], what: str, kappa: float = 1.0
+) -> float:
+    """``|mine - ref| <= RTOL[dtype] * κ * max|ref|`` per tensor; return the worst error
+    in units of ``u * κ * max|ref|``."""
     if not ref:
         return 0.0
     dtypes = {t.dtype for t in ref.values()}
@@ -191,9 +227,10 @@ def _assert_close(mine: dict[str, Tensor], ref: dict[str, Tensor], what: str) ->
         m = mine[name]
         assert m.shape == r.shape and m.dtype == r.dtype, (what, name, m.shape, r.shape)
         err = float((m - r).abs().max()) if r.numel() else 0.0
-        assert err <= RTOL[dtype] * scale, f"{what} {name}: off by {err:.3e}, scale {scale:.3e}"
+        tol = RTOL[dtype] * kappa * scale
+        assert err <= tol, f"{what} {name}: off by {err:.3e} > {tol:.3e} (κ = {kappa:.3g})"
         worst = max(worst, err / scale if scale else 0.0)
-    return worst / unit_roundoff(dtype)
+    return worst / (unit_roundoff(dtype) * kappa)
 
 
 def _report(value: float, label: str) -> None:
@@ -217,7 +254,7 @@ PRESERVING = [f for f in FAMILIES if f != "random_pad"]
 @given(data=st.data())
 def test_gradients_map_to_the_wide_autograd_gradient(family: str, data) -> None:
     """For a critical embedding, ∇R_wide(Aθ + c) = B ∇R_narrow(θ), checked by autograd."""
-    arch = data.draw(archs(activations=ACTIVATION_NAMES), label="arch")
+    arch = data.draw(archs(activations=GRAD_ACTIVATIONS), label="arch")
     w = data.draw(widenings(arch, families=[family]), label="widening")
     loss_name = data.draw(st.sampled_from(sorted(LOSSES)), label="loss")
     seed = data.draw(st.integers(0, 2**16), label="seed")
@@ -239,12 +276,13 @@ def test_gradients_map_to_the_wide_autograd_gradient(family: str, data) -> None:
     brute = _wide_autograd(wide, dict(wide.state_dict()), loss, x, y)
     mapped = emb.map_gradients(narrow)
     assert mapped.keys() == brute.keys()
-    worst = _assert_close(mapped, brute, "map_gradients")
+    kappa = amplification(emb)
+    worst = _assert_close(mapped, brute, "map_gradients", kappa)
     if w.kind is CRIT:
         installed = {n: p.grad for n, p in wide.named_parameters()}
         assert all(g is not None for g in installed.values())
-        worst = max(worst, _assert_close(installed, brute, ".grad after widen"))  # type: ignore[arg-type]
-    _report(worst, f"error / (u * scale), {dtype}")
+        worst = max(worst, _assert_close(installed, brute, ".grad after widen", kappa))  # type: ignore[arg-type]
+    _report(worst, f"error / (u * κ * scale), {dtype}")
 
 
 # ----------------------------------------------------------------------------- optimizer state
@@ -345,7 +383,10 @@ def _replay(
 
 
 def _assert_state_equal(
-    opt: torch.optim.Optimizer, net: nn.Module, ref: dict[str, dict[str, object]]
+    opt: torch.optim.Optimizer,
+    net: nn.Module,
+    ref: dict[str, dict[str, object]],
+    kappa: float = 1.0,
 ) -> float:
     """Compare the states by name (see :func:`_assert_close`); return the worst error."""
     worst = 0.0
@@ -358,7 +399,7 @@ def _assert_state_equal(
         if key == "step":  # a counter: kept, not mapped
             assert all(torch.equal(mine_k[n], ref_k[n]) for n in ref_k), key  # type: ignore[arg-type]
         else:
-            worst = max(worst, _assert_close(mine_k, ref_k, f"state '{key}'"))  # type: ignore[arg-type]
+            worst = max(worst, _assert_close(mine_k, ref_k, f"state '{key}'", kappa))  # type: ignore[arg-type]
         for n, s in ref.items():
             if key in s and not torch.is_tensor(s[key]):
                 assert mine[n][key] == s[key], (n, key)
@@ -385,11 +426,11 @@ def test_optimizer_state_equals_a_replay_with_wide_gradients(
     row: OptimizerRow, family: str, data
 ) -> None:
     """widen(..., optimizer=) leaves the state a wide optimizer fed B g_t would hold."""
-    arch = data.draw(archs(activations=ACTIVATION_NAMES), label="arch")
+    arch = data.draw(archs(activations=GRAD_ACTIVATIONS), label="arch")
     w = data.draw(widenings(arch, families=[family], critical_only=True), label="widening")
     assume(w.kind is CRIT)  # null neurons with σ(β) != 0 before a bias-free Linear
     first, second = data.draw(optimizer_kwargs(row), label="optimizer kwargs (two groups)")
-    steps = data.draw(st.integers(1, 4), label="steps")
+    steps = data.draw(st.integers(0, 4), label="steps")  # 0: state made by the constructor
     loss_name = data.draw(st.sampled_from(sorted(LOSSES)), label="loss")
     seed = data.draw(st.integers(0, 2**16), label="seed")
     dtype = data.draw(GRAD_DTYPES, label="dtype")
@@ -406,11 +447,12 @@ def test_optimizer_state_equals_a_replay_with_wide_gradients(
     _check_kind(emb, w)
     assert all(p is q for p, q in zip(net.parameters(), params)), "parameter identity"
     ref, last_grads = _replay(initial, emb, make, iterates, loss, x, y)
-    worst = _assert_state_equal(opt, net, ref)
+    kappa = amplification(emb)
+    worst = _assert_state_equal(opt, net, ref, kappa)
     # the .grad widen mapped is the last narrow gradient, taken at the last iterate
     grads = {n: p.grad for n, p in net.named_parameters()}
-    worst = max(worst, _assert_close(grads, last_grads, ".grad"))  # type: ignore[arg-type]
-    _report(worst, f"error / (u * scale), {dtype}")
+    worst = max(worst, _assert_close(grads, last_grads, ".grad", kappa))  # type: ignore[arg-type]
+    _report(worst, f"error / (u * κ * scale), {dtype}")
 
 
 @pytest.mark.parametrize(
