@@ -41,7 +41,8 @@ tests/test_properties.py -k "gradients_map or optimizer_state"
 --hypothesis-profile=torch_embed-explore --hypothesis-show-statistics``, one run; it
 is randomized), so the margin is over 100x in float32 and 5000x in float64, while a
 structural error (a wrong index, scale or sign) is of order 1. The output check needs
-no tolerance of its own: it uses the rigorous bound (largest error seen: 0.19 of it).
+no tolerance of its own: it uses the rigorous bound (largest error seen: 0.22 of it,
+in an exploring run of the output test).
 """
 
 from __future__ import annotations
