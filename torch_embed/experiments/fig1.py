@@ -189,7 +189,13 @@ def _plot(
         return None
     fig, (ax_l, ax_f) = made
     steps = [max(s, 1) for s in numbers["steps"]]
-    ax_l.plot(steps, numbers["losses"], color="black", linewidth=1.5, label="width-m net")
+    ax_l.plot(
+        steps,
+        numbers["losses"],
+        color="black",
+        linewidth=1.5,
+        label=f"width-{numbers['width']} net",
+    )
     for k, p in enumerate(numbers["plateaus"]):
         color = COLORS[k % len(COLORS)]
         match = f"width-{p['nearest_width']} critical point" if p["matches"] else "no narrow match"

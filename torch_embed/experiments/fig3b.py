@@ -115,6 +115,7 @@ def run(*, quick: bool, out: Path, seed: int = 0, device: str = "cpu") -> Figure
         "train_steps": hist.steps,
         "train_losses": hist.losses,
         "loss": polish.loss,
+        "state": {k: v.tolist() for k, v in net.state_dict().items()},
         "polish": {
             "converged": polish.converged,
             "grad_norm": polish.grad_norm,

@@ -130,7 +130,7 @@ def _plot(numbers: dict[str, Any], sim: Tensor, path: Path) -> Path | None:
     twin.plot(steps, numbers["groups"], color=COLORS[3], linewidth=1.0, alpha=0.8)
     twin.set_ylabel(f"direction groups (cos >= {COS})", color=COLORS[3])
     twin.set_yscale("symlog", linthresh=10)
-    ax_l.legend(fontsize=7, loc="lower left")
+    ax_l.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     image = ax_h.imshow(sim.numpy(), cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
     ax_h.set_title(
         f"cosine similarity of active neurons' [w; b] at step {s0}\n"
@@ -248,8 +248,10 @@ def run(*, quick: bool, out: Path, seed: int = 0, device: str = "cpu") -> Figure
     plateaus = find_plateaus(hist.steps, hist.losses, slope=0.0, noise=0.01, decades=0.15)
     # non-trivial: clearly below the best constant output (the first plateau sits there)
     learned = [p for p in plateaus if max(hist.losses[p[0] : p[1] + 1]) <= NONTRIVIAL * baseline]
-    if learned or plateaus:
-        i, j = max(learned or plateaus, key=lambda p: hist.steps[p[1]] / hist.steps[p[0]])
+    # else: a plateau below the initial loss (the start-up at the zero function is none)
+    moved = [p for p in plateaus if hist.losses[p[1]] < 0.99 * hist.losses[0]]
+    if learned or moved:
+        i, j = max(learned or moved, key=lambda p: hist.steps[p[1]] / hist.steps[p[0]])
     else:  # no plateau: take the second half, and say so
         i, j = len(hist.steps) // 2, len(hist.steps) - 1
     mid = (hist.steps[i] * hist.steps[j]) ** 0.5
@@ -382,7 +384,8 @@ def run(*, quick: bool, out: Path, seed: int = 0, device: str = "cpu") -> Figure
     if not learned:
         notes.append(
             "no plateau below the class-frequency loss was found; the one analysed is the "
-            "trivial one (or, with no plateau at all, the middle of the run)"
+            "trivial one, at the loss of predicting the class frequencies (or, with no "
+            "plateau at all, the second half of the run)"
         )
     if n_groups != PAPER_GROUPS:
         notes.append(
