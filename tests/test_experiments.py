@@ -182,7 +182,9 @@ def _check_fig3b(result: FigureResult) -> None:
     # brute force: rebuild the polished width-2 net, recount, split by hand, recount
     x, y = iris()
     net = mlp([4, 2, 3], "sigmoid")
-    net.load_state_dict({k: torch.tensor(v) for k, v in result.numbers["state"].items()})
+    net.load_state_dict(
+        {k: torch.tensor(v, dtype=torch.float64) for k, v in result.numbers["state"].items()}
+    )
     loss, theta = _flat_loss(net, x, y)
     t = theta.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(loss(t), t)

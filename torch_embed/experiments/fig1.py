@@ -333,7 +333,10 @@ def run(*, quick: bool, out: Path, seed: int = 0, device: str = "cpu") -> Figure
                 best[cp.width] = (d, k)
         represented = [w for w in sorted(fits) if fits[w] <= MATCH * residual]
         matches = [w for w in sorted(best) if best[w][0] <= MATCH * residual]
-        overall = min(best, key=lambda w: (best[w][0], w)) if best else 0
+        # the narrowest width among the closest: a width-1 critical function embedded
+        # at width 2 is the same function, at a distance equal up to rounding
+        closest = min((best[w][0] for w in best), default=math.inf)
+        overall = min((w for w in best if best[w][0] <= closest * (1 + 1e-9)), default=0)
         near_w = matches[0] if matches else overall
         plateaus.append(
             {
