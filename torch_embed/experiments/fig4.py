@@ -204,7 +204,8 @@ def _plot(
     markers = {1: "o", 2: "s", 3: "D"}  # by label, so colour and shape say the same
     by_label = {w: COLORS[k] for k, w in enumerate(WIDTHS)}
     n = max(len(classes), 1)
-    floor = 1e-30  # an exact zero loss is drawn here (log axis)
+    floor = 1e-8  # a loss below (the global minimum, ~1e-25) is drawn here (log axis)
+    counted = len(classes) <= 6  # more "×k" labels would overlap: the counts are in the JSON
     for c, cls in enumerate(classes):
         label = int(cls["label"])
         for w in WIDTHS:
@@ -214,6 +215,8 @@ def _plot(
             xpos = w + 0.6 * (c - (n - 1) / 2) / n
             ypos = max(losses[0], floor)
             ax_l.scatter([xpos], [ypos], marker=markers[label], s=50, color=by_label[label])
+            if not counted:
+                continue
             ax_l.annotate(
                 f"×{len(losses)}",
                 (xpos, ypos),
@@ -229,7 +232,11 @@ def _plot(
     ax_l.set_yscale("log")
     ax_l.set_xticks(list(WIDTHS))
     ax_l.set_xlim(0.5, max(WIDTHS) + 0.5)
-    ax_l.set_xlabel("width of the runs  (×k: k runs of that width reached the class)")
+    ax_l.set_xlabel(
+        "width of the runs"
+        + ("  (×k: k runs of that width reached the class)" if counted else "")
+        + f"; a loss below {floor:.0e} is drawn at {floor:.0e}"
+    )
     ax_l.set_ylabel("loss at the critical point (|∇R| < 1e-10), log scale")
     ax_l.set_title(f"{len(classes)} classes of critical points by the width they were found at")
     ax_l.legend(fontsize=8, loc="lower left")

@@ -379,7 +379,7 @@ def run(*, quick: bool, out: Path, seed: int = 0, device: str = "cpu") -> Figure
         "from the snapshot both nets go on with the Adam state of the snapshot: the wide "
         "net's own (so its curve is the original run's), the reduced net's carried "
         "through condensation (each kept neuron keeps its moments); "
-        f"{more} steps, twice the rest of the plateau",
+        f"{more} steps (at least twice the rest of the plateau)",
     ]
     if not learned:
         notes.append(
