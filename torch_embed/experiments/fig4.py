@@ -235,7 +235,7 @@ def _plot(
     ax_l.set_xlabel(
         "width of the runs"
         + ("  (×k: k runs of that width reached the class)" if counted else "")
-        + f"; a loss below {floor:.0e} is drawn at {floor:.0e}"
+        + f"\na loss below {floor:.0e} (the global minimum) is drawn at {floor:.0e}"
     )
     ax_l.set_ylabel("loss at the critical point (|∇R| < 1e-10), log scale")
     ax_l.set_title(f"{len(classes)} classes of critical points by the width they were found at")
