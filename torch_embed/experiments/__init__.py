@@ -50,10 +50,13 @@ class Headline:
         quantity: What is compared.
         paper: What the paper reports (as text).
         measured: What this run measured (as text).
-        agrees: Whether this run agrees with the paper on this row.
+        agrees: Whether this run agrees with the paper on this row, decided by
+            ``criterion``.
         exact: The row compares exact numbers that depend on details the paper does
             not give (width, data, seed); a difference is reported ("differs"), not
             counted as a failure to reproduce the qualitative result.
+        criterion: The stated rule that decides ``agrees`` (printed under the table and
+            written to the JSON), e.g. ``"at least 3 plateaus"``.
     """
 
     quantity: str
@@ -61,6 +64,7 @@ class Headline:
     measured: str
     agrees: bool
     exact: bool = False
+    criterion: str = ""
 
     @property
     def verdict(self) -> str:
@@ -117,6 +121,7 @@ class FigureResult:
                     "measured": h.measured,
                     "agrees": h.agrees,
                     "exact": h.exact,
+                    "criterion": h.criterion,
                     "verdict": h.verdict,
                 }
                 for h in self.headline
@@ -168,15 +173,17 @@ def format_counts(counts: Sequence[int]) -> str:
 
 
 def format_headline(result: FigureResult) -> str:
-    """The headline as an aligned text table, with the notes below it.
+    """The headline as an aligned text table, the criteria and the notes below it.
 
     Example:
-        >>> r = FigureResult("figX", "a test", True, {}, [Headline("n", "1", "1", True)], {})
+        >>> row = Headline("n", "1", "1", True, criterion="measured n equals 1")
+        >>> r = FigureResult("figX", "a test", True, {}, [row], {})
         >>> print(format_headline(r))  # doctest: +NORMALIZE_WHITESPACE
         figX (quick): a test
           quantity | paper | measured | agrees
           ---------+-------+----------+-------
           n        | 1     | 1        | yes
+          agrees if (n): measured n equals 1
     """
     rows = [("quantity", "paper", "measured", "agrees")] + [
         (h.quantity, h.paper, h.measured, h.verdict) for h in result.headline
@@ -187,6 +194,9 @@ def format_headline(result: FigureResult) -> str:
         lines.append("  " + " | ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
         if i == 0:
             lines.append("  " + "-+-".join("-" * w for w in widths))
+    lines.extend(
+        f"  agrees if ({h.quantity}): {h.criterion}" for h in result.headline if h.criterion
+    )
     lines.extend(f"  note: {n}" for n in result.notes)
     return "\n".join(lines)
 

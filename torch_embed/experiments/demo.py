@@ -251,61 +251,73 @@ def _plot(
         save_figure,
     )
 
-    made = new_figure(1, 2, size=(15.0, 4.8))
+    # One spectrum panel per scheme (the narrow spectrum in black, the widened one in
+    # one colour) instead of seven colours in one panel, which are hard to tell apart.
+    made = new_figure(2, 4, size=(17.0, 7.5))
     if made is None:
         return None
-    fig, (ax_f, ax_s) = made
+    fig, axes = made
+    ax_f = axes[0]
     grid = curves.pop("grid")
     ax_f.scatter(x.flatten().cpu(), y.flatten().cpu(), s=12, color="0.6", label="data", zorder=1)
     narrow = curves.pop("narrow")
     ax_f.plot(grid, narrow, color="black", linewidth=3.0, label="narrow (width 2)", zorder=2)
-    styles = ["--", ":", "-.", (0, (5, 2, 1, 2)), (0, (1, 1)), (0, (3, 1))]
-    for k, (name, curve) in enumerate(curves.items()):
+    diff = max(s.output_diff for s in result.schemes)
+    for k, curve in enumerate(curves.values()):
         ax_f.plot(
             grid,
             curve,
-            color=COLORS[k % len(COLORS)],
-            linestyle=styles[k % len(styles)],
-            linewidth=1.4,
-            label=name,
+            color=COLORS[1],
+            linestyle="--",
+            linewidth=1.2,
+            label=f"the {len(curves)} widenings (max |Δ| {diff:.0e})" if k == 0 else None,
             zorder=3,
         )
     ax_f.set_xlabel("x")
     ax_f.set_ylabel("output")
-    ax_f.set_title("output functions: narrow and every widening coincide")
+    ax_f.set_title("output: narrow and widened coincide", fontsize=10)
     ax_f.legend(fontsize=7, loc="upper left")
 
     tol = max([result.tol_before] + [s.tol_full for s in result.schemes])
     floor = tol / 1e3
-    plot_spectrum(
-        ax_s,
-        result.eigenvalues_before,
-        tol=result.tol_before,
-        label=f"width 2, before  ({format_counts(result.before)})",
-        color="black",
-        marker="s",
-        floor=floor,
-    )
-    n = len(result.schemes)
     for k, s in enumerate(result.schemes):
+        ax_s = axes[k + 1]
+        plot_spectrum(
+            ax_s,
+            result.eigenvalues_before,
+            tol=result.tol_before,
+            label=f"width 2, before ({format_counts(result.before)})",
+            color="black",
+            marker="s",
+            floor=floor,
+        )
         plot_spectrum(
             ax_s,
             s.eigenvalues_after,
             tol=s.tol_full,
-            label=f"{s.name}  ({format_counts(s.after_full)})",
-            color=COLORS[k % len(COLORS)],
-            offset=(k + 1) / (n + 2),
+            label=f"widened ({format_counts(s.after_full)})",
+            color=COLORS[0],
+            offset=0.3,
             floor=floor,
         )
-    finish_spectra(
-        ax_s,
-        tol,
-        title="Hessian spectra: o positive, ● negative, x zero (-/0/+ counts)",
-        fontsize=7,
-        loc="upper left",
-        bbox_to_anchor=(1.01, 1.0),
-        borderaxespad=0.0,
-    )
+        finish_spectra(ax_s, tol, title=s.name, fontsize=7)
+        ax_s.title.set_fontsize(10)
+        ax_s.xaxis.label.set_fontsize(8)
+        ax_s.yaxis.label.set_fontsize(8)
+    for ax in axes[len(result.schemes) + 1 :]:
+        ax.axis("off")
+        ax.text(
+            0.0,
+            0.5,
+            "Hessian spectra, sorted |λ| on a log axis:\n"
+            "  open marker: positive eigenvalue\n"
+            "  filled marker: negative eigenvalue\n"
+            "  x: zero (|λ| at most the dashed tolerance)\n"
+            "  legend: -/0/+ counts",
+            transform=ax.transAxes,
+            va="center",
+            fontsize=9,
+        )
     return save_figure(fig, path)
 
 

@@ -19,6 +19,7 @@ network is taken where the plateau is flattest and compared with narrow networks
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ __all__ = ["direction_groups", "run"]
 COS = 0.99
 CONTRIBUTION = 1e-2
 REL_ATOL = 1e-2
+PAPER_PLATEAUS = 3  # the staircase of widths 1, 2, 3
 MATCH = 0.1  # a narrow critical function "matches" within 10% of the residual RMS
 FIT_STEPS = 2000
 
@@ -81,8 +83,14 @@ def _merge(plateaus: list[tuple[int, int]], losses: list[float]) -> list[tuple[i
     return merged
 
 
-def _fit_widths(x: Tensor, target: Tensor, seed: int) -> dict[int, float]:
-    """Best RMS with which tanh nets of widths 1, 2, 3 can fit ``target`` (4 inits each)."""
+def _fit_widths(
+    x: Tensor, target: Tensor, seed: int
+) -> tuple[dict[int, float], dict[int, nn.Sequential]]:
+    """Best RMS with which tanh nets of widths 1, 2, 3 fit ``target`` (4 inits each).
+
+    Returns:
+        The best RMS per width and the net that reaches it.
+    """
     from torch_embed.experiments.fig4 import WIDTHS, _batch
     from torch_embed.experiments.training import batched_mse, train
 
@@ -92,7 +100,66 @@ def _fit_widths(x: Tensor, target: Tensor, seed: int) -> dict[int, float]:
     train(nets, batched_mse, x, target, steps=FIT_STEPS, lr=0.02, label="fig1: fitting")
     with torch.no_grad():
         rms = ((nets(x) - target) ** 2).mean(dim=(1, 2)).sqrt().cpu()
-    return {w: float(rms[k * per : (k + 1) * per].min()) for k, w in enumerate(WIDTHS)}
+    single = nets.unbatch()
+    fits: dict[int, float] = {}
+    best: dict[int, nn.Sequential] = {}
+    for k, w in enumerate(WIDTHS):
+        j = k * per + int(rms[k * per : (k + 1) * per].argmin())
+        fits[w] = float(rms[j])
+        best[w] = _narrow(single[j], w)
+    return fits, best
+
+
+def _narrow(net: nn.Sequential, width: int) -> nn.Sequential:
+    """The first ``width`` neurons of a 1-3-1 net from :func:`fig4._batch` (the rest are null)."""
+    from torch_embed.experiments.training import mlp
+
+    state = net.state_dict()
+    out = mlp([1, width, 1], "tanh", dtype=state["0.weight"].dtype, device=state["0.weight"].device)
+    out.load_state_dict(
+        {
+            "0.weight": state["0.weight"][:width],
+            "0.bias": state["0.bias"][:width],
+            "2.weight": state["2.weight"][:, :width],
+            "2.bias": state["2.bias"],
+        }
+    )
+    return out
+
+
+def _seeded_critical_points(
+    x: Tensor, y: Tensor, fitted: dict[int, nn.Sequential], plateau: int
+) -> list[Any]:
+    """Polish each narrow fit of a plateau's output into a critical point of the data loss.
+
+    The narrow critical point a plateau sits near is found by starting where the wide
+    output is: the best width-``w`` fit of that output (:func:`_fit_widths`) is polished
+    on the training data, Newton steps only (the nearest critical point), then with
+    L-BFGS first if Newton alone does not reach ``|∇R| < 1e-10``. Only polished points
+    below that gradient norm are returned; how far their outputs are from the wide
+    output is measured afterwards, so a polish that slides away does not match.
+    """
+    from torch_embed.critical import critical_point
+    from torch_embed.experiments.fig4 import GTOL, CriticalPoint
+    from torch_embed.landscape.condense import effective_widths
+
+    loss_fn = nn.MSELoss()
+    found = []
+    for w, fit in sorted(fitted.items()):
+        net = copy.deepcopy(fit)
+        res = critical_point(net, loss_fn, x, y, max_iter=0, max_newton_iter=40)
+        if res.grad_norm >= GTOL:
+            net = copy.deepcopy(fit)
+            res = critical_point(net, loss_fn, x, y, max_iter=500, max_newton_iter=40)
+        if res.grad_norm >= GTOL:
+            continue
+        with torch.no_grad():
+            output = net(x).flatten().cpu()
+        eff = effective_widths(net, atol=1e-6)[0]
+        found.append(
+            CriticalPoint(w, "fit", plateau, 0.0, res.loss, res.grad_norm, eff, output, net)
+        )
+    return found
 
 
 def _flattest(steps: list[int], losses: list[float], i: int, j: int) -> int:
@@ -122,26 +189,34 @@ def _plot(
         return None
     fig, (ax_l, ax_f) = made
     steps = [max(s, 1) for s in numbers["steps"]]
-    ax_l.plot(steps, numbers["losses"], color="black", linewidth=1.5, label="width-m net")
+    ax_l.plot(
+        steps,
+        numbers["losses"],
+        color="black",
+        linewidth=1.5,
+        label=f"width-{numbers['width']} net",
+    )
     for k, p in enumerate(numbers["plateaus"]):
         color = COLORS[k % len(COLORS)]
-        ax_l.axvspan(max(p["start"], 1), p["end"], color=color, alpha=0.18)
-        match = (
-            f"= width-{p['nearest_width']} critical point"
-            if p["matches"]
-            else "not a narrow critical point"
+        match = f"width-{p['nearest_width']} critical point" if p["matches"] else "no narrow match"
+        ax_l.axvspan(
+            max(p["start"], 1),
+            p["end"],
+            color=color,
+            alpha=0.18,
+            label=f"P{k + 1}: loss {p['loss']:.3g}, {match}; {p['groups']} direction group(s)",
         )
-        rep = p["represented_by_width"]
-        ax_l.annotate(
-            f"P{k + 1}: {match}\noutput of a width-{rep if rep else '>3'} net\n"
-            f"{p['groups']} direction group(s), condensed width {p['effective_width']}",
-            (math.sqrt(max(p["start"], 1) * p["end"]), p["loss"]),
-            textcoords="offset points",
-            xytext=(0, 12),
+        ax_l.text(
+            math.sqrt(max(p["start"], 1) * p["end"]),
+            0.97,
+            f"P{k + 1}",
+            transform=ax_l.get_xaxis_transform(),
             ha="center",
-            fontsize=7,
+            va="top",
+            fontsize=9,
             color=color,
         )
+    ax_l.legend(fontsize=7, loc="lower left")
     ax_l.set_xscale("log")
     ax_l.set_yscale("log")
     ax_l.set_xlabel("gradient-descent step")
@@ -248,10 +323,20 @@ def run(*, quick: bool, out: Path, seed: int = 0, device: str = "cpu") -> Figure
             if cp.width not in best or d < best[cp.width][0]:
                 best[cp.width] = (d, k)
         residual = math.sqrt(loss)
-        fits = _fit_widths(x, f.to(x).view(-1, 1), seed)
+        fits, fitted = _fit_widths(x, f.to(x).view(-1, 1), seed)
+        seeded = _seeded_critical_points(x, y, fitted, len(plateaus))
+        narrow.extend(seeded)
+        for cp in seeded:
+            d = float(((cp.output - f) ** 2).mean().sqrt())
+            k = len(narrow) - len(seeded) + seeded.index(cp)
+            if cp.width not in best or d < best[cp.width][0]:
+                best[cp.width] = (d, k)
         represented = [w for w in sorted(fits) if fits[w] <= MATCH * residual]
         matches = [w for w in sorted(best) if best[w][0] <= MATCH * residual]
-        overall = min(best, key=lambda w: (best[w][0], w)) if best else 0
+        # the narrowest width among the closest: a width-1 critical function embedded
+        # at width 2 is the same function, at a distance equal up to rounding
+        closest = min((best[w][0] for w in best), default=math.inf)
+        overall = min((w for w in best if best[w][0] <= closest * (1 + 1e-9)), default=0)
         near_w = matches[0] if matches else overall
         plateaus.append(
             {
@@ -263,7 +348,7 @@ def run(*, quick: bool, out: Path, seed: int = 0, device: str = "cpu") -> Figure
                 "condense_atol": atol,
                 "groups": direction_groups(wide),
                 "fit_rms_by_width": fits,
-                "represented_by_width": represented[0] if represented else None,
+                "fit_width": represented[0] if represented else None,
                 "grad_norm": float(gradient(wide, loss_fn, x, y).norm()),
                 "distance_by_width": {w: best[w][0] for w in sorted(best)},
                 "nearest_width": near_w,
@@ -284,85 +369,69 @@ def run(*, quick: bool, out: Path, seed: int = 0, device: str = "cpu") -> Figure
             {"width": cp.width, "loss": cp.loss, "grad_norm": cp.grad_norm} for cp in narrow
         ],
     }
-    eff_list = [p["effective_width"] for p in plateaus]
-    rep_list = [p["represented_by_width"] for p in plateaus]
     matched = [p for p in plateaus if p["matches"]]
     near_list = [p["nearest_width"] for p in matched]
+    fit_list = [p["fit_width"] for p in plateaus]
     headline = [
         Headline(
             "loss plateaus",
             "several (a staircase on a log-step axis)",
             f"{len(plateaus)} at steps " + ", ".join(f"{p['start']}-{p['end']}" for p in plateaus),
-            len(plateaus) >= 2,
-            exact=True,
+            len(plateaus) >= PAPER_PLATEAUS,
+            criterion=f"at least {PAPER_PLATEAUS} plateaus",
         ),
         Headline(
-            "plateaus whose output is a narrow critical function",
-            "each plateau",
-            f"{len(matched)} of {len(plateaus)}: "
-            + ", ".join(
-                f"P{k + 1} "
-                + (
-                    f"width {p['nearest_width']}"
-                    if p["matches"]
-                    else f"none (nearest width {p['nearest_width']})"
-                )
-                + f" at RMS {p['nearest_distance']:.1e} vs residual {math.sqrt(p['loss']):.1e}"
+            "plateau by plateau: nearest narrow critical function (width, RMS distance)",
+            "a narrow critical function at each plateau",
+            "; ".join(
+                f"P{k + 1} (loss {p['loss']:.3g}): width {p['nearest_width']} at "
+                f"{p['nearest_distance']:.1e} vs residual {math.sqrt(p['loss']):.1e}"
+                + ("" if p["matches"] else " (no match)")
                 for k, p in enumerate(plateaus)
             ),
             bool(plateaus) and len(matched) == len(plateaus),
-            exact=True,
+            criterion=f"every plateau matches: RMS distance to a polished narrow critical "
+            f"output (|grad R| < 1e-10) <= {MATCH:g} x the plateau's residual RMS",
         ),
         Headline(
-            "a plateau's output equals a narrow critical function",
-            "yes",
-            f"yes, {len(matched)} plateau(s)" if matched else "no",
-            bool(matched),
+            "widths of the matched narrow critical functions, in plateau order",
+            "1, 2, 3 (a staircase of widths)",
+            ", ".join(map(str, near_list)) if near_list else "none",
+            len(set(near_list)) >= PAPER_PLATEAUS and near_list == sorted(near_list),
+            criterion=f"at least {PAPER_PLATEAUS} different widths, non-decreasing from "
+            "plateau to plateau",
         ),
         Headline(
-            "effective width at each plateau (narrowest net that fits its output)",
-            "small: 1, 2, 3, ...",
-            f"{rep_list} (direction groups {[p['groups'] for p in plateaus]}; condensed "
-            f"widths {eff_list})",
-            bool(plateaus) and all(r is not None for r in rep_list),
-        ),
-        Headline(
-            "width of the matched narrow net grows from plateau to plateau",
-            "1, 2, 3, ...",
-            f"{near_list}",
-            bool(matched) and near_list == sorted(near_list),
+            "narrowest width that fits each plateau's output",
+            "small (the wide net computes a narrow net's function)",
+            ", ".join("> 3" if w is None else str(w) for w in fit_list),
+            bool(plateaus) and all(w is not None for w in fit_list),
+            criterion=f"at every plateau a tanh net of width <= 3 fits the wide output to "
+            f"RMS <= {MATCH:g} x the residual RMS",
         ),
     ]
     notes = [
         f"data: 50-point staircase {STAIRCASE_FORMULA} (the paper's 1D data is not given)",
         f"width {width}, full-batch GD lr {lr}, {steps} steps, init N(0, 1/m^3)"
         + (" (--quick; the paper: width 500, lr 0.005, 300k steps)" if quick else ""),
-        f"condensed width: effective_widths(atol = {REL_ATOL:g} x largest |[w; b]|); it "
-        f"merges only neurons with equal [w; b] within atol, and tanh neurons of one "
-        f"direction group keep different norms, so it is at or above the group count",
-        f"nearest: the narrowest width (1-3) whose closest critical output (from "
-        f"{len(narrow)} polished narrow critical points) is within {MATCH:g} x the residual "
-        f"RMS, else the closest overall",
+        "direction groups / effective width (effective_widths, atol = "
+        f"{REL_ATOL:g} x largest |[w; b]|) per plateau: "
+        + ", ".join(
+            f"P{k + 1} {p['groups']} / {p['effective_width']}" for k, p in enumerate(plateaus)
+        )
+        + "; the effective width merges only neurons with equal [w; b] within atol, and "
+        "tanh neurons of one direction group keep different norms, so it is at or above "
+        "the group count",
+        f"narrow critical points: {len(narrow)} polished to |grad R| < 1e-10 (random "
+        f"starts of widths 1-3 as in fig4, and at each plateau the best width-1, 2, 3 fits "
+        f"of its output polished on the data); nearest: the narrowest width within "
+        f"{MATCH:g} x the residual RMS, else the closest overall",
     ]
     for k, p in enumerate(plateaus):
         if not p["matches"]:
             notes.append(
-                f"P{k + 1} (steps {p['start']}-{p['end']}, loss {p['loss']:.3g}) is not near any "
-                f"polished narrow critical point"
-                + (
-                    f"; its output is that of a width-{p['represented_by_width']} net (fit "
-                    f"RMS {p['fit_rms_by_width'][p['represented_by_width']]:.1e}) but "
-                    f"|grad R| = {p['grad_norm']:.1e} there: a slow stretch where the "
-                    f"condensed neurons still grow, not yet a critical point"
-                    if p["represented_by_width"]
-                    else ""
-                )
-                + (
-                    ""
-                    if k or p["represented_by_width"]
-                    else "; the narrow runs may have missed that critical point (more runs: "
-                    "drop --quick)"
-                )
+                f"P{k + 1} (steps {p['start']}-{p['end']}, loss {p['loss']:.3g}, |grad R| = "
+                f"{p['grad_norm']:.1e}) is not near any polished narrow critical point"
             )
     result = FigureResult(
         name="fig1",

@@ -201,32 +201,44 @@ def _plot(
     if made is None:
         return None
     fig, (ax_l, ax_f) = made
-    markers = {1: "o", 2: "s", 3: "D"}
+    markers = {1: "o", 2: "s", 3: "D"}  # by label, so colour and shape say the same
     by_label = {w: COLORS[k] for k, w in enumerate(WIDTHS)}
     n = max(len(classes), 1)
+    floor = 1e-8  # a loss below (the global minimum, ~1e-25) is drawn here (log axis)
+    counted = len(classes) <= 6  # more "×k" labels would overlap: the counts are in the JSON
     for c, cls in enumerate(classes):
-        color = by_label[int(cls["label"])]
+        label = int(cls["label"])
         for w in WIDTHS:
             losses = [p["loss"] for p in cls["members"] if p["width"] == w]
             if not losses:
                 continue
             xpos = w + 0.6 * (c - (n - 1) / 2) / n
-            ax_l.scatter([xpos], [losses[0]], marker=markers[w], s=50, color=color)
+            ypos = max(losses[0], floor)
+            ax_l.scatter([xpos], [ypos], marker=markers[label], s=50, color=by_label[label])
+            if not counted:
+                continue
             ax_l.annotate(
-                f"{len(losses)}",
-                (xpos, losses[0]),
+                f"×{len(losses)}",
+                (xpos, ypos),
                 textcoords="offset points",
-                xytext=(4, 4),
-                fontsize=6,
-                color=color,
+                xytext=(6, -3),
+                fontsize=7,
+                color=by_label[label],
             )
     for w in WIDTHS:
-        ax_l.scatter([], [], color=by_label[w], marker="o", label=f"class embeds from width {w}")
+        ax_l.scatter(
+            [], [], color=by_label[w], marker=markers[w], label=f"class labelled width {w}"
+        )
+    ax_l.set_yscale("log")
     ax_l.set_xticks(list(WIDTHS))
     ax_l.set_xlim(0.5, max(WIDTHS) + 0.5)
-    ax_l.set_xlabel("width of the runs (one mark per class; the number = its runs)")
-    ax_l.set_ylabel("loss at the critical point (|∇R| < 1e-10)")
-    ax_l.set_title(f"{len(classes)} classes of critical points, coloured by origin")
+    ax_l.set_xlabel(
+        "width of the runs"
+        + ("  (×k: k runs of that width reached the class)" if counted else "")
+        + f"\na loss below {floor:.0e} (the global minimum) is drawn at {floor:.0e}"
+    )
+    ax_l.set_ylabel("loss at the critical point (|∇R| < 1e-10), log scale")
+    ax_l.set_title(f"{len(classes)} classes of critical points by the width they were found at")
     ax_l.legend(fontsize=8, loc="lower left")
     ax_f.scatter(x.flatten().cpu(), y.flatten().cpu(), s=12, color="0.6", label="data", zorder=0)
     styles = {1: "-", 2: "--", 3: ":"}
@@ -322,6 +334,7 @@ def run(*, quick: bool, out: Path, seed: int = 0, device: str = "cpu") -> Figure
             f"{len(classes)} classes from {len(points)} critical points",
             len(classes) >= 2,
             exact=True,
+            criterion="at least 2 classes",
         ),
         Headline(
             "classes found at a larger width than their label",
@@ -331,12 +344,14 @@ def run(*, quick: bool, out: Path, seed: int = 0, device: str = "cpu") -> Figure
                 f"loss {c['loss']:.3g} from width {c['label']} at {c['widths']}" for c in embedded
             ),
             len(embedded) >= 1,
+            criterion="at least 1 class found at a width larger than its label",
         ),
         Headline(
             "width-3 critical points embedded from width 1 or 2",
             "yes",
             f"{len(wide_from_narrow)} class(es)",
             len(wide_from_narrow) >= 1,
+            criterion="at least 1 class found at width 3 is labelled 1 or 2",
         ),
     ]
     notes = [

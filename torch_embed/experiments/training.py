@@ -277,6 +277,7 @@ def train(
     label: str | None = None,
     history: History | None = None,
     callback: Callable[[int, float], None] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> History:
     """Train ``model`` full-batch in place with plain gradient descent or Adam.
 
@@ -296,6 +297,9 @@ def train(
         history: Continue this history (its step numbers go on from its last one).
         callback: Called as ``callback(step, loss)`` at every recorded step (before the
             update of that step), e.g. to snapshot the model.
+        optimizer: Step this optimizer (its state carried on, e.g. restored from a
+            snapshot) instead of a new one; it must be of the kind ``method`` names and
+            have learning rate ``lr``.
 
     Returns:
         The :class:`History` (the one passed in, extended, if any).
@@ -310,13 +314,23 @@ def train(
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
     params = [p for p in model.parameters() if p.requires_grad]
-    opt: torch.optim.Optimizer
-    if method == "gd":
-        opt = torch.optim.SGD(params, lr=lr)
-    elif method == "adam":
-        opt = torch.optim.Adam(params, lr=lr)
-    else:
+    kinds: dict[str, type[torch.optim.Optimizer]] = {
+        "gd": torch.optim.SGD,
+        "adam": torch.optim.Adam,
+    }
+    if method not in kinds:
         raise ValueError(f"method must be 'gd' or 'adam', got {method!r}")
+    opt: torch.optim.Optimizer
+    if optimizer is None:
+        opt = torch.optim.SGD(params, lr=lr) if method == "gd" else torch.optim.Adam(params, lr=lr)
+    else:
+        rates = {float(g["lr"]) for g in optimizer.param_groups}
+        if type(optimizer) is not kinds[method] or rates != {float(lr)}:
+            raise ValueError(
+                f"optimizer is {type(optimizer).__name__} with lr {sorted(rates)}; method "
+                f"{method!r} with lr {lr} needs {kinds[method].__name__} with lr {lr}"
+            )
+        opt = optimizer
     every = max(1, steps // 500) if record_every is None else max(1, int(record_every))
     marks = None if record_at is None else frozenset(int(s) for s in record_at)
     hist = History() if history is None else history
