@@ -44,12 +44,12 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from torch_embed.embedding import Embedding, EmbeddingKind
+from torch_embed.embedding import EmbeddingKind
 
 __all__ = ["SUPPORTED_OPTIMIZERS", "ApproximateStateWarning", "map_optimizer_state"]
 
@@ -100,6 +100,22 @@ _REFUSED: dict[type[torch.optim.Optimizer], str] = {
         "Use Adam"
     ),
 }
+
+
+class StateMap(Protocol):
+    """What the state maps need of an embedding (an MLP's or a traced model's)."""
+
+    @property
+    def kind(self) -> EmbeddingKind: ...
+
+    @property
+    def reasons(self) -> tuple[str, ...]: ...
+
+    def apply(self, state: Mapping[str, Tensor]) -> dict[str, Tensor]: ...
+
+    def map_gradients(self, grads: Mapping[str, Tensor]) -> dict[str, Tensor]: ...
+
+    def map_second_moments(self, moments: Mapping[str, Tensor]) -> dict[str, Tensor]: ...
 
 
 def _exact_decay(optimizer: torch.optim.Optimizer, group: Mapping[str, Any]) -> bool:
@@ -155,7 +171,7 @@ def _check_holds_parameters(
         )
 
 
-def _approximate_message(embedding: Embedding) -> str | None:
+def _approximate_message(embedding: StateMap) -> str | None:
     """Why gradients mapped by ``embedding`` are not the wide ones (``None``: they are)."""
     if embedding.kind is EmbeddingKind.CRITICAL:
         return None
@@ -169,7 +185,7 @@ def _approximate_message(embedding: Embedding) -> str | None:
 
 
 def _scale_free(
-    embedding: Embedding, tensors: dict[str, Tensor], fill: Callable[[str], float]
+    embedding: StateMap, tensors: dict[str, Tensor], fill: Callable[[str], float]
 ) -> tuple[dict[str, Tensor], bool]:
     """Copy each entry to the wide entries whose gradient it scales; ``fill`` where ``s = 0``.
 
@@ -194,7 +210,7 @@ def _scale_free(
 def map_optimizer_state(
     optimizer: torch.optim.Optimizer,
     named_params: Mapping[str, nn.Parameter],
-    embedding: Embedding,
+    embedding: StateMap,
 ) -> dict[nn.Parameter, dict[str, Any]]:
     """Compute the mapped state of every parameter the embedding reshapes (pure).
 
