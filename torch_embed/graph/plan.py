@@ -296,11 +296,44 @@ def plan_groups(
     widths = resolve_group_widths(groups, new_widths, cfg)
     maps: dict[str, LayerMap] = {}
     sizes: dict[str, tuple[int, int]] = {}
+    reasons: list[str] = []
     for g in groups:
         if g.name in widths:
             maps[g.name] = _plan_one(g, widths[g.name], cfg, generator)
             sizes[g.name] = (g.size, widths[g.name])
-    return GroupEmbedding(maps, sizes, _axes(groups, maps), type(cfg).__name__)
+            reasons.extend(_gradient_caveats(g, maps[g.name]))
+    return GroupEmbedding(maps, sizes, _axes(groups, maps), type(cfg).__name__, tuple(reasons))
+
+
+def _gradient_caveats(group: WidthGroup, lm: LayerMap) -> list[str]:
+    """Why gradients of ``group`` do not map linearly, though its output is kept.
+
+    A statistic over the group (LayerNorm, GroupNorm, a mean or variance) is shared by
+    the copies: the gradient of a copy with coefficient ``α_j`` is ``α_j`` times the
+    direct term plus ``1/k`` times the statistic's terms, a multiple of the narrow
+    gradient only when every copy has ``α_j = 1/k`` (Net2Net, ``Split(alpha=0.5)`` for
+    k = 2). A max over the group sends its gradient to one of the equal copies.
+    """
+    src = lm.source
+    kinds = {c.kind: c for c in group.constraints}
+    out = []
+    stat = next((c for k, c in kinds.items() if k in _UNIFORM), None)
+    if stat is not None and bool((src >= 0).any()):
+        counts = torch.bincount(src[src >= 0], minlength=group.size).to(torch.float64)
+        equal = (lm.coef - 1.0 / counts[src.clamp(min=0)]).abs().max() <= 1e-12
+        if not bool(equal):
+            name = _NORM_NAMES.get(stat.kind, stat.kind)
+            out.append(
+                f"{name} at `{stat.module}` over group {group.name!r}: copies with unequal "
+                f"coefficients keep the output, but not the gradients (the norm's mean and "
+                f"variance are shared by the copies; equal shares 1/k keep both)"
+            )
+    if "max" in kinds and bool((src >= 0).any()) and src.numel() > group.size:
+        out.append(
+            f"{kinds['max'].op} over group {group.name!r}: the gradient of a max goes to "
+            f"one of the equal copies"
+        )
+    return out
 
 
 def _axes(groups: WidthGroups, maps: Mapping[str, LayerMap]) -> tuple[AxisMap, ...]:
