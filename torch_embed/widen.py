@@ -133,7 +133,8 @@ def widen(
     named = isinstance(new_widths, Mapping) and any(isinstance(k, str) for k in new_widths)
     factor = isinstance(new_widths, numbers.Real) and not isinstance(new_widths, bool)
     if example_inputs is None and (
-        named or (factor and not isinstance(new_widths, numbers.Integral))
+        (named and not _is_sequential_mlp(module))
+        or (factor and not isinstance(new_widths, numbers.Integral))
     ):
         raise ValueError(
             f"widen: widths by group name or a factor ({new_widths!r}) trace the model, "
