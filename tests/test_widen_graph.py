@@ -384,3 +384,45 @@ def test_norm_gradients_need_equal_shares(name: str, group: str) -> None:
             assert "unequal coefficients" in emb.reasons[0]
     assert errors["Net2Net"] <= 1e-12
     assert errors["Split"] > 1e-3
+
+
+class _Twice(nn.Module):
+    """One Linear called twice: its rows and columns are the same group ("tied")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 5)
+        self.mid = nn.Linear(5, 5)
+        self.out = nn.Linear(5, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x))
+        h = torch.tanh(self.mid(h))
+        return self.out(torch.tanh(self.mid(h)))
+
+
+def test_module_called_twice_and_inference_mode() -> None:
+    torch.manual_seed(0)
+    model = _Twice().double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    before = model(x).detach()
+    with torch.inference_mode():  # the new tensors are made outside it
+        emb = widen(model, {"mid": 8}, torch_embed.Split(alpha=-0.4), example_inputs=x)
+    assert isinstance(emb, GroupEmbedding) and emb.sizes == {"a": (5, 8)}
+    assert model.mid.weight.shape == (8, 8) and not model.mid.weight.is_inference()
+    assert _rel(model(x).detach(), before) <= 1e-12
+
+
+def test_sequential_subclass_with_forward_is_traced() -> None:
+    """A Sequential subclass that overrides forward is a custom model: the list form
+    (hidden widths by position) is refused, group names work and are exact."""
+    case = by_name("sequential_subclass_residual")
+    model, x = case.build(), case.example_inputs()
+    with torch.no_grad():
+        before = model(*x)
+    with pytest.raises(TypeError, match=r"plain nn.Sequential MLPs.*\['0'\]"):
+        widen(model, [9], example_inputs=x)
+    emb = widen(model, {"0": 9}, example_inputs=x)
+    assert isinstance(emb, GroupEmbedding)
+    with torch.no_grad():
+        assert _rel(model(*x), before) <= 1e-12

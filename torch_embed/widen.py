@@ -162,8 +162,8 @@ def widen(
 
 def _is_sequential_mlp(module: nn.Module) -> bool:
     """Whether ``module`` takes the Sequential-MLP path (``read_sequential`` accepts it)."""
-    if not isinstance(module, nn.Sequential):
-        return False
+    if not isinstance(module, nn.Sequential) or type(module).forward is not nn.Sequential.forward:
+        return False  # a subclass with its own forward is a custom model: trace it
     try:
         read_sequential(module)
     except (TypeError, ValueError):

@@ -105,7 +105,8 @@ def resolve_group_widths(groups: WidthGroups, new_widths: object, scheme: Scheme
     if not isinstance(new_widths, Mapping):
         raise TypeError(
             f"new_widths must be a mapping {{group name or alias: width}} or a factor > 1 for "
-            f"a traced model, got {type(new_widths).__name__}"
+            f"a traced model, got {type(new_widths).__name__} (a list of hidden widths is "
+            f"for plain nn.Sequential MLPs); {_names(groups)}"
         )
     out = {}
     for key, width in new_widths.items():
