@@ -182,14 +182,24 @@ class GroupEmbedding:
         return self._map(moments, "second")
 
 
+def _identity_prefix(src: Tensor) -> int:
+    """The length of the longest prefix of ``src`` equal to ``0, 1, 2, ...``."""
+    same = src == torch.arange(src.numel(), device=src.device)
+    return int(same.numel() if bool(same.all()) else int(same.logical_not().nonzero()[0]))
+
+
 def _gather(t: Tensor, a: AxisMap, scale: Tensor) -> Tensor:
     src = a.source.to(t.device)
     scale = scale.to(device=t.device, dtype=t.dtype if t.is_floating_point() else torch.float64)
     if a.groups == 1:
-        out = t.index_select(a.axis, src.clamp(min=0))
-        shape = [1] * t.dim()
-        shape[a.axis] = -1
-        return out * scale.view(shape).to(out.dtype) if out.is_floating_point() else out
+        keep = _identity_prefix(src)  # narrow units that stay in place: a plain copy
+        tail = t.index_select(a.axis, src[keep:].clamp(min=0))
+        out = torch.cat([t.narrow(a.axis, 0, keep), tail], a.axis) if keep else tail
+        if out.is_floating_point() and not bool((scale == 1).all()):
+            shape = [1] * t.dim()
+            shape[a.axis] = -1
+            out.mul_(scale.view(shape).to(out.dtype))  # ``out`` is fresh: scale in place
+        return out
     # the in-axis of a grouped conv weight (out, in/g, *kernel): rows in g segments
     g = a.groups
     rows, share = t.shape[0], t.shape[1]
@@ -199,5 +209,5 @@ def _gather(t: Tensor, a: AxisMap, scale: Tensor) -> Tensor:
     w = t.reshape(g, rows // g, share, *t.shape[2:])
     idx = local.view(g, 1, wide_share, *([1] * (t.dim() - 2)))
     idx = idx.expand(g, rows // g, wide_share, *t.shape[2:])
-    out = torch.gather(w, 2, idx) * scale.view(g, 1, wide_share, *([1] * (t.dim() - 2)))
+    out = torch.gather(w, 2, idx).mul_(scale.view(g, 1, wide_share, *([1] * (t.dim() - 2))))
     return out.reshape(rows, wide_share, *t.shape[2:])
