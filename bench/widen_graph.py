@@ -30,6 +30,7 @@ import threading
 import time
 
 import torch
+from _common import write_results
 from torch import Tensor
 from width_groups import resnet50_shaped
 
@@ -84,15 +85,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one repeat")
     parser.add_argument("--size", type=int, default=64, help="input height and width")
+    parser.add_argument("--write", action="store_true", help="record in bench/RESULTS.md")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         _memory(args.size)
         return
+    lines: list[str] = []
+
+    def say(line: str) -> None:
+        print(line)
+        lines.append(line)
+
     base = resnet50_shaped()
     x = torch.randn(1, 3, args.size, args.size)
-    print(f"ResNet-50-shaped, {sum(p.numel() for p in base.parameters()) / 1e6:.1f} M params")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, input {tuple(x.shape)}")
+    say(f"ResNet-50-shaped, {sum(p.numel() for p in base.parameters()) / 1e6:.1f} M params")
+    say(f"torch {torch.__version__}, {torch.get_num_threads()} threads, input {tuple(x.shape)}")
     width_groups(base, x)  # torch's one-off export setup
     best: dict[str, float] = {}
     for _ in range(1 if args.quick else 3):
@@ -120,12 +128,12 @@ def main() -> None:
         }
         for k, v in runs.items():
             best[k] = min(best.get(k, float("inf")), v)
-    print(f"groups grown: {len(emb.sizes)}; tensors reshaped: {len(emb.tensors)}")
+    say(f"groups grown: {len(emb.sizes)}; tensors reshaped: {len(emb.tensors)}")
     for k in ("trace", "plan", "apply", "bound", "widen"):
-        print(f"{k:6s} {best[k]:8.3f} s")
-    print(f"apply / bound: {best['apply'] / best['bound']:.2f}")
-    print(f"(plan + apply) / bound: {(best['plan'] + best['apply']) / best['bound']:.2f}")
-    print(f"(widen - trace) / bound: {(best['widen'] - best['trace']) / best['bound']:.2f}")
+        say(f"{k:6s} {best[k]:8.3f} s")
+    say(f"apply / bound: {best['apply'] / best['bound']:.2f}")
+    say(f"(plan + apply) / bound: {(best['plan'] + best['apply']) / best['bound']:.2f}")
+    say(f"(widen - trace) / bound: {(best['widen'] - best['trace']) / best['bound']:.2f}")
     out = subprocess.run(
         [sys.executable, __file__, "--memory-child", "--size", str(args.size)],
         check=True,
@@ -133,12 +141,16 @@ def main() -> None:
         text=True,
     ).stdout.split()
     new_b, grew_b = (int(v) for v in out)
-    print(f"new tensors: {new_b / 2**20:.1f} MiB")
-    print(
+    say(f"new tensors: {new_b / 2**20:.1f} MiB")
+    say(
         f"peak RSS growth during widen: {grew_b / 2**20:.1f} MiB = "
         f"{grew_b / new_b:.2f} x the new tensors (the narrow tensors they replace are "
         f"freed only when the call returns)"
     )
+    if args.write:
+        command = "python bench/widen_graph.py" + (" --quick" if args.quick else "")
+        text = f"Command: `{command} --write`\n\n```\n" + "\n".join(lines) + "\n```"
+        write_results(text, f"`{command}`", "## bench/widen_graph.py")
 
 
 if __name__ == "__main__":
