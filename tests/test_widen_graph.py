@@ -426,3 +426,37 @@ def test_sequential_subclass_with_forward_is_traced() -> None:
     assert isinstance(emb, GroupEmbedding)
     with torch.no_grad():
         assert _rel(model(*x), before) <= 1e-12
+
+
+class _Reduce(nn.Module):
+    """A reduction over the hidden features: a sum (only null units keep it) or a max
+    (only copies keep it)."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 5)
+        self.out = nn.Linear(5, 2)
+        self.op = op
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x))
+        r = h.sum(-1, keepdim=True) if self.op == "sum" else h.amax(-1, keepdim=True)
+        return self.out(h) + r
+
+
+@pytest.mark.parametrize(
+    ("op", "allowed", "refused"), [("sum", "null", "split"), ("max", "split", "null")]
+)
+def test_reductions_over_a_group(op: str, allowed: str, refused: str) -> None:
+    torch.manual_seed(0)
+    model = _Reduce(op).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    snap, ids = _snapshot(model), {n: id(p) for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=rf"aten\.a?{op}.* over width group 'a'"):
+        widen(model, {"a": 8}, refused, example_inputs=x)
+    _unchanged(model, snap, ids)
+    before = model(x).detach()
+    emb = widen(model, {"a": 8}, allowed, example_inputs=x)
+    assert _rel(model(x).detach(), before) <= 1e-12
+    if op == "max":  # the max's gradient goes to one of the equal copies
+        assert emb.kind is EmbeddingKind.OUTPUT_PRESERVING and "max" in emb.reasons[0]

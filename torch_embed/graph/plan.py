@@ -10,8 +10,8 @@ consumer coefficients, and the order of the wide units, under the group's constr
   copy in its source's group; grouped convolution (``groups = g``): every group grows
   by the same amount, copies in their source's group. Wide units are ordered group by
   group: a group's own units, then its copies (or null units).
-* A sum over the group: only null units; a softmax or a contraction between two
-  activations: refused (no rule yet).
+* A sum over the group: only null units; a max or min: only copies; a softmax or a
+  contraction between two activations: refused (no rule yet).
 * Depthwise convolutions are per-channel: copies need no rule (``groups`` follows).
 
 Schemes: :class:`~torch_embed.Split` (any α, ``"random"`` α, k-way; ``select`` random
@@ -159,6 +159,13 @@ def _plan_one(
     extra = width - n
     null = isinstance(scheme, Null)
     copies = 1 if null else _copies_per_split(scheme)
+    kinds = {c.kind: c for c in group.constraints}
+    if "sum" in kinds and not null:
+        c = kinds["sum"]
+        raise ValueError(f"{c.op} over width group {group.name!r}: {c.rule}; use Null")
+    if "max" in kinds and null:
+        c = kinds["max"]
+        raise ValueError(f"{c.op} over width group {group.name!r}: {c.rule}; use Split")
     if null and uniform:
         raise ValueError(
             f"{why}: uniform copies or mean-fill (every unit copied the same number of times); "
@@ -313,7 +320,7 @@ def _gradient_caveats(group: WidthGroup, lm: LayerMap) -> list[str]:
     the copies: the gradient of a copy with coefficient ``α_j`` is ``α_j`` times the
     direct term plus ``1/k`` times the statistic's terms, a multiple of the narrow
     gradient only when every copy has ``α_j = 1/k`` (Net2Net, ``Split(alpha=0.5)`` for
-    k = 2). A max over the group sends its gradient to one of the equal copies.
+    k = 2). A max over the group splits its gradient evenly among equal copies.
     """
     src = lm.source
     kinds = {c.kind: c for c in group.constraints}
@@ -331,8 +338,9 @@ def _gradient_caveats(group: WidthGroup, lm: LayerMap) -> list[str]:
             )
     if "max" in kinds and bool((src >= 0).any()) and src.numel() > group.size:
         out.append(
-            f"{kinds['max'].op} over group {group.name!r}: the gradient of a max goes to "
-            f"one of the equal copies"
+            f"{kinds['max'].op} over group {group.name!r}: the gradient of a max is split "
+            f"evenly among equal copies (or sent to one), not in proportion to their "
+            f"coefficients"
         )
     return out
 
