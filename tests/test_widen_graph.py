@@ -160,8 +160,11 @@ def test_gradient_maps(name: str) -> None:
         _loss(model, x).backward()
         narrow = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         emb = _widen_some(model, x, expected.name, expected.size, scheme, g)
-        if emb is None or emb.kind is not EmbeddingKind.CRITICAL:
-            continue  # a norm with unequal shares: see test_norm_gradients_need_equal_shares
+        if emb is None:
+            continue
+        if emb.kind is not EmbeddingKind.CRITICAL:  # see test_norm_gradients_need_equal_shares
+            assert all("unequal coefficients" in r for r in emb.reasons), emb.reasons
+            continue
         mapped = {n: p.grad for n, p in model.named_parameters()}
         model.zero_grad(set_to_none=True)
         _loss(model, x).backward()
@@ -460,3 +463,35 @@ def test_reductions_over_a_group(op: str, allowed: str, refused: str) -> None:
     assert _rel(model(x).detach(), before) <= 1e-12
     if op == "max":  # the max's gradient goes to one of the equal copies
         assert emb.kind is EmbeddingKind.OUTPUT_PRESERVING and "max" in emb.reasons[0]
+
+
+class _SigmoidMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(torch.sigmoid(self.a(x)))
+
+
+def test_null_units_with_nonzero_value_are_measured() -> None:
+    """σ(0) = 1/2: null units keep the output, but their fan-out columns get gradients.
+    widen measures the value they feed their readers instead of assuming 0."""
+    torch.manual_seed(0)
+    model = _SigmoidMLP().double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    before = model(x).detach()
+    _loss(model, (x,)).backward()
+    with pytest.warns(torch_embed.ApproximateStateWarning, match="hold 0.5, not 0"):
+        emb = widen(model, {"a": 6}, "null", example_inputs=x)
+    assert emb.kind is EmbeddingKind.OUTPUT_PRESERVING
+    assert "`out.weight`" in emb.reasons[0]
+    assert _rel(model(x).detach(), before) <= 1e-12
+    mapped = model.out.weight.grad.clone()  # type: ignore[union-attr]
+    model.zero_grad(set_to_none=True)
+    _loss(model, (x,)).backward()
+    true = model.out.weight.grad
+    assert true is not None
+    assert float((true - mapped).abs()[:, 4:].max()) > 1e-3  # the map's 0 is wrong there
+    assert float((true - mapped).abs()[:, :4].max()) <= 1e-12

@@ -11,6 +11,7 @@ undoes everything and raises.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from typing import Any
@@ -26,7 +27,7 @@ from torch_embed.graph.groups import width_groups
 from torch_embed.graph.handlers import Resize, attribute_updates
 from torch_embed.graph.plan import plan_groups
 from torch_embed.graph.trace import check_model
-from torch_embed.optim_state import map_optimizer_state
+from torch_embed.optim_state import ApproximateStateWarning, map_optimizer_state
 from torch_embed.schemes import Scheme
 
 __all__ = ["widen_graph"]
@@ -74,7 +75,9 @@ def widen_graph(
     updates = _attribute_updates(model, new_state, embedding)
     changed = list(embedding.tensors)
     undo = _install(named_params, named_buffers, new_state, changed, new_grads, updates)
+    probes: list[_Probe] = []
     try:
+        probes.extend(_null_probes(model, embedding))
         after = _outputs(model, args)
         _compare(before, after)
     except BaseException as error:
@@ -82,15 +85,83 @@ def widen_graph(
         if isinstance(error, Exception):
             raise ValueError(
                 f"widen: after widening {sorted(embedding.sizes)}, the "
-                f"{type(model).__name__} on the example inputs {error}; the model was left "
+                f"{type(model).__name__}'s forward on the example inputs failed the check: "
+                f"{error}; the model was left "
                 f"unchanged. A size written into forward (x.view(-1, 128)) or a module "
                 f"attribute no handler patches can cause this"
             ) from error
         raise
+    finally:
+        for probe in probes:
+            probe.handle.remove()
+    caveats = tuple(r for probe in probes for r in probe.caveats())
+    if caveats:
+        embedding = dataclasses.replace(embedding, reasons_=embedding.reasons_ + caveats)
+        if new_grads or new_opt:
+            warnings.warn(
+                f"widen: {'; '.join(caveats)}: the mapped .grad and optimizer state are not "
+                f"what the wide network would hold",
+                ApproximateStateWarning,
+                stacklevel=3,
+            )
     if optimizer is not None:
         for p, st in new_opt.items():
             optimizer.state[p] = st
     return embedding
+
+
+class _Probe:
+    """Records the largest |value| that null units feed a reader module.
+
+    A null unit has zero fan-in and zero fan-out: the output is kept whatever it holds,
+    but its fan-out columns get the gradient ``δ·value``, which the gradient map takes
+    to be 0 (true for σ(0) = 0: ReLU, tanh, GELU, SiLU; not for a sigmoid).
+    """
+
+    def __init__(self, module: nn.Module, tensor: str, index: Tensor, dim: int | None):
+        self.tensor, self.index, self.dim = tensor, index, dim
+        self.cls = type(module).__name__
+        self.largest = 0.0
+        self.handle = module.register_forward_pre_hook(self.record)
+
+    def record(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        x = inputs[0] if inputs else None
+        if self.dim is None or not isinstance(x, Tensor):
+            return
+        values = x.detach().index_select(self.dim, self.index.to(x.device))
+        if values.numel():
+            self.largest = max(self.largest, float(values.abs().max()))
+
+    def caveats(self) -> list[str]:
+        where = f"the null units read by `{self.tensor}` ({self.cls})"
+        if self.dim is None:
+            return [
+                f"{where} are not probed: their value, hence the gradient of their fan-out, "
+                f"is not checked"
+            ]
+        if self.largest != 0.0:
+            return [
+                f"{where} hold {self.largest:.3g}, not 0 (an activation with "
+                f"σ(0) != 0): their fan-out columns get gradients the map sets to 0"
+            ]
+        return []
+
+
+def _null_probes(model: nn.Module, embedding: GroupEmbedding) -> list[_Probe]:
+    probes = []
+    for a in embedding.axes:
+        null = (a.source < 0).nonzero().flatten()
+        if a.role != "split" or not null.numel():
+            continue
+        owner = a.tensor.rpartition(".")[0]
+        module = model.get_submodule(owner)
+        dim: int | None = None
+        if isinstance(module, nn.Linear) and a.axis == 1:
+            dim = -1
+        elif isinstance(module, nn.modules.conv._ConvNd) and not module.transposed and a.axis == 1:
+            dim = 1  # a grouped conv's map covers its whole input axis too
+        probes.append(_Probe(module, a.tensor, null, dim))
+    return probes
 
 
 def _attribute_updates(
