@@ -486,3 +486,39 @@ def test_null_units_with_nonzero_value_are_measured() -> None:
     assert true is not None
     assert float((true - mapped).abs()[:, 4:].max()) > 1e-3  # the map's 0 is wrong there
     assert float((true - mapped).abs()[:, :4].max()) <= 1e-12
+
+
+class _Tied(nn.Module):
+    """Two Linear layers sharing one weight (two FQNs, one Parameter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 5)
+        self.m1 = nn.Linear(5, 5)
+        self.m2 = nn.Linear(5, 5)
+        self.m2.weight = self.m1.weight
+        self.out = nn.Linear(5, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.m1(torch.tanh(self.a(x))))
+        return self.out(torch.tanh(self.m2(h)))
+
+
+def test_tied_weight_is_mapped_once() -> None:
+    torch.manual_seed(0)
+    model = _Tied().double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _loss(model, (x,)).backward()
+    optimizer.step()
+    momentum = optimizer.state[model.m1.weight]["momentum_buffer"].clone()
+    before = model(x).detach()
+    emb = widen(model, {"m1": 8}, torch_embed.Net2Net(), example_inputs=x, optimizer=optimizer)
+    assert isinstance(emb, GroupEmbedding)
+    assert model.m2.weight is model.m1.weight and model.m1.weight.shape == (8, 8)
+    assert (model.m1.in_features, model.m1.out_features) == (8, 8)
+    assert (model.m2.in_features, model.m2.out_features) == (8, 8)
+    assert _rel(model(x).detach(), before) <= 1e-12
+    (name,) = [n for n in emb.tensors if n.endswith(".weight") and n[:2] in ("m1", "m2")]
+    want = emb.map_gradients({name: momentum})[name]
+    assert torch.equal(optimizer.state[model.m1.weight]["momentum_buffer"], want)

@@ -14,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +32,8 @@ from torch_embed.optim_state import ApproximateStateWarning, map_optimizer_state
 from torch_embed.schemes import Scheme
 
 __all__ = ["widen_graph"]
+
+_T = TypeVar("_T", bound=Tensor)
 
 
 def widen_graph(
@@ -54,8 +57,8 @@ def widen_graph(
     groups = width_groups(model, args)
     embedding = plan_groups(groups, new_widths, scheme, generator=generator)
     before = _outputs(model, args)
-    named_params = dict(model.named_parameters())
-    named_buffers = dict(model.named_buffers())
+    named_params = _one_name_each(model.named_parameters(remove_duplicate=False), embedding)
+    named_buffers = _one_name_each(model.named_buffers(remove_duplicate=False), embedding)
     every = {**named_params, **named_buffers}
     missing = [t for t in embedding.tensors if t not in every]
     if missing:
@@ -72,7 +75,7 @@ def widen_graph(
         new_opt: dict[nn.Parameter, dict[str, Any]] = {}
         if optimizer is not None:
             new_opt = map_optimizer_state(optimizer, named_params, embedding)
-    updates = _attribute_updates(model, new_state, embedding)
+    updates = _attribute_updates(model, new_state, embedding, _aliases(model))
     changed = list(embedding.tensors)
     undo = _install(named_params, named_buffers, new_state, changed, new_grads, updates)
     probes: list[_Probe] = []
@@ -164,13 +167,39 @@ def _null_probes(model: nn.Module, embedding: GroupEmbedding) -> list[_Probe]:
     return probes
 
 
+def _one_name_each(named: Iterator[tuple[str, _T]], embedding: GroupEmbedding) -> dict[str, _T]:
+    """One name per tensor (tied tensors have several): the one the embedding uses."""
+    first: dict[int, tuple[str, _T]] = {}
+    for name, t in named:
+        if id(t) not in first or name in embedding.tensors:
+            if id(t) in first and first[id(t)][0] in embedding.tensors:
+                continue
+            first[id(t)] = (name, t)
+    return dict(first.values())
+
+
+def _aliases(model: nn.Module) -> dict[str, list[str]]:
+    """Every FQN of each tensor, keyed by each of its FQNs (tied weights)."""
+    names: dict[int, list[str]] = {}
+    for name, t in [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]:
+        names.setdefault(id(t), []).append(name)
+    return {n: ns for ns in names.values() for n in ns}
+
+
 def _attribute_updates(
-    model: nn.Module, new_state: dict[str, Tensor], embedding: GroupEmbedding
+    model: nn.Module,
+    new_state: dict[str, Tensor],
+    embedding: GroupEmbedding,
+    aliases: dict[str, list[str]],
 ) -> list[tuple[nn.Module, dict[str, object]]]:
     by_module: dict[str, dict[str, tuple[int, ...]]] = {}
     for name in embedding.tensors:
-        owner, _, local = name.rpartition(".")
-        by_module.setdefault(owner, {})[local] = tuple(new_state[name].shape)
+        for alias in aliases.get(name, [name]):  # every module that owns a tied tensor
+            owner, _, local = alias.rpartition(".")
+            by_module.setdefault(owner, {})[local] = tuple(new_state[name].shape)
     out: list[tuple[nn.Module, dict[str, object]]] = []
     for owner, shapes in by_module.items():
         module = model.get_submodule(owner)
