@@ -6,7 +6,8 @@ compute every new tensor, ``.grad`` and optimizer state and every shape attribut
 :mod:`torch_embed.widen` (Parameters keep their identity). Then the model runs again on
 the example inputs (eval mode, buffers untouched) and its output is compared with the
 narrow output: a forward that fails or differs (a size written into ``forward``)
-undoes everything and raises.
+undoes everything and raises. During that run, forward pre-hooks record what null units
+feed their readers: a value other than 0 makes the embedding output-preserving only.
 """
 
 from __future__ import annotations
