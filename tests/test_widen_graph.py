@@ -108,7 +108,18 @@ def test_every_group_is_exact(case: ZooCase, mode: str) -> None:
         assert model.training == (mode == "train")
 
 
-@pytest.mark.parametrize("name", ["resnet_basic", "convnext_block", "groupnorm", "densenet_block"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "resnet_basic",
+        "convnext_block",
+        "groupnorm",
+        "densenet_block",
+        "resnext_grouped_conv",
+        "mobilenetv2_inverted_residual",
+        "conv_flatten_linear",
+    ],
+)
 def test_factor_widens_every_group(name: str) -> None:
     case = by_name(name)
     model, x = case.build(), case.example_inputs()
@@ -177,7 +188,16 @@ def test_gradient_maps(name: str) -> None:
             assert err <= 1e-11 * scale, (expected.name, scheme, n, err)
 
 
-@pytest.mark.parametrize("name", ["mlp_batchnorm", "resnet_basic", "mobilenetv2_inverted_residual"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "mlp_batchnorm",
+        "resnet_basic",
+        "mobilenetv2_inverted_residual",
+        "resnext_grouped_conv",
+        "densenet_block",
+    ],
+)
 @pytest.mark.parametrize("opt", ["sgd", "adam"])
 def test_optimizer_state_equals_replay(name: str, opt: str) -> None:
     case = by_name(name)
@@ -197,16 +217,16 @@ def test_optimizer_state_equals_replay(name: str, opt: str) -> None:
         _loss(model, x).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})  # type: ignore[union-attr]
         optimizer.step()
-    group = case.expected[-1].name
     emb = widen(
         model,
-        {group: 3 * case.expected[-1].size},
+        2,  # every growable group
         torch_embed.Split(alpha="random"),
         example_inputs=x,
         optimizer=optimizer,
         generator=torch.Generator().manual_seed(3),
     )
-    assert isinstance(emb, GroupEmbedding)
+    assert isinstance(emb, GroupEmbedding) and emb.kind is EmbeddingKind.CRITICAL
+    assert len(emb.sizes) == len(case.expected)
     # replay: a fresh wide optimizer fed the narrow run's gradients through the map
     wide_init = emb.apply(init)
     replay = {n: nn.Parameter(t.clone()) for n, t in wide_init.items()}
