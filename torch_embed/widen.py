@@ -106,7 +106,11 @@ def widen(
             memory, tied (shared) tensors between layers, a module built under
             ``torch.inference_mode()``, or an optimizer that holds none of the
             module's parameters. Widening inside ``torch.inference_mode()`` works (the
-            new tensors are made outside it).
+            new tensors are made outside it). Traced path: an unknown group name (the
+            message lists the names), a rigid group (with its reason), a width the
+            group's rules forbid (naming the norm or conv and the rule), an unsupported
+            scheme, a parametrized module, or a widened model whose output on
+            ``example_inputs`` fails or differs (everything undone).
         RuntimeError: A live autograd graph, an autocast cache or a
             DistributedDataParallel wrapper still holds a parameter.
 
@@ -114,7 +118,8 @@ def widen(
         ApproximateStateWarning: Optimizer state is mapped for an embedding that is
             not critical, or by a map that is exact only up to an optimizer's ``eps``
             (see :mod:`torch_embed.optim_state`). ``.grad`` is mapped by the same ``B``
-            without a warning (the next backward usually replaces it).
+            without a warning (the next backward usually replaces it). Traced path:
+            also when null units feed their readers a value other than 0.
 
     Example:
         >>> import torch
