@@ -542,3 +542,22 @@ def test_tied_weight_is_mapped_once() -> None:
     (name,) = [n for n in emb.tensors if n.endswith(".weight") and n[:2] in ("m1", "m2")]
     want = emb.map_gradients({name: momentum})[name]
     assert torch.equal(optimizer.state[model.m1.weight]["momentum_buffer"], want)
+
+
+def test_refusals_leave_the_model_untouched() -> None:
+    """A module of unknown class owning a widened tensor, a parametrized weight and a
+    DataParallel wrapper: refused with what to do, nothing changed."""
+    case = by_name("convnext_block")
+    model, x = case.build(), case.example_inputs()
+    handlers._HANDLERS.pop(ConvNeXtBlock)  # as for a user's own module
+    snap, ids = _snapshot(model), {n: id(p) for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"'block' \(ConvNeXtBlock\).*register_handler"):
+        widen(model, {"stem": 8}, "net2net", example_inputs=x)
+    _unchanged(model, snap, ids)
+    model = by_name("mlp_custom_forward").build()
+    x = by_name("mlp_custom_forward").example_inputs()
+    torch.nn.utils.parametrizations.weight_norm(model.fc2)
+    with pytest.raises(ValueError, match="parametrized"):
+        widen(model, {"fc1": 7}, example_inputs=x)
+    with pytest.raises(TypeError, match="wrapper"):
+        widen(nn.DataParallel(by_name("mlp_custom_forward").build()), {"fc1": 7}, example_inputs=x)
