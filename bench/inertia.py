@@ -12,9 +12,12 @@ with ``--device cuda``. The results of all variants are compared entrywise.
 
 Part 2 — counting the inertia of a symmetric matrix with known inertia (``Q D Qᵀ``, ``Q``
 a product of 8 random Householder reflections, ``D`` with 5% exact zeros and random signs)
-at n = 2k, 4k, 8k: ``inertia(method="ldl")`` (two Bunch-Kaufman factorizations plus the
-Lanczos gap estimate) against ``method="eigh"``, same default tolerance rule; the counts
-must agree with each other and with ``D``.
+at n = 250 ... 8000 (``--sizes`` to choose): ``inertia(method="ldl")`` (two Bunch-Kaufman
+factorizations plus the Lanczos gap estimate) against ``method="eigh"``, same default
+tolerance rule; the counts must agree with each other and with ``D``. Wall and process
+CPU time, each the best of several interleaved runs after an untimed warm-up; with one
+thread on a loaded machine the CPU time is the steadier measure. It sets
+``AUTO_LDL_MIN_SIZE``, the CPU crossover of ``method="auto"``.
 
 Part 3 — the inertia after widening: ``before + inertia_change`` (per-step complement
 blocks, :mod:`torch_embed.inertia_change`) against recounting the wide Hessian in full
@@ -29,6 +32,7 @@ Usage::
     python bench/inertia.py                 # full run (several minutes on 2 cores)
     python bench/inertia.py --quick         # small sizes (< 1 min)
     python bench/inertia.py --part 2        # one part only (parts: 1, 2, ...)
+    python bench/inertia.py --part 2 --sizes 300 500 1000   # part 2 at chosen sizes
     python bench/inertia.py --device cuda   # on a GPU
     python bench/inertia.py --write         # also append the tables to bench/RESULTS.md
 
@@ -289,30 +293,41 @@ def planted(n: int, device: str, seed: int = 0) -> tuple[Tensor, tuple[int, int,
 
 def part2(args: argparse.Namespace) -> str:
     sizes = [200, 600] if args.quick else [250, 500, 1000, 2000, 4000, 8000]
+    sizes = args.sizes or sizes
     lines = [
         "### Part 2: inertia counting, ldl vs eigh (float64, default tolerance)",
         "",
-        "| n | eigh (s) | ldl (s) | eigh ÷ ldl | counts eigh | counts ldl | planted "
-        "| gap eigh | gap ldl |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| n | eigh (s) | ldl (s) | eigh ÷ ldl | eigh CPU (s) | ldl CPU (s) | CPU eigh ÷ ldl "
+        "| counts eigh | counts ldl | planted | gap eigh | gap ldl |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    warm, _ = planted(64, args.device)  # one-time LAPACK/thread-pool setup is not timed
+    for method in ("eigh", "ldl"):
+        inertia(warm, method=method)
     for n in sizes:
         a, planted_counts = planted(n, args.device)
         best: dict[str, tuple[float, Any]] = {}
-        for _ in range(1 if args.quick or n >= 4000 else 2):
+        cpu: dict[str, float] = {}  # process CPU time: steadier than wall time under load
+        # best of 5 below n = 2000 (millisecond timings are noisy), of 2 up to 4000
+        repeats = 1 if args.quick or n >= 4000 else 2 if n >= 2000 else 5
+        for _ in range(repeats):  # interleaved, so load changes hit both methods
             for method in ("eigh", "ldl"):
                 _sync(args.device)
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 res = inertia(a, method=method)
                 _sync(args.device)
                 sec = time.perf_counter() - start
+                cpu[method] = min(cpu.get(method, float("inf")), time.process_time() - cpu_start)
                 if method not in best or sec < best[method][0]:
                     best[method] = (sec, res)
         (te, re_), (tl, rl) = best["eigh"], best["ldl"]
+        ce, cl = cpu["eigh"], cpu["ldl"]
         lines.append(
-            f"| {n} | {te:.2f} | {tl:.2f} | {te / tl:.2f} | {re_.as_tuple()} | "
-            f"{rl.as_tuple()} | {planted_counts} | {re_.gap:.1e} | {rl.gap:.1e} |"
+            f"| {n} | {te:.4f} | {tl:.4f} | {te / tl:.2f} | {ce:.4f} | {cl:.4f} | "
+            f"{ce / max(cl, 1e-9):.2f} | {re_.as_tuple()} | {rl.as_tuple()} | {planted_counts} "
+            f"| {re_.gap:.1e} | {rl.gap:.1e} |"
         )
+        print(lines[-1], flush=True)
         del a
     return "\n".join(lines)
 
@@ -430,6 +445,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, < 1 min")
     parser.add_argument("--part", nargs="*", default=None, help="parts to run (default all)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--sizes", type=int, nargs="*", default=None, help="part 2: matrix sizes n")
     parser.add_argument("--repeat", type=int, default=2, help="runs per variant (best kept)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per variant run")
     parser.add_argument(
@@ -456,6 +472,8 @@ def main() -> None:
     parts = args.part or list(PARTS)
     header = f"{SECTION}\n\n`python bench/inertia.py{' --quick' if args.quick else ''}"
     header += f"{' --part ' + ' '.join(parts) if args.part else ''}"
+    header += f"{' --sizes ' + ' '.join(map(str, args.sizes)) if args.sizes else ''}"
+    header += f"{' --threads ' + str(args.threads) if args.threads != 1 else ''}"
     header += f"{' --device ' + args.device if args.device != 'cpu' else ''}` on {machine()}."
     out = [header]
     print(header, flush=True)

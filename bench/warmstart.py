@@ -2,7 +2,8 @@
 
 Trains a narrow MLP (64 -> 16 -> 10, tanh, cross-entropy) on scikit-learn's bundled
 digits (no download), widens the hidden layer to 64 at a fixed step with each scheme,
-and continues for a fixed budget. Each scheme is run twice: with the SAME optimizer
+and continues for a fixed budget; the first scheme is ``widen``'s default
+(``torch_embed.schemes.DEFAULT_SCHEME``). Each scheme is run twice: with the SAME optimizer
 object, its state mapped by ``widen(..., optimizer=opt)`` ("mapped"), and with a new
 optimizer after widening ("reset"). Baselines: random padding (``RandomPad``: new units
 randomly initialised, the function changes), the narrow network trained on without
@@ -54,15 +55,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import RESULTS, write_results
 
 import torch_embed
+from torch_embed.schemes import DEFAULT_SCHEME
 
 EVAL = 5  # full-training-set loss every EVAL steps ...
 WINDOW = 20  # ... and every step for WINDOW steps after widening
 SECTION = "## bench/warmstart.py"
 
 SCHEMES: dict[str, torch_embed.Scheme] = {
+    "default: net2net + noise 4": DEFAULT_SCHEME,
     "split α=1/2": torch_embed.Split(alpha=0.5),
+    "split α=1/4": torch_embed.Split(alpha=0.25),
     "net2net": torch_embed.Net2Net(),
     "net2net + noise 0.5": torch_embed.Net2Net(noise=0.5),
+    "net2net + noise 8": torch_embed.Net2Net(noise=8.0),
     "null β=0.5": torch_embed.Null(bias=0.5),
     "null, fan-in std 0.1": torch_embed.Null(fan_in_std=0.1),
     "random pad (baseline b)": torch_embed.RandomPad(),
@@ -323,6 +328,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pre-steps", type=int, help="steps before widening")
     parser.add_argument("--post-steps", type=int, help="steps after widening")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds to average over")
+    parser.add_argument("--wide", type=int, help="hidden width after widening (64)")
     parser.add_argument("--optimizers", nargs="+", choices=["adam", "sgd"])
     parser.add_argument("--adam-lr", type=float, help="Adam learning rate (3e-3)")
     parser.add_argument("--adam-beta2", type=float, help="Adam beta2 (0.999)")
@@ -332,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = Config()
     if args.quick:
         cfg = Config(pre_steps=100, post_steps=200, seeds=(0,), optimizers=("adam",))
-    for field in ("pre_steps", "post_steps", "adam_lr", "adam_beta2", "sgd_lr"):
+    for field in ("pre_steps", "post_steps", "wide", "adam_lr", "adam_beta2", "sgd_lr"):
         if getattr(args, field) is not None:
             setattr(cfg, field, getattr(args, field))
     if args.seeds:

@@ -2,8 +2,11 @@
 
 Hypothesis runs derandomized (the same examples on every run and machine), without a
 deadline (the first call into torch can be slow) and without an example database (so
-a run leaves no files behind). Tests set their own modest
-``max_examples``.
+a run leaves no files behind). Tests set their own modest ``max_examples``; the
+generated property tests (tests/test_properties.py) scale theirs with the profile's
+``max_examples``, 100 in CI. For a longer, randomized search, run
+``pytest tests/test_properties.py --hypothesis-profile=torch_embed-explore`` (10x the
+examples, a fresh random seed each run; a failure prints the blob to reproduce it).
 """
 
 from __future__ import annotations
@@ -20,7 +23,14 @@ settings.register_profile(
     deadline=None,
     database=None,
     print_blob=True,
+    max_examples=100,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "torch_embed-explore",
+    parent=settings.get_profile("torch_embed"),
+    derandomize=False,
+    max_examples=1000,
 )
 settings.load_profile("torch_embed")
 

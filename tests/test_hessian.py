@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -232,6 +235,10 @@ def test_hvp_and_operator_match_dense() -> None:
     assert torch.allclose(op @ vs.T, ref @ vs.T, rtol=1e-10, atol=1e-13)
     with pytest.raises(ValueError, match=r"expected vectors of shape \(32,\)"):
         op.matmat(torch.ones(3, dtype=F64))
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        HessianOperator(model, nn.MSELoss(), x, y, chunk_size=0)
+    with pytest.raises(TypeError, match="max_bytes must be an int"):
+        HessianOperator(model, nn.MSELoss(), x, y, max_bytes=1e9)  # type: ignore[arg-type]
 
 
 def test_to_scipy_eigsh_finds_extreme_eigenvalues() -> None:
@@ -284,3 +291,248 @@ def test_model_parameters_grads_mode_and_rng_untouched() -> None:
     for n, p in model.named_parameters():
         assert p.dtype == torch.float32
         assert torch.equal(p.detach(), before[n][0]) and torch.equal(p.grad, before[n][1])
+
+
+def _hessian_module() -> Any:
+    return sys.modules["torch_embed.hessian"]  # the module, not the re-exported function
+
+
+def _record_batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the number of vectors of every batched product built from now on."""
+    mod = _hessian_module()
+    sizes: list[int] = []
+    real_vmap = mod.vmap
+
+    def counting_vmap(f: Callable[..., Any], *a: Any, **kw: Any) -> Callable[..., Any]:
+        batched = real_vmap(f, *a, **kw)
+
+        def run(v: Tensor) -> Any:
+            sizes.append(int(v.shape[0]))
+            return batched(v)
+
+        return run
+
+    monkeypatch.setattr(mod, "vmap", counting_vmap)
+    return sizes
+
+
+def test_matmat_batches_sized_from_free_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 11 §5: a fixed batch of 128 vectors once asked for 9.4 GB at P ≈ 1e6."""
+    mod = _hessian_module()
+    torch.manual_seed(9)
+    model = _mlp([3, 6, 2], nn.Tanh, True).double()
+    x, y = _data(3, 2, False, n=40)
+    ref, _ = _reference(model, nn.MSELoss(), x, y)
+    p = ref.shape[0]
+    g = torch.Generator().manual_seed(1)
+    vs = torch.randn(20, p, dtype=F64, generator=g)
+    sizes = _record_batches(monkeypatch)
+    op = HessianOperator(model, nn.MSELoss(), x, y)
+    # one vector needs no sizing: not measured
+    assert torch.allclose(op.matvec(vs[0]), ref @ vs[0], rtol=1e-10, atol=1e-13)
+    assert sizes == [1] and op._products.vector_bytes is None
+    # the first of several runs alone and measures what one vector allocates
+    sizes.clear()
+    assert torch.allclose(op.matmat(vs[:3]), vs[:3] @ ref, rtol=1e-10, atol=1e-13)
+    assert sizes == [1, 2]
+    per = op._products.vector_bytes
+    assert per is not None and per >= 2 * p * 8
+    # free memory for the (20, P) result plus 3.5 vectors' work in MEMORY_FRACTION of it
+    need = vs.numel() * 8
+    free = need + int(3.5 * per / mod.MEMORY_FRACTION)
+    monkeypatch.setattr(mod, "_available_bytes", lambda device: free)
+    sizes.clear()
+    out = op.matmat(vs)
+    assert sizes == [3] * 6 + [2]
+    assert torch.allclose(out, vs @ ref, rtol=1e-10, atol=1e-13)
+    # plenty of memory: one batch; too little even for the result: refused up front
+    monkeypatch.setattr(mod, "_available_bytes", lambda device: 2**40)
+    sizes.clear()
+    assert torch.allclose(op.matmat(vs), vs @ ref, rtol=1e-10, atol=1e-13)
+    assert sizes == [20]
+    monkeypatch.setattr(mod, "_available_bytes", lambda device: need - 1)
+    with pytest.raises(MemoryError, match=r"20 vectors of P=\d+ .*fewer vectors"):
+        op.matmat(vs)
+    # max_bytes overrides the probe; an explicit chunk_size is used as given
+    small = HessianOperator(model, nn.MSELoss(), x, y, max_bytes=need + 1)
+    sizes.clear()
+    assert torch.allclose(small.matmat(vs), vs @ ref, rtol=1e-10, atol=1e-13)
+    assert sizes == [1] * 20
+    monkeypatch.setattr(mod, "_available_bytes", lambda device: 2**40)
+    fixed = HessianOperator(model, nn.MSELoss(), x, y, chunk_size=7)
+    sizes.clear()
+    assert torch.allclose(fixed.matmat(vs), vs @ ref, rtol=1e-10, atol=1e-13)
+    assert sizes == [7, 7, 6]
+
+
+def test_measured_vector_memory_grows_with_the_batch_not_with_p() -> None:
+    """The activations of the N samples, not the P parameters, dominate a product."""
+    torch.manual_seed(10)
+    model = _mlp([3, 16, 2], nn.Tanh, True).double()
+    measured = []
+    for n in (40, 400):
+        x, y = _data(3, 2, False, n=n)
+        op = HessianOperator(model, nn.MSELoss(), x, y)
+        op.matmat(torch.ones(2, op.shape[0], dtype=F64))
+        assert op._products.vector_bytes is not None
+        measured.append(op._products.vector_bytes)
+    p = HessianOperator(model, nn.MSELoss(), x, y).shape[0]
+    assert measured[1] > 5 * measured[0]  # 10x the samples
+    assert measured[1] > 20 * 2 * p * 8  # far above the 2·P numbers of input and output
+
+
+def test_allocation_failure_is_a_memory_error_with_advice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU allocator's RuntimeError is not reworded as a missing second derivative."""
+    mod = _hessian_module()
+    model = _mlp([3, 4, 2], nn.Tanh, True).double()
+    x, y = _data(3, 2, False)
+
+    def failing_vmap(f: Callable[..., Any], *a: Any, **kw: Any) -> Callable[..., Any]:
+        def run(v: Tensor) -> Tensor:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to ...")
+
+        return run
+
+    monkeypatch.setattr(mod, "vmap", failing_vmap)
+    with pytest.raises(MemoryError, match="smaller chunk_size"):
+        hvp(model, nn.MSELoss(), x, y, torch.ones(3, 26, dtype=F64))
+
+
+@pytest.mark.parametrize("k", [None, 5])
+def test_hvp_costs_one_forward_and_no_probe(monkeypatch: pytest.MonkeyPatch, k: Any) -> None:
+    """One hvp call: the loss runs once and the second backward sees only the k vectors."""
+    torch.manual_seed(11)
+    model = _mlp([3, 5, 2], nn.Tanh, True).double()
+    x, y = _data(3, 2, False)
+    ref, _ = _reference(model, nn.MSELoss(), x, y)
+    p = ref.shape[0]
+    calls: list[int] = []
+
+    def loss(out: Tensor, target: Tensor) -> Tensor:
+        calls.append(1)
+        return F.mse_loss(out, target)
+
+    rows = _record_batches(monkeypatch)
+    g = torch.Generator().manual_seed(2)
+    v = torch.randn(p, dtype=F64, generator=g) if k is None else torch.randn(k, p, generator=g)
+    out = hvp(model, loss, x, y, v)
+    expected = ref @ v if k is None else v.double() @ ref
+    assert torch.allclose(out, expected, rtol=1e-10, atol=1e-13)
+    assert len(calls) == 1  # one forward pass (recorded with its backward), no check pass
+    assert sum(rows) == (1 if k is None else k)  # no probe vector
+    if k is None:
+        assert rows == [1]  # one vector: exactly one Hessian-vector product
+
+
+def test_hvp_casts_mapping_vectors_and_dict_inputs() -> None:
+    """float32 {name: tensor} vectors and dict inputs are cast like tensors (issue 11 §5)."""
+
+    class DictNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 4)
+            self.out = nn.Linear(4, 2)
+
+        def forward(self, batch: dict[str, Tensor]) -> Tensor:
+            h: Tensor = self.out(torch.tanh(self.lin(batch["x"]) * batch["scale"]))
+            return h
+
+    torch.manual_seed(12)
+    model = DictNet()  # float32
+    x, y = _data(3, 2, False)
+    inputs = {"x": x, "scale": torch.full((1, 4), 1.5)}
+    ref64 = copy.deepcopy(model).double()
+    params = dict(ref64.named_parameters())
+    names = list(params)
+    sizes = [q.numel() for q in params.values()]
+    in64 = {k: t.double() for k, t in inputs.items()}
+
+    def f(t: Tensor) -> Tensor:
+        d = {n: c.view_as(params[n]) for n, c in zip(names, torch.split(t, sizes))}
+        return F.mse_loss(torch.func.functional_call(ref64, d, (in64,)), y.double())
+
+    theta = torch.cat([q.detach().reshape(-1) for q in params.values()])
+    ref = torch.autograd.functional.hessian(f, theta)
+    g = torch.Generator().manual_seed(3)
+    v = torch.randn(theta.numel(), generator=g)  # float32
+    expected = ref @ v.double()
+    out = hvp(model, F.mse_loss, inputs, y, v)
+    assert out.dtype == F64 and torch.allclose(out, expected, rtol=1e-10, atol=1e-13)
+    # the same vector as a {name: float32 tensor} mapping: a dict of the same shapes back
+    as_map = {n: c.view_as(params[n]).float() for n, c in zip(names, torch.split(v, sizes))}
+    got = hvp(model, F.mse_loss, inputs, y, as_map)
+    assert list(got) == names
+    for n, c in zip(names, torch.split(expected, sizes)):
+        assert got[n].dtype == F64 and got[n].shape == params[n].shape
+        assert torch.allclose(got[n], c.view_as(params[n]), rtol=1e-10, atol=1e-13)
+    # k vectors with a leading dimension
+    vs = torch.randn(3, theta.numel(), generator=g)
+    batch = {n: c.reshape(3, *params[n].shape) for n, c in zip(names, torch.split(vs, sizes, 1))}
+    got_k = hvp(model, F.mse_loss, inputs, y, batch)
+    flat = torch.cat([got_k[n].reshape(3, -1) for n in names], 1)
+    assert torch.allclose(flat, vs.double() @ ref, rtol=1e-10, atol=1e-13)
+    with pytest.raises(ValueError, match=r"missing \['out.bias'\], unknown \['bogus'\]"):
+        hvp(model, F.mse_loss, inputs, y, {**{n: as_map[n] for n in names[:-1]}, "bogus": v})
+    with pytest.raises(ValueError, match=r"vectors\['lin.bias'\] has shape \(5,\)"):
+        hvp(model, F.mse_loss, inputs, y, {**as_map, "lin.bias": torch.ones(5)})
+    with pytest.raises(TypeError, match=r"vectors\['lin.bias'\] must be a tensor"):
+        hvp(model, F.mse_loss, inputs, y, {**as_map, "lin.bias": [1.0] * 4})  # type: ignore[dict-item]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc and sets RLIMIT_AS")
+def test_available_memory_respects_address_space_limit() -> None:
+    """``ulimit -v`` (how bench scripts cap memory) bounds the batches, not only RAM."""
+    code = (
+        "import resource, sys, torch, torch_embed.hessian\n"
+        "m = sys.modules['torch_embed.hessian']\n"
+        "vm = [l for l in open('/proc/self/status') if l.startswith('VmSize')][0]\n"
+        "vm = int(vm.split()[1]) * 1024\n"
+        "hard = resource.getrlimit(resource.RLIMIT_AS)[1]\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (vm + 2**30, hard))\n"
+        "print(m._available_bytes(torch.device('cpu')))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=False
+    )
+    assert run.returncode == 0, run.stderr
+    got = int(run.stdout.split()[-1])
+    assert 2**29 < got <= 2**30
+
+
+def test_available_memory_respects_cgroup_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mod = _hessian_module()
+    monkeypatch.setattr(mod, "_CGROUP_DIR", str(tmp_path))
+    (tmp_path / "memory.max").write_text("max\n")
+    (tmp_path / "memory.current").write_text("1000000\n")
+    assert mod._cgroup_available() is None
+    (tmp_path / "memory.max").write_text("5000000\n")
+    assert mod._cgroup_available() == 4_000_000
+    assert mod._available_bytes(torch.device("cpu")) <= 4_000_000
+
+
+@pytest.mark.parametrize("engine", ["blocks", "reverse"])
+def test_dense_hessian_batches_sized_from_memory_left_beside_the_matrix(
+    monkeypatch: pytest.MonkeyPatch, engine: str
+) -> None:
+    torch.manual_seed(13)
+    model = _mlp([3, 6, 2], nn.Tanh, True).double()
+    x, y = _data(3, 2, False, n=200)
+    ref, _ = _reference(model, nn.MSELoss(), x, y)
+    p = ref.shape[0]  # 38: blocks of 18, 6, 12 and 2 rows
+    sizes = _record_batches(monkeypatch)
+    # plenty of memory: one batch per block (blocks) or for all rows (reverse), after
+    # the first row, which runs alone to measure what a row costs
+    h = hessian(model, nn.MSELoss(), x, y, engine=engine, max_bytes=2**40)
+    assert (h - ref).abs().max() <= 1e-10 * ref.abs().max()
+    assert sizes == ([1, 17, 6, 12, 2] if engine == "blocks" else [1, 37])
+    # just enough for the matrix and the up-front check's two 38-row chunks: half of
+    # what is left holds less than one measured row (its activations: 200 samples x 6
+    # neurons), so the rows go one at a time
+    sizes.clear()
+    need = p * p * 8 + 2 * p * p * 8
+    h = hessian(model, nn.MSELoss(), x, y, engine=engine, max_bytes=need)
+    assert (h - ref).abs().max() <= 1e-10 * ref.abs().max()
+    assert sizes == [1] * p

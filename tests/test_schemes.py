@@ -598,10 +598,24 @@ def test_scheme_names(name, expected) -> None:
     assert torch.equal(emb.layers[0].source, default.layers[0].source)
 
 
-def test_widen_default_scheme_is_split_half() -> None:
+def test_the_name_split_is_the_symmetric_critical_split() -> None:
+    # the default scheme changed (issue 11 §3); the name "split" did not
     net = build_mlp(Arch(2, (3,), 1))
-    emb = widen(net, [5], generator=torch.Generator().manual_seed(0))
+    emb = widen(net, [5], "split", generator=torch.Generator().manual_seed(0))
     assert sorted(emb.layers[0].coef.tolist()) == [0.5, 0.5, 0.5, 0.5, 1.0]
+    assert emb.kind is CRIT and emb.layers[0].fan_out_offset is None
+
+
+def test_net2net_noise_without_a_pair_of_copies_adds_no_offsets() -> None:
+    # a layer that gains no neuron has no pair of copies to perturb, so no offsets: with
+    # nothing added the embedding is the identity, critical, and decomposes into no steps
+    net = build_mlp(Arch(2, (3, 3), 2))
+    emb = plan(net, [3, 3], Net2Net(noise=4.0), generator=torch.Generator().manual_seed(0))
+    assert emb.kind is CRIT and emb.steps() == []
+    assert all(lm.fan_out_offset is None for lm in emb.layers)
+    emb = plan(net, [5, 3], Net2Net(noise=4.0), generator=torch.Generator().manual_seed(0))
+    assert emb.layers[0].fan_out_offset is not None and emb.layers[1].fan_out_offset is None
+    assert emb.kind is OUT
 
 
 def test_schemes_are_frozen_configs() -> None:

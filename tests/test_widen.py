@@ -11,8 +11,9 @@ import torch
 from cases import Arch, build_mlp, random_inputs
 from torch import nn
 
-from torch_embed.embedding import Embedding
-from torch_embed.schemes import Net2Net, Null, RandomPad, Split, plan
+from torch_embed.embedding import Embedding, EmbeddingKind
+from torch_embed.schemes import DEFAULT_SCHEME, Net2Net, Null, RandomPad, Split, plan
+from torch_embed.testing import assert_function_preserved
 from torch_embed.widen import embed_, widen
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -536,3 +537,100 @@ def test_widen_under_a_live_ddp_wrapper_says_how_to_rewrap(tmp_path) -> None:
         assert module[0].weight.grad.shape == (6, 3)
     finally:
         dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------ the default scheme
+def _copy_gaps(net: nn.Sequential, emb: Embedding) -> torch.Tensor:
+    """For each new neuron of hidden layer 0: the distance between its fan-in row and
+    bias and those of the narrow neuron it copies (0: it is still the same unit)."""
+    rows = torch.cat([net[0].weight.detach(), net[0].bias.detach()[:, None]], dim=1)
+    src = emb.layers[0].source
+    m = int(emb.layout.hidden_widths[0])
+    return (rows[m:] - rows[src[m:]]).norm(dim=1)
+
+
+def _train_widened(scheme, opt_name: str, out: int, steps: int = 100) -> torch.Tensor:
+    """Train a 3-4-``out`` tanh MLP 20 steps, widen it to 8 with ``scheme`` mapping the
+    optimizer's state, train ``steps`` more (full batch, MSE); return the copy gaps."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, out)).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(64, out, generator=g, dtype=torch.float64)
+    if opt_name == "adam":
+        opt: torch.optim.Optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    else:
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+
+    def run(n: int) -> None:
+        for _ in range(n):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(net(x), y).backward()
+            opt.step()
+
+    run(20)
+    emb = widen(net, [8], scheme, optimizer=opt, generator=torch.Generator().manual_seed(2))
+    assert bool((emb.layers[0].source[4:] >= 0).all())  # every new neuron is a copy
+    run(steps)
+    return _copy_gaps(net, emb)
+
+
+@pytest.mark.parametrize("out", [1, 2])
+@pytest.mark.parametrize("opt_name", ["adam", "sgd"])
+def test_default_widening_copies_become_different_units(opt_name: str, out: int) -> None:
+    """Issue 11 §3: after the default widening and 100 steps (the optimizer's state
+    mapped), every copy differs from its original, while the symmetric critical split's
+    copies are still equal (so the measurement can tell the two apart). With one output
+    the noise makes each pair an unequal split; with two, unequal in each output."""
+    default = _train_widened(DEFAULT_SCHEME, opt_name, out)
+    assert float(default.min()) > 1e-2, default
+    split = _train_widened("split", opt_name, out)
+    assert float(split.max()) < 1e-9, split
+
+
+def test_widen_without_a_scheme_uses_the_default_scheme() -> None:
+    a, b = build_mlp(ARCH, seed=0), build_mlp(ARCH, seed=0)
+    emb = widen(a, [7, 9], generator=torch.Generator().manual_seed(0))
+    ref = widen(b, [7, 9], DEFAULT_SCHEME, generator=torch.Generator().manual_seed(0))
+    assert Net2Net(noise=4.0) == DEFAULT_SCHEME
+    assert emb.kind is EmbeddingKind.OUTPUT_PRESERVING  # not critical: it says so
+    for la, lb in zip(emb.layers, ref.layers):
+        assert torch.equal(la.source, lb.source) and torch.equal(la.coef, lb.coef)
+        assert la.fan_out_offset is not None and lb.fan_out_offset is not None
+        assert torch.equal(la.fan_out_offset, lb.fan_out_offset)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+    # the symmetric split stays one argument away, and critical
+    split = widen(build_mlp(ARCH), [7, 9], "split", generator=torch.Generator().manual_seed(0))
+    assert split.kind is EmbeddingKind.CRITICAL
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_default_widening_preserves_the_function(dtype: torch.dtype) -> None:
+    """Exactness of the default: the wide network's output equals the narrow one's
+    within the rigorous rounding bound (and to 1e-12 relative in float64), with
+    BatchNorm, dropout (eval) and two widened layers."""
+    net = build_mlp(ARCH, seed=3, dtype=dtype)
+    narrow = copy.deepcopy(net)
+    x = random_inputs(ARCH, 32, dtype=dtype)
+    emb = widen(net, [9, 11], generator=torch.Generator().manual_seed(4))
+    assert all(lm.fan_out_offset is not None for lm in emb.layers)  # the noise is there
+    assert_function_preserved(narrow, net, x)
+    if dtype == torch.float64:
+        with torch.no_grad():
+            ref, out = narrow(x), net(x)
+        assert float((out - ref).abs().max()) <= 1e-12 * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_default_widening_preserves_the_function_in_half_precision(dtype: torch.dtype) -> None:
+    # the noise offsets are rounded to the dtype with the shares; the rigorous bound of
+    # the wide network (which sees the larger |W|) still covers the difference
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4))
+    net = net.to(dtype)
+    narrow = copy.deepcopy(net)
+    x = random_inputs(8, 64, dtype=dtype)
+    emb = widen(net, [40, 25], generator=torch.Generator().manual_seed(1))
+    assert all(lm.fan_out_offset is not None for lm in emb.layers)
+    assert_function_preserved(narrow, net, x)

@@ -16,14 +16,20 @@ Two methods:
   factorization of ``H + τI`` counts those below ``-τ``. The pivots are never
   thresholded (they are not eigenvalues); only the signs of ``D``'s blocks are used.
 
-``"auto"`` uses ``"eigh"`` below ``n = 1000`` (where it costs well under a second and
-gives the exact gap) and ``"ldl"`` from there on. Measured with torch's MKL on a
-2-core AMD EPYC (``bench/inertia.py`` part 2, ``bench/RESULTS.md``): ldl is 1.4-2.1x
-faster from ``n = 1000`` on with one thread (1.95x at ``n = 8000``) and 1.2-2.0x with
-two (1.63x at ``n = 8000``). Two factorizations can win by at most about 2x there,
-because one ``sytrf`` costs about a quarter of the tridiagonal reduction ``sytrd``
-inside ``eigvalsh`` (``n³/3`` against ``4n³/3`` flops) and runs at a similar speed;
-where a LAPACK's ``sytrf`` is faster relative to ``sytrd``, the ratio grows.
+``"auto"`` (:func:`auto_method`) uses ``"eigh"`` on every non-CPU device, and on the
+CPU below ``n = 500`` (:data:`AUTO_LDL_MIN_SIZE`), ``"ldl"`` from there on. On a GPU
+the ranking flips: on an H200 at ``n = 8000`` eigh took 0.51 s and ldl 5.74 s (issue
+11; ``python bench/inertia.py --part 2 --device cuda``). On the CPU, measured with
+torch's MKL on a 2-core AMD EPYC (``python bench/inertia.py --part 2 --threads 1
+--sizes 300 400 500 600 700 800 1000 1500 2000 4000``, ``bench/RESULTS.md``, "Part 2:
+the CPU crossover"), the process CPU time of eigh over ldl was 0.81 at ``n = 300``,
+1.09 at 400, 1.40 at 500, 1.58-2.16 from 600 to 1000 and 1.4-1.8 up to 4000; ldl was
+faster at every ``n >= 500`` in each of the three usable runs (1.04x at 500 with two
+threads), while at 400 they disagreed (a two-thread run under load average 10 gave
+erratic ratios of 0.34-10.6 and was discarded). Two factorizations can win by at most
+about 2x there, because one ``sytrf`` costs about a quarter of the tridiagonal reduction
+``sytrd`` inside ``eigvalsh`` (``n³/3`` against ``4n³/3`` flops) and runs at a similar
+speed; where a LAPACK's ``sytrf`` is faster relative to ``sytrd``, the ratio grows.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ __all__ = [
     "DEFAULT_GRAD_FACTOR",
     "DEFAULT_MIN_GAP",
     "Inertia",
+    "auto_method",
     "default_tolerance",
     "eigenvalues",
     "hessian_inertia",
@@ -53,8 +60,9 @@ DEFAULT_MIN_GAP = 1e3
 #: ``c``: away from a critical point the default tolerance moves up from the rounding
 #: level only into a clear gap whose lower side is at most ``c·|∇R|``.
 DEFAULT_GRAD_FACTOR = 10.0
-#: ``method="auto"`` switches from eigh to ldl at this size.
-AUTO_LDL_MIN_SIZE = 1000
+#: ``method="auto"`` switches from eigh to ldl at this size, on the CPU only (the
+#: measured crossover, see the module docstring).
+AUTO_LDL_MIN_SIZE = 500
 _LANCZOS_STEPS = 8
 
 
@@ -436,6 +444,46 @@ def _inertia_ldl(
     return Inertia(neg, zero, pos, float(tol), gap, gap < min_gap, "ldl")
 
 
+def auto_method(n: int, device: torch.device | str) -> str:
+    """The method ``method="auto"`` uses for an ``n×n`` matrix on ``device``.
+
+    ``"eigh"`` on every non-CPU device (CUDA's eigensolver is fast, its LDLᵀ slow: on an
+    H200 at ``n = 8000``, eigh took 0.51 s and ldl 5.74 s) and on the CPU below
+    :data:`AUTO_LDL_MIN_SIZE` (500); ``"ldl"`` on the CPU from there on, where it was
+    1.4-2.2x faster in CPU time with one MKL thread (the module docstring has the
+    measurement and its command).
+
+    Args:
+        n: The matrix size.
+        device: The matrix's device (a :class:`torch.device` or its string).
+
+    Returns:
+        ``"eigh"`` or ``"ldl"``.
+
+    Raises:
+        ValueError: ``n`` is negative or ``device`` names no device type.
+        TypeError: ``n`` is not an integer.
+
+    Example:
+        >>> auto_method(5000, "cpu"), auto_method(5000, "cuda:0"), auto_method(10, "cpu")
+        ('ldl', 'eigh', 'eigh')
+    """
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"auto_method: n must be an int (the matrix size), got {n!r}")
+    if n < 0:
+        raise ValueError(f"auto_method: n must be >= 0, got {n}")
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(
+            f"auto_method: device must be a torch.device or a device string such as "
+            f"'cpu' or 'cuda:0', got {device!r}"
+        ) from err
+    if kind != "cpu":
+        return "eigh"
+    return "ldl" if n >= AUTO_LDL_MIN_SIZE else "eigh"
+
+
 def inertia(
     matrix: Tensor,
     *,
@@ -466,8 +514,9 @@ def inertia(
             estimated by 10 Lanczos steps (``"ldl"``: a lower bound, typically accurate
             to a few digits).
         grad_norm: ``|∇R|`` at the point, for the default tolerance.
-        method: ``"eigh"``, ``"ldl"`` or ``"auto"`` (eigh below ``n = 1000``). With the
-            default tolerance at a point that is not critical, ``"ldl"`` computes the
+        method: ``"eigh"``, ``"ldl"`` or ``"auto"`` (:func:`auto_method`: eigh off the
+            CPU, and on the CPU below :data:`AUTO_LDL_MIN_SIZE`). With the default
+            tolerance at a point that is not critical, ``"ldl"`` computes the
             eigenvalues instead (the result says ``method="eigh"``): placing the
             threshold needs the spectrum between the rounding level and ``c·|∇R|``,
             and counting there by factorizations would take at least two more of them,
@@ -519,7 +568,7 @@ def inertia(
         raise ValueError(f"tol must be a finite number >= 0, got {tol}")
     _check_grad_norm(grad_norm)
     if method == "auto":
-        method = "eigh" if n < AUTO_LDL_MIN_SIZE else "ldl"
+        method = auto_method(n, mat.device)
     if method == "eigh" or n == 0:
         return _inertia_eigh(mat, tol, grad_norm, src_dtype, min_gap)
     if method == "ldl":

@@ -460,7 +460,7 @@ def step_blocks(
         >>> from torch import nn
         >>> import torch_embed
         >>> net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)).double()
-        >>> emb = torch_embed.widen(net, [5])
+        >>> emb = torch_embed.widen(net, [5], "split")
         >>> x, y = torch.randn(8, 2, dtype=torch.float64), torch.zeros(8, 1, dtype=torch.float64)
         >>> [(b.kind, tuple(b.matrix.shape)) for b in step_blocks(emb, net, nn.MSELoss(), x, y)]
         [('split', (4, 4)), ('split', (4, 4))]

@@ -57,11 +57,14 @@ __all__ = ["SUPPORTED_OPTIMIZERS", "ApproximateStateWarning", "map_optimizer_sta
 class ApproximateStateWarning(UserWarning):
     """Mapped gradients or optimizer state are only close to those of a wide replay.
 
-    Raised (as a warning) for embeddings that are not critical (``Net2Net`` with noise,
-    ``Null`` with a fan-in, ``RandomPad``: their ``B`` is not the wide network's
-    gradient map), for coupled weight decay, and for the state entries whose map is
-    exact only up to ``ε`` (Adamax's ``exp_inf``, Adadelta's ``acc_delta``). Filter it
-    by class: ``warnings.simplefilter("ignore", torch_embed.ApproximateStateWarning)``.
+    Raised (as a warning) for embeddings that change the function (``RandomPad``), for
+    coupled weight decay, and for the state entries whose map is exact only up to
+    ``ε`` (Adamax's ``exp_inf``, Adadelta's ``acc_delta``). Output-preserving schemes
+    (``Net2Net`` with noise, the default; ``Null`` with a fan-in) do not warn: their
+    state is mapped by the critical embedding underneath them (the equal split, the
+    null units), which is exactly the state of that embedding's replay; the noise acts
+    from the next step on. Filter it by class:
+    ``warnings.simplefilter("ignore", torch_embed.ApproximateStateWarning)``.
     """
 
 
@@ -172,15 +175,22 @@ def _check_holds_parameters(
 
 
 def _approximate_message(embedding: StateMap) -> str | None:
-    """Why gradients mapped by ``embedding`` are not the wide ones (``None``: they are)."""
-    if embedding.kind is EmbeddingKind.CRITICAL:
+    """Why the state mapped by ``embedding`` means little (``None``: it is meaningful).
+
+    A critical embedding's ``B`` is the wide network's gradient map: exact. An
+    output-preserving one (Net2Net noise, Null with a fan-in) is a critical embedding
+    plus a perturbation that keeps the function; its ``B`` is the critical part's, so
+    the state is the exact state of that critical embedding, documented and not
+    warned about (it is the default's case). An embedding that changes the function
+    (``RandomPad``) has no such meaning: warn.
+    """
+    if embedding.kind is not EmbeddingKind.NONE:
         return None
     return (
-        f"the embedding is {embedding.kind.value}, not critical "
-        f"({'; '.join(embedding.reasons)}): mapped gradients and optimizer state are "
-        f"only close to what an optimizer on the wide network would hold. For an exact "
-        f"map use a critical scheme (Split, Null with fan_in_std=0, Net2Net with "
-        f"noise=0), or reset the state of the reshaped parameters"
+        f"the embedding changes the function ({'; '.join(embedding.reasons)}): the "
+        f"mapped optimizer state of its new units is not the state of any replay. Use "
+        f"an exact scheme (the default, Split, Null, Net2Net) or reset the state of the "
+        f"reshaped parameters"
     )
 
 
@@ -229,9 +239,9 @@ def map_optimizer_state(
         ValueError: The optimizer holds none of ``named_params``.
 
     Warns:
-        ApproximateStateWarning: The map is not exact (a non-critical embedding, coupled
-            weight decay, Adamax's ``exp_inf`` or Adadelta's ``acc_delta`` under a
-            scaling other than 0 or ±1).
+        ApproximateStateWarning: The map is not exact (an embedding that changes the
+            function, coupled weight decay, Adamax's ``exp_inf`` or Adadelta's
+            ``acc_delta`` under a scaling other than 0 or ±1).
     """
     _check_supported(optimizer)
     _check_holds_parameters(optimizer, named_params)

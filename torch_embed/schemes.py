@@ -17,6 +17,12 @@ scheme        what a new neuron is                                 kind
 ============  ===================================================  ====================
 
 .. [#] when the next Linear has a bias or ``σ(β) = 0``; otherwise output-preserving.
+
+The default, :data:`DEFAULT_SCHEME` (``Net2Net(noise=4.0)``), is for training on: the
+copies' fan-out columns get exact symmetric noise, so the function is preserved to
+rounding but the copies receive different gradients and become different units under
+any optimizer. The symmetric critical split (``"split"``, ``Split(alpha=0.5)``) is for
+landscape work: its copies keep equal gradients forever (they never separate).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from torch_embed._sequential import Layout, check_wide_size, read_sequential
 from torch_embed.embedding import Embedding, LayerMap
 
 __all__ = [
+    "DEFAULT_SCHEME",
     "General",
     "Net2Net",
     "Null",
@@ -105,12 +112,20 @@ class Net2Net:
 
     Args:
         noise: Relative size of symmetric noise on the fan-out copies. ``0`` is an
-            equal split (critical). ``> 0`` adds ``+N`` and ``-N`` to pairs of copies of
-            the same neuron, ``N = noise · w/c · ε`` with ``ε ~ N(0, 1)`` elementwise, so
-            the function is still preserved (output-preserving, not critical) while
-            the copies' symmetry is broken. A neuron with an odd number of copies keeps
-            one copy noise-free.
+            equal split (critical): the copies get equal gradients forever and never
+            become different units. ``> 0`` adds ``+N`` and ``-N`` to pairs of copies of
+            the same neuron, ``N = noise · w/c · ε`` with ``ε ~ N(0, 1)`` elementwise
+            (``w`` the neuron's fan-out column, ``c`` its number of copies), so the
+            function is still preserved (output-preserving, not critical: the rounding
+            error grows with the noise) while the copies' symmetry is broken. A neuron
+            with an odd number of copies keeps one copy noise-free. ``noise=4.0`` is
+            :data:`DEFAULT_SCHEME`; larger noise separated the copies faster but made
+            the loss jump after widening under SGD (``bench/RESULTS.md``).
         select: As in :class:`Split`; Net2Net's own choice is ``"random"``.
+
+    Example:
+        >>> Net2Net(noise=4.0)
+        Net2Net(noise=4.0, select='random')
     """
 
     noise: float = 0.0
@@ -147,6 +162,19 @@ class RandomPad:
 
 
 Scheme: TypeAlias = Split | Null | Net2Net | General | RandomPad
+
+DEFAULT_SCHEME: Net2Net = Net2Net(noise=4.0)
+"""The scheme :func:`~torch_embed.widen` and :func:`plan` use when none is given.
+
+Exact symmetric fan-out noise on equal-split copies (output-preserving): the widened
+network computes the same function up to rounding, and its copies separate under SGD
+and under Adam with the mapped state, so the new width is used. Chosen by
+``bench/warmstart.py``: with the optimizer state mapped, it reached the narrow network's
+final loss in fewer steps than the wide network trained from scratch in the main
+setting (0.87x with Adam, 0.56x with SGD; it tied with Adam's ``beta2=0.9``), where the
+symmetric split took 1.37x (``bench/RESULTS.md``). For landscape work pass ``"split"``
+(``Split(alpha=0.5)``, critical) instead.
+"""
 _BY_NAME: dict[str, Callable[[], Scheme]] = {
     "split": Split,
     "null": Null,
@@ -255,7 +283,7 @@ def resolve_widths(
 def plan(
     module: nn.Module,
     new_widths: Sequence[int] | Mapping[int, int] | None,
-    scheme: Scheme | str = "split",
+    scheme: Scheme | str = DEFAULT_SCHEME,
     *,
     generator: torch.Generator | None = None,
 ) -> Embedding:
@@ -266,7 +294,9 @@ def plan(
         new_widths: One int per hidden layer, or ``{hidden_layer_index: width}``.
             ``None`` is allowed with a :class:`General` scheme (widths from its sources).
         scheme: A config object or its name (``"split"``, ``"null"``, ``"net2net"``,
-            ``"random_pad"``).
+            ``"random_pad"``: each name means the config's defaults). The default is
+            :data:`DEFAULT_SCHEME`, ``Net2Net(noise=4.0)`` (output-preserving, for
+            training on); ``"split"`` is the symmetric critical split.
         generator: The ``torch.Generator`` for random choices (CPU generator); ``None``
             uses the global RNG.
 
@@ -601,7 +631,11 @@ def _plan_net2net(
             offsets.append(None)
             continue
         w_next = _weight_data(
-            module, layout.linears[l + 1].name, f"Net2Net(noise={cfg.noise})", "use noise=0"
+            module,
+            layout.linears[l + 1].name,
+            f"Net2Net(noise={cfg.noise})"
+            + (" (the default scheme)" if cfg == DEFAULT_SCHEME else ""),
+            "use a scheme without noise (Net2Net(), 'split')",
         ).to("cpu", torch.float64)
         off = torch.zeros(w_next.shape[0], src.numel(), dtype=torch.float64)
         for s in range(current[l]):
@@ -615,7 +649,9 @@ def _plan_net2net(
             nxt = sources[l + 1]
             off = off[nxt.clamp(min=0)]
             off[nxt < 0] = 0
-        offsets.append(off)
+        # no pair of copies (nothing added, or single copies): no offsets, so the
+        # embedding stays critical and decomposes into steps like an equal split
+        offsets.append(off if bool((off != 0).any()) else None)
     return _finish(module, layout, sources, coefs, nbs, None, offsets)
 
 

@@ -18,13 +18,14 @@ from typing import Any, overload
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
 from torch_embed._sequential import Layout, read_sequential
 from torch_embed.embedding import Embedding
 from torch_embed.exactness import _autocast_on, unit_roundoff
 from torch_embed.graph.embedding import GroupEmbedding
 from torch_embed.optim_state import map_optimizer_state
-from torch_embed.schemes import Scheme, _null_value, plan
+from torch_embed.schemes import DEFAULT_SCHEME, Scheme, _null_value, plan
 
 __all__ = ["embed_", "widen"]
 
@@ -33,7 +34,7 @@ __all__ = ["embed_", "widen"]
 def widen(
     module: nn.Module,
     new_widths: Sequence[int] | Mapping[int, int] | None,
-    scheme: Scheme | str = "split",
+    scheme: Scheme | str = DEFAULT_SCHEME,
     *,
     example_inputs: None = None,
     optimizer: torch.optim.Optimizer | None = None,
@@ -45,7 +46,7 @@ def widen(
 def widen(
     module: nn.Module,
     new_widths: Sequence[int] | Mapping[int, int] | Mapping[str, int] | float | None,
-    scheme: Scheme | str = "split",
+    scheme: Scheme | str = DEFAULT_SCHEME,
     *,
     example_inputs: Tensor | tuple[Any, ...],
     optimizer: torch.optim.Optimizer | None = None,
@@ -56,13 +57,17 @@ def widen(
 def widen(
     module: nn.Module,
     new_widths: Sequence[int] | Mapping[int, int] | Mapping[str, int] | float | None,
-    scheme: Scheme | str = "split",
+    scheme: Scheme | str = DEFAULT_SCHEME,
     *,
     example_inputs: Tensor | tuple[Any, ...] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     generator: torch.Generator | None = None,
 ) -> Embedding | GroupEmbedding:
-    """Widen a network in place by a critical embedding.
+    """Widen a network in place; every scheme but ``RandomPad`` keeps its function.
+
+    The default scheme is for training on; pass ``"split"`` for the symmetric critical
+    split of the Embedding Principle (landscape work). ``Embedding.kind`` says which
+    you got.
 
     Two paths, one entry. An ``nn.Sequential`` MLP (what
     :func:`~torch_embed.read_sequential` accepts) with a list of hidden widths takes
@@ -82,14 +87,25 @@ def widen(
         new_widths: One int per hidden layer (a list, tuple, 1-D integer tensor or
             numpy array), or ``{hidden_layer_index: width}`` (0-based among hidden
             layers). Widths may stay equal, never shrink.
-        scheme: :class:`~torch_embed.Split` (default ``"split"``: α = 1/2 on randomly
-            selected neurons), :class:`~torch_embed.Null`,
+        scheme: :class:`~torch_embed.Split`, :class:`~torch_embed.Null`,
             :class:`~torch_embed.Net2Net`, :class:`~torch_embed.General`,
-            :class:`~torch_embed.RandomPad`, or the name of one.
+            :class:`~torch_embed.RandomPad`, or the name of one. The default,
+            :data:`torch_embed.schemes.DEFAULT_SCHEME` (``Net2Net(noise=4.0)``: copies
+            of randomly selected neurons with exact symmetric noise on their fan-out),
+            is output-preserving, not critical: the function is kept to rounding and
+            the copies receive different gradients, so they become different units
+            (use it to keep training). ``"split"`` (``Split(alpha=0.5)``) is critical:
+            every critical point stays critical, and its copies stay equal under
+            training (use it to study the loss landscape).
         optimizer: If given, its state for the reshaped parameters is mapped (see
-            :data:`~torch_embed.SUPPORTED_OPTIMIZERS`; exact for critical embeddings,
-            with an :class:`~torch_embed.ApproximateStateWarning` where it is not), so
-            ``optimizer.step()`` works right away.
+            :data:`~torch_embed.SUPPORTED_OPTIMIZERS`), so ``optimizer.step()`` works
+            right away. The map is the embedding's gradient map ``B``: exact for
+            critical embeddings. For output-preserving ones (the default among them)
+            ``B`` is that of the critical embedding underneath (the equal split under
+            the noise, the null units under a random fan-in): the copies start from
+            the equal split's state and the noise acts from the next step on. An
+            :class:`~torch_embed.ApproximateStateWarning` is given where the map is
+            not even that (``RandomPad``, coupled weight decay, ``ε`` effects).
         generator: ``torch.Generator`` for the scheme's random choices.
         example_inputs: A tensor or a tuple of the forward's positional arguments;
             required for the traced path.
@@ -115,8 +131,8 @@ def widen(
             DistributedDataParallel wrapper still holds a parameter.
 
     Warns:
-        ApproximateStateWarning: Optimizer state is mapped for an embedding that is
-            not critical, or by a map that is exact only up to an optimizer's ``eps``
+        ApproximateStateWarning: Optimizer state is mapped for an embedding that
+            changes the function, or by a map that is exact only up to an optimizer's ``eps``
             (see :mod:`torch_embed.optim_state`). ``.grad`` is mapped by the same ``B``
             without a warning (the next backward usually replaces it). Traced path:
             also when null units feed their readers a value other than 0.
@@ -159,6 +175,8 @@ def widen(
             )
     # inference_mode(False): tensors made inside torch.inference_mode() would become
     # parameters that every later backward (and in-place update) refuses
+    if isinstance(module, nn.Module):
+        _check_normal_tensors(module)  # before planning: a scheme may read the weights
     with torch.inference_mode(False):
         embedding = plan(module, new_widths, scheme, generator=generator)  # type: ignore[arg-type]
         _embed(module, embedding, optimizer, stacklevel=3)
@@ -320,6 +338,8 @@ def _check_normal_tensors(module: nn.Module) -> None:
     """Refuse inference tensors (a module built under ``torch.inference_mode()``)."""
     tensors = [*module.named_parameters(), *module.named_buffers()]
     for name, t in tensors:
+        if isinstance(t, (UninitializedParameter, UninitializedBuffer)):
+            continue  # a lazy module: read_sequential refuses it with its own message
         if _inference_tensor(t):
             raise ValueError(
                 f"'{name}' of the {type(module).__name__} is an inference tensor (it was "

@@ -101,6 +101,10 @@ def widen_graph(
     caveats = tuple(r for probe in probes for r in probe.caveats())
     if caveats:
         embedding = dataclasses.replace(embedding, reasons_=embedding.reasons_ + caveats)
+    # Net2Net's noise is a documented perturbation of a critical map (no warning, as for
+    # MLPs); a norm shared by unequal copies or a null unit's nonzero value is not
+    caveats = tuple(r for r in embedding.reasons if not r.startswith("Net2Net noise"))
+    if caveats:
         if new_grads or new_opt:
             warnings.warn(
                 f"widen: {'; '.join(caveats)}: the mapped .grad and optimizer state are not "

@@ -24,6 +24,7 @@ every copy in its source's segment, so that channel's source is in segment ``q``
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -131,6 +132,13 @@ class GroupEmbedding:
         axes: Every tensor axis that changes, with its :class:`AxisMap`.
         scheme: A short description of the scheme that planned it.
         reasons_: Why the embedding is not critical (empty: it is).
+        noise: Net2Net's symmetric noise on the fan-out of copies (``apply`` only): the
+            copies of one narrow unit are paired, and in each consumer the pair's columns
+            get ``+N`` and ``-N``, ``N = noise · (w/c) · ε`` with ``ε ~ N(0, 1)`` per entry
+            (drawn from ``seed`` and the tensor's name, so ``apply`` is repeatable); an
+            odd copy stays noise-free. The copies carry equal values, so the output is
+            kept; gradients map as without noise (the critical part's map).
+        seed: The seed of that noise.
     """
 
     maps: Mapping[str, LayerMap]
@@ -138,6 +146,8 @@ class GroupEmbedding:
     axes: tuple[AxisMap, ...]
     scheme: str = ""
     reasons_: tuple[str, ...] = field(default=())
+    noise: float = 0.0
+    seed: int = 0
 
     @property
     def kind(self) -> EmbeddingKind:
@@ -166,6 +176,8 @@ class GroupEmbedding:
             # plain axes first: a grouped in-axis reads the (new) output segments
             for a in sorted(axes, key=lambda a: a.groups > 1):
                 t = _gather(t, a, a.scale(what))
+                if what == "apply" and self.noise and a.role == "split":
+                    t = _add_noise(t, a, self.noise, self.seed)
             out[name] = t
         return out
 
@@ -180,6 +192,43 @@ class GroupEmbedding:
     def map_second_moments(self, moments: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Narrow second moments (``exp_avg_sq``) mapped: producer rows ``× α_j²``."""
         return self._map(moments, "second")
+
+
+def _add_noise(t: Tensor, a: AxisMap, noise: float, seed: int) -> Tensor:
+    """Add ``±noise · column · ε`` to pairs of consumer columns that read copies."""
+    order = torch.argsort(a.source, stable=True)
+    src = a.source[order]
+    firsts, counts = torch.unique_consecutive(src, return_counts=True)
+    gen = torch.Generator().manual_seed(
+        (seed ^ zlib.crc32(f"{a.tensor}:{a.axis}".encode())) % 2**63
+    )
+    start = 0
+    pairs: list[tuple[int, int]] = []
+    for e, c in zip(firsts.tolist(), counts.tolist()):
+        if e >= 0:
+            idx = order[start : start + c].tolist()
+            pairs.extend((idx[k], idx[k + 1]) for k in range(0, c - 1, 2))
+        start += c
+    if not pairs:
+        return t
+    if a.groups == 1:
+        view = t.movedim(a.axis, 0)
+        for j, k in pairs:
+            eps = torch.randn(view[j].shape, generator=gen, dtype=torch.float64)
+            offset = (noise * view[j].to(torch.float64) * eps).to(t.dtype)
+            view[j] += offset
+            view[k] -= offset
+        return t
+    g = a.groups  # a grouped conv's in-axis: column j sits in segment j // share
+    share = a.source.numel() // g
+    w = t.view(g, t.shape[0] // g, share, *t.shape[2:])
+    for j, k in pairs:
+        col_j, col_k = w[j // share, :, j % share], w[k // share, :, k % share]
+        eps = torch.randn(col_j.shape, generator=gen, dtype=torch.float64)
+        offset = (noise * col_j.to(torch.float64) * eps).to(t.dtype)
+        col_j += offset
+        col_k -= offset
+    return t
 
 
 def _identity_prefix(src: Tensor) -> int:

@@ -15,7 +15,8 @@ consumer coefficients, and the order of the wide units, under the group's constr
 * Depthwise convolutions are per-channel: copies need no rule (``groups`` follows).
 
 Schemes: :class:`~torch_embed.Split` (any α, ``"random"`` α, k-way; ``select`` random
-or cyclic), :class:`~torch_embed.Net2Net` with ``noise=0`` (each copy ``1/count``) and
+or cyclic), :class:`~torch_embed.Net2Net` (each copy ``1/count``; with ``noise > 0``, exact
+symmetric noise on the copies' fan-out: the default scheme) and
 :class:`~torch_embed.Null` with ``bias=0`` and ``fan_in_std=0``. Others are refused.
 """
 
@@ -31,7 +32,7 @@ import torch
 from torch_embed.embedding import LayerMap
 from torch_embed.graph.embedding import AxisMap, GroupEmbedding, axis_map
 from torch_embed.graph.groups import WidthGroup, WidthGroups
-from torch_embed.schemes import Net2Net, Null, Scheme, Split, _as_scheme, _rand
+from torch_embed.schemes import DEFAULT_SCHEME, Net2Net, Null, Scheme, Split, _as_scheme, _rand
 
 __all__ = ["plan_groups", "resolve_group_widths"]
 
@@ -269,20 +270,20 @@ def _alphas(scheme: Split, count: int, generator: torch.Generator | None) -> lis
 def _check_scheme(scheme: Scheme) -> None:
     if isinstance(scheme, Split):
         return
-    if isinstance(scheme, Net2Net) and scheme.noise == 0:
+    if isinstance(scheme, Net2Net) and math.isfinite(scheme.noise) and scheme.noise >= 0:
         return
     if isinstance(scheme, Null) and scheme.bias == 0 and scheme.fan_in_std == 0:
         return
     raise ValueError(
         f"{scheme!r} is not supported for traced models yet; use Split (any alpha, k-way), "
-        f"Net2Net(noise=0) or Null(bias=0.0, fan_in_std=0.0)"
+        f"Net2Net (noise >= 0) or Null(bias=0.0, fan_in_std=0.0)"
     )
 
 
 def plan_groups(
     groups: WidthGroups,
     new_widths: object,
-    scheme: Scheme | str = "split",
+    scheme: Scheme | str = DEFAULT_SCHEME,
     *,
     generator: torch.Generator | None = None,
 ) -> GroupEmbedding:
@@ -310,7 +311,17 @@ def plan_groups(
             maps[g.name] = _plan_one(g, widths[g.name], cfg, generator)
             sizes[g.name] = (g.size, widths[g.name])
             reasons.extend(_gradient_caveats(g, maps[g.name]))
-    return GroupEmbedding(maps, sizes, _axes(groups, maps), type(cfg).__name__, tuple(reasons))
+    noise, seed = 0.0, 0
+    if isinstance(cfg, Net2Net) and cfg.noise > 0:
+        noise = float(cfg.noise)
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        reasons.append(
+            f"Net2Net noise {noise:g} on the copies' fan-out: the function is kept, the "
+            f"copies' symmetry is broken (output-preserving, not critical)"
+        )
+    return GroupEmbedding(
+        maps, sizes, _axes(groups, maps), type(cfg).__name__, tuple(reasons), noise, seed
+    )
 
 
 def _gradient_caveats(group: WidthGroup, lm: LayerMap) -> list[str]:
