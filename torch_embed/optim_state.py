@@ -44,12 +44,12 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from torch_embed.embedding import Embedding, EmbeddingKind
+from torch_embed.embedding import EmbeddingKind
 
 __all__ = ["SUPPORTED_OPTIMIZERS", "ApproximateStateWarning", "map_optimizer_state"]
 
@@ -105,6 +105,22 @@ _REFUSED: dict[type[torch.optim.Optimizer], str] = {
 }
 
 
+class StateMap(Protocol):
+    """What the state maps need of an embedding (an MLP's or a traced model's)."""
+
+    @property
+    def kind(self) -> EmbeddingKind: ...
+
+    @property
+    def reasons(self) -> tuple[str, ...]: ...
+
+    def apply(self, state: Mapping[str, Tensor]) -> dict[str, Tensor]: ...
+
+    def map_gradients(self, grads: Mapping[str, Tensor]) -> dict[str, Tensor]: ...
+
+    def map_second_moments(self, moments: Mapping[str, Tensor]) -> dict[str, Tensor]: ...
+
+
 def _exact_decay(optimizer: torch.optim.Optimizer, group: Mapping[str, Any]) -> bool:
     """Whether the group's weight decay leaves the state a function of gradients only."""
     return isinstance(optimizer, torch.optim.AdamW) or bool(
@@ -158,7 +174,7 @@ def _check_holds_parameters(
         )
 
 
-def _approximate_message(embedding: Embedding) -> str | None:
+def _approximate_message(embedding: StateMap) -> str | None:
     """Why the state mapped by ``embedding`` means little (``None``: it is meaningful).
 
     A critical embedding's ``B`` is the wide network's gradient map: exact. An
@@ -179,7 +195,7 @@ def _approximate_message(embedding: Embedding) -> str | None:
 
 
 def _scale_free(
-    embedding: Embedding, tensors: dict[str, Tensor], fill: Callable[[str], float]
+    embedding: StateMap, tensors: dict[str, Tensor], fill: Callable[[str], float]
 ) -> tuple[dict[str, Tensor], bool]:
     """Copy each entry to the wide entries whose gradient it scales; ``fill`` where ``s = 0``.
 
@@ -204,7 +220,7 @@ def _scale_free(
 def map_optimizer_state(
     optimizer: torch.optim.Optimizer,
     named_params: Mapping[str, nn.Parameter],
-    embedding: Embedding,
+    embedding: StateMap,
 ) -> dict[nn.Parameter, dict[str, Any]]:
     """Compute the mapped state of every parameter the embedding reshapes (pure).
 

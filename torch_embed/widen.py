@@ -11,9 +11,10 @@ undone and the module and optimizer are exactly as before.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, overload
 
 import torch
 from torch import Tensor, nn
@@ -22,25 +23,61 @@ from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 from torch_embed._sequential import Layout, read_sequential
 from torch_embed.embedding import Embedding
 from torch_embed.exactness import _autocast_on, unit_roundoff
+from torch_embed.graph.embedding import GroupEmbedding
 from torch_embed.optim_state import map_optimizer_state
 from torch_embed.schemes import DEFAULT_SCHEME, Scheme, _null_value, plan
 
 __all__ = ["embed_", "widen"]
 
 
+@overload
 def widen(
     module: nn.Module,
     new_widths: Sequence[int] | Mapping[int, int] | None,
     scheme: Scheme | str = DEFAULT_SCHEME,
     *,
+    example_inputs: None = None,
     optimizer: torch.optim.Optimizer | None = None,
     generator: torch.Generator | None = None,
-) -> Embedding:
-    """Widen an ``nn.Sequential`` MLP in place; every scheme but ``RandomPad`` keeps its function.
+) -> Embedding: ...
+
+
+@overload
+def widen(
+    module: nn.Module,
+    new_widths: Sequence[int] | Mapping[int, int] | Mapping[str, int] | float | None,
+    scheme: Scheme | str = DEFAULT_SCHEME,
+    *,
+    example_inputs: Tensor | tuple[Any, ...],
+    optimizer: torch.optim.Optimizer | None = None,
+    generator: torch.Generator | None = None,
+) -> Embedding | GroupEmbedding: ...
+
+
+def widen(
+    module: nn.Module,
+    new_widths: Sequence[int] | Mapping[int, int] | Mapping[str, int] | float | None,
+    scheme: Scheme | str = DEFAULT_SCHEME,
+    *,
+    example_inputs: Tensor | tuple[Any, ...] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    generator: torch.Generator | None = None,
+) -> Embedding | GroupEmbedding:
+    """Widen a network in place; every scheme but ``RandomPad`` keeps its function.
 
     The default scheme is for training on; pass ``"split"`` for the symmetric critical
     split of the Embedding Principle (landscape work). ``Embedding.kind`` says which
     you got.
+
+    Two paths, one entry. An ``nn.Sequential`` MLP (what
+    :func:`~torch_embed.read_sequential` accepts) with a list of hidden widths takes
+    the path described below, no example input needed. Any other module (a custom
+    ``forward``, residual nets, CNNs), or widths given by group name, needs
+    ``example_inputs``: the model is traced into width groups
+    (:func:`torch_embed.width_groups`), ``new_widths`` is ``{group name or alias:
+    width}`` or a factor ``f > 1`` (every growable hidden group × f, rounded up to a
+    width its rules allow), and a :class:`~torch_embed.graph.embedding.GroupEmbedding`
+    is returned (see docs/guide/any_model.md for what is supported).
 
     Args:
         module: An ``nn.Sequential`` of ``nn.Linear`` layers (with or without bias)
@@ -70,6 +107,8 @@ def widen(
             :class:`~torch_embed.ApproximateStateWarning` is given where the map is
             not even that (``RandomPad``, coupled weight decay, ``ε`` effects).
         generator: ``torch.Generator`` for the scheme's random choices.
+        example_inputs: A tensor or a tuple of the forward's positional arguments;
+            required for the traced path.
 
     Returns:
         The :class:`~torch_embed.Embedding` that was applied (not the module: the
@@ -83,7 +122,11 @@ def widen(
             memory, tied (shared) tensors between layers, a module built under
             ``torch.inference_mode()``, or an optimizer that holds none of the
             module's parameters. Widening inside ``torch.inference_mode()`` works (the
-            new tensors are made outside it).
+            new tensors are made outside it). Traced path: an unknown group name (the
+            message lists the names), a rigid group (with its reason), a width the
+            group's rules forbid (naming the norm or conv and the rule), an unsupported
+            scheme, a parametrized module, or a widened model whose output on
+            ``example_inputs`` fails or differs (everything undone).
         RuntimeError: A live autograd graph, an autocast cache or a
             DistributedDataParallel wrapper still holds a parameter.
 
@@ -91,7 +134,8 @@ def widen(
         ApproximateStateWarning: Optimizer state is mapped for an embedding that
             changes the function, or by a map that is exact only up to an optimizer's ``eps``
             (see :mod:`torch_embed.optim_state`). ``.grad`` is mapped by the same ``B``
-            without a warning (the next backward usually replaces it).
+            without a warning (the next backward usually replaces it). Traced path:
+            also when null units feed their readers a value other than 0.
 
     Example:
         >>> import torch
@@ -107,14 +151,47 @@ def widen(
         >>> torch.allclose(net(x), before, rtol=0, atol=1e-14)
         True
     """
+    named = isinstance(new_widths, Mapping) and any(isinstance(k, str) for k in new_widths)
+    factor = isinstance(new_widths, numbers.Real) and not isinstance(new_widths, bool)
+    if example_inputs is None and (
+        (named and not _is_sequential_mlp(module))
+        or (factor and not isinstance(new_widths, numbers.Integral))
+    ):
+        raise ValueError(
+            f"widen: widths by group name or a factor ({new_widths!r}) trace the model, "
+            f"which needs example_inputs=(a tensor or a tuple of forward's arguments)"
+        )
+    if example_inputs is not None and (named or factor or not _is_sequential_mlp(module)):
+        from torch_embed.graph.apply import widen_graph
+
+        with torch.inference_mode(False):
+            return widen_graph(
+                module,
+                new_widths,
+                scheme,
+                example_inputs=example_inputs,
+                optimizer=optimizer,
+                generator=generator,
+            )
     # inference_mode(False): tensors made inside torch.inference_mode() would become
     # parameters that every later backward (and in-place update) refuses
     if isinstance(module, nn.Module):
         _check_normal_tensors(module)  # before planning: a scheme may read the weights
     with torch.inference_mode(False):
-        embedding = plan(module, new_widths, scheme, generator=generator)
+        embedding = plan(module, new_widths, scheme, generator=generator)  # type: ignore[arg-type]
         _embed(module, embedding, optimizer, stacklevel=3)
     return embedding
+
+
+def _is_sequential_mlp(module: nn.Module) -> bool:
+    """Whether ``module`` takes the Sequential-MLP path (``read_sequential`` accepts it)."""
+    if not isinstance(module, nn.Sequential) or type(module).forward is not nn.Sequential.forward:
+        return False  # a subclass with its own forward is a custom model: trace it
+    try:
+        read_sequential(module)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def embed_(
@@ -437,8 +514,44 @@ def _swap_in(
     changed: list[str],
     new_grads: dict[str, Tensor],
 ) -> None:
+    wide = embedding.wide_layout
+    updates: list[tuple[nn.Module, Mapping[str, object]]] = []
+    for lin in wide.linears:
+        m = module.get_submodule(lin.name)
+        updates.append((m, {"in_features": lin.in_features, "out_features": lin.out_features}))
+    for l, hidden in enumerate(wide.hidden):
+        if hidden.batchnorm is not None:
+            updates.append(
+                (module.get_submodule(hidden.batchnorm), {"num_features": wide.widths[l + 1]})
+            )
+    _install(named_params, named_buffers, new_state, changed, new_grads, updates)
+
+
+def _install(
+    named_params: Mapping[str, nn.Parameter],
+    named_buffers: Mapping[str, Tensor],
+    new_state: Mapping[str, Tensor],
+    changed: Sequence[str],
+    new_grads: Mapping[str, Tensor],
+    updates: Sequence[tuple[nn.Module, Mapping[str, object]]],
+) -> Callable[[], None]:
+    """Swap the new tensors and ``.grad`` in, set the attributes; return the undo.
+
+    Parameters keep their identity (see :func:`_swap`). If anything fails, what was done
+    is undone before the error propagates; the returned function undoes a success (the
+    graph path calls it when the widened model's output differs).
+    """
     done: list[tuple[Tensor, tuple[Tensor, bool], Tensor | None]] = []  # target, undo, grad
     attrs: list[tuple[nn.Module, str, Any]] = []
+
+    def undo() -> None:
+        for m, attr, value in reversed(attrs):
+            setattr(m, attr, value)
+        for target, (old, swapped), old_grad in reversed(done):
+            _unswap(target, old, swapped)
+            if isinstance(target, nn.Parameter):
+                target.grad = old_grad
+
     for name in changed:
         tensor = named_params[name] if name in named_params else named_buffers[name]
         _check_not_in_graph(name, tensor)
@@ -453,25 +566,11 @@ def _swap_in(
             else:
                 b = named_buffers[name]
                 done.append((b, _swap(b, _like(new_state[name], b)), None))
-        wide = embedding.wide_layout
-        for lin in wide.linears:
-            m = module.get_submodule(lin.name)
-            for attr, value in (
-                ("in_features", lin.in_features),
-                ("out_features", lin.out_features),
-            ):
-                attrs.append((m, attr, getattr(m, attr)))  # ints, restored on failure
+        for m, values in updates:
+            for attr, value in values.items():
+                attrs.append((m, attr, getattr(m, attr)))  # restored on failure
                 setattr(m, attr, value)
-        for l, hidden in enumerate(wide.hidden):
-            if hidden.batchnorm is not None:
-                bn = module.get_submodule(hidden.batchnorm)
-                attrs.append((bn, "num_features", bn.num_features))
-                setattr(bn, "num_features", wide.widths[l + 1])  # noqa: B010
     except BaseException:
-        for m, attr, value in reversed(attrs):
-            setattr(m, attr, value)
-        for target, (undo, swapped), old_grad in reversed(done):
-            _unswap(target, undo, swapped)
-            if isinstance(target, nn.Parameter):
-                target.grad = old_grad
+        undo()
         raise
+    return undo

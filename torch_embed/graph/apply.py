@@ -1,0 +1,256 @@
+"""Widen a traced model in place, atomically (the graph path of :func:`torch_embed.widen`).
+
+Order of work, as for Sequential MLPs: trace the width groups, plan the embedding,
+compute every new tensor, ``.grad`` and optimizer state and every shape attribute
+(:mod:`torch_embed.graph.handlers`), then swap them in with the swap machinery of
+:mod:`torch_embed.widen` (Parameters keep their identity). Then the model runs again on
+the example inputs (eval mode, buffers untouched) and its output is compared with the
+narrow output: a forward that fails or differs (a size written into ``forward``)
+undoes everything and raises. During that run, forward pre-hooks record what null units
+feed their readers: a value other than 0 makes the embedding output-preserving only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Iterator
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.utils._pytree import tree_leaves
+
+from torch_embed.exactness import unit_roundoff
+from torch_embed.graph.embedding import GroupEmbedding
+from torch_embed.graph.groups import width_groups
+from torch_embed.graph.handlers import Resize, attribute_updates
+from torch_embed.graph.plan import plan_groups
+from torch_embed.graph.trace import check_model
+from torch_embed.optim_state import ApproximateStateWarning, map_optimizer_state
+from torch_embed.schemes import Scheme
+
+__all__ = ["widen_graph"]
+
+_T = TypeVar("_T", bound=Tensor)
+
+
+def widen_graph(
+    model: nn.Module,
+    new_widths: object,
+    scheme: Scheme | str,
+    *,
+    example_inputs: Any,
+    optimizer: torch.optim.Optimizer | None = None,
+    generator: torch.Generator | None = None,
+) -> GroupEmbedding:
+    """Widen ``model``'s width groups in place; see :func:`torch_embed.widen`."""
+    from torch_embed.widen import _check_normal_tensors, _install
+
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
+        )
+    args = check_model(model, example_inputs, "widen")
+    _check_normal_tensors(model)
+    groups = width_groups(model, args)
+    embedding = plan_groups(groups, new_widths, scheme, generator=generator)
+    before = _outputs(model, args)
+    named_params = _one_name_each(model.named_parameters(remove_duplicate=False), embedding)
+    named_buffers = _one_name_each(model.named_buffers(remove_duplicate=False), embedding)
+    every = {**named_params, **named_buffers}
+    missing = [t for t in embedding.tensors if t not in every]
+    if missing:
+        raise ValueError(
+            f"widen: the width groups reach {missing}, which are not parameters or buffers "
+            f"of the {type(model).__name__} (a tensor attribute or a constant); make them "
+            f"parameters or buffers"
+        )
+    with torch.no_grad():
+        state = {n: every[n].detach() for n in embedding.tensors}
+        new_state = embedding.apply(state)
+        grads = {n: p.grad for n in embedding.tensors if (p := named_params.get(n)) is not None}
+        new_grads = embedding.map_gradients({n: g for n, g in grads.items() if g is not None})
+        new_opt: dict[nn.Parameter, dict[str, Any]] = {}
+        if optimizer is not None:
+            new_opt = map_optimizer_state(optimizer, named_params, embedding)
+    updates = _attribute_updates(model, new_state, embedding, _aliases(model))
+    changed = list(embedding.tensors)
+    undo = _install(named_params, named_buffers, new_state, changed, new_grads, updates)
+    probes: list[_Probe] = []
+    try:
+        probes.extend(_null_probes(model, embedding))
+        after = _outputs(model, args)
+        _compare(before, after)
+    except BaseException as error:
+        undo()
+        if isinstance(error, Exception):
+            raise ValueError(
+                f"widen: after widening {sorted(embedding.sizes)}, the "
+                f"{type(model).__name__}'s forward on the example inputs failed the check: "
+                f"{error}; the model was left "
+                f"unchanged. A size written into forward (x.view(-1, 128)) or a module "
+                f"attribute no handler patches can cause this"
+            ) from error
+        raise
+    finally:
+        for probe in probes:
+            probe.handle.remove()
+    caveats = tuple(r for probe in probes for r in probe.caveats())
+    if caveats:
+        embedding = dataclasses.replace(embedding, reasons_=embedding.reasons_ + caveats)
+    # Net2Net's noise is a documented perturbation of a critical map (no warning, as for
+    # MLPs); a norm shared by unequal copies or a null unit's nonzero value is not
+    caveats = tuple(r for r in embedding.reasons if not r.startswith("Net2Net noise"))
+    if caveats:
+        if new_grads or new_opt:
+            warnings.warn(
+                f"widen: {'; '.join(caveats)}: the mapped .grad and optimizer state are not "
+                f"what the wide network would hold",
+                ApproximateStateWarning,
+                stacklevel=3,
+            )
+    if optimizer is not None:
+        for p, st in new_opt.items():
+            optimizer.state[p] = st
+    return embedding
+
+
+class _Probe:
+    """Records the largest |value| that null units feed a reader module.
+
+    A null unit has zero fan-in and zero fan-out: the output is kept whatever it holds,
+    but its fan-out columns get the gradient ``δ·value``, which the gradient map takes
+    to be 0 (true for σ(0) = 0: ReLU, tanh, GELU, SiLU; not for a sigmoid).
+    """
+
+    def __init__(self, module: nn.Module, tensor: str, index: Tensor, dim: int | None):
+        self.tensor, self.index, self.dim = tensor, index, dim
+        self.cls = type(module).__name__
+        self.largest = 0.0
+        self.handle = module.register_forward_pre_hook(self.record)
+
+    def record(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        x = inputs[0] if inputs else None
+        if self.dim is None or not isinstance(x, Tensor):
+            return
+        values = x.detach().index_select(self.dim, self.index.to(x.device))
+        if values.numel():
+            self.largest = max(self.largest, float(values.abs().max()))
+
+    def caveats(self) -> list[str]:
+        where = f"the null units read by `{self.tensor}` ({self.cls})"
+        if self.dim is None:
+            return [
+                f"{where} are not probed: their value, hence the gradient of their fan-out, "
+                f"is not checked"
+            ]
+        if self.largest != 0.0:
+            return [
+                f"{where} hold {self.largest:.3g}, not 0 (an activation with "
+                f"σ(0) != 0): their fan-out columns get gradients the map sets to 0"
+            ]
+        return []
+
+
+def _null_probes(model: nn.Module, embedding: GroupEmbedding) -> list[_Probe]:
+    probes = []
+    for a in embedding.axes:
+        null = (a.source < 0).nonzero().flatten()
+        if a.role != "split" or not null.numel():
+            continue
+        owner = a.tensor.rpartition(".")[0]
+        module = model.get_submodule(owner)
+        dim: int | None = None
+        if isinstance(module, nn.Linear) and a.axis == 1:
+            dim = -1
+        elif isinstance(module, nn.modules.conv._ConvNd) and not module.transposed and a.axis == 1:
+            dim = 1  # a grouped conv's map covers its whole input axis too
+        probes.append(_Probe(module, a.tensor, null, dim))
+    return probes
+
+
+def _one_name_each(named: Iterator[tuple[str, _T]], embedding: GroupEmbedding) -> dict[str, _T]:
+    """One name per tensor (tied tensors have several): the one the embedding uses."""
+    first: dict[int, tuple[str, _T]] = {}
+    for name, t in named:
+        if id(t) not in first or name in embedding.tensors:
+            if id(t) in first and first[id(t)][0] in embedding.tensors:
+                continue
+            first[id(t)] = (name, t)
+    return dict(first.values())
+
+
+def _aliases(model: nn.Module) -> dict[str, list[str]]:
+    """Every FQN of each tensor, keyed by each of its FQNs (tied weights)."""
+    names: dict[int, list[str]] = {}
+    for name, t in [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]:
+        names.setdefault(id(t), []).append(name)
+    return {n: ns for ns in names.values() for n in ns}
+
+
+def _attribute_updates(
+    model: nn.Module,
+    new_state: dict[str, Tensor],
+    embedding: GroupEmbedding,
+    aliases: dict[str, list[str]],
+) -> list[tuple[nn.Module, dict[str, object]]]:
+    by_module: dict[str, dict[str, tuple[int, ...]]] = {}
+    for name in embedding.tensors:
+        for alias in aliases.get(name, [name]):  # every module that owns a tied tensor
+            owner, _, local = alias.rpartition(".")
+            by_module.setdefault(owner, {})[local] = tuple(new_state[name].shape)
+    out: list[tuple[nn.Module, dict[str, object]]] = []
+    for owner, shapes in by_module.items():
+        module = model.get_submodule(owner)
+        groups = None
+        if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1:
+            if module.groups == module.in_channels and "weight" in shapes:  # depthwise
+                per = module.out_channels // module.groups
+                if shapes["weight"][0 if not module.transposed else 1] % per:
+                    raise ValueError(f"`{owner}`: a depthwise conv's channels grow unevenly")
+                groups = shapes["weight"][0] // per if not module.transposed else None
+            else:
+                groups = module.groups
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            updates = attribute_updates(module, Resize(shapes, None, groups), name=owner)
+        out.append((module, updates))
+    return out
+
+
+def _outputs(model: nn.Module, args: tuple[Any, ...]) -> list[Tensor]:
+    """The model's output tensors in eval mode; flags and buffers are left as they were."""
+    flags = [(m, m.training) for m in model.modules()]
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            out = functional_call(model, buffers, args, strict=False)
+    finally:
+        for m, flag in flags:
+            m.training = flag
+    return [t for t in tree_leaves(out) if isinstance(t, Tensor)]
+
+
+def _compare(before: list[Tensor], after: list[Tensor]) -> None:
+    if len(before) != len(after):
+        raise ValueError(f"returns {len(after)} tensors instead of {len(before)}")
+    for k, (a, b) in enumerate(zip(before, after)):
+        if a.shape != b.shape:
+            raise ValueError(f"output {k} has shape {tuple(b.shape)} instead of {tuple(a.shape)}")
+        if not a.is_floating_point() or a.numel() == 0:
+            continue
+        u = unit_roundoff(a.dtype)
+        scale = float(a.abs().max())
+        err = float((a - b).abs().max())
+        if not err <= math.sqrt(u) * max(scale, 1.0):
+            raise ValueError(
+                f"output {k} changed by {err:.3g} (max |output| {scale:.3g}), more than the "
+                f"rounding allowance {math.sqrt(u):.3g} relative"
+            )
