@@ -231,10 +231,11 @@ def map_optimizer_state(
     _check_holds_parameters(optimizer, named_params)
     group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
     # Adagrad's sum starts at initial_accumulator_value, not 0: only the part that the
-    # squared gradients added maps; the constant is added back after mapping.
-    offset = {
-        i: float(group.get("initial_accumulator_value", 0.0)) for i, group in group_of.items()
-    }
+    # squared gradients added maps; the constant is added back after mapping. PyTorch
+    # starts every group's sum at the constructor's value (optimizer.defaults), ignoring
+    # a param group's own "initial_accumulator_value" entry.
+    v0 = float(optimizer.defaults.get("initial_accumulator_value", 0.0))
+    offset = {i: v0 for i in group_of}
     by_key: dict[str, dict[str, Tensor]] = {}
     for name, p in named_params.items():
         state = optimizer.state.get(p)
