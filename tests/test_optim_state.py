@@ -512,3 +512,12 @@ def test_coupled_weight_decay_warning_has_the_approximate_class() -> None:
     _train(net, opt, x, y)
     with pytest.warns(ApproximateStateWarning, match="NAdam param group 0 uses coupled"):
         embed_(net, emb, optimizer=opt)
+
+
+def test_every_supported_optimizer_lists_its_state_hyperparameters() -> None:
+    # the null fan-out group check needs each optimizer's list (an empty one is a claim)
+    from torch_embed.optim_state import _STATE_HYPERPARAMETERS
+
+    assert set(_STATE_HYPERPARAMETERS) == set(SUPPORTED_OPTIMIZERS)
+    for cls, keys in _STATE_HYPERPARAMETERS.items():
+        assert all(k in cls([nn.Parameter(torch.zeros(1))]).defaults for k in keys), cls

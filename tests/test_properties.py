@@ -461,8 +461,11 @@ def test_optimizer_state_equals_a_replay_with_wide_gradients(
     [
         (lambda g: torch.optim.SGD(g, lr=0.1, momentum=0.9), {"dampening": 0.5}),
         (lambda g: torch.optim.Adam(g, lr=0.01), {"betas": (0.5, 0.9)}),
+        # Rprop's lr is its initial step_size: state (found as the rprop-null row)
+        (lambda g: torch.optim.Rprop(g, lr=0.01), {"lr": 0.0}),
+        (lambda g: torch.optim.Adamax(g, lr=0.01, eps=0.0), {"betas": (0.9, 0.9)}),
     ],
-    ids=["sgd_dampening", "adam_betas"],
+    ids=["sgd_dampening", "adam_betas", "rprop_lr", "adamax_betas"],
 )
 def test_null_fan_out_state_when_the_next_bias_has_other_hyperparameters(make, differs) -> None:
     """Found by the property test when groups could differ in any hyperparameter.
@@ -484,12 +487,24 @@ def test_null_fan_out_state_when_the_next_bias_has_other_hyperparameters(make, d
 
     initial = copy.deepcopy(net)
     opt, iterates = _train(net, groups, LOSSES["mse"], x, y, 3)
+    before_params = copy.deepcopy(net.state_dict())
+    before_state = copy.deepcopy(opt.state_dict())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             emb = widen(net, [3], Null(bias=1.0), optimizer=opt)
         except (TypeError, ValueError) as err:
-            assert "group" in str(err), err  # refused: say which param groups differ
+            # refused: name both parameters and the groups; nothing changed
+            assert "group" in str(err) and "'2.weight'" in str(err), err
+            assert "'2.bias'" in str(err), err
+            after = net.state_dict()
+            assert all(torch.equal(after[k], v) for k, v in before_params.items())
+            state = opt.state_dict()["state"]
+            for i, s in before_state["state"].items():
+                assert all(
+                    torch.equal(state[i][k], v) if torch.is_tensor(v) else state[i][k] == v
+                    for k, v in s.items()
+                )
             return
     if caught:  # warned: must say the state is approximate
         assert any("approximate" in str(w.message) for w in caught), [

@@ -144,6 +144,72 @@ def _check_supported(optimizer: torch.optim.Optimizer) -> None:
                 )
 
 
+# The hyper-parameters a state entry's recursion depends on (besides the gradients), per
+# optimizer: where a null neuron's fan-out column takes its state from the next layer's
+# bias, both must have evolved under the same values. Learning rates, lr_decay, foreach
+# and decoupled weight decay do not enter these states, except Rprop's lr: it is the
+# initial step_size. Adagrad's sum (from optimizer.defaults, see below) and ASGD (no
+# gradient state; ax maps like the parameters) depend on none.
+_STATE_HYPERPARAMETERS: dict[type[torch.optim.Optimizer], tuple[str, ...]] = {
+    torch.optim.SGD: ("momentum", "dampening", "maximize"),
+    torch.optim.Adam: ("betas", "amsgrad", "maximize"),
+    torch.optim.AdamW: ("betas", "amsgrad", "maximize"),
+    torch.optim.NAdam: ("betas", "maximize"),
+    torch.optim.RAdam: ("betas", "maximize"),
+    torch.optim.Adamax: ("betas", "eps", "maximize"),
+    torch.optim.RMSprop: ("alpha", "centered", "maximize"),
+    torch.optim.Adagrad: (),
+    torch.optim.Adadelta: ("rho", "eps", "maximize"),
+    torch.optim.Rprop: ("lr", "etas", "step_sizes", "maximize"),
+    torch.optim.ASGD: (),
+}
+
+
+def _check_null_fan_out_groups(
+    optimizer: torch.optim.Optimizer,
+    named_params: Mapping[str, nn.Parameter],
+    embedding: Embedding,
+) -> None:
+    """Refuse when a null fan-out column's state would come from a bias under other rules.
+
+    A null neuron with ``σ(β) ≠ 0`` gives its fan-out column the gradient ``σ(β)·∂R/∂b``
+    of the next layer's bias ``b``, so the column's replay state is the bias's state
+    scaled, *if* both recursions use the same hyper-parameters. With the bias in a param
+    group with other ones (momentum, betas, ...) the column's replay state depends on the
+    whole gradient history, which the current states do not determine: no exact map.
+    """
+    keys = _STATE_HYPERPARAMETERS.get(type(optimizer), ())
+    if not keys:
+        return
+    index = {id(p): i for i, group in enumerate(optimizer.param_groups) for p in group["params"]}
+    groups = optimizer.param_groups
+    linears = embedding.layout.linears
+    for k in range(1, len(linears)):
+        cols = embedding.layers[k - 1]
+        if not bool((cols.null_value[cols.null_mask] != 0).any()):
+            continue
+        wname, bname = f"{linears[k].name}.weight", f"{linears[k].name}.bias"
+        w, b = named_params.get(wname), named_params.get(bname)
+        if w is None or b is None or id(w) not in index or id(b) not in index:
+            continue  # a frozen or absent bias: the embedding's own warning says so
+        if not optimizer.state.get(w):
+            continue
+        gw, gb = index[id(w)], index[id(b)]
+        for key in keys:
+            vw, vb = groups[gw].get(key), groups[gb].get(key)
+            if vw != vb:
+                raise ValueError(
+                    f"cannot map the {type(optimizer).__name__} state of '{wname}': the "
+                    f"fan-out columns of the null neurons of hidden layer {k - 1} take their "
+                    f"state from the next bias '{bname}' (their gradient is σ(β) times its "
+                    f"gradient), but '{bname}' is in param group {gb} with {key}={vb!r} and "
+                    f"'{wname}' in param group {gw} with {key}={vw!r}, so their states evolve "
+                    f"differently and no map of the current state is exact. Put both in "
+                    f"param groups with the same {key}, use a scheme without null neurons "
+                    f"(or with σ(β) = 0), or pass optimizer=None and rebuild the optimizer"
+                )
+
+
 def _check_holds_parameters(
     optimizer: torch.optim.Optimizer, named_params: Mapping[str, nn.Parameter]
 ) -> None:
@@ -220,7 +286,10 @@ def map_optimizer_state(
     Raises:
         TypeError: For an unsupported optimizer (LBFGS and SparseAdam say why) or a
             state entry of unknown meaning.
-        ValueError: The optimizer holds none of ``named_params``.
+        ValueError: The optimizer holds none of ``named_params``, or a null neuron's
+            fan-out column would take its state from a next-layer bias in a param group
+            whose state hyper-parameters (momentum, dampening, betas, Rprop's initial
+            ``lr``, ...) differ from the column's group's: no exact map exists.
 
     Warns:
         ApproximateStateWarning: The map is not exact (an embedding that changes the
@@ -229,6 +298,7 @@ def map_optimizer_state(
     """
     _check_supported(optimizer)
     _check_holds_parameters(optimizer, named_params)
+    _check_null_fan_out_groups(optimizer, named_params, embedding)
     group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
     # Adagrad's sum starts at initial_accumulator_value, not 0: only the part that the
     # squared gradients added maps; the constant is added back after mapping. PyTorch
