@@ -34,10 +34,23 @@ other ``s``, only in the limit ``ε ≪ s²·v`` at every past step (the replay 
 ``ε = 1e-6`` with gradients of order 1e-3), ``acc_delta`` behaves more like a second
 moment and no map of the current state is exact: the copy can then be off by a factor
 of order 1. Both warn with :class:`ApproximateStateWarning` when some ``|s|`` is
-neither 0 nor 1. ``ax``: ASGD's average of past iterates maps like them, so it
-is the average of the embedded narrow iterates (``ax`` equals the parameter itself
-until averaging starts at step ``t0``). The maps are checked against replays in
-tests/test_optim_state.py.
+neither 0 nor 1. ``ax``: ASGD's average of past iterates ``Σ_t w_t θ_t`` (torch's
+``ax <- ax + μ(θ - ax)``, a copy while ``μ = 1``: weights summing to 1) maps like them,
+``A(Σ w_t θ_t) + c = Σ w_t (A θ_t + c)``, so it is the average of the embedded narrow
+iterates, Net2Net's noise offsets included (``ax`` equals the parameter itself until
+averaging starts at step ``t0``, and still does after widening). Unlike the other
+entries it is a function of the iterates, not of the gradients, so its reference is
+the average of the embedded iterates, not the ``ax`` of a wide optimizer fed ``B g_t``
+(whose own parameters move by ``B g_t``, not to ``A θ_t + c``).
+
+A null neuron's fan-out column takes its state from the next layer's bias (its
+gradient is ``σ(β)`` times the bias's), which is exact only when both follow the same
+state recursion: where their param groups differ in a hyper-parameter the state
+depends on (``_STATE_HYPERPARAMETERS``: momentum, betas, ..., Rprop's initial
+``lr``) the map is refused. Adagrad's ``sum`` starts at ``optimizer.defaults``'
+``initial_accumulator_value`` in every group (PyTorch ignores a group's own entry).
+The maps are checked against replays in tests/test_optim_state.py and
+tests/test_properties.py.
 """
 
 from __future__ import annotations
