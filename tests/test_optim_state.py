@@ -512,3 +512,26 @@ def test_coupled_weight_decay_warning_has_the_approximate_class() -> None:
     _train(net, opt, x, y)
     with pytest.warns(ApproximateStateWarning, match="NAdam param group 0 uses coupled"):
         embed_(net, emb, optimizer=opt)
+
+
+def test_every_supported_optimizer_lists_its_state_hyperparameters() -> None:
+    # the null fan-out group check needs each optimizer's list (an empty one is a claim)
+    from torch_embed.optim_state import _STATE_HYPERPARAMETERS
+
+    assert set(_STATE_HYPERPARAMETERS) == set(SUPPORTED_OPTIMIZERS)
+    for cls, keys in _STATE_HYPERPARAMETERS.items():
+        assert all(k in cls([nn.Parameter(torch.zeros(1))]).defaults for k in keys), cls
+
+
+def test_asgd_average_keeps_net2net_noise_offsets() -> None:
+    # before t0 ax is the parameter; the default Net2Net noise perturbs the fan-out
+    # columns, and ax maps by the whole affine embedding (offsets included), so ax is
+    # still the (noisy) wide parameter
+    net, x, y, _ = _setup(ARCH, lambda n, g: None)
+    opt = torch.optim.ASGD(net.parameters(), lr=0.01, t0=1e6)
+    _train(net, opt, x, y)
+    widen(
+        net, [7, 8], Net2Net(noise=0.3), optimizer=opt, generator=torch.Generator().manual_seed(5)
+    )
+    for name, p in net.named_parameters():
+        assert torch.equal(opt.state[p]["ax"], p.detach()), name

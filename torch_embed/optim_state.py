@@ -34,10 +34,23 @@ other ``s``, only in the limit ``ε ≪ s²·v`` at every past step (the replay 
 ``ε = 1e-6`` with gradients of order 1e-3), ``acc_delta`` behaves more like a second
 moment and no map of the current state is exact: the copy can then be off by a factor
 of order 1. Both warn with :class:`ApproximateStateWarning` when some ``|s|`` is
-neither 0 nor 1. ``ax``: ASGD's average of past iterates maps like them, so it
-is the average of the embedded narrow iterates (``ax`` equals the parameter itself
-until averaging starts at step ``t0``). The maps are checked against replays in
-tests/test_optim_state.py.
+neither 0 nor 1. ``ax``: ASGD's average of past iterates ``Σ_t w_t θ_t`` (torch's
+``ax <- ax + μ(θ - ax)``, a copy while ``μ = 1``: weights summing to 1) maps like them,
+``A(Σ w_t θ_t) + c = Σ w_t (A θ_t + c)``, so it is the average of the embedded narrow
+iterates, Net2Net's noise offsets included (``ax`` equals the parameter itself until
+averaging starts at step ``t0``, and still does after widening). Unlike the other
+entries it is a function of the iterates, not of the gradients, so its reference is
+the average of the embedded iterates, not the ``ax`` of a wide optimizer fed ``B g_t``
+(whose own parameters move by ``B g_t``, not to ``A θ_t + c``).
+
+A null neuron's fan-out column takes its state from the next layer's bias (its
+gradient is ``σ(β)`` times the bias's), which is exact only when both follow the same
+state recursion: where their param groups differ in a hyper-parameter the state
+depends on (``_STATE_HYPERPARAMETERS``: momentum, betas, ..., Rprop's initial
+``lr``) the map is refused. Adagrad's ``sum`` starts at ``optimizer.defaults``'
+``initial_accumulator_value`` in every group (PyTorch ignores a group's own entry).
+The maps are checked against replays in tests/test_optim_state.py and
+tests/test_properties.py.
 """
 
 from __future__ import annotations
@@ -160,6 +173,72 @@ def _check_supported(optimizer: torch.optim.Optimizer) -> None:
                 )
 
 
+# The hyper-parameters a state entry's recursion depends on (besides the gradients), per
+# optimizer: where a null neuron's fan-out column takes its state from the next layer's
+# bias, both must have evolved under the same values. Learning rates, lr_decay, foreach
+# and decoupled weight decay do not enter these states, except Rprop's lr: it is the
+# initial step_size. Adagrad's sum (from optimizer.defaults, see below) and ASGD (no
+# gradient state; ax maps like the parameters) depend on none.
+_STATE_HYPERPARAMETERS: dict[type[torch.optim.Optimizer], tuple[str, ...]] = {
+    torch.optim.SGD: ("momentum", "dampening", "maximize"),
+    torch.optim.Adam: ("betas", "amsgrad", "maximize"),
+    torch.optim.AdamW: ("betas", "amsgrad", "maximize"),
+    torch.optim.NAdam: ("betas", "maximize"),
+    torch.optim.RAdam: ("betas", "maximize"),
+    torch.optim.Adamax: ("betas", "eps", "maximize"),
+    torch.optim.RMSprop: ("alpha", "centered", "maximize"),
+    torch.optim.Adagrad: (),
+    torch.optim.Adadelta: ("rho", "eps", "maximize"),
+    torch.optim.Rprop: ("lr", "etas", "step_sizes", "maximize"),
+    torch.optim.ASGD: (),
+}
+
+
+def _check_null_fan_out_groups(
+    optimizer: torch.optim.Optimizer,
+    named_params: Mapping[str, nn.Parameter],
+    embedding: Embedding,
+) -> None:
+    """Refuse when a null fan-out column's state would come from a bias under other rules.
+
+    A null neuron with ``σ(β) ≠ 0`` gives its fan-out column the gradient ``σ(β)·∂R/∂b``
+    of the next layer's bias ``b``, so the column's replay state is the bias's state
+    scaled, *if* both recursions use the same hyper-parameters. With the bias in a param
+    group with other ones (momentum, betas, ...) the column's replay state depends on the
+    whole gradient history, which the current states do not determine: no exact map.
+    """
+    keys = _STATE_HYPERPARAMETERS.get(type(optimizer), ())
+    if not keys:
+        return
+    index = {id(p): i for i, group in enumerate(optimizer.param_groups) for p in group["params"]}
+    groups = optimizer.param_groups
+    linears = embedding.layout.linears
+    for k in range(1, len(linears)):
+        cols = embedding.layers[k - 1]
+        if not bool((cols.null_value[cols.null_mask] != 0).any()):
+            continue
+        wname, bname = f"{linears[k].name}.weight", f"{linears[k].name}.bias"
+        w, b = named_params.get(wname), named_params.get(bname)
+        if w is None or b is None or id(w) not in index or id(b) not in index:
+            continue  # a frozen or absent bias: the embedding's own warning says so
+        if not optimizer.state.get(w):
+            continue
+        gw, gb = index[id(w)], index[id(b)]
+        for key in keys:
+            vw, vb = groups[gw].get(key), groups[gb].get(key)
+            if vw != vb:
+                raise ValueError(
+                    f"cannot map the {type(optimizer).__name__} state of '{wname}': the "
+                    f"fan-out columns of the null neurons of hidden layer {k - 1} take their "
+                    f"state from the next bias '{bname}' (their gradient is σ(β) times its "
+                    f"gradient), but '{bname}' is in param group {gb} with {key}={vb!r} and "
+                    f"'{wname}' in param group {gw} with {key}={vw!r}, so their states evolve "
+                    f"differently and no map of the current state is exact. Put both in "
+                    f"param groups with the same {key}, use a scheme without null neurons "
+                    f"(or with σ(β) = 0), or pass optimizer=None and rebuild the optimizer"
+                )
+
+
 def _check_holds_parameters(
     optimizer: torch.optim.Optimizer, named_params: Mapping[str, nn.Parameter]
 ) -> None:
@@ -236,7 +315,10 @@ def map_optimizer_state(
     Raises:
         TypeError: For an unsupported optimizer (LBFGS and SparseAdam say why) or a
             state entry of unknown meaning.
-        ValueError: The optimizer holds none of ``named_params``.
+        ValueError: The optimizer holds none of ``named_params``, or a null neuron's
+            fan-out column would take its state from a next-layer bias in a param group
+            whose state hyper-parameters (momentum, dampening, betas, Rprop's initial
+            ``lr``, ...) differ from the column's group's: no exact map exists.
 
     Warns:
         ApproximateStateWarning: The map is not exact (an embedding that changes the
@@ -245,12 +327,14 @@ def map_optimizer_state(
     """
     _check_supported(optimizer)
     _check_holds_parameters(optimizer, named_params)
+    _check_null_fan_out_groups(optimizer, named_params, embedding)
     group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
     # Adagrad's sum starts at initial_accumulator_value, not 0: only the part that the
-    # squared gradients added maps; the constant is added back after mapping.
-    offset = {
-        i: float(group.get("initial_accumulator_value", 0.0)) for i, group in group_of.items()
-    }
+    # squared gradients added maps; the constant is added back after mapping. PyTorch
+    # starts every group's sum at the constructor's value (optimizer.defaults), ignoring
+    # a param group's own "initial_accumulator_value" entry.
+    v0 = float(optimizer.defaults.get("initial_accumulator_value", 0.0))
+    offset = {i: v0 for i in group_of}
     by_key: dict[str, dict[str, Tensor]] = {}
     for name, p in named_params.items():
         state = optimizer.state.get(p)
