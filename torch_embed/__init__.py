@@ -1,9 +1,10 @@
-"""torch_embed: widen trained PyTorch MLPs by critical embeddings, measure the landscape.
+"""torch_embed: widen trained PyTorch networks by critical embeddings, measure the landscape.
 
 The Embedding Principle (Zhang, Li, Zhang, Luo, Xu; NeurIPS 2021, J. Mach. Learn. 2022)
 says the loss landscape of a wide network contains every critical point of every
-narrower one. torch_embed widens ``nn.Sequential`` MLPs in place by such embeddings,
-and computes Hessian inertia before and after, including its exact change.
+narrower one. torch_embed widens ``nn.Sequential`` MLPs, and any model it can trace
+into width groups (:func:`width_groups`), in place by such embeddings, and computes
+Hessian inertia before and after, including its exact change.
 
 ``torch_embed.testing`` (assertion helpers) and ``torch_embed.landscape`` are
 submodules; the most used landscape tools are also exported here.
