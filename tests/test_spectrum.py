@@ -175,3 +175,10 @@ def test_float32_operator_is_refused() -> None:
         extreme_eigenvalues(op, 1)
     with pytest.raises(ValueError, match="disagrees"):
         hutchinson_trace(HessianOperator(net, nn.MSELoss(), x, y), 4, size=3)
+
+
+def test_exact_breakdown_restarts_instead_of_dividing_by_zero() -> None:
+    # H = 0: the first residual is exactly zero; the basis must continue with a fresh
+    # random vector (not w / 0), and every Ritz value is 0.
+    got = extreme_eigenvalues(torch.zeros_like, 3, "both_ends", size=10)
+    torch.testing.assert_close(got, torch.zeros(3, dtype=torch.float64), rtol=0, atol=0)
