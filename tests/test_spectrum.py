@@ -4,6 +4,7 @@ References are ``torch.linalg.eigvalsh`` of the dense float64 Hessian from
 ``torch_embed.hessian.hessian`` of small tanh MLPs at random (non-critical) points.
 """
 
+import itertools
 import math
 
 import pytest
@@ -17,7 +18,7 @@ from torch_embed.spectrum import extreme_eigenvalues, hutchinson_trace, spectral
 def _problem(widths: list[int], seed: int) -> tuple[nn.Module, Tensor, Tensor]:
     gen = torch.Generator().manual_seed(seed)
     layers: list[nn.Module] = []
-    for fan_in, fan_out in zip(widths[:-1], widths[1:], strict=True):
+    for fan_in, fan_out in itertools.pairwise(widths):
         lin = nn.Linear(fan_in, fan_out).double()
         with torch.no_grad():
             lin.weight.copy_(torch.randn(fan_out, fan_in, generator=gen) / math.sqrt(fan_in))
@@ -73,7 +74,7 @@ def test_callable_and_operator_agree_and_repeated_eigenvalues_are_found() -> Non
 
 def test_not_converged_raises_with_the_residual() -> None:
     h = torch.diag(torch.linspace(0.0, 1.0, 400, dtype=torch.float64))
-    with pytest.raises(RuntimeError, match="not converged in 20 Lanczos steps.*residual"):
+    with pytest.raises(RuntimeError, match=r"not converged in 20 Lanczos steps.*residual"):
         extreme_eigenvalues(lambda v: h @ v, 5, size=400, max_iter=20)
 
 
@@ -136,10 +137,16 @@ def test_slq_with_n_steps_is_exact_per_probe(small: tuple[HessianOperator, Tenso
     dense, vectors = torch.linalg.eigh(h)
     gen = torch.Generator().manual_seed(5)
     grid = torch.linspace(float(dense[0]) - 1, float(dense[-1]) + 1, 500, dtype=torch.float64)
-    _, phi = spectral_density(op, num_probes=1, lanczos_steps=369, grid=grid, sigma=0.3,
-                              generator=gen)
-    z = (2.0 * torch.randint(0, 2, (1, 369), generator=torch.Generator().manual_seed(5),
-                             dtype=torch.int8).double() - 1.0)[0]
+    _, phi = spectral_density(
+        op, num_probes=1, lanczos_steps=369, grid=grid, sigma=0.3, generator=gen
+    )
+    z = (
+        2.0
+        * torch.randint(
+            0, 2, (1, 369), generator=torch.Generator().manual_seed(5), dtype=torch.int8
+        ).double()
+        - 1.0
+    )[0]
     weights = (vectors.T @ z) ** 2 / 369
     kernel = torch.exp(-0.5 * ((grid[:, None] - dense[None, :]) / 0.3) ** 2)
     expected = kernel @ weights / (0.3 * math.sqrt(2 * math.pi))

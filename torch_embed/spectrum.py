@@ -85,9 +85,7 @@ class _Operator:
         out = self.op(v)
         if not isinstance(out, Tensor) or out.shape != v.shape or out.dtype != torch.float64:
             got = (
-                f"{tuple(out.shape)} {out.dtype}"
-                if isinstance(out, Tensor)
-                else type(out).__name__
+                f"{tuple(out.shape)} {out.dtype}" if isinstance(out, Tensor) else type(out).__name__
             )
             raise ValueError(
                 f"the matvec must map a float64 ({self.n},) tensor to a float64 "
@@ -427,7 +425,9 @@ def spectral_density(
         t = grid.detach().to(device="cpu", dtype=torch.float64)
     else:
         t = torch.linspace(
-            float(theta.min()) - 5 * width, float(theta.max()) + 5 * width, grid,
+            float(theta.min()) - 5 * width,
+            float(theta.max()) + 5 * width,
+            grid,
             dtype=torch.float64,
         )
     z = (t[:, None] - theta[None, :]) / width
