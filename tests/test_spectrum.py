@@ -182,6 +182,8 @@ def test_float32_operator_is_refused() -> None:
         extreme_eigenvalues(op, 1)
     with pytest.raises(ValueError, match="disagrees"):
         hutchinson_trace(HessianOperator(net, nn.MSELoss(), x, y), 4, size=3)
+    with pytest.raises(ValueError, match="device= is for a callable"):
+        spectral_density(HessianOperator(net, nn.MSELoss(), x, y), device="cpu")
 
 
 def test_exact_breakdown_restarts_instead_of_dividing_by_zero() -> None:

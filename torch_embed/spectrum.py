@@ -51,6 +51,11 @@ class _Operator:
                     f"size={size} disagrees with the HessianOperator's shape {op.shape}; "
                     "omit size for a HessianOperator"
                 )
+            if device is not None:
+                raise ValueError(
+                    "device= is for a callable; a HessianOperator's products are on "
+                    f"{op.device} (omit device)"
+                )
             if op.dtype != torch.float64:
                 raise ValueError(
                     f"spectral estimates need a float64 HessianOperator, got {op.dtype}; "
