@@ -20,7 +20,16 @@ def test_all_has_no_duplicates_and_no_private_names() -> None:
 
 
 def test_submodules_expose_all() -> None:
-    for mod in ("landscape", "testing", "embedding", "schemes", "widen", "inertia", "hessian"):
+    for mod in (
+        "landscape",
+        "testing",
+        "embedding",
+        "schemes",
+        "widen",
+        "inertia",
+        "hessian",
+        "spectrum",
+    ):
         module = importlib.import_module(f"torch_embed.{mod}")
         for name in module.__all__:
             assert hasattr(module, name), f"torch_embed.{mod}.__all__ lists missing {name}"

@@ -35,6 +35,7 @@ from torch_embed.optim_state import (
 )
 from torch_embed.report import EmbeddingReport, check_embedding
 from torch_embed.schemes import General, Net2Net, Null, RandomPad, Scheme, Split, plan
+from torch_embed.spectrum import extreme_eigenvalues, hutchinson_trace, spectral_density
 from torch_embed.widen import embed_, widen
 
 __version__ = "0.1.0"
@@ -69,11 +70,13 @@ __all__ = [
     "embed_",
     "empirical_nullity",
     "escape",
+    "extreme_eigenvalues",
     "flat_loss",
     "forward_error_bound",
     "gradient",
     "hessian",
     "hessian_inertia",
+    "hutchinson_trace",
     "hvp",
     "inertia",
     "inertia_change",
@@ -82,6 +85,7 @@ __all__ = [
     "plan",
     "register_elementwise",
     "saddle_certificates",
+    "spectral_density",
     "testing",
     "truly_bad_condition",
     "unit_roundoff",

@@ -1002,6 +1002,26 @@ class HessianOperator:
             raise ValueError(f"matvec expects a (P,) vector, got shape {tuple(v.shape)}")
         return self.matmat(v)
 
+    def top_eigenvalues(
+        self,
+        k: int,
+        *,
+        max_iter: int | None = None,
+        tol: float = 1e-10,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """The ``k`` algebraically largest eigenvalues, descending (float64 operators).
+
+        Delegates to :func:`torch_embed.spectrum.extreme_eigenvalues` (Lanczos with
+        full reorthogonalisation), which also gives the smallest ones.
+        """
+        # Imported here: torch_embed.spectrum imports this module.
+        from torch_embed.spectrum import extreme_eigenvalues
+
+        return extreme_eigenvalues(
+            self, k, "largest", max_iter=max_iter, tol=tol, generator=generator
+        )
+
     @overload
     def matmat(self, vectors: Tensor) -> Tensor: ...
 
