@@ -62,7 +62,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from torch_embed.embedding import EmbeddingKind
+from torch_embed.embedding import Embedding, EmbeddingKind
 
 __all__ = ["SUPPORTED_OPTIMIZERS", "ApproximateStateWarning", "map_optimizer_state"]
 
@@ -197,7 +197,7 @@ _STATE_HYPERPARAMETERS: dict[type[torch.optim.Optimizer], tuple[str, ...]] = {
 def _check_null_fan_out_groups(
     optimizer: torch.optim.Optimizer,
     named_params: Mapping[str, nn.Parameter],
-    embedding: Embedding,
+    embedding: StateMap,
 ) -> None:
     """Refuse when a null fan-out column's state would come from a bias under other rules.
 
@@ -208,7 +208,9 @@ def _check_null_fan_out_groups(
     whole gradient history, which the current states do not determine: no exact map.
     """
     keys = _STATE_HYPERPARAMETERS.get(type(optimizer), ())
-    if not keys:
+    if not keys or not isinstance(embedding, Embedding):
+        # A traced model's GroupEmbedding gives null units zero state everywhere (a
+        # null unit whose value is not 0 makes it output-preserving, with a warning).
         return
     index = {id(p): i for i, group in enumerate(optimizer.param_groups) for p in group["params"]}
     groups = optimizer.param_groups
