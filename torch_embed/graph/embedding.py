@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from torch_embed.embedding import EmbeddingKind, LayerMap
+from torch_embed.embedding import EmbeddingKind, LayerMap, _identity_prefix
 from torch_embed.graph.layout import AxisLayout
 
 __all__ = ["AxisMap", "GroupEmbedding", "axis_map"]
@@ -229,12 +229,6 @@ def _add_noise(t: Tensor, a: AxisMap, noise: float, seed: int) -> Tensor:
         col_j += offset
         col_k -= offset
     return t
-
-
-def _identity_prefix(src: Tensor) -> int:
-    """The length of the longest prefix of ``src`` equal to ``0, 1, 2, ...``."""
-    same = src == torch.arange(src.numel(), device=src.device)
-    return int(same.numel() if bool(same.all()) else int(same.logical_not().nonzero()[0]))
 
 
 def _gather(t: Tensor, a: AxisMap, scale: Tensor) -> Tensor:
