@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from torch_embed.inertia import Inertia, eigenvalues, inertia
+from torch_embed.inertia import Inertia, default_tolerance, eigenvalues, inertia
 
 __all__ = ["GRAD_FACTOR", "MIN_GAP", "count", "count_tolerance"]
 
@@ -33,7 +33,7 @@ def count_tolerance(matrix: Tensor, grad_norm: float) -> float:
         True
     """
     lam = eigenvalues(matrix.to(torch.float64))
-    rounding = matrix.shape[0] * float(torch.finfo(torch.float64).eps) * float(lam.abs().max())
+    rounding = default_tolerance(float(lam.abs().max()), matrix.shape[0], torch.float64)
     return max(rounding, GRAD_FACTOR * float(grad_norm))
 
 
