@@ -451,12 +451,34 @@ def _choose(
                 )
         return chosen
     if select == "cyclic":
-        return [i % m for i in range(count)]
+        return _pick_units(m, count, "cyclic", generator)
     if select == "norm":  # equal norms (copies, mirror images) up to rounding: lower index
         norms = _fan_out_norms(module, layout, layer).tolist()
         dtype = _linear(module, layout.linears[layer + 1].name).weight.dtype
         order = ranked(norms, tol=tie_tolerance(norms, dtype), descending=True)
         return [order[i % m] for i in range(count)]
+    return _pick_units(m, count, "random", generator)
+
+
+def _pick_units(
+    m: int, count: int, select: Literal["cyclic", "random"], generator: torch.Generator | None
+) -> list[int]:
+    """``count`` indices into ``m`` units to copy, by ``select="cyclic"`` or ``"random"``.
+
+    Cyclic: ``0, 1, ..., m-1, 0, ...``. Random: every unit once per full round, then
+    ``count mod m`` units uniformly without replacement (one ``randperm`` from the
+    generator). Shared by the MLP planner and the traced planner, so the same seed picks
+    the same units on both paths.
+
+    Example:
+        >>> _pick_units(3, 5, "cyclic", None)
+        [0, 1, 2, 0, 1]
+        >>> r = _pick_units(3, 5, "random", torch.Generator().manual_seed(0))
+        >>> len(r), sorted(set(r)), r[:3]
+        (5, [0, 1, 2], [0, 1, 2])
+    """
+    if select == "cyclic":
+        return [i % m for i in range(count)]
     full, rest = divmod(count, m)
     picks = [i for _ in range(full) for i in range(m)]
     perm = torch.randperm(m, generator=generator)[:rest]

@@ -32,7 +32,16 @@ import torch
 from torch_embed.embedding import LayerMap
 from torch_embed.graph.embedding import AxisMap, GroupEmbedding, axis_map
 from torch_embed.graph.groups import WidthGroup, WidthGroups
-from torch_embed.schemes import DEFAULT_SCHEME, Net2Net, Null, Scheme, Split, _as_scheme, _rand
+from torch_embed.schemes import (
+    DEFAULT_SCHEME,
+    Net2Net,
+    Null,
+    Scheme,
+    Split,
+    _as_scheme,
+    _pick_units,
+    _rand,
+)
 
 __all__ = ["plan_groups", "resolve_group_widths"]
 
@@ -141,15 +150,11 @@ def _names(groups: WidthGroups) -> str:
 def _choose(
     units: list[int], count: int, select: Any, generator: torch.Generator | None
 ) -> list[int]:
-    if select == "cyclic":
-        return [units[i % len(units)] for i in range(count)]
-    if select != "random":
+    if select not in ("cyclic", "random"):
         raise ValueError(
             f"select={select!r} is not supported for traced models yet; use 'random' or 'cyclic'"
         )
-    full, rest = divmod(count, len(units))
-    perm = torch.randperm(len(units), generator=generator)[:rest].tolist()
-    return [u for _ in range(full) for u in units] + [units[i] for i in perm]
+    return [units[i] for i in _pick_units(len(units), count, select, generator)]
 
 
 def _plan_one(
