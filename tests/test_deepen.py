@@ -412,9 +412,7 @@ def test_identity_after_non_idempotent_activation_refused(act, gen: torch.Genera
     net = nn.Sequential(nn.Linear(3, 5), act, nn.Linear(5, 2)).to(F64)
     saved = _state(net)
     with pytest.raises(ValueError, match="idempotent"):
-        torch_embed.deepen(
-            net, {"": [1]}, "identity", example_inputs=torch.randn(4, 3, dtype=F64)
-        )
+        torch_embed.deepen(net, {"": [1]}, "identity", example_inputs=torch.randn(4, 3, dtype=F64))
     assert len(net) == 3 and _same_state(net, saved)
 
 
@@ -466,7 +464,7 @@ def test_bad_requests(gen: torch.Generator) -> None:
         torch_embed.deepen(net, {"layers": [0]}, example_inputs=x)
     with pytest.raises(ValueError, match="out of range"):
         torch_embed.deepen(net, {"blocks": [2]}, example_inputs=x)
-    with pytest.raises(TypeError, match="nn.ModuleList or nn.Sequential"):
+    with pytest.raises(TypeError, match=r"nn\.ModuleList or nn\.Sequential"):
         torch_embed.deepen(net, {"inp": [0]}, example_inputs=x)
     with pytest.raises(TypeError, match="non-empty mapping"):
         torch_embed.deepen(net, [("blocks", 0)], example_inputs=x)  # type: ignore[arg-type]

@@ -26,7 +26,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -148,9 +147,13 @@ def record_blocks(blocks: Mapping[str, nn.Module]) -> Iterator[dict[str, _Record
         for fqn, block in blocks.items():
             stack: list[str] = []
             for sub, m in block.named_modules():
-                handles.append(m.register_forward_pre_hook(enter(fqn, stack, sub), with_kwargs=True))
                 handles.append(
-                    m.register_forward_hook(leave(fqn, stack, sub), with_kwargs=True, always_call=True)
+                    m.register_forward_pre_hook(enter(fqn, stack, sub), with_kwargs=True)
+                )
+                handles.append(
+                    m.register_forward_hook(
+                        leave(fqn, stack, sub), with_kwargs=True, always_call=True
+                    )
                 )
         with recorder:
             yield records

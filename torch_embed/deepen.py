@@ -141,7 +141,9 @@ def deepen(
             f"{type(optimizer).__name__}"
         )
     if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"deepen: generator must be a torch.Generator, got {type(generator).__name__}")
+        raise TypeError(
+            f"deepen: generator must be a torch.Generator, got {type(generator).__name__}"
+        )
     args = check_model(model, example_inputs, "deepen")
     requests = _requests(model, where)
     templates = {
@@ -245,9 +247,9 @@ class _Plan:
         self.children: dict[str, OrderedDict[str, nn.Module]] = {}
         self.new: list[tuple[str, nn.Module]] = []
         # new parameter -> template parameter (for the optimizer)
-        self.param_template: list[tuple[nn.Parameter, nn.Parameter]] = []
-        self.layer_idx: list[tuple[nn.Module, int]] = []
-        self.config: list[tuple[object, str, object]] = []
+        self.param_template: list[tuple[Tensor, Tensor]] = []
+        # (object, attribute, new value): layer_idx, config fields, num_layers
+        self.attributes: list[tuple[object, str, object]] = []
         self.must_vanish: list[tuple[str, nn.Parameter]] = []
         self.embedding: DepthEmbedding
 
@@ -320,7 +322,7 @@ def _build(
             for m in block.modules():
                 value = getattr(m, "layer_idx", None)
                 if isinstance(value, int) and not isinstance(value, bool) and shift:
-                    plan.layer_idx.append((m, value + shift))
+                    plan.attributes.append((m, "layer_idx", value + shift))
             for _ in range(idx.count(i)):
                 tname = _join(fqn, str(i))
                 if mode == "identity":
@@ -338,14 +340,16 @@ def _build(
                         for m in mod.modules():
                             value = getattr(m, "layer_idx", None)
                             if isinstance(value, int) and not isinstance(value, bool):
-                                plan.layer_idx.append((m, value + shift))
+                                plan.attributes.append((m, "layer_idx", value + shift))
                     else:
                         _identity_params(plan, mod, old, i)
                     inserted.append(
                         Inserted(
                             name=name,
                             template=tname,
-                            zeroed=zeroed if zeroed is not None else _zeroed_names(roles[tname], mode),
+                            zeroed=zeroed
+                            if zeroed is not None
+                            else _zeroed_names(roles[tname], mode),
                             writer_biases=(
                                 tuple(b for b in roles[tname].writer_biases if b is not None)
                                 if mode == "null"
@@ -384,7 +388,9 @@ def _zeroed_names(roles: BlockRoles, mode: str) -> tuple[str, ...]:
     )
 
 
-def _copy_block(block: nn.Module, configs: Mapping[int, object], roles: BlockRoles, mode: str) -> nn.Module:
+def _copy_block(
+    block: nn.Module, configs: Mapping[int, object], roles: BlockRoles, mode: str
+) -> nn.Module:
     new = copy.deepcopy(block, dict(configs))
     params = dict(new.named_parameters())
     with torch.no_grad():
@@ -448,7 +454,7 @@ def _config_updates(
     plan: _Plan,
     model: nn.Module,
     fqn: str,
-    container: nn.Module,
+    container: nn.Sequential | nn.ModuleList,
     idx: list[int],
     configs: Mapping[int, object],
 ) -> None:
@@ -459,14 +465,14 @@ def _config_updates(
             new_types = list(types)
             for i in sorted(idx, reverse=True):
                 new_types.insert(i + 1, types[i])
-            plan.config.append((cfg, "layer_types", new_types))
+            plan.attributes.append((cfg, "layer_types", new_types))
         for name in _LAYER_COUNTS:
             value = getattr(cfg, name, None)
             if isinstance(value, int) and not isinstance(value, bool) and value == n:
-                plan.config.append((cfg, name, value + added))
+                plan.attributes.append((cfg, name, value + added))
     parent = model.get_submodule(fqn.rpartition(".")[0]) if fqn else None
     if parent is not None and getattr(parent, "num_layers", None) == n:
-        plan.config.append((parent, "num_layers", n + added))
+        plan.attributes.append((parent, "num_layers", n + added))
 
 
 def _install(
@@ -476,8 +482,7 @@ def _install(
     optimizer: torch.optim.Optimizer | None,
 ) -> Any:
     saved_children = {fqn: c._modules for fqn, (c, _) in requests.items()}
-    saved_idx = [(m, m.layer_idx) for m, _ in plan.layer_idx]
-    saved_cfg = [(obj, name, getattr(obj, name)) for obj, name, _ in plan.config]
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in plan.attributes]
     saved_groups = (
         [list(g["params"]) for g in optimizer.param_groups] if optimizer is not None else []
     )
@@ -485,10 +490,8 @@ def _install(
     def undo() -> None:
         for fqn, (c, _) in requests.items():
             c._modules = saved_children[fqn]
-        for m, v in saved_idx:
-            m.layer_idx = v
-        for obj, name, v in reversed(saved_cfg):
-            setattr(obj, name, v)
+        for obj, name, old in reversed(saved):
+            setattr(obj, name, old)
         if optimizer is not None:
             for g, params in zip(optimizer.param_groups, saved_groups):
                 g["params"] = params
@@ -496,10 +499,8 @@ def _install(
     try:
         for fqn, (c, _) in requests.items():
             c._modules = plan.children[fqn]  # type: ignore[assignment]
-        for m, v in plan.layer_idx:
-            m.layer_idx = v
-        for obj, name, v in plan.config:
-            setattr(obj, name, v)
+        for obj, name, new in plan.attributes:
+            setattr(obj, name, new)
         if optimizer is not None:
             _join_optimizer(optimizer, plan)
     except BaseException:
@@ -534,9 +535,7 @@ def _check_critical(model: nn.Module, args: tuple[Any, ...], plan: _Plan) -> Non
         model.eval()
         with torch.enable_grad():
             out = functional_call(model, buffers, args, strict=False)
-            leaves = [
-                t for t in tree_leaves(out) if isinstance(t, Tensor) and t.requires_grad
-            ]
+            leaves = [t for t in tree_leaves(out) if isinstance(t, Tensor) and t.requires_grad]
             total = sum(
                 (t * torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device)).sum()
                 for t in leaves

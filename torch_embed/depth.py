@@ -116,9 +116,7 @@ class DepthEmbedding:
         """Map a state dict of the deepened model back (drop inserted, undo renames)."""
         inverse = {v: k for k, v in self.renames.items()}
         dropped = tuple(f"{n}." for n in self.inserted)
-        return {
-            self._rename(k, inverse): v for k, v in state.items() if not k.startswith(dropped)
-        }
+        return {self._rename(k, inverse): v for k, v in state.items() if not k.startswith(dropped)}
 
     def complement(self, model: nn.Module) -> Tensor:
         """Orthonormal complement directions ``C`` (``(P, k)``, float64) in ``model``.
@@ -152,7 +150,7 @@ class DepthEmbedding:
                         f"writer bias to pair them with"
                     )
                 partner = offset[f"{self.renames[b.template]}.{b.last_writer_bias}"]
-            for n, p in model.get_submodule(b.name).named_parameters():
+            for n, _ in model.get_submodule(b.name).named_parameters():
                 full = f"{b.name}.{n}"
                 if full not in offset:
                     continue
@@ -169,7 +167,7 @@ class DepthEmbedding:
                 cols.append(block)
         if not cols:
             return torch.zeros(pos, 0, dtype=torch.float64)
-        q, _ = torch.linalg.qr(torch.cat(cols, dim=1))
+        q: Tensor = torch.linalg.qr(torch.cat(cols, dim=1)).Q
         return q
 
     def inertia_change(
@@ -229,4 +227,6 @@ class DepthEmbedding:
         tol, gap = _tolerance_and_gap(mags, rounding, tol, gnorm, min_gap)
         neg = int((lam < -tol).sum())
         pos = int((lam > tol).sum())
-        return Inertia(neg, int(lam.numel()) - neg - pos, pos, float(tol), gap, gap < min_gap, "hvp")
+        return Inertia(
+            neg, int(lam.numel()) - neg - pos, pos, float(tol), gap, gap < min_gap, "hvp"
+        )
