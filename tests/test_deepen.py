@@ -240,6 +240,38 @@ def test_llama_exact_generate_and_round_trip(mode: str, gen: torch.Generator, tm
         assert _rel(loaded(ids).logits, before) <= 1e-12
 
 
+def test_qwen2_layer_types_follow_the_template(gen: torch.Generator, tmp_path) -> None:
+    cfg = transformers.Qwen2Config(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        use_sliding_window=True,
+        sliding_window=4,  # shorter than the 6 + 20 tokens below: the pattern matters
+        max_window_layers=1,
+    )
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(cfg).to(F64).eval()
+    assert model.config.layer_types == ["full_attention", "sliding_attention"]
+    ids = torch.randint(0, 32, (2, 6), generator=gen)
+    before = model(ids).logits.detach()
+    greedy = model.generate(ids[:1], max_new_tokens=20, do_sample=False)
+    torch_embed.deepen(model, {"model.layers": [1, 0]}, "null", example_inputs=(ids,))
+    assert model.config.layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 2
+    assert [layer.self_attn.sliding_window for layer in model.model.layers] == [None, None, 4, 4]
+    assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1, 2, 3]
+    with torch.no_grad():
+        assert _rel(model(ids).logits, before) <= 1e-12
+    assert torch.equal(model.generate(ids[:1], max_new_tokens=20, do_sample=False), greedy)
+    model.save_pretrained(tmp_path)
+    loaded = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path, dtype=F64).eval()
+    assert loaded.config.layer_types == model.config.layer_types
+    with torch.no_grad():
+        assert _rel(loaded(ids).logits, before) <= 1e-12
+
+
 # ------------------------------------------------------------------ criticality
 def _critical_targets(net: nn.Module, x: torch.Tensor, rms: float = 0.5) -> torch.Tensor:
     """Targets that make the net's CURRENT parameters an exact critical point of the MSE.
