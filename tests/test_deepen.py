@@ -228,6 +228,8 @@ def test_llama_exact_generate_and_round_trip(mode: str, gen: torch.Generator, tm
     assert emb.inserted == ("model.layers.1", "model.layers.3")
     assert model.config.num_hidden_layers == 4
     assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1, 2, 3]
+    # copies share the model's config (a later edit of it reaches every layer)
+    assert all(layer.self_attn.config is model.config for layer in model.model.layers)
     if mode == "zero_out":
         assert set(emb.blocks[0].zeroed) == {"self_attn.o_proj.weight", "mlp.down_proj.weight"}
     with torch.no_grad():
