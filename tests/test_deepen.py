@@ -373,8 +373,8 @@ def test_inertia_change_residual_mlp_dense_recount(readout: str, gen: torch.Gene
     narrow, x, y = _polished_res_mlp(gen, readout)
     change = _assert_change_matches_recount(narrow, x, y, pairs=readout == "tanh")
     # closed form: tanh'(0) = 1, the up/down cross block has rank f·rank(M), M = Σ h̃ δᵀ
-    # (h̃ = [stream; 1], δ = ∂R/∂stream at the new block). tanh readout: f = 4, rank M
-    # = 3. A stream read only linearly downstream (or written only linearly upstream):
+    # (h̃ = [stream; 1], δ = ∂R/∂stream at the new block; M's last row Σ δ is the
+    # template's writer-bias gradient, 0 here). tanh readout: f = 4, rank M = 3. A stream read only linearly downstream (or written only linearly upstream):
     # M = 0 at a critical point, since inserting I + εA there is absorbed by the later
     # readers, writers and readout, so ∂R/∂A = Σ δ s̃ᵀ = 0; the null block adds zeros only.
     r = 12 if readout == "tanh" else 0

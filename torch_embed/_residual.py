@@ -170,7 +170,8 @@ class BlockRoles:
         writers: Per residual branch, in order, the writer's matrix parameter.
         writer_biases: Per branch, the bias added right after the writer, or ``None``.
         affine: Every parameter an affine op of the block consumes (matrix weights and
-            the biases of the same modules): zeroed by a "null" insertion.
+            the biases of the same modules), in ``named_parameters()`` order: zeroed by
+            a "null" insertion.
     """
 
     writers: tuple[str, ...]
@@ -262,7 +263,8 @@ def analyse_block(block: nn.Module, record: _Record, where: str) -> BlockRoles:
         for cand in (n.replace("weight", "bias"), n[: -len("weight")] + "bias"):
             if cand != n and cand in own and cand not in affine:
                 affine.append(cand)
-    return BlockRoles(tuple(writers), tuple(biases), tuple(affine))
+    ordered = tuple(n for n in own if n in set(affine))  # the block's parameter order
+    return BlockRoles(tuple(writers), tuple(biases), ordered)
 
 
 def _writer(
