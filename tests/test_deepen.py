@@ -342,6 +342,42 @@ def test_null_block_critical_zero_out_not(problem: str, gen, gpt_problem) -> Non
         assert grads["blocks.1.proj.weight"] > 1e-5 and grads["blocks.1.fc2.weight"] > 1e-6
 
 
+def test_null_block_choices_of_biases_and_norms(gpt_problem) -> None:
+    """Which parameters a null block may keep (measured at a critical point).
+
+    Kept nonzero, a reader bias makes the branch read a constant (``σ(b_fc)``, or
+    ``b_v`` through the softmax), so its writer's gradient is ``(Σ_t δ_t)·constᵀ``:
+    ``Σ_t δ_t`` is the template's last writer-bias gradient, zero at a critical point.
+    So reader biases may be kept at a critical point when the template has writer
+    biases; ``deepen`` zeroes them: then the new weights' gradient is zero at EVERY
+    embedded point (checked below), and D stays [[0, G], [Gᵀ, 0]]. Norm γ, β feed zero
+    readers only: any value keeps the gradient zero; the template's are kept.
+    """
+    narrow, idx, y = gpt_problem
+    g0 = float(brute_gradient(narrow, nn.MSELoss(), idx, y).norm())
+    deep = copy.deepcopy(narrow)
+    emb = torch_embed.deepen(deep, {"blocks": [0]}, "null", example_inputs=idx)
+    before = deep(idx).detach()
+    new, template = deep.blocks[1], deep.blocks[0]
+    with torch.no_grad():
+        new.qkv.bias.copy_(template.qkv.bias)
+        new.fc.bias.copy_(template.fc.bias)
+        new.ln1.weight.mul_(3.0)
+    assert _rel(deep(idx).detach(), before) <= 1e-12
+    grads = _new_grads(deep, emb, idx, y)
+    assert max(grads.values()) <= 10 * g0 + 1e-14, grads
+    # away from a critical point (the template's writer bias moved along a direction the
+    # final LayerNorm does not remove) Σ δ ≠ 0: the kept reader bias feeds the writer a
+    # gradient (Σ δ)·gelu(b)ᵀ, while with the reader bias zeroed, as deepen does, the
+    # writer's gradient stays exactly zero at every embedded point
+    with torch.no_grad():
+        deep.blocks[0].fc2.bias.add_(torch.tensor([0.1, -0.2, 0.0, 0.05], dtype=F64))
+    assert _new_grads(deep, emb, idx, y)["blocks.1.fc2.weight"] > 1e-6
+    with torch.no_grad():
+        new.fc.bias.zero_()
+    assert _new_grads(deep, emb, idx, y)["blocks.1.fc2.weight"] == 0.0
+
+
 def _dense_counts(model, x, y, tol=None):
     h = brute_hessian(model, nn.MSELoss(), x, y)
     ev = torch.linalg.eigvalsh(h)
@@ -374,7 +410,8 @@ def test_inertia_change_residual_mlp_dense_recount(readout: str, gen: torch.Gene
     change = _assert_change_matches_recount(narrow, x, y, pairs=readout == "tanh")
     # closed form: tanh'(0) = 1, the up/down cross block has rank f·rank(M), M = Σ h̃ δᵀ
     # (h̃ = [stream; 1], δ = ∂R/∂stream at the new block; M's last row Σ δ is the
-    # template's writer-bias gradient, 0 here). tanh readout: f = 4, rank M = 3. A stream read only linearly downstream (or written only linearly upstream):
+    # template's writer-bias gradient, 0 here). tanh readout: f = 4, rank M = 3. A
+    # stream read only linearly downstream (or written only linearly upstream) has
     # M = 0 at a critical point, since inserting I + εA there is absorbed by the later
     # readers, writers and readout, so ∂R/∂A = Σ δ s̃ᵀ = 0; the null block adds zeros only.
     r = 12 if readout == "tanh" else 0
