@@ -189,6 +189,25 @@ def test_transformer_encoder_pre_norm_exact(gen: torch.Generator) -> None:
     assert _rel(enc(x).detach(), before) <= 1e-12
 
 
+def test_transformer_decoder_cross_attention_null(gen: torch.Generator) -> None:
+    # cross-attention splits the packed in_proj_weight (q | k, v): the split views must
+    # still count as the parameter, or k, v stay nonzero and out_proj gets a gradient
+    torch.manual_seed(0)
+    layer = nn.TransformerDecoderLayer(8, 2, 16, dropout=0.0, batch_first=True, norm_first=True)
+    dec = nn.TransformerDecoder(layer, 2).to(F64)
+    tgt = torch.randn(2, 4, 8, dtype=F64, generator=gen)
+    memory = torch.randn(2, 5, 8, dtype=F64, generator=gen)
+    before = dec(tgt, memory).detach()
+    emb = torch_embed.deepen(dec, {"layers": [0]}, "null", example_inputs=(tgt, memory))
+    assert "multihead_attn.in_proj_weight" in emb.blocks[0].zeroed
+    assert emb.blocks[0].writer_biases == (
+        "self_attn.out_proj.bias",
+        "multihead_attn.out_proj.bias",
+        "linear2.bias",
+    )
+    assert dec.num_layers == 3 and _rel(dec(tgt, memory).detach(), before) <= 1e-12
+
+
 def test_post_norm_block_refused_and_model_untouched(gen: torch.Generator) -> None:
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
@@ -240,6 +259,39 @@ def test_llama_exact_generate_and_round_trip(mode: str, gen: torch.Generator, tm
     assert len(loaded.model.layers) == 4
     with torch.no_grad():
         assert _rel(loaded(ids).logits, before) <= 1e-12
+
+
+def test_gpt2_conv1d_writers_and_bert_refused(gen: torch.Generator) -> None:
+    cfg = transformers.GPT2Config(
+        vocab_size=32, n_positions=32, n_embd=16, n_layer=2, n_head=2, bos_token_id=0
+    )
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).to(F64).eval()
+    ids = torch.randint(0, 32, (2, 6), generator=gen)
+    before = model(ids).logits.detach()
+    emb = torch_embed.deepen(model, {"transformer.h": [1]}, "zero_out", example_inputs=(ids,))
+    # Conv1D computes addmm(bias, x, weight): c_proj of attention and MLP are the writers
+    assert emb.blocks[0].zeroed == (
+        "attn.c_proj.weight",
+        "attn.c_proj.bias",
+        "mlp.c_proj.weight",
+        "mlp.c_proj.bias",
+    )
+    assert model.config.n_layer == 3
+    with torch.no_grad():
+        assert _rel(model(ids).logits, before) <= 1e-12
+    bert = transformers.BertModel(
+        transformers.BertConfig(
+            vocab_size=32,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=24,
+        )
+    ).eval()
+    with pytest.raises(ValueError, match=r"attention\.output\.LayerNorm.*post-norm"):
+        torch_embed.deepen(bert, {"encoder.layer": [0]}, "zero_out", example_inputs=(ids,))
+    assert len(bert.encoder.layer) == 2 and bert.config.num_hidden_layers == 2
 
 
 def test_qwen2_layer_types_follow_the_template(gen: torch.Generator, tmp_path) -> None:

@@ -214,7 +214,8 @@ def analyse_block(block: nn.Module, record: _Record, where: str) -> BlockRoles:
         for o in op.outputs:
             producer[o] = op
         on = [i for i in op.inputs if i in stream]
-        if op.name in _VIEWS and len(op.inputs) == 1 and op.inputs[0] in param_of:
+        sources = {param_of.get(i) for i in op.inputs}
+        if len(sources) == 1 and None not in sources:  # t, split, view, ... of one parameter
             for o in op.outputs:
                 param_of[o] = param_of[op.inputs[0]]
         if any(i in data for i in op.inputs):
