@@ -242,7 +242,8 @@ def analyse_block(block: nn.Module, record: _Record, where: str) -> BlockRoles:
             f"deepen: block {where}'s output is not its input plus residual branches "
             f"({how}); a block with zero branches would not be the identity (post-norm "
             f"blocks LN(x + f(x)) and scaled streams are not exact: GROWTH.md §3). Use "
-            f"pre-norm blocks (e.g. norm_first=True)"
+            f"pre-norm blocks (e.g. norm_first=True); in a plain nn.Sequential MLP, insert "
+            f"an identity layer after a ReLU with mode='identity'"
         )
     if not branches:
         raise ValueError(f"deepen: block {where} has no residual branch (no `x + f(x)`)")
