@@ -473,7 +473,12 @@ def test_inertia_change_residual_mlp_dense_recount(readout: str, gen: torch.Gene
 def test_inertia_change_tiny_transformer_dense_recount(gpt_problem) -> None:
     narrow, idx, y = gpt_problem
     assert sum(p.numel() for p in narrow.parameters()) <= 3000
-    _assert_change_matches_recount(narrow, idx, y)
+    change = _assert_change_matches_recount(narrow, idx, y)
+    # closed form, r = Σ over cross blocks of (width · rank M): the GELU MLP (f = 8) and
+    # each of the 2 heads (head_dim = 2, h̃ = [attended normed stream; 1]) have rank M = 3
+    # (the row of 1s is the writer-bias gradient, 0; LayerNorm output has zero mean)
+    r = 8 * 3 + 2 * 2 * 3
+    assert change == (r, 172 - 2 * r, r)
 
 
 # -------------------------------------------------------------------- optimizer
