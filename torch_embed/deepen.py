@@ -326,9 +326,9 @@ def _build(
             for _ in range(idx.count(i)):
                 tname = _join(fqn, str(i))
                 if mode == "identity":
-                    mods, zeroed = _identity_layers(fqn, old, i, shapes[tname])
+                    mods = _identity_layers(fqn, old, i, shapes[tname])
                 else:
-                    mods, zeroed = [_copy_block(block, configs, roles[tname], mode)], None
+                    mods = [_copy_block(block, configs, roles[tname], mode)]
                 for mod in mods:
                     shift += 1
                     pos = i + shift
@@ -343,28 +343,7 @@ def _build(
                                 plan.attributes.append((m, "layer_idx", value + shift))
                     else:
                         _identity_params(plan, mod, old, i)
-                    inserted.append(
-                        Inserted(
-                            name=name,
-                            template=tname,
-                            zeroed=zeroed
-                            if zeroed is not None
-                            else _zeroed_names(roles[tname], mode),
-                            writer_biases=(
-                                tuple(b for b in roles[tname].writer_biases if b is not None)
-                                if mode == "null"
-                                else ()
-                            ),
-                            last_writer_bias=(
-                                roles[tname].writer_biases[-1] if mode == "null" else None
-                            ),
-                            constant=(
-                                {n: t.detach().clone() for n, t in mod.state_dict().items()}
-                                if mode == "identity"
-                                else {}
-                            ),
-                        )
-                    )
+                    inserted.append(_describe(name, tname, mod, roles.get(tname), mode))
                     if mode == "null":
                         vanish = set(roles[tname].writer_biases)
                         plan.must_vanish.extend(
@@ -378,6 +357,24 @@ def _build(
         kind=mode, blocks=tuple(inserted), renames=renames, containers=tuple(requests)
     )
     return plan
+
+
+def _describe(
+    name: str, template: str, module: nn.Module, roles: BlockRoles | None, mode: str
+) -> Inserted:
+    """The :class:`Inserted` record of one new module."""
+    if roles is None:  # identity: a fixed Linear(I) or a parameter-free activation
+        constant = {n: t.detach().clone() for n, t in module.state_dict().items()}
+        return Inserted(name=name, template=template, zeroed=(), constant=constant)
+    if mode != "null":
+        return Inserted(name=name, template=template, zeroed=_zeroed_names(roles, mode))
+    return Inserted(
+        name=name,
+        template=template,
+        zeroed=_zeroed_names(roles, mode),
+        writer_biases=tuple(b for b in roles.writer_biases if b is not None),
+        last_writer_bias=roles.writer_biases[-1],
+    )
 
 
 def _zeroed_names(roles: BlockRoles, mode: str) -> tuple[str, ...]:
@@ -409,7 +406,7 @@ def _template_params(plan: _Plan, new: nn.Module, template: nn.Module) -> None:
 
 def _identity_layers(
     fqn: str, old: list[nn.Module], i: int, shape: tuple[int, ...]
-) -> tuple[list[nn.Module], tuple[str, ...]]:
+) -> list[nn.Module]:
     act = old[i]
     where = f"`{_join(fqn, str(i))}` ({type(act).__name__})"
     if not isinstance(act, IDEMPOTENT_ACTIVATIONS):
@@ -435,7 +432,7 @@ def _identity_layers(
     with torch.no_grad():
         if not torch.equal(act(act(probe)), act(probe)):
             raise ValueError(f"deepen: the activation {where} is not idempotent on [-8, 8]")
-    return [lin, copy.deepcopy(act)], ()
+    return [lin, copy.deepcopy(act)]
 
 
 def _identity_params(plan: _Plan, new: nn.Module, old: list[nn.Module], i: int) -> None:
