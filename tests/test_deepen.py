@@ -608,3 +608,11 @@ def test_tied_block_refused(gen: torch.Generator) -> None:
     net.blocks[1].up.weight = net.blocks[0].up.weight
     with pytest.raises(ValueError, match="shared with"):
         torch_embed.deepen(net, {"blocks": [0]}, example_inputs=torch.randn(4, 2, dtype=F64))
+
+
+def test_inertia_change_only_for_null_blocks(gen: torch.Generator) -> None:
+    net = _seeded(ResMLP, depth=2)
+    x = torch.randn(8, 2, dtype=F64, generator=gen)
+    emb = torch_embed.deepen(net, {"blocks": [0]}, "zero_out", example_inputs=x)
+    with pytest.raises(ValueError, match="'zero_out' insertion is not a critical embedding"):
+        emb.inertia_change(net, nn.MSELoss(), x, torch.zeros(8, 1, dtype=F64))
