@@ -129,12 +129,23 @@ class BatchSource:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
         return tensor
 
-    def sum(self, value: float, like: Tensor | None = None) -> float:
-        """A Python number summed over the process group (float64 on ``like``'s device)."""
+    def sum(self, value: float) -> float:
+        """A Python number summed over the process group (itself without one)."""
+        return self._reduce(value, "sum")
+
+    def max(self, value: float) -> float:
+        """The largest of a Python number over the process group (itself without one)."""
+        return self._reduce(value, "max")
+
+    def _reduce(self, value: float, op: str) -> float:
         if self.group is None:
             return value
-        t = torch.tensor([value], dtype=torch.float64, device=_comm_device(self.group, like))
-        return float(self.all_reduce_(t)[0])
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64, device=_comm_device(self.group, None))
+        kind = dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX
+        dist.all_reduce(t, op=kind, group=self.group)
+        return float(t[0])
 
     def gather_rows(self, tensor: Tensor) -> Tensor:
         """The rows of ``tensor`` of every rank, concatenated in rank order.
@@ -379,19 +390,20 @@ def _check_sample_shapes(caller: str, shapes: set[tuple[int, ...]], group: Any) 
 
 
 def _check_group(caller: str, group: Any) -> Any:
+    """``group`` if it is a live process group (``None`` stays ``None``: one process)."""
     if group is None:
         return None
     import torch.distributed as dist
 
-    if not dist.is_available() or not dist.is_initialized():
-        raise ValueError(
-            f"{caller}: process_group was given but torch.distributed is not initialised; "
-            f"call torch.distributed.init_process_group first (e.g. under torchrun)"
-        )
-    if not isinstance(group, dist.ProcessGroup):
+    if not dist.is_available() or not isinstance(group, dist.ProcessGroup):
         raise TypeError(
             f"{caller}: process_group must be a torch.distributed.ProcessGroup (e.g. "
             f"torch.distributed.group.WORLD or dist.new_group(...)), got "
             f"{type(group).__name__}"
+        )
+    if not dist.is_initialized():
+        raise ValueError(
+            f"{caller}: process_group was given but torch.distributed is not initialised "
+            f"(any more); call torch.distributed.init_process_group first"
         )
     return group

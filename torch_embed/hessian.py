@@ -387,16 +387,10 @@ def gradient(
         >>> gradient(lin, nn.MSELoss(), torch.ones(1, 1), torch.zeros(1, 1))  # 2·(2x)·x
         tensor([4., 4.], dtype=torch.float64)
     """
-    fl = flat_loss(
-        model,
-        loss_fn,
-        inputs,
-        targets,
-        data=data,
-        reduction=reduction,
-        process_group=process_group,
-        dtype=dtype,
+    source = batch_source(
+        "gradient", loss_fn, inputs, targets, data, reduction=reduction, process_group=process_group
     )
+    fl = _flat_loss(model, loss_fn, source, dtype=dtype)
     if fl.terms is None:
         out: Tensor = grad(fl.fn)(fl.theta)
         return out.detach()
@@ -961,16 +955,10 @@ def hessian(
         True
     """
     check_model(model, allow_train_mode=allow_train_mode)
-    fl = flat_loss(
-        model,
-        loss_fn,
-        inputs,
-        targets,
-        data=data,
-        reduction=reduction,
-        process_group=process_group,
-        dtype=dtype,
+    source = batch_source(
+        "hessian", loss_fn, inputs, targets, data, reduction=reduction, process_group=process_group
     )
+    fl = _flat_loss(model, loss_fn, source, dtype=dtype)
     return dense_hessian(fl, chunk_size=chunk_size, max_bytes=max_bytes, engine=engine)
 
 
@@ -1198,16 +1186,16 @@ class HessianOperator:
     ) -> None:
         _check_sizes(chunk_size, max_bytes)
         check_model(model, allow_train_mode=allow_train_mode)
-        flat = flat_loss(
-            model,
+        source = batch_source(
+            "HessianOperator",
             loss_fn,
             inputs,
             targets,
-            data=data,
+            data,
             reduction=reduction,
             process_group=process_group,
-            dtype=dtype,
         )
+        flat = _flat_loss(model, loss_fn, source, dtype=dtype)
         self._setup(flat, engine, chunk_size, max_bytes)
 
     def _setup(

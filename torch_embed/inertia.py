@@ -35,7 +35,7 @@ speed; where a LAPACK's ``sytrf`` is faster relative to ``sytrd``, the ratio gro
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -579,9 +579,12 @@ def inertia(
 def hessian_inertia(
     model: nn.Module,
     loss_fn: Any,
-    inputs: Tensor,
-    targets: Any,
+    inputs: Tensor | None = None,
+    targets: Any = None,
     *,
+    data: Iterable[Any] | None = None,
+    reduction: str | None = None,
+    process_group: Any = None,
     tol: float | None = None,
     method: str = "auto",
     dtype: torch.dtype = torch.float64,
@@ -598,6 +601,11 @@ def hessian_inertia(
     (:func:`torch_embed.critical.critical_point`) for a meaningful zero count, or pass
     ``tol`` to count at a threshold of your own.
 
+    ``data`` (an iterable of ``(inputs, targets)`` batches, instead of ``inputs,
+    targets``), ``reduction`` and ``process_group`` are as in
+    :func:`torch_embed.hessian.hessian`: the inertia of the whole data set's Hessian,
+    the same on every rank of the group (the Hessian and the gradient are all-reduced).
+
     Example:
         >>> from torch import nn
         >>> lin = nn.Linear(2, 1)  # least squares: Hessian 2·mean(h̃h̃ᵀ) is positive definite
@@ -606,8 +614,20 @@ def hessian_inertia(
         >>> hessian_inertia(lin, nn.MSELoss(), x, y).as_tuple()
         (0, 0, 3)
     """
-    from torch_embed.hessian import gradient, hessian
+    from torch_embed._data import batch_source
+    from torch_embed.hessian import _flat_loss, check_model, dense_hessian
 
-    h = hessian(model, loss_fn, inputs, targets, dtype=dtype)
-    gnorm = float(gradient(model, loss_fn, inputs, targets, dtype=dtype).norm())
+    check_model(model)
+    source = batch_source(
+        "hessian_inertia",
+        loss_fn,
+        inputs,
+        targets,
+        data,
+        reduction=reduction,
+        process_group=process_group,
+    )
+    fl = _flat_loss(model, loss_fn, source, dtype=dtype)
+    h = dense_hessian(fl)
+    gnorm = float(fl.value_and_grad()[1].norm())
     return inertia(h, tol=tol, grad_norm=gnorm, method=method, min_gap=min_gap)
