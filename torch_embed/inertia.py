@@ -348,50 +348,36 @@ def _spectral_norm_estimate(mat: Tensor, steps: int = 10) -> float:
     """
     if mat.shape[0] == 0:
         return 0.0
-    lo, hi = _lanczos_extremes(lambda v: mat @ v, mat.shape[0], mat.dtype, mat.device, steps)
+    lo, hi = _lanczos_extremes(lambda v: mat @ v, mat.shape[0], mat.device, steps)
     return max(abs(lo), abs(hi))
 
 
 def _lanczos_extremes(
-    apply: Callable[[Tensor], Tensor],
-    n: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    steps: int,
+    apply: Callable[[Tensor], Tensor], n: int, device: torch.device, steps: int
 ) -> tuple[float, float]:
-    """Extreme Ritz values (min, max) of a symmetric operator: Lanczos, full reorthogonalization."""
+    """Extreme Ritz values (min, max) of ``steps`` Lanczos steps on a float64 operator.
+
+    The Lanczos iteration of :mod:`torch_embed.spectrum` (full reorthogonalisation; a
+    fresh random direction after an invariant subspace), from a start vector seeded 1.
+    """
+    # Imported here: torch_embed.spectrum imports torch_embed.hessian.
+    from torch_embed.spectrum import _Lanczos, _Operator, _unit_random
+
+    op = _Operator(apply, n, device)
     k = min(steps, n)
-    gen = torch.Generator(device=device).manual_seed(1)
-    q = torch.randn(n, 1, dtype=dtype, device=device, generator=gen)
-    basis = [q / q.norm()]
-    alphas: list[float] = []
-    betas: list[float] = []
-    for j in range(k):
-        w = apply(basis[j])
-        alphas.append(float((basis[j] * w).sum()))
-        qmat = torch.cat(basis, dim=1)
-        w = w - qmat @ (qmat.T @ w)
-        w = w - qmat @ (qmat.T @ w)
-        beta = float(w.norm())
-        if j == k - 1 or beta <= 1e-14 * max(abs(a) for a in alphas):
-            break
-        betas.append(beta)
-        basis.append(w / beta)
-    m = len(alphas)
-    tri = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-    if m > 1:
-        off = torch.tensor(betas[: m - 1], dtype=torch.float64)
-        tri += torch.diag(off, 1) + torch.diag(off, -1)
-    theta = torch.linalg.eigvalsh(tri)
+    gen = torch.Generator().manual_seed(1)
+    lanczos = _Lanczos(op, _unit_random(n, gen, op.device), k, gen)
+    for _ in range(k):
+        lanczos.step()
+    theta = lanczos.ritz()[0]
     return float(theta[0]), float(theta[-1])
 
 
 def _inverse_extremes(ld: Tensor, pivots: Tensor) -> tuple[float, float]:
     """Extreme Ritz values of ``(LDLᵀ)⁻¹`` (solves with the factorization)."""
     return _lanczos_extremes(
-        lambda v: torch.linalg.ldl_solve(ld, pivots, v),
+        lambda v: torch.linalg.ldl_solve(ld, pivots, v[:, None])[:, 0],
         ld.shape[0],
-        ld.dtype,
         ld.device,
         _LANCZOS_STEPS,
     )
