@@ -46,7 +46,15 @@ arguments apart from the data (the same model, vectors, options), as for any
 collective; they then get the same result (one all-reduce per result tensor, which
 leaves the same bits on every rank). ``process_group=None`` (the default) never
 communicates, even when :mod:`torch.distributed` is initialised; pass
-``torch.distributed.group.WORLD`` for the default group.
+``torch.distributed.group.WORLD`` for the default group. The ranks take their
+decisions (tolerances, the steps of ``critical_point`` and ``escape``) each from the
+same all-reduced numbers, so they agree when they run the same PyTorch build on the same
+kind of device; ``critical_point`` also broadcasts each eigendecomposition that steers
+its Newton steps from the first rank. Its time checks (``max_time``, the L-BFGS stall
+window) use the slowest rank's clock.
+
+A train-mode BatchNorm (``allow_train_mode=True``) normalises each batch by its own
+statistics: the sum over batches is then not the loss of the concatenated data.
 """
 
 from __future__ import annotations
@@ -127,6 +135,19 @@ class BatchSource:
             import torch.distributed as dist
 
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+        return tensor
+
+    def broadcast_(self, tensor: Tensor) -> Tensor:
+        """Overwrite ``tensor`` with the group's first rank's, in place (nothing alone).
+
+        For decisions that must agree bit for bit on every rank even where a kernel's
+        rounding might not (e.g. an eigendecomposition that steers an iteration).
+        """
+        if self.group is not None:
+            import torch.distributed as dist
+
+            src = dist.get_global_rank(self.group, 0)
+            dist.broadcast(tensor, src=src, group=self.group)
         return tensor
 
     def sum(self, value: float) -> float:

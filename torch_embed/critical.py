@@ -112,6 +112,13 @@ def _set_flat_(params: list[nn.Parameter], vec: Tensor) -> None:
             offset += n
 
 
+def _time_up(deadline: float, source: BatchSource) -> bool:
+    """Whether ``deadline`` has passed; over a process group, on any rank (so all agree)."""
+    if math.isinf(deadline):
+        return False
+    return source.max(1.0 if time.monotonic() >= deadline else 0.0) > 0.0
+
+
 def _set_grads_(params: list[nn.Parameter], vec: Tensor) -> None:
     """Set every ``.grad`` to its slice of the flat ``vec`` (a copy)."""
     offset = 0
@@ -166,7 +173,7 @@ def _lbfgs_(
     n_params = sum(p.numel() for p in params)
     done = 0
     history: list[float] = []
-    while done < max_iter and time.monotonic() < deadline:
+    while done < max_iter and not _time_up(deadline, source):
         opt.param_groups[0]["max_iter"] = min(_CHUNK, max_iter - done)
         t0 = time.perf_counter()
         opt.step(closure)
@@ -180,9 +187,11 @@ def _lbfgs_(
         if not math.isfinite(norm) or norm <= newton_at:
             break
         # Stalled when |∇R| was not halved over a window of chunks that costs about two
-        # Newton steps (a dense Hessian ≈ P gradients, plus eigh ≈ 2e-10·P³ s).
-        newton_cost = n_params * (t2 - t1) + 2e-10 * n_params**3
-        window = max(2, math.ceil(2 * newton_cost / max(t1 - t0, 1e-9)))
+        # Newton steps (a dense Hessian ≈ P gradients, plus eigh ≈ 2e-10·P³ s). The
+        # slowest rank's times, so that every rank of a process group stops together.
+        t_chunk, t_grad = source.max(t1 - t0), source.max(t2 - t1)
+        newton_cost = n_params * t_grad + 2e-10 * n_params**3
+        window = max(2, math.ceil(2 * newton_cost / max(t_chunk, 1e-9)))
         if len(history) > window and min(history[-window:]) > 0.5 * min(history[:-window]):
             break
     return done
@@ -239,6 +248,8 @@ class _Newton:
     def decompose(self, theta: Tensor) -> tuple[Tensor, Tensor] | None:
         self.hessians += 1
         lam, q = torch.linalg.eigh(dense_hessian(self.fl, theta))
+        if self.fl.source is not None:  # every rank steps from the same decomposition
+            lam, q = self.fl.source.broadcast_(lam), self.fl.source.broadcast_(q.contiguous())
         if not bool(torch.isfinite(lam).all()) or float(lam.abs().max()) == 0.0:
             return None
         return lam, q
@@ -363,7 +374,7 @@ def _newton_(
         if steps >= max_steps:
             message = f"max_newton_iter reached ({steps} Newton steps)"
             break
-        if time.monotonic() >= deadline:
+        if _time_up(deadline, source):
             message = "max_time reached"
             break
         if eig is None:
@@ -593,11 +604,11 @@ def _critical_point(
         if gnorm > gtol:
             message = (
                 "max_time reached during L-BFGS"
-                if time.monotonic() >= deadline
+                if _time_up(deadline, source)
                 else f"L-BFGS stopped after {lbfgs_iters} iterations and the Newton phase "
                 f"is disabled (max_newton_iter=0)"
             )
-    if gnorm > gtol and max_newton_iter > 0 and time.monotonic() < deadline:
+    if gnorm > gtol and max_newton_iter > 0 and not _time_up(deadline, source):
         phases.append("newton")
         newton, hessians, gnorm, loss, message = _newton_(
             model,
