@@ -36,6 +36,7 @@ mode (its loss is not a function of the parameters alone) unless
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
@@ -268,8 +269,6 @@ def flat_loss(
         >>> bool(fl.fn(fl.theta) == lin.bias.double().pow(2).sum())
         True
     """
-    if not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating dtype, got {dtype}")
     source = batch_source(
         "flat_loss",
         loss_fn,
@@ -529,29 +528,26 @@ class _Products:
         (with several batches: of the first batch, its recording included).
         """
         counter = _AllocatedBytes() if measure and self._measure and len(rows) == 1 else None
-        out = torch.zeros_like(rows) if self._hv is None else None
+        recorded = self._hv
+        # one recorded batch, or every batch recorded in turn (none on a rank without data)
+        products = [recorded] if recorded is not None else [None] * len(self.fns)
+        out = torch.zeros_like(rows) if recorded is None else None
         with torch.random.fork_rng(devices=self._devices):
-            for i, fn in enumerate(self.fns):
+            for i, hv in enumerate(products):
                 torch.set_rng_state(self._rng)
                 for dev, state in zip(self._devices, self._cuda_rng, strict=True):
                     torch.cuda.set_rng_state(state, dev)
                 try:
-                    if counter is not None and i == 0:
-                        with counter:
-                            part = self._product(fn, rows)
-                    else:
-                        part = self._product(fn, rows)
+                    with counter if counter is not None and i == 0 else contextlib.nullcontext():
+                        if hv is None:
+                            hv = _make_hvp(self.fns[i], self.theta, self.engine)
+                        part = hv(rows).detach()
                 except RuntimeError as err:
                     raise self._failure(err) from err
                 out = part if out is None else out.add_(part)
         if counter is not None:
             self.vector_bytes = counter.total
-        assert out is not None  # one function at least, or zeros
-        return out
-
-    def _product(self, fn: Callable[[Tensor], Tensor], rows: Tensor) -> Tensor:
-        hv = self._hv if self._hv is not None else _make_hvp(fn, self.theta, self.engine)
-        return hv(rows).detach()
+        return rows.new_zeros(rows.shape) if out is None else out
 
     def _failure(self, err: RuntimeError) -> Exception:
         p = self.theta.numel()
