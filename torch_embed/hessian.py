@@ -55,6 +55,7 @@ from torch_embed._sequential import elementwise_info
 
 __all__ = [
     "FlatLoss",
+    "FlatTerm",
     "HessianOperator",
     "check_model",
     "dense_hessian",
