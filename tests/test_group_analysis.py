@@ -526,7 +526,7 @@ def test_coupling_is_measured_not_assumed() -> None:
         warnings.simplefilter("ignore")
         emb = torch_embed.widen(wide, {"fc1": 8}, torch_embed.Split(alpha=0.3), example_inputs=x)
     assert emb.kind is torch_embed.EmbeddingKind.OUTPUT_PRESERVING
-    with pytest.raises(ValueError, match="only defined for critical embeddings.*LayerNorm"):
+    with pytest.raises(ValueError, match=r"only defined for critical embeddings.*LayerNorm"):
         emb.inertia_change(wide, loss, x, y)
     claimed = GroupEmbedding(emb.maps, emb.sizes, emb.axes, emb.scheme)
     assert claimed.kind is torch_embed.EmbeddingKind.CRITICAL
@@ -554,7 +554,7 @@ def test_refusals() -> None:
     loss = nn.MSELoss()
     noisy_model = copy.deepcopy(net)
     noisy = torch_embed.widen(noisy_model, 1.5, DEFAULT_SCHEME, example_inputs=x)
-    with pytest.raises(ValueError, match="only defined for critical embeddings.*Net2Net noise"):
+    with pytest.raises(ValueError, match=r"only defined for critical embeddings.*Net2Net noise"):
         noisy.inertia_change(noisy_model, loss, x, y)
     wide = copy.deepcopy(net)
     emb = torch_embed.widen(wide, 1.5, "split", example_inputs=x)
@@ -567,11 +567,12 @@ def test_refusals() -> None:
     with pytest.raises(ValueError, match="tol must be"):
         emb.inertia_change(wide, loss, x, y, tol=-1.0)
     with pytest.raises(TypeError, match="GroupEmbedding"):
-        inertia_change(torch_embed.plan(nn.Sequential(nn.Linear(1, 2), nn.Tanh(), nn.Linear(2, 1)), [3]), wide, loss, x, y)  # type: ignore[arg-type]  # fmt: skip
+        mlp = torch_embed.plan(nn.Sequential(nn.Linear(1, 2), nn.Tanh(), nn.Linear(2, 1)), [3])
+        inertia_change(mlp, wide, loss, x, y)  # type: ignore[arg-type]
     moved = copy.deepcopy(wide)
     with torch.no_grad():
         moved.fc_in.weight[-1] += 0.1  # a copy that left its source: off the embedded set
-    with pytest.raises(ValueError, match="not at a point of this embedding.*fc_in.weight"):
+    with pytest.raises(ValueError, match=r"not at a point of this embedding.*fc_in.weight"):
         emb.inertia_change(moved, loss, x, y)
     frozen = copy.deepcopy(wide)
     frozen.fc_out.bias.requires_grad_(False)
@@ -594,3 +595,14 @@ def test_null_units_under_relu_add_only_zeros() -> None:
     added = sum(p.numel() for p in wide.parameters()) - sum(p.numel() for p in net.parameters())
     assert emb.inertia_change(wide, nn.MSELoss(), x, y).as_tuple() == (0, added, 0)
     _check_recount(net, wide, emb, x, y)
+
+
+def test_public_inertia_change_takes_a_group_embedding() -> None:
+    """torch_embed.inertia_change(emb, ...) with a traced model's embedding takes the
+    graph path (the MLP path has no GroupEmbedding layout), with the same result."""
+    net, x, y = _cnn_problem(False)
+    wide = copy.deepcopy(net)
+    emb = torch_embed.widen(wide, {"conv2": 3}, torch_embed.Split(alpha=0.3), example_inputs=x)
+    got = torch_embed.inertia_change(emb, wide, nn.MSELoss(), x, y, tol=1e-9)
+    assert got == emb.inertia_change(wide, nn.MSELoss(), x, y, tol=1e-9)
+    assert got.total == 2 * 4 + 1 + 2  # one conv2 filter, its bias, one head column
