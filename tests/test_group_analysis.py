@@ -606,3 +606,62 @@ def test_public_inertia_change_takes_a_group_embedding() -> None:
     got = torch_embed.inertia_change(emb, wide, nn.MSELoss(), x, y, tol=1e-9)
     assert got == emb.inertia_change(wide, nn.MSELoss(), x, y, tol=1e-9)
     assert got.total == 2 * 4 + 1 + 2  # one conv2 filter, its bias, one head column
+
+
+# --------------------------------------------------------------------------- steps
+STEP_CASES = [
+    ("mlp_residual", torch_embed.Split(alpha=(0.2, -0.3, 1.1))),
+    ("conv_flatten_linear", torch_embed.Split(alpha="random")),
+    ("resnet_basic", torch_embed.Net2Net(noise=0.0)),
+    ("densenet_block", torch_embed.Null()),
+    ("mobilenetv2_inverted_residual", torch_embed.Split(alpha=1.7)),
+    ("squeeze_excitation", torch_embed.Split(alpha=0.3)),
+]
+
+
+@pytest.mark.parametrize(("name", "scheme"), STEP_CASES, ids=[n for n, _ in STEP_CASES])
+def test_steps_add_one_unit_each_and_compose_to_the_embedding(name: str, scheme: Scheme) -> None:
+    case = by_name(name)
+    model = case.build().eval()
+    x = case.example_inputs()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    gen = torch.Generator().manual_seed(len(name))
+    emb = torch_embed.widen(model, 1.7, scheme, example_inputs=x, generator=gen)
+    pieces = emb.steps(width_groups(model, x))  # groups of the widened model
+    added = sum(w - n for n, w in emb.sizes.values())
+    ones = [p for p in pieces if sum(w - n for n, w in p.sizes.values()) == 1]
+    assert len(ones) == added and len(pieces) in (added, added + 1)
+    for p in ones:
+        assert len(p.sizes) == 1 and p.kind is torch_embed.EmbeddingKind.CRITICAL
+    if len(pieces) > added:  # the last piece only reorders units
+        assert all(n == w for n, w in pieces[-1].sizes.values())
+    chained = dict(state)
+    for p in pieces:
+        chained = p.apply(chained)
+    composed = pieces[0]
+    for p in pieces[1:]:
+        composed = composed.then(p)
+    direct = emb.apply(state)
+    for k, v in model.state_dict().items():
+        scale = float(v.abs().max()) if v.numel() else 0.0
+        assert float((chained[k] - v).abs().max()) <= 1e-13 * max(scale, 1.0), k
+        assert float((composed.apply(state)[k] - direct[k]).abs().max()) <= 1e-13 * max(scale, 1.0)
+    for g, lm in composed.maps.items():
+        assert torch.equal(lm.source, emb.maps[g].source), g
+
+
+def test_steps_refusals() -> None:
+    case = by_name("convnext_block")
+    model = case.build().eval()
+    x = case.example_inputs()
+    emb = torch_embed.widen(copy.deepcopy(model), 2.0, "split", example_inputs=x)
+    with pytest.raises(ValueError, match=r"LayerNorm.*one unit at a time"):
+        emb.steps(width_groups(model, x))
+    other = by_name("mlp_residual")
+    m2 = other.build()
+    noisy = torch_embed.widen(m2, 1.5, DEFAULT_SCHEME, example_inputs=other.example_inputs())
+    with pytest.raises(ValueError, match="Net2Net noise"):
+        noisy.steps(width_groups(m2, other.example_inputs()))
+    plain = torch_embed.widen(other.build(), 1.5, "split", example_inputs=other.example_inputs())
+    with pytest.raises(ValueError, match="not among the given groups"):
+        plain.steps(width_groups(model, x))

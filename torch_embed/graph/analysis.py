@@ -44,6 +44,7 @@ from torch.func import grad
 
 from torch_embed.embedding import LayerMap
 from torch_embed.graph.embedding import AxisMap, GroupEmbedding
+from torch_embed.graph.groups import WidthGroups
 from torch_embed.hessian import HessianOperator
 from torch_embed.inertia import (
     DEFAULT_MIN_GAP,
@@ -60,6 +61,7 @@ __all__ = [
     "complement_block",
     "inertia_change",
     "restrict",
+    "steps",
     "then",
 ]
 
@@ -197,7 +199,8 @@ def then(first: GroupEmbedding, second: GroupEmbedding) -> GroupEmbedding:
         >>> import torch_embed
         >>> net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)).double()
         >>> x = torch.randn(4, 2, dtype=torch.float64)
-        >>> a = torch_embed.widen(net, {"0": 4}, torch_embed.Split(alpha=0.5), example_inputs=x)
+        >>> half = torch_embed.Split(alpha=0.5, select="cyclic")  # copies unit 0
+        >>> a = torch_embed.widen(net, {"0": 4}, half, example_inputs=x)
         >>> b = torch_embed.widen(net, {"0": 6}, torch_embed.Null(), example_inputs=x)
         >>> ab = a.then(b)
         >>> ab.sizes, ab.maps["0"].source.tolist()
@@ -267,6 +270,129 @@ def _compose_axis(a: AxisMap, b: AxisMap) -> AxisMap:
     source = torch.where(null, -1, a.source[sb])
     coef = torch.where(null, 0.0, a.coef[sb] * b.coef)
     return dataclasses.replace(a, source=source, coef=coef)
+
+
+# --------------------------------------------------------------------------- steps
+# constraints under which one unit at a time keeps the output (a sum over the group
+# takes null units, a max copies; a depthwise conv follows its channels)
+_STEPWISE = ("sum", "max", "min", "depthwise_conv", "tied")
+
+
+def steps(embedding: GroupEmbedding, groups: WidthGroups) -> list[GroupEmbedding]:
+    """Decompose into one-step splits and null units, then one permutation.
+
+    Each returned embedding adds exactly one unit to one group (or, the last, only
+    reorders units), and ``then``-composing them gives ``embedding`` (up to the rounding
+    of the coefficients): as :meth:`torch_embed.Embedding.steps`, group by group in the
+    order of ``embedding.sizes``. The tensor axes of each step come from the groups'
+    axis layouts at that step's widths, so ``groups`` must be the width groups of the
+    model (traced before or after widening: only the layouts' shapes matter).
+
+    Args:
+        embedding: The embedding to decompose.
+        groups: :func:`~torch_embed.width_groups` of the narrow or the widened model.
+
+    Raises:
+        ValueError: Net2Net noise (not a chain of gathers); a grown group under a rule
+            that one unit at a time would break (LayerNorm, GroupNorm, a grouped conv, a
+            mean, an equal-size chunk: every unit copied alike or every segment grown
+            alike), named with the rule; ``groups`` of another model.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import torch_embed
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)).double()
+        >>> x = torch.randn(4, 2, dtype=torch.float64)
+        >>> split = torch_embed.Split(alpha=0.25, select="cyclic")  # units 0, then 1
+        >>> emb = torch_embed.widen(net, {"0": 5}, split, example_inputs=x)
+        >>> pieces = steps(emb, torch_embed.width_groups(net, x))
+        >>> [(p.sizes, p.maps["0"].source.tolist()) for p in pieces]
+        [({'0': (3, 4)}, [0, 1, 2, 0]), ({'0': (4, 5)}, [0, 1, 2, 3, 1])]
+    """
+    from torch_embed.embedding import _split_order
+    from torch_embed.graph.plan import _axes
+
+    if embedding.noise:
+        raise ValueError(
+            f"Net2Net noise ({embedding.noise:g}) is not a chain of one-step embeddings; "
+            f"plan with Net2Net(noise=0.0) to decompose"
+        )
+    widths: dict[str, int] = {}
+    for name, (narrow, wide) in embedding.sizes.items():
+        try:
+            group = groups.find(name)
+        except KeyError:
+            raise ValueError(f"width group {name!r} is not among the given groups") from None
+        if group.size not in (narrow, wide):
+            raise ValueError(
+                f"width group {name!r} has {group.size} units in the given groups, but the "
+                f"embedding takes it from {narrow} to {wide}: pass the model's own groups"
+            )
+        for c in group.constraints:
+            if c.kind not in _STEPWISE and not (c.kind == "grouped_conv" and c.groups == 1):
+                raise ValueError(
+                    f"width group {name!r}: {c.op} constrains it ({c.rule}); one unit at a "
+                    f"time would break that rule, so the embedding has no one-step pieces"
+                )
+        widths[name] = narrow
+
+    def piece(maps: dict[str, LayerMap]) -> GroupEmbedding:
+        current = WidthGroups(
+            list(groups),
+            tracer=groups.tracer,
+            layouts={k: v.resized(widths) for k, v in groups.layouts.items()},
+        )
+        sizes = {n: (widths[n], lm.wide) for n, lm in maps.items()}
+        return GroupEmbedding(maps, sizes, _axes(current, maps), "one step")
+
+    out: list[GroupEmbedding] = []
+    final: dict[str, list[int]] = {}
+    for name, lm in embedding.maps.items():
+        if not lm.is_vector:
+            raise ValueError(f"width group {name!r}: matrix coefficients have no one-step pieces")
+        narrow = embedding.sizes[name][0]
+        src, coef = lm.source.tolist(), lm.coef.tolist()
+        copies: dict[int, list[int]] = {}
+        for j, s_j in enumerate(src):
+            copies.setdefault(s_j, []).append(j)
+        at_index, appended = [-1] * narrow, []
+        for s in range(narrow):
+            primary, rest = _split_order([coef[j] for j in copies[s]])
+            at_index[s] = copies[s][primary]
+            share = 1.0
+            for idx in rest:
+                alpha = coef[copies[s][idx]] / share
+                m = widths[name]
+                step_coef = torch.ones(m + 1, dtype=torch.float64)
+                step_coef[s], step_coef[m] = 1.0 - alpha, alpha
+                source = torch.cat([torch.arange(m), torch.tensor([s])])
+                zeros = torch.zeros(m + 1, dtype=torch.float64)
+                out.append(piece({name: LayerMap(source, step_coef, zeros, zeros.clone())}))
+                widths[name] = m + 1
+                share -= coef[copies[s][idx]]
+                appended.append(copies[s][idx])
+        for j in copies.get(-1, []):
+            m = widths[name]
+            step_coef = torch.ones(m + 1, dtype=torch.float64)
+            step_coef[m] = 0.0
+            source = torch.cat([torch.arange(m), torch.tensor([-1])])
+            zeros = torch.zeros(m + 1, dtype=torch.float64)
+            out.append(piece({name: LayerMap(source, step_coef, zeros, zeros.clone())}))
+            widths[name] = m + 1
+            appended.append(j)
+        final[name] = at_index + appended
+    perm: dict[str, LayerMap] = {}
+    for name, order in final.items():
+        wide = len(order)
+        pos = torch.empty(wide, dtype=torch.int64)
+        pos[torch.tensor(order)] = torch.arange(wide)
+        if not torch.equal(pos, torch.arange(wide)):
+            perm[name] = LayerMap.identity(wide)
+            perm[name] = LayerMap(pos, perm[name].coef, perm[name].null_bias, perm[name].null_value)
+    if perm:
+        out.append(piece(perm))
+    return out
 
 
 # --------------------------------------------------------------------------- fibers

@@ -210,6 +210,12 @@ class GroupEmbedding:
 
         return then(self, other)
 
+    def steps(self, groups: Any) -> list[GroupEmbedding]:
+        """One-step pieces; see :func:`torch_embed.graph.analysis.steps`."""
+        from torch_embed.graph.analysis import steps
+
+        return steps(self, groups)
+
     def inertia_change(
         self,
         model: Any,
