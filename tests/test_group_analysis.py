@@ -665,3 +665,34 @@ def test_steps_refusals() -> None:
     plain = torch_embed.widen(other.build(), 1.5, "split", example_inputs=other.example_inputs())
     with pytest.raises(ValueError, match="not among the given groups"):
         plain.steps(width_groups(model, x))
+
+
+def test_steps_inertia_changes_add_up_to_the_whole(polished_cnn) -> None:
+    """Each one-step piece is a critical embedding of the model between the steps: the
+    inertia changes of the pieces, each at its own intermediate model (the narrow one's
+    Parameters given the chained state), add up to the change of the whole embedding."""
+    net, x, y = polished_cnn
+    loss = nn.MSELoss()
+    wide = copy.deepcopy(net)
+    scheme = torch_embed.Split(alpha=(0.2, -0.3, 1.1))
+    emb = torch_embed.widen(wide, {"conv1": 4, "conv2": 4}, scheme, example_inputs=x)
+    pieces = emb.steps(width_groups(wide, x))
+    tol = 1e-9  # the spectra of the blocks are clear of it (|∇R| <= 1e-12), checked below
+    total = emb.inertia_change(wide, loss, x, y, tol=tol)
+    lam = torch.linalg.eigvalsh(complement_block(emb, wide, loss, x, y).matrix)
+    assert ((lam.abs() <= tol / 5) | (lam.abs() >= tol * 1e3)).all()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    summed = (0, 0, 0)
+    for piece in pieces:
+        state = piece.apply(state)
+        between = copy.deepcopy(net)
+        for name, t in [*between.named_parameters(), *between.named_buffers()]:
+            t.data = state[name].clone()
+        if any(n != w for n, w in piece.sizes.values()):
+            lam = torch.linalg.eigvalsh(complement_block(piece, between, loss, x, y).matrix)
+            assert ((lam.abs() <= tol / 5) | (lam.abs() >= tol * 1e3)).all()
+            change = piece.inertia_change(between, loss, x, y, tol=tol)
+            summed = tuple(a + b for a, b in zip(summed, change))
+    assert summed == total.as_tuple()
+    for name, t in wide.state_dict().items():
+        assert torch.allclose(state[name], t, rtol=1e-13, atol=1e-13), name
