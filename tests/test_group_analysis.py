@@ -696,3 +696,34 @@ def test_steps_inertia_changes_add_up_to_the_whole(polished_cnn) -> None:
     assert summed == total.as_tuple()
     for name, t in wide.state_dict().items():
         assert torch.allclose(state[name], t, rtol=1e-13, atol=1e-13), name
+
+
+class _Tied(nn.Module):
+    """Two Linear layers sharing one weight (two FQNs, one Parameter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 5)
+        self.m1 = nn.Linear(5, 5)
+        self.m2 = nn.Linear(5, 5)
+        self.m2.weight = self.m1.weight
+        self.out = nn.Linear(5, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.m1(torch.tanh(self.a(x))))
+        return self.out(torch.tanh(self.m2(h)))
+
+
+def test_tied_weight_is_one_parameter_of_the_hessian() -> None:
+    """A weight under two FQNs is one block of the Hessian, whichever name widen used."""
+    torch.manual_seed(0)
+    net = _Tied().double()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(20, 3, generator=gen, dtype=F64)
+    y = torch.randn(20, 2, generator=gen, dtype=F64)
+    wide = copy.deepcopy(net)
+    emb = torch_embed.widen(wide, {"m1": 7}, torch_embed.Split(alpha=0.3), example_inputs=x)
+    assert complement_basis(emb, wide).shape[0] == sum(p.numel() for p in wide.parameters()) - sum(
+        p.numel() for p in net.parameters()
+    )
+    _check_recount(net, wide, emb, x, y)

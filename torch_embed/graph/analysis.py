@@ -552,9 +552,9 @@ def complement_basis(embedding: GroupEmbedding, model: nn.Module) -> Tensor:
         >>> c.shape, bool(torch.allclose(c @ c.T, torch.eye(3, dtype=torch.float64)))
         (torch.Size([3, 10]), True)
     """
-    names = tuple(n for n, p in model.named_parameters() if p.requires_grad)
-    wide = {n: p.detach() for n, p in model.named_parameters()}
-    basis = _basis(embedding, names, wide)
+    params = _named(model, embedding)[0]
+    names = tuple(n for n, p in params.items() if p.requires_grad)
+    basis = _basis(embedding, names, {n: p.detach() for n, p in params.items()})
     return torch.sparse_coo_tensor(
         torch.stack([basis.rows, basis.cols]),
         basis.vals,
@@ -622,7 +622,8 @@ def _check_point(
             f"(requires_grad=False); the inertia change is defined for the Hessian over "
             f"all parameters"
         )
-    state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    params, buffers = _named(model, embedding)
+    state = {**params, **buffers}
     missing = [t for t in embedding.tensors if t not in state]
     if missing:
         raise ValueError(
@@ -649,8 +650,28 @@ def _check_point(
                 f"differs from its embedded value by {err:.3g} (was it trained or modified "
                 f"after widening?). The inertia change holds on the embedded set only"
             )
-    names = tuple(n for n, _ in model.named_parameters())
-    return {n: p.detach() for n, p in model.named_parameters()}, names
+    return {n: p.detach() for n, p in params.items()}, tuple(params)
+
+
+def _named(
+    model: nn.Module, embedding: GroupEmbedding
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Parameters and buffers in ``named_parameters()`` order, under the embedding's names.
+
+    A tied tensor has several FQNs; ``widen`` maps it under one of them.
+    """
+    named = [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]
+    used = set(embedding.tensors)
+    alias: dict[int, str] = {}
+    for n, t in named:
+        if id(t) not in alias or (n in used and alias[id(t)] not in used):
+            alias[id(t)] = n
+    params: dict[str, Tensor] = {alias[id(p)]: p for _, p in model.named_parameters()}
+    buffers = {alias[id(b)]: b for _, b in model.named_buffers()}
+    return params, buffers
 
 
 def complement_block(
