@@ -369,6 +369,8 @@ def test_critical_schemes_at_a_polished_cnn(polished_cnn, scheme: Scheme) -> Non
     before, after = _check_recount(net, wide, emb, x, y, critical=True)
     assert after[0] >= before[0] and after[2] >= before[2]  # irreversibility
     assert after[0] > before[0]  # here every scheme creates descent directions
+    if isinstance(scheme, torch_embed.Null):  # THEORY.md §6: (r, n - 2r, r)
+        assert after[0] - before[0] == after[2] - before[2]
 
 
 def _dense_maps(emb: GroupEmbedding, narrow: nn.Module) -> Tensor:
