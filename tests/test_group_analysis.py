@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -20,11 +20,10 @@ from cases import brute_gradient, brute_hessian, counts
 from tol_reference import reference_rule
 from torch import Tensor, nn
 from torch.func import functional_call
-from zoo import ZOO, ConvNeXtBlock, ZooCase, by_name
+from zoo import ZOO, ZooCase, by_name
 
 import torch_embed
 from torch_embed.critical import critical_point
-from torch_embed.graph import handlers
 from torch_embed.graph.analysis import (
     COUPLING_LIMIT,
     complement_basis,
@@ -41,16 +40,6 @@ pytestmark = pytest.mark.usefixtures("single_thread_module")
 
 F64 = torch.float64
 EPS = torch.finfo(F64).eps
-
-
-@pytest.fixture(autouse=True)
-def _layer_scale_handler() -> Iterator[None]:
-    """The zoo's ConvNeXt block owns its layer scale ``gamma``: its shape is its size."""
-    before = dict(handlers._HANDLERS)
-    handlers.register_handler(ConvNeXtBlock, handlers.no_attributes)
-    yield
-    handlers._HANDLERS.clear()
-    handlers._HANDLERS.update(before)
 
 
 # --------------------------------------------------------------------------- restrict
@@ -729,3 +718,22 @@ def test_tied_weight_is_one_parameter_of_the_hessian() -> None:
         p.numel() for p in net.parameters()
     )
     _check_recount(net, wide, emb, x, y)
+
+
+def test_inertia_change_over_batches_equals_one_batch() -> None:
+    """``data=`` (3 uneven batches, mean reduction) gives the one-batch change: the
+    complement block is the same matrix, summed batch by batch with weights n_b/N."""
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)).double()
+    x = torch.randn(11, 2, dtype=torch.float64)
+    y = torch.randn(11, 1, dtype=torch.float64)
+    emb = torch_embed.widen(net, {"0": 5}, torch_embed.Split(alpha=0.3), example_inputs=x)
+    one = complement_block(emb, net, nn.MSELoss(), x, y)
+    batches = [(x[:2], y[:2]), (x[2:9], y[2:9]), (x[9:], y[9:])]
+    many = complement_block(emb, net, nn.MSELoss(), data=batches)
+    assert torch.allclose(many.matrix, one.matrix, rtol=1e-12, atol=1e-14)
+    assert abs(many.grad_norm - one.grad_norm) <= 1e-12 * max(one.grad_norm, 1.0)
+    full = emb.inertia_change(net, nn.MSELoss(), x, y)
+    assert emb.inertia_change(net, nn.MSELoss(), data=batches, tol=full.tol).as_tuple() == (
+        full.as_tuple()
+    )

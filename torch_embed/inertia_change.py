@@ -620,7 +620,17 @@ def inertia_change(
         from torch_embed.graph.analysis import inertia_change as group_change
 
         return group_change(
-            embedding, model, loss_fn, inputs, targets, tol=tol, method=method, min_gap=min_gap
+            embedding,
+            model,
+            loss_fn,
+            inputs,
+            targets,
+            data=data,
+            reduction=reduction,
+            process_group=process_group,
+            tol=tol,
+            method=method,
+            min_gap=min_gap,
         )
     if tol is not None and (not math.isfinite(tol) or tol < 0):
         raise ValueError(f"tol must be a finite number >= 0, got {tol}")

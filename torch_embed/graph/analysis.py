@@ -34,13 +34,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad
 
 from torch_embed.embedding import LayerMap
 from torch_embed.graph.embedding import AxisMap, GroupEmbedding
@@ -674,13 +673,27 @@ def _named(
     return params, buffers
 
 
+@dataclass(frozen=True)
+class _Source:
+    """Where the loss's data comes from: one batch, batches, and a process group."""
+
+    inputs: Any
+    targets: Any
+    data: Iterable[Any] | None
+    reduction: str | None
+    process_group: Any
+
+
 def complement_block(
     embedding: GroupEmbedding,
     model: nn.Module,
     loss_fn: LossFn,
-    inputs: Any,
-    targets: Any,
+    inputs: Any = None,
+    targets: Any = None,
     *,
+    data: Iterable[Any] | None = None,
+    reduction: str | None = None,
+    process_group: Any = None,
     allow_train_mode: bool = False,
     chunk_size: int | None = None,
 ) -> GroupComplement:
@@ -690,8 +703,15 @@ def complement_block(
         embedding: A critical :class:`~torch_embed.graph.embedding.GroupEmbedding`.
         model: The WIDENED model, at the embedded point.
         loss_fn: ``loss_fn(model(inputs), targets) -> scalar``.
-        inputs: The batch of inputs.
-        targets: The batch of targets.
+        inputs: The batch of inputs (omit with ``data``).
+        targets: The batch of targets (omit with ``data``).
+        data: An iterable of ``(inputs, targets)`` batches (e.g. a ``DataLoader``)
+            instead of ``inputs, targets``, as in
+            :class:`~torch_embed.hessian.HessianOperator`.
+        reduction: How ``loss_fn`` reduces over a batch; needed with ``data`` or
+            ``process_group`` for a plain function.
+        process_group: A :mod:`torch.distributed` process group: each rank passes its
+            shard of the data; products and gradients are summed over the group.
         allow_train_mode: As in :class:`~torch_embed.hessian.HessianOperator`: accept
             BatchNorm in train mode (the loss with batch statistics).
         chunk_size: Products per batched pass (default: sized from the free memory).
@@ -716,17 +736,15 @@ def complement_block(
         >>> blk.matrix.shape, blk.coupling < 1e-12
         (torch.Size([3, 3]), True)
     """
-    return _complement(
-        embedding, model, loss_fn, inputs, targets, allow_train_mode, chunk_size, "hvp"
-    )
+    source = _Source(inputs, targets, data, reduction, process_group)
+    return _complement(embedding, model, loss_fn, source, allow_train_mode, chunk_size, "hvp")
 
 
 def _complement(
     embedding: GroupEmbedding,
     model: nn.Module,
     loss_fn: LossFn,
-    inputs: Any,
-    targets: Any,
+    source: _Source,
     allow_train_mode: bool,
     chunk_size: int | None,
     method: str,
@@ -735,8 +753,11 @@ def _complement(
     op = HessianOperator(
         model,
         loss_fn,
-        inputs,
-        targets,
+        source.inputs,
+        source.targets,
+        data=source.data,
+        reduction=source.reduction,
+        process_group=source.process_group,
         allow_train_mode=allow_train_mode,
         chunk_size=chunk_size,
     )
@@ -765,7 +786,7 @@ def _complement(
         if at.numel():
             coupled = max(coupled, float((at / a_norm.clamp(min=1e-300)).abs().max()))
     h_norm = _power_norm(op)
-    g = grad(op.flat.fn)(op.flat.theta).detach()
+    g = op.flat.value_and_grad()[1].detach()  # every batch, every process
     cg = torch.zeros(k, dtype=torch.float64, device=dev).index_add_(0, rows, vals * g[cols])
     blk = GroupComplement(
         matrix=(d + d.T) / 2,
@@ -801,9 +822,12 @@ def inertia_change(
     embedding: GroupEmbedding,
     model: nn.Module,
     loss_fn: LossFn,
-    inputs: Any,
-    targets: Any,
+    inputs: Any = None,
+    targets: Any = None,
     *,
+    data: Iterable[Any] | None = None,
+    reduction: str | None = None,
+    process_group: Any = None,
     tol: float | None = None,
     method: str = "auto",
     min_gap: float = DEFAULT_MIN_GAP,
@@ -821,8 +845,12 @@ def inertia_change(
         embedding: A critical :class:`~torch_embed.graph.embedding.GroupEmbedding`.
         model: The WIDENED model, at the embedded point.
         loss_fn: ``loss_fn(model(inputs), targets) -> scalar``.
-        inputs: The batch of inputs.
-        targets: The batch of targets.
+        inputs: The batch of inputs (omit with ``data``).
+        targets: The batch of targets (omit with ``data``).
+        data: Batches instead of ``inputs, targets`` (see :func:`complement_block`).
+        reduction: The loss's reduction (see :func:`complement_block`).
+        process_group: A :mod:`torch.distributed` process group (see
+            :func:`complement_block`).
         tol: Eigenvalue threshold for the zero count. Pass the ``tol`` of the "before"
             :class:`~torch_embed.inertia.Inertia` to count consistently with it; then
             ``before + change`` equals the full wide count at that ``tol`` (up to the
@@ -858,9 +886,8 @@ def inertia_change(
     """
     if tol is not None and (not math.isfinite(tol) or tol < 0):
         raise ValueError(f"tol must be a finite number >= 0, got {tol}")
-    blk = _complement(
-        embedding, model, loss_fn, inputs, targets, allow_train_mode, chunk_size, method
-    )
+    source = _Source(inputs, targets, data, reduction, process_group)
+    blk = _complement(embedding, model, loss_fn, source, allow_train_mode, chunk_size, method)
     if blk.coupling > COUPLING_LIMIT:
         raise ValueError(
             f"the complement directions are coupled to the embedded ones: "

@@ -220,18 +220,24 @@ class GroupEmbedding:
         self,
         model: Any,
         loss_fn: Any,
-        inputs: Any,
-        targets: Any,
+        inputs: Any = None,
+        targets: Any = None,
         *,
+        data: Any = None,
+        reduction: str | None = None,
+        process_group: Any = None,
         tol: float | None = None,
         method: str = "auto",
+        min_gap: float | None = None,
         allow_train_mode: bool = False,
+        chunk_size: int | None = None,
     ) -> Inertia:
         """The exact inertia change at the WIDENED ``model``.
 
-        See :func:`torch_embed.graph.analysis.inertia_change`.
+        See :func:`torch_embed.graph.analysis.inertia_change` (same arguments).
         """
         from torch_embed.graph.analysis import inertia_change
+        from torch_embed.inertia import DEFAULT_MIN_GAP
 
         return inertia_change(
             self,
@@ -239,9 +245,14 @@ class GroupEmbedding:
             loss_fn,
             inputs,
             targets,
+            data=data,
+            reduction=reduction,
+            process_group=process_group,
             tol=tol,
             method=method,
+            min_gap=DEFAULT_MIN_GAP if min_gap is None else min_gap,
             allow_train_mode=allow_train_mode,
+            chunk_size=chunk_size,
         )
 
 
