@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -173,6 +174,7 @@ def _refusals(rank: int) -> dict[str, Any]:
             net[0].weight.copy_(out["start"]["0.weight"])
     out["seed"] = _message(lambda: widen_ddp(ddp, [9, 8], seed=1.5))  # type: ignore[arg-type]
     out["shrink"] = _message(lambda: widen_ddp(ddp, [3, 5], optimizer=opt, seed=1))
+    out["kwarg"] = _message(lambda: widen_ddp(ddp, [9, 8], seed=1, bucket_cap=3))
     out["after_refusals"] = _params(net)
     out["after_refusals_state"] = _opt_state(net, opt)
     # the wrapper restored after the failed widen still all-reduces: ranks stay equal
@@ -187,6 +189,13 @@ def _refusals(rank: int) -> dict[str, Any]:
     custom = DDP(_mlp(), bucket_cap_mb=1, find_unused_parameters=True, dim=0)
     custom, _ = widen_ddp(custom, [7, 5], seed=3)
     out["carried"] = (custom.bucket_bytes_cap, custom.find_unused_parameters)
+    # an argument given replaces its carried alias (forward_sync_buffers here)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        legacy = DDP(_mlp(), broadcast_buffers=False)
+        legacy, _ = widen_ddp(legacy, [7, 5], seed=3, broadcast_buffers=False)
+    out["alias_warnings"] = [str(w.message) for w in caught if "Both" in str(w.message)]
+    out["alias"] = legacy.forward_sync_buffers
     return out
 
 
@@ -347,12 +356,14 @@ def test_refusals_raise_on_every_rank_and_change_nothing(ranks: list[dict[str, A
         assert "ranks [1]" in r["diverged"]
         assert r["seed"].startswith("TypeError") and "seed must be an int" in r["seed"]
         assert r["shrink"].startswith("ValueError")
+        assert r["kwarg"].startswith("TypeError") and "bucket_cap" in r["kwarg"]
         assert r["not_ddp"].startswith("TypeError") and "DistributedDataParallel" in r["not_ddp"]
         assert r["hook"].startswith("ValueError") and "allreduce_hook" in r["hook"]
         assert r["hook_shape"] == (6, 4)
         _assert_same(r["after_refusals"], r["start"])
         _assert_same(r["after_refusals_state"], r["start_state"])
         assert r["carried"] == (2**20, True)
+        assert r["alias_warnings"] == [] and r["alias"] is False
     # the restored wrapper all-reduced the next step: ranks with different data agree
     _assert_same(r0["restored"], r1["restored"])
     assert not torch.equal(r0["restored"]["0.weight"], r0["start"]["0.weight"])

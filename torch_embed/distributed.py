@@ -22,6 +22,7 @@ is raised on every rank.
 from __future__ import annotations
 
 import hashlib
+import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -52,6 +53,15 @@ _CARRIED = (
     "skip_all_reduce_unused_params",
     "batched_grad_copy",
 )
+
+# Constructor arguments that set the same thing as another one (given, the other goes).
+_ALIASES = {
+    "broadcast_buffers": "forward_sync_buffers",
+    "process_group": "device_mesh",
+    "device_mesh": "process_group",
+    "bucket_cap_mb": "bucket_cap_mb_list",
+    "bucket_cap_mb_list": "bucket_cap_mb",
+}
 
 # Two primes below 2**31 and multipliers for the position-weighted fingerprint: a word
 # (4 bytes, < 2**32) that changes changes both residues unless it changes by a multiple
@@ -133,6 +143,7 @@ def widen_ddp(
     try:
         _check_ddp_carryable(ddp_model)
         _check_seed(seed)
+        _check_ddp_kwargs(ddp_kwargs)
     except (TypeError, ValueError) as err:
         problem = err
     signature = repr((new_widths, scheme, seed, sorted(ddp_kwargs)))
@@ -147,6 +158,8 @@ def widen_ddp(
         optimizer,
     )
     kwargs = _carried_kwargs(ddp_model)
+    for key in ddp_kwargs:  # an argument given replaces its carried alias too
+        kwargs.pop(_ALIASES.get(key, key), None)
     kwargs.update(ddp_kwargs)
     _release(ddp_model)
     try:
@@ -323,6 +336,18 @@ def _check_ddp_carryable(ddp: DistributedDataParallel) -> None:
     )
 
 
+def _check_ddp_kwargs(ddp_kwargs: Mapping[str, Any]) -> None:
+    """Refuse what DistributedDataParallel would refuse only after the widening."""
+    accepted = inspect.signature(DistributedDataParallel.__init__).parameters
+    unknown = sorted(k for k in ddp_kwargs if k not in accepted or k in ("self", "module"))
+    if unknown:
+        names = [k for k in accepted if k not in ("self", "module")]
+        raise TypeError(
+            f"widen_ddp: {unknown} are not DistributedDataParallel arguments for the new "
+            f"wrapper; accepted: {names}"
+        )
+
+
 def _carried_kwargs(ddp: DistributedDataParallel) -> dict[str, Any]:
     """The old wrapper's settings as constructor arguments (see ``_CARRIED``)."""
     kwargs: dict[str, Any] = {a: getattr(ddp, a) for a in _CARRIED if hasattr(ddp, a)}
@@ -413,7 +438,13 @@ def _state_fingerprint(
     tensors: list[Tensor] = []
     items: list[Any] = [type(optimizer).__name__]
     for g in optimizer.param_groups:
-        items.append(sorted((k, repr(v)) for k, v in g.items() if k != "params"))
+        for key, value in sorted(g.items(), key=lambda kv: kv[0]):
+            if key == "params":
+                continue
+            if isinstance(value, Tensor):
+                tensors.append(value)
+                value = (tuple(value.shape), str(value.dtype))
+            items.append((key, _plain(value)))
         for p in g["params"]:
             items.append(index.get(p, -1))
             for key, value in sorted(optimizer.state.get(p, {}).items()):
@@ -421,8 +452,17 @@ def _state_fingerprint(
                     items.append((key, tuple(value.shape), str(value.dtype)))
                     tensors.append(value)
                 else:
-                    items.append((key, repr(value)))
+                    items.append((key, _plain(value)))
     return model_fp, _fingerprint(tensors, repr(items), device)
+
+
+def _plain(value: Any) -> str:
+    """``repr`` of plain values; the type of others (whose repr may hold an address)."""
+    if value is None or isinstance(value, (bool, int, float, str, complex)):
+        return repr(value)
+    if isinstance(value, (tuple, list)):
+        return repr([_plain(v) for v in value])
+    return type(value).__qualname__
 
 
 _WHAT = ("arguments (widths, scheme, seed, keyword names)", "parameters or buffers", "optimizer")
