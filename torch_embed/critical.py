@@ -36,15 +36,18 @@ P up to a few thousand.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from torch_embed.hessian import FlatLoss, check_model, dense_hessian, flat_loss
+from torch_embed._data import Batch, BatchSource, batch_source
+from torch_embed.hessian import FlatLoss, _cast_floating, _flat_loss, check_model, dense_hessian
 
 __all__ = ["CriticalPointResult", "critical_point"]
 
@@ -89,10 +92,11 @@ class CriticalPointResult:
     hessian_evaluations: int = 0
 
 
-def _loss_and_grad(
-    model: nn.Module, loss_fn: Any, inputs: Tensor, targets: Any
-) -> tuple[float, Tensor]:
-    fl = flat_loss(model, loss_fn, inputs, targets)
+def _loss_and_grad(model: nn.Module, loss_fn: Any, source: BatchSource) -> tuple[float, Tensor]:
+    fl = _flat_loss(model, loss_fn, source)
+    if fl.terms is not None:
+        value, g = fl.value_and_grad()
+        return float(value), g
     theta = fl.theta.clone().requires_grad_(True)
     value = fl.fn(theta)
     (g,) = torch.autograd.grad(value, theta)
@@ -108,6 +112,15 @@ def _set_flat_(params: list[nn.Parameter], vec: Tensor) -> None:
             offset += n
 
 
+def _set_grads_(params: list[nn.Parameter], vec: Tensor) -> None:
+    """Set every ``.grad`` to its slice of the flat ``vec`` (a copy)."""
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = vec[offset : offset + n].view_as(p).clone()
+        offset += n
+
+
 def _get_flat(params: list[nn.Parameter]) -> Tensor:
     return torch.cat([p.detach().reshape(-1) for p in params])
 
@@ -116,8 +129,7 @@ def _lbfgs_(
     model: nn.Module,
     params: list[nn.Parameter],
     loss_fn: Any,
-    x: Tensor,
-    y: Any,
+    source: BatchSource,
     max_iter: int,
     newton_at: float,
     deadline: float,
@@ -135,9 +147,21 @@ def _lbfgs_(
 
     def closure() -> Tensor:
         opt.zero_grad()
-        value = loss_fn(model(x), y)
-        value.backward()
-        return value  # type: ignore[no-any-return]
+        if source.single:
+            b = source.batches[0]
+            value = loss_fn(model(b.inputs), b.targets)
+            value.backward()
+            return value  # type: ignore[no-any-return]
+        # the data set's loss: every batch's weighted share, summed over the group
+        total = torch.zeros((), dtype=torch.float64, device=params[0].device)
+        for b in source.batches:
+            part = b.loss(loss_fn)(model(b.inputs), b.targets)
+            part.backward()
+            total += part.detach()
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        flat = source.all_reduce_(torch.cat([total.reshape(1)] + [g.reshape(-1) for g in grads]))
+        _set_grads_(params, flat[1:])
+        return flat[0]
 
     n_params = sum(p.numel() for p in params)
     done = 0
@@ -150,7 +174,7 @@ def _lbfgs_(
         done = int(opt.state[params[0]].get("n_iter", 0))
         for p in params:
             p.grad = None
-        norm = float(_loss_and_grad(model, loss_fn, x, y)[1].norm())
+        norm = float(_loss_and_grad(model, loss_fn, source)[1].norm())
         t2 = time.perf_counter()
         history.append(norm)
         if not math.isfinite(norm) or norm <= newton_at:
@@ -205,7 +229,10 @@ class _Newton:
         self.mu = 0.0
 
     def evaluate(self, theta: Tensor) -> tuple[Tensor, float, float]:
-        g, value = self.grad_and_value(theta)
+        if self.fl.terms is not None:  # several batches or processes
+            value, g = self.fl.value_and_grad(theta)
+        else:
+            g, value = self.grad_and_value(theta)
         g = g.detach()
         return g, float(g.norm()), float(value)
 
@@ -310,8 +337,7 @@ def _newton_(
     model: nn.Module,
     params: list[nn.Parameter],
     loss_fn: Any,
-    x: Tensor,
-    y: Any,
+    source: BatchSource,
     max_steps: int,
     rcond: float,
     gtol: float,
@@ -323,7 +349,7 @@ def _newton_(
     Returns:
         (accepted steps, Hessians computed, |∇R|, loss, message).
     """
-    fl = flat_loss(model, loss_fn, x, y)
+    fl = _flat_loss(model, loss_fn, source)
     solver = _Newton(fl, rcond)
     theta = fl.theta.clone()
     g, gnorm, loss = solver.evaluate(theta)
@@ -381,9 +407,12 @@ def _newton_(
 def critical_point(
     model: nn.Module,
     loss_fn: Any,
-    inputs: Tensor,
-    targets: Any,
+    inputs: Tensor | None = None,
+    targets: Any = None,
     *,
+    data: Iterable[Any] | None = None,
+    reduction: str | None = None,
+    process_group: Any = None,
     gtol: float = 1e-12,
     max_iter: int = 2000,
     max_newton_iter: int = 200,
@@ -413,8 +442,18 @@ def critical_point(
             BatchNorm or Dropout. Its trainable parameters are updated in place.
         loss_fn: Any callable ``loss_fn(output, target) -> scalar``.
         inputs: The full batch (full-batch optimisation; floating inputs are cast to
-            float64).
-        targets: The targets.
+            float64). Omit with ``data``.
+        targets: The targets (omit with ``data``).
+        data: An iterable of ``(inputs, targets)`` batches (e.g. a ``DataLoader``)
+            instead of ``inputs, targets``: the loss is the whole data set's (see
+            :mod:`torch_embed._data`; still full-batch: every L-BFGS evaluation and
+            every Newton step runs over all batches, one at a time).
+        reduction: How ``loss_fn`` reduces over a batch (``"mean"``, ``"sum"``,
+            ``"batchmean"``); needed with ``data``/``process_group`` for a plain
+            function, read from a ``torch.nn`` loss otherwise.
+        process_group: A :mod:`torch.distributed` process group: each rank passes its
+            shard of the data; losses, gradients and Hessians are all-reduced, so every
+            rank takes the same steps and ends at the same point.
         gtol: Target Euclidean gradient norm.
         max_iter: Maximum L-BFGS iterations (0: Newton only).
         max_newton_iter: Maximum accepted Newton steps (0: L-BFGS only).
@@ -472,8 +511,26 @@ def critical_point(
     if max_time is not None and not max_time > 0:
         raise ValueError(f"max_time must be a positive number of seconds or None, got {max_time}")
     deadline = math.inf if max_time is None else time.monotonic() + max_time
-    x = inputs.double() if inputs.is_floating_point() else inputs
-    y = targets.double() if isinstance(targets, Tensor) and targets.is_floating_point() else targets
+    source = batch_source(
+        "critical_point",
+        loss_fn,
+        inputs,
+        targets,
+        data,
+        reduction=reduction,
+        process_group=process_group,
+    )
+    source = dataclasses.replace(  # float64 data, once
+        source,
+        batches=tuple(
+            Batch(
+                _cast_floating(b.inputs, torch.float64),
+                _cast_floating(b.targets, torch.float64),
+                b.weight,
+            )
+            for b in source.batches
+        ),
+    )
     start = _get_flat(params).clone()
     grads = [p.grad for p in params]
     try:
@@ -481,8 +538,7 @@ def critical_point(
             model,
             params,
             loss_fn,
-            x,
-            y,
+            source,
             gtol,
             max_iter,
             max_newton_iter,
@@ -505,8 +561,7 @@ def _critical_point(
     model: nn.Module,
     params: list[nn.Parameter],
     loss_fn: Any,
-    x: Tensor,
-    y: Any,
+    source: BatchSource,
     gtol: float,
     max_iter: int,
     max_newton_iter: int,
@@ -517,7 +572,7 @@ def _critical_point(
     deadline: float,
 ) -> CriticalPointResult:
     """The three stages of :func:`critical_point` (arguments checked, float64 data)."""
-    loss0, g0 = _loss_and_grad(model, loss_fn, x, y)
+    loss0, g0 = _loss_and_grad(model, loss_fn, source)
     initial = float(g0.norm())
     gnorm, loss = initial, loss0
     phases: list[str] = []
@@ -527,8 +582,8 @@ def _critical_point(
     if gnorm > gtol and use_lbfgs:
         phases.append("lbfgs")
         start = _get_flat(params)
-        lbfgs_iters = _lbfgs_(model, params, loss_fn, x, y, max_iter, newton_at, deadline)
-        loss_l, g_l = _loss_and_grad(model, loss_fn, x, y)
+        lbfgs_iters = _lbfgs_(model, params, loss_fn, source, max_iter, newton_at, deadline)
+        loss_l, g_l = _loss_and_grad(model, loss_fn, source)
         norm_l = float(g_l.norm())
         if not math.isfinite(norm_l) or norm_l > initial:
             # L-BFGS ended at a worse gradient norm (it minimises R, not |∇R|): undo.
@@ -548,8 +603,7 @@ def _critical_point(
             model,
             params,
             loss_fn,
-            x,
-            y,
+            source,
             max_newton_iter,
             rcond,
             gtol,
