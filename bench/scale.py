@@ -20,12 +20,15 @@ summed with ``all_reduce``. With the library's data-parallel API (``process_grou
 script's own all-reduce of per-rank ``HessianOperator`` products. Time per product =
 the slowest rank's, best of ``--repeat``; speed-up = t(1) / t(k) measured in the same
 run; efficiency = speed-up / k. Every k's product is compared with k = 1's (max
-relative difference, which must be at rounding level). Processes beyond the cores
-this machine gives us cannot speed anything up: the cores are printed.
+relative difference, which must be at rounding level). Where ``inertia_change`` takes
+``process_group=``, one such call per k is timed too (a ``Split`` of 2 neurons per
+hidden layer, each rank passing its shard; its counts must not depend on k). Processes
+beyond the cores this machine gives us cannot speed anything up: the cores and the load
+average are printed.
 
 Usage::
 
-    python bench/scale.py                    # both parts (~6 min on a 2-core machine)
+    python bench/scale.py                    # both parts (~10 min on a 2-core machine)
     python bench/scale.py --write            # ... and its block in bench/RESULTS.md
     python bench/scale.py --quick            # smoke run: P ≈ 1e4, k = 1, 2 (seconds)
     python bench/scale.py --part 2 --procs 1 2 --p 1e6
@@ -243,6 +246,51 @@ def library_data_parallel() -> bool:
     return "process_group" in inspect.signature(HessianOperator).parameters
 
 
+def library_inertia_change_parallel() -> bool:
+    """Whether inertia_change takes ``process_group=``."""
+    return "process_group" in inspect.signature(torch_embed.inertia_change).parameters
+
+
+def slowest(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
+    """Best over ``repeat`` runs of the slowest rank's time, and the last result."""
+    result = None
+    best = math.inf
+    for _ in range(repeat):
+        dist.barrier()
+        t = time.perf_counter()
+        result = fn()
+        elapsed = torch.tensor([time.perf_counter() - t], dtype=torch.float64)
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        best = min(best, float(elapsed))
+    return best, result
+
+
+def hvp_time(net: nn.Module, xs: Tensor, ys: Tensor, n: int, repeat: int) -> tuple[float, Tensor]:
+    """Data-parallel products: the library's when it has process_group=, else our own."""
+    v = torch.randn(
+        sum(p.numel() for p in net.parameters()),
+        dtype=torch.float64,
+        generator=torch.Generator().manual_seed(1),
+    )
+    if library_data_parallel():
+        group = dist.group.WORLD
+        op = HessianOperator(net, nn.MSELoss(), xs, ys, process_group=group)  # type: ignore[call-arg]
+
+        def product() -> Tensor:
+            return op.matvec(v)
+    else:
+        local = HessianOperator(net, nn.MSELoss(), xs, ys)
+        weight = xs.shape[0] / n
+
+        def product() -> Tensor:
+            out = local.matvec(v) * weight
+            dist.all_reduce(out)
+            return out
+
+    product()  # warm-up (one-time costs)
+    return slowest(product, repeat)
+
+
 def worker(rank: int, k: int, store: str, args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=k)
@@ -251,35 +299,24 @@ def worker(rank: int, k: int, store: str, args: argparse.Namespace) -> None:
         net, x, y = mlp(width, args.n, torch.float64, "cpu")
         shard = slice(rank * args.n // k, (rank + 1) * args.n // k)
         xs, ys = x[shard], y[shard]
-        v = torch.randn(
-            n_params(width), dtype=torch.float64, generator=torch.Generator().manual_seed(1)
-        )
-        if library_data_parallel():
-            group = dist.group.WORLD
-            op = HessianOperator(net, nn.MSELoss(), xs, ys, process_group=group)  # type: ignore[call-arg]
-
-            def product() -> Tensor:
-                return op.matvec(v)
-        else:
-            local = HessianOperator(net, nn.MSELoss(), xs, ys)
-            weight = xs.shape[0] / args.n
-
-            def product() -> Tensor:
-                out = local.matvec(v) * weight
-                dist.all_reduce(out)
-                return out
-
-        result = product()  # warm-up (one-time costs)
-        best = math.inf
-        for _ in range(args.repeat):
-            dist.barrier()
-            t = time.perf_counter()
-            result = product()
-            elapsed = torch.tensor([time.perf_counter() - t], dtype=torch.float64)
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-            best = min(best, float(elapsed))
+        out: dict[str, Any] = {}
+        out["time"], out["hvp"] = hvp_time(net, xs, ys, args.n, args.repeat)
+        if library_inertia_change_parallel():
+            emb = torch_embed.widen(
+                net,
+                [width + 2, width + 2],
+                torch_embed.Split(alpha=0.5),
+                generator=torch.Generator().manual_seed(0),
+            )
+            out["change_time"], change = slowest(
+                lambda: torch_embed.inertia_change(
+                    emb, net, nn.MSELoss(), xs, ys, process_group=dist.group.WORLD
+                ),
+                1,
+            )
+            out["change"] = (change.negative, change.zero, change.positive)
         if rank == 0:
-            torch.save({"time": best, "hvp": result}, f"{store}.out")
+            torch.save(out, f"{store}.out")
     finally:
         dist.destroy_process_group()
 
@@ -299,8 +336,9 @@ def part2(args: argparse.Namespace) -> str:
         f"{args.n} samples split evenly, float64, one thread per process; {engine}. "
         f"Cores available to this run: {cores}; 1-min load average at the start: {load:.1f}.",
         "",
-        "| processes | s per HVP | speed-up vs 1 | efficiency | max rel diff vs 1 |",
-        "|---:|---:|---:|---:|---:|",
+        "| processes | s per HVP | speed-up vs 1 | efficiency | max rel diff vs 1 "
+        "| inertia_change s | speed-up vs 1 | blocks (−, 0, +) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     print("\n".join(rows), flush=True)
     base: dict[str, Any] | None = None
@@ -313,13 +351,27 @@ def part2(args: argparse.Namespace) -> str:
                 base = out
             diff = float(((out["hvp"] - base["hvp"]).abs().max() / base["hvp"].abs().max()).item())
             speed = base["time"] / out["time"]
-            rows.append(f"| {k} | {out['time']:.3g} | {speed:.2f} | {speed / k:.2f} | {diff:.1e} |")
+            row = f"| {k} | {out['time']:.3g} | {speed:.2f} | {speed / k:.2f} | {diff:.1e} |"
+            if "change" in out:
+                ratio = base["change_time"] / out["change_time"]
+                counts = ", ".join(map(str, out["change"]))
+                row += f" {out['change_time']:.3g} | {ratio:.2f} | {counts} |"
+            else:
+                row += " — | — | — |"
+            rows.append(row)
             print(rows[-1], flush=True)
     rows.append("")
-    rows.append(
-        "inertia_change over processes: not measured here (needs process_group= in "
-        "inertia_change, the data work)."
-    )
+    if library_inertia_change_parallel():
+        rows.append(
+            "inertia_change: a Split of 2 neurons per hidden layer, default tolerance, "
+            "inertia_change(..., process_group=) on each rank's shard (one run); the "
+            "counts must not depend on the number of processes."
+        )
+    else:
+        rows.append(
+            "inertia_change over processes: not measured (this torch_embed's "
+            "inertia_change has no process_group=)."
+        )
     return "\n".join(rows)
 
 
