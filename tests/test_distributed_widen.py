@@ -175,6 +175,7 @@ def _refusals(rank: int) -> dict[str, Any]:
     out["seed"] = _message(lambda: widen_ddp(ddp, [9, 8], seed=1.5))  # type: ignore[arg-type]
     out["shrink"] = _message(lambda: widen_ddp(ddp, [3, 5], optimizer=opt, seed=1))
     out["kwarg"] = _message(lambda: widen_ddp(ddp, [9, 8], seed=1, bucket_cap=3))
+    out["bad_opt"] = _message(lambda: widen_ddp(ddp, [9, 8], optimizer="adam", seed=1))  # type: ignore[arg-type]
     out["after_refusals"] = _params(net)
     out["after_refusals_state"] = _opt_state(net, opt)
     # the wrapper restored after the failed widen still all-reduces: ranks stay equal
@@ -237,6 +238,18 @@ def _fsdp_run(rank: int) -> dict[str, Any]:
     }
 
 
+def _spectrum_run(rank: int) -> dict[str, Any]:
+    """Spectra of an operator summed over the ranks' shards (the guide's claim)."""
+    from torch_embed.hessian import HessianOperator
+    from torch_embed.spectrum import extreme_eigenvalues, hutchinson_trace
+
+    x, y = (_shard(t, rank) for t in _data("mlp"))
+    op = HessianOperator(_mlp(), nn.MSELoss(), x, y, process_group=dist.group.WORLD)
+    top = extreme_eigenvalues(op, 3)
+    trace = hutchinson_trace(op, 30, generator=torch.Generator().manual_seed(0))
+    return {"top": top, "trace": trace}
+
+
 def _worker(rank: int, store: str) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
@@ -247,6 +260,7 @@ def _worker(rank: int, store: str) -> None:
             "cnn": _ddp_run(rank, "cnn"),
             "refusals": _refusals(rank),
             "fsdp": _fsdp_run(rank),
+            "spectrum": _spectrum_run(rank),
         }
         with open(f"{store}.rank{rank}", "wb") as f:
             pickle.dump(out, f)
@@ -357,6 +371,7 @@ def test_refusals_raise_on_every_rank_and_change_nothing(ranks: list[dict[str, A
         assert r["seed"].startswith("TypeError") and "seed must be an int" in r["seed"]
         assert r["shrink"].startswith("ValueError")
         assert r["kwarg"].startswith("TypeError") and "bucket_cap" in r["kwarg"]
+        assert r["bad_opt"].startswith("TypeError") and "Optimizer" in r["bad_opt"]
         assert r["not_ddp"].startswith("TypeError") and "DistributedDataParallel" in r["not_ddp"]
         assert r["hook"].startswith("ValueError") and "allreduce_hook" in r["hook"]
         assert r["hook_shape"] == (6, 4)
@@ -367,3 +382,12 @@ def test_refusals_raise_on_every_rank_and_change_nothing(ranks: list[dict[str, A
     # the restored wrapper all-reduced the next step: ranks with different data agree
     _assert_same(r0["restored"], r1["restored"])
     assert not torch.equal(r0["restored"]["0.weight"], r0["start"]["0.weight"])
+
+
+def test_spectra_of_a_process_group_operator(ranks: list[dict[str, Any]]) -> None:
+    """Every rank gets the same bits, and the dense eigenvalues of all the data."""
+    _assert_same(ranks[0]["spectrum"], ranks[1]["spectrum"])
+    x, y = _data("mlp")
+    dense = torch.linalg.eigvalsh(torch_embed.hessian(_mlp(), nn.MSELoss(), x, y))
+    top = ranks[0]["spectrum"]["top"]
+    torch.testing.assert_close(top, dense.flip(0)[:3], rtol=0, atol=1e-10)

@@ -100,7 +100,8 @@ def widen_ddp(
     ``gradient_as_bucket_view``, ``static_graph``, ``forward_sync_buffers``,
     ``skip_all_reduce_unused_params``, ``batched_grad_copy`` and bucket sizes; any
     ``ddp_kwargs`` given replace them. The old wrapper must not be used afterwards (its
-    reducer is gone); if widening fails, it is restored and works as before.
+    reducer is gone); if widening fails, it is restored and works as before. Example
+    (and the ``torchrun`` loop): docs/guide/scale.md.
 
     Args:
         ddp_model: The ``DistributedDataParallel`` wrapper.
@@ -122,7 +123,8 @@ def widen_ddp(
 
     Raises:
         TypeError: ``ddp_model`` is not a ``DistributedDataParallel``, ``seed`` is not
-            an int; or as :func:`torch_embed.widen`.
+            an int, ``optimizer`` is not a ``torch.optim.Optimizer``, a keyword is not a
+            ``DistributedDataParallel`` argument; or as :func:`torch_embed.widen`.
         ValueError: The ranks differ (arguments, parameters, buffers or optimizer
             state; the message says which and on which ranks); the wrapper has a
             communication hook, ``mixed_precision`` or delayed all-reduce parameters
@@ -143,6 +145,7 @@ def widen_ddp(
     try:
         _check_ddp_carryable(ddp_model)
         _check_seed(seed)
+        _check_optimizer(optimizer)
         _check_ddp_kwargs(ddp_kwargs)
     except (TypeError, ValueError) as err:
         problem = err
@@ -226,7 +229,8 @@ def widen_fsdp(
 
     Raises:
         TypeError: ``build`` does not return an ``nn.Module``, ``seed`` is not an int,
-            or as :func:`torch_embed.widen`.
+            ``optimizer`` is not a ``torch.optim.Optimizer``, or as
+            :func:`torch_embed.widen`.
         ValueError: The ranks differ, ``optimizer`` has several parameter groups and
             no ``make_optimizer`` is given, or as :func:`torch_embed.widen`.
         RuntimeError: As for :func:`widen_ddp`.
@@ -238,6 +242,7 @@ def widen_fsdp(
         set_optimizer_state_dict,
     )
 
+    _check_optimizer(optimizer)  # before the collectives below, like any same-args error
     full = StateDictOptions(full_state_dict=True)
     group = process_group if process_group is not None else dist.group.WORLD
     model_sd = get_model_state_dict(model, options=full)
@@ -306,6 +311,13 @@ def widen_fsdp(
             new_opt = type(optimizer)(wide.parameters(), **optimizer.defaults)
         set_optimizer_state_dict(wide, new_opt, wide_optim_sd, options=full)
     return wide, new_opt, embedding
+
+
+def _check_optimizer(optimizer: object) -> None:
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
+        )
 
 
 def _check_seed(seed: int | None) -> None:
