@@ -200,7 +200,19 @@ def _refusals(rank: int) -> dict[str, Any]:
     return out
 
 
-def _fsdp_run(rank: int) -> dict[str, Any]:
+def _grouped(module: nn.Module) -> torch.optim.Optimizer:
+    """Adam with two parameter groups: weights and biases at different rates."""
+    named = list(module.named_parameters())
+    return torch.optim.Adam(
+        [
+            {"params": [p for n, p in named if n.endswith("weight")]},
+            {"params": [p for n, p in named if n.endswith("bias")], "lr": 0.02},
+        ],
+        lr=0.05,
+    )
+
+
+def _fsdp_run(rank: int, groups: bool = False) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import fully_shard
 
@@ -213,12 +225,18 @@ def _fsdp_run(rank: int) -> dict[str, Any]:
     net = _mlp()
     shard(net)
     x, y = (_shard(t, rank) for t in _data("mlp"))
-    opt = _adam(net.parameters())
+    opt = _grouped(net) if groups else _adam(net.parameters())
     losses = [_train(net, opt, x, y) for _ in range(NARROW_STEPS)]
     with torch.no_grad():
         before = float(_loss(net(x), y))
     wide, wide_opt, _ = widen_fsdp(
-        net, MLP_WIDTHS, build=_mlp, shard=shard, optimizer=opt, seed=MLP_SEED
+        net,
+        MLP_WIDTHS,
+        build=_mlp,
+        shard=shard,
+        optimizer=opt,
+        make_optimizer=_grouped if groups else None,
+        seed=MLP_SEED,
     )
     assert wide_opt is not None
     with torch.no_grad():
@@ -260,6 +278,7 @@ def _worker(rank: int, store: str) -> None:
             "cnn": _ddp_run(rank, "cnn"),
             "refusals": _refusals(rank),
             "fsdp": _fsdp_run(rank),
+            "fsdp_groups": _fsdp_run(rank, groups=True),
             "spectrum": _spectrum_run(rank),
         }
         with open(f"{store}.rank{rank}", "wb") as f:
@@ -286,7 +305,10 @@ def _replay(kind: str) -> dict[str, Any]:
     """The same run in one process on all the data (equal shards: mean = mean of means)."""
     net = _mlp() if kind != "cnn" else _cnn()
     x, y = _data("mlp" if kind != "cnn" else "cnn")
-    opt = (_sgd if kind == "cnn" else _adam)(net.parameters())
+    if kind == "fsdp_groups":
+        opt = _grouped(net)
+    else:
+        opt = (_sgd if kind == "cnn" else _adam)(net.parameters())
     losses = [_train(net, opt, x, y) for _ in range(NARROW_STEPS)]
     if kind == "cnn":
         seed = int(torch.randint(0, 2**62, (), generator=torch.Generator().manual_seed(100)))
@@ -333,13 +355,13 @@ def test_ddp_ranks_identical_after_widening_and_training(
         _assert_same(r0[key], r1[key])
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn", "fsdp"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "fsdp", "fsdp_groups"])
 def test_loss_continuous_at_widening(ranks: list[dict[str, Any]], kind: str) -> None:
     for r in ranks:
         assert r[kind]["after"] == pytest.approx(r[kind]["before"], rel=1e-12, abs=1e-14)
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn", "fsdp"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "fsdp", "fsdp_groups"])
 def test_equals_single_process_replay(ranks: list[dict[str, Any]], kind: str) -> None:
     ref = _replay(kind)
     got = ranks[0][kind]
@@ -348,7 +370,7 @@ def test_equals_single_process_replay(ranks: list[dict[str, Any]], kind: str) ->
     )
     _assert_close(got["widened"], ref["widened"])
     _assert_close(got["final"], ref["final"])
-    if kind != "fsdp":
+    if not kind.startswith("fsdp"):
         _assert_close(got["state"], ref["state"])
     mean_losses = [
         sum(r[kind]["losses"][i] for r in ranks) / WORLD for i in range(len(ref["losses"]))

@@ -215,10 +215,11 @@ def widen_fsdp(
             (in place, returning ``None`` or the module).
         optimizer: This rank's optimizer over ``model``; a new one over the wide model
             is returned with the mapped state.
-        make_optimizer: Builds the new optimizer on the sharded wide model. Default:
-            ``type(optimizer)(wide.parameters(), **optimizer.defaults)`` when
-            ``optimizer`` has one parameter group (hyper-parameters are then loaded
-            from its state dict); required for several groups.
+        make_optimizer: Builds an optimizer over a module with the parameter groups of
+            ``optimizer`` (called on the unsharded narrow copy, then on the sharded
+            wide model). Default: ``type(optimizer)(module.parameters(),
+            **optimizer.defaults)``, for one parameter group (hyper-parameters are then
+            loaded from its state dict); required for several groups.
         seed: As for :func:`widen_ddp`.
         example_inputs: For the traced path of :func:`torch_embed.widen`.
         process_group: The group to check agreement over (default: the world).
@@ -269,7 +270,7 @@ def widen_fsdp(
         plain = built
         plain.load_state_dict(model_sd)
         if optimizer is not None and optim_sd is not None:
-            plain_opt = type(optimizer)(plain.parameters(), **optimizer.defaults)
+            plain_opt = _new_optimizer(optimizer, make_optimizer, plain)
             set_optimizer_state_dict(plain, plain_opt, optim_sd, options=full)
     except (TypeError, ValueError, RuntimeError) as err:
         problem = err
@@ -305,12 +306,20 @@ def widen_fsdp(
     wide = plain if sharded is None else sharded
     new_opt: torch.optim.Optimizer | None = None
     if optimizer is not None and wide_optim_sd is not None:
-        if make_optimizer is not None:
-            new_opt = make_optimizer(wide)
-        else:
-            new_opt = type(optimizer)(wide.parameters(), **optimizer.defaults)
+        new_opt = _new_optimizer(optimizer, make_optimizer, wide)
         set_optimizer_state_dict(wide, new_opt, wide_optim_sd, options=full)
     return wide, new_opt, embedding
+
+
+def _new_optimizer(
+    like: torch.optim.Optimizer,
+    make: Callable[[nn.Module], torch.optim.Optimizer] | None,
+    module: nn.Module,
+) -> torch.optim.Optimizer:
+    """An optimizer over ``module``: ``make``'s, or ``like``'s class and defaults."""
+    if make is not None:
+        return make(module)
+    return type(like)(module.parameters(), **like.defaults)
 
 
 def _check_optimizer(optimizer: object) -> None:
