@@ -440,7 +440,8 @@ _DDP = (
     "gradient hooks and buckets of the narrow shapes). Widen the bare module after "
     "dropping the wrapper, then wrap it again: `module = ddp.module; del ddp; "
     "widen(module, ...); ddp = DistributedDataParallel(module, ...)` (the optimizer "
-    "can stay; pass optimizer= to widen). Otherwise, "
+    "can stay; pass optimizer= to widen), or call torch_embed.distributed.widen_ddp(ddp, "
+    "...), which does this on every rank with the same random draws. Otherwise, "
 )
 
 
