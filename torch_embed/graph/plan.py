@@ -368,9 +368,11 @@ def _axes(groups: WidthGroups, maps: Mapping[str, LayerMap]) -> tuple[AxisMap, .
         for u in (*g.producers, *g.consumers):
             key = (u.tensor, u.axis)
             role = "copy" if u.role in ("producer", "per-channel") else "split"
-            if roles.setdefault(key, role) != role:
+            if roles.setdefault(key, role) != role and g.name in maps:
                 raise ValueError(
-                    f"`{u.tensor}` axis {u.axis} both writes and reads features; not supported"
+                    f"`{u.tensor}` axis {u.axis} both writes and reads the features of width "
+                    f"group {g.name!r} (a tied embedding and output head); growing it is not "
+                    f"supported"
                 )
             if u.role == "consumer" and u.groups > 1 and g.name in maps:
                 if u.offset or u.stride != 1 or u.repeats:
