@@ -32,6 +32,7 @@ Example: a depthwise convolution grows from 8 to 11 channels (``groups`` follows
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -181,8 +182,17 @@ def register_handler(cls: type[nn.Module], handler: Handler) -> None:
     _HANDLERS[cls] = handler
 
 
+#: Packages whose module classes get handlers on first sight: ``{package: module}``,
+#: where ``module.register_handlers()`` registers them (imports the package itself, so
+#: ``import torch_embed`` does not).
+_LAZY = {"transformers": "torch_embed.graph.hf"}
+
+
 def handler_for(module: nn.Module) -> Handler | None:
     """The handler registered for ``type(module)`` or its nearest base class, if any."""
+    package = type(module).__module__.partition(".")[0]
+    if package in _LAZY:
+        importlib.import_module(_LAZY.pop(package)).register_handlers()
     for klass in type(module).__mro__:
         handler = _HANDLERS.get(klass)
         if handler is not None:

@@ -1,0 +1,288 @@
+"""Hugging Face ``transformers`` models on the traced path: tracing, handlers, config.
+
+Three things make a ``transformers`` model widen like any other traced model:
+
+- **Tracing.** A causal LM returns a ``DynamicCache`` that ``torch.export`` cannot
+  flatten. :func:`tracing` turns ``config.use_cache`` off while the model is traced
+  (and puts it back), so users still pass ``(input_ids,)`` and the trace holds the
+  logits only.
+- **Handlers** (:mod:`torch_embed.graph.handlers`) for the module classes whose sizes
+  live in attributes: ``transformers.pytorch_utils.Conv1D`` (GPT-2; its weight is
+  ``(in, out)``: ``nx``, ``nf``) and ``LlamaRMSNorm`` / ``Qwen2RMSNorm`` (no shape
+  attribute; eps is ``variance_epsilon``). They are registered by
+  :func:`register_handlers` the first time a handler is looked up for a module of the
+  ``transformers`` package, so ``import torch_embed`` never imports ``transformers``.
+- **Config fields.** :func:`config_updates` gives the new ``hidden_size``,
+  ``intermediate_size`` (``n_inner``), ``num_attention_heads``,
+  ``num_key_value_heads``, ``head_dim`` and eps fields of a widened BERT, GPT-2,
+  LLaMA, Qwen2 or Mistral model, read from its new tensor shapes and module
+  attributes. They are checked by building the model class from the new config on the
+  ``meta`` device and comparing every parameter and buffer shape: only a config that
+  rebuilds the widened model is set (so ``save_pretrained``/``from_pretrained``
+  round-trips). Per-layer widths, which one config number cannot hold, leave the
+  config as it was, with a ``UserWarning`` that says why.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import sys
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from torch_embed.graph.handlers import Resize, register_handler
+
+__all__ = ["config_updates", "is_transformers_model", "register_handlers", "tracing"]
+
+
+def is_transformers_model(model: object) -> bool:
+    """Whether ``model`` is a ``transformers.PreTrainedModel`` (never imports transformers)."""
+    transformers = sys.modules.get("transformers")
+    if transformers is None:
+        return False
+    return isinstance(model, transformers.PreTrainedModel)
+
+
+@contextmanager
+def tracing(model: nn.Module) -> Iterator[None]:
+    """Trace a ``transformers`` model with ``config.use_cache`` off (put back after).
+
+    Any other model is traced as it is. The cache is a second output that
+    ``torch.export`` cannot flatten; the logits do not depend on it.
+    """
+    config = getattr(model, "config", None) if is_transformers_model(model) else None
+    if config is None or not getattr(config, "use_cache", False):
+        yield
+        return
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = True
+
+
+# ----------------------------------------------------------------------------- handlers
+def _conv1d(module: nn.Module, resize: Resize, /) -> Mapping[str, object]:
+    """``transformers.pytorch_utils.Conv1D``: weight ``(nx, nf)``, bias ``(nf,)``."""
+    shape = resize.shape(module, "weight")
+    if shape is None or len(shape) != 2:
+        raise ValueError(f"expected a 2-d weight (nx, nf), got shape {shape}")
+    nx, nf = shape
+    bias = resize.shape(module, "bias")
+    if bias is not None and bias != (nf,):
+        raise ValueError(f"'bias' has shape {bias}, inconsistent with weight (nx, nf) = {shape}")
+    return {"nx": nx, "nf": nf}
+
+
+def _rms_norm(module: nn.Module, resize: Resize, /) -> Mapping[str, object]:
+    """``LlamaRMSNorm`` and its copies: the weight's shape is its only size."""
+    shape = resize.shape(module, "weight")
+    if shape is None or len(shape) != 1:
+        raise ValueError(f"expected a 1-d weight, got shape {shape}")
+    return {}
+
+
+#: ``(module path, class name)`` of the RMSNorm classes registered with :func:`_rms_norm`.
+_RMS_NORMS = (
+    ("transformers.models.llama.modeling_llama", "LlamaRMSNorm"),
+    ("transformers.models.qwen2.modeling_qwen2", "Qwen2RMSNorm"),
+    ("transformers.models.mistral.modeling_mistral", "MistralRMSNorm"),
+)
+#: Eps attribute of each norm class a residual-width fill rescales.
+EPS_ATTRIBUTES = {name: "variance_epsilon" for _, name in _RMS_NORMS}
+
+
+def register_handlers() -> None:
+    """Register the handlers of ``transformers``' module classes (imports transformers).
+
+    Called by :func:`torch_embed.graph.handlers.handler_for` the first time it meets a
+    module of the ``transformers`` package; calling it again registers them again.
+
+    Raises:
+        ImportError: ``transformers`` is not installed.
+    """
+    import importlib
+
+    pytorch_utils = importlib.import_module("transformers.pytorch_utils")
+    register_handler(pytorch_utils.Conv1D, _conv1d)
+    for path, name in _RMS_NORMS:
+        try:
+            cls = getattr(importlib.import_module(path), name)
+        except (ImportError, AttributeError):  # a transformers without this model
+            continue
+        register_handler(cls, _rms_norm)
+
+
+# ----------------------------------------------------------------------------- config
+class _View:
+    """The widened model as it will be: new tensor shapes and module attributes."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        shapes: Mapping[str, tuple[int, ...]],
+        attrs: Mapping[int, Mapping[str, object]],
+    ) -> None:
+        self.model = model
+        self.shapes = dict(shapes)
+        self.attrs = attrs
+        self.state = [
+            *model.named_parameters(remove_duplicate=False),
+            *model.named_buffers(remove_duplicate=False),
+        ]
+
+    def shape(self, fqn: str, tensor: torch.Tensor) -> tuple[int, ...]:
+        return self.shapes.get(fqn, tuple(tensor.shape))
+
+    def sizes(self, pattern: str, axis: int) -> list[int]:
+        """The new size of ``axis`` of every tensor whose FQN matches ``pattern``."""
+        rx = re.compile(pattern)
+        return [self.shape(n, t)[axis] for n, t in self.state if rx.search(n)]
+
+    def attr(self, module: nn.Module, name: str) -> Any:
+        return self.attrs.get(id(module), {}).get(name, getattr(module, name))
+
+    def module_attrs(self, pattern: str, name: str) -> list[Any]:
+        """The new value of attribute ``name`` of every module whose FQN or class matches."""
+        rx = re.compile(pattern)
+        return [
+            self.attr(m, name)
+            for fqn, m in self.model.named_modules()
+            if (rx.search(fqn) or rx.fullmatch(type(m).__name__)) and hasattr(m, name)
+        ]
+
+
+def _llama(v: _View) -> dict[str, list[Any]]:
+    head_dims = v.module_attrs(r"\.self_attn$", "head_dim")
+    q = v.sizes(r"\.self_attn\.q_proj\.weight$", 0)
+    k = v.sizes(r"\.self_attn\.k_proj\.weight$", 0)
+    return {
+        "hidden_size": v.sizes(r"embed_tokens\.weight$", 1),
+        "intermediate_size": v.sizes(r"\.mlp\.up_proj\.weight$", 0),
+        "head_dim": head_dims,
+        "num_attention_heads": [r / d for r, d in zip(q, head_dims)],
+        "num_key_value_heads": [r / d for r, d in zip(k, head_dims)],
+        "rms_norm_eps": v.module_attrs(r".*RMSNorm", "variance_epsilon"),
+    }
+
+
+def _gpt2(v: _View) -> dict[str, list[Any]]:
+    return {
+        "n_embd": v.sizes(r"wte\.weight$", 1),
+        "n_inner": v.sizes(r"\.mlp\.c_fc\.weight$", 1),
+        "n_head": v.module_attrs(r"\.attn$", "num_heads"),
+        "layer_norm_epsilon": v.module_attrs("LayerNorm", "eps"),
+    }
+
+
+def _bert(v: _View) -> dict[str, list[Any]]:
+    return {
+        "hidden_size": v.sizes(r"word_embeddings\.weight$", 1),
+        "intermediate_size": v.sizes(r"\.intermediate\.dense\.weight$", 0),
+        "num_attention_heads": v.module_attrs(r"\.attention\.self$", "num_attention_heads"),
+        "layer_norm_eps": v.module_attrs("LayerNorm", "eps"),
+    }
+
+
+#: How each ``config.model_type``'s size fields are read from the widened model.
+_FIELDS: dict[str, Callable[[_View], dict[str, list[Any]]]] = {
+    "llama": _llama,
+    "qwen2": _llama,
+    "mistral": _llama,
+    "gpt2": _gpt2,
+    "bert": _bert,
+}
+
+
+def _mismatches(model: nn.Module, config: Any, view: _View) -> list[str]:
+    """Tensors whose shape differs between the widened model and one built from ``config``."""
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")
+        fresh = type(model)(config)
+    built = {
+        n: tuple(t.shape)
+        for n, t in [
+            *fresh.named_parameters(remove_duplicate=False),
+            *fresh.named_buffers(remove_duplicate=False),
+        ]
+    }
+    out = []
+    for name, tensor in view.state:
+        want = view.shape(name, tensor)
+        got = built.get(name)
+        if got != want:
+            out.append(f"`{name}` is {want}, the config builds {got}")
+    return out
+
+
+def config_updates(
+    model: nn.Module,
+    shapes: Mapping[str, tuple[int, ...]],
+    updates: Sequence[tuple[object, Mapping[str, object]]],
+) -> tuple[list[tuple[object, dict[str, object]]], list[str]]:
+    """The config field updates of a widened ``transformers`` model, and what is left out.
+
+    Args:
+        model: The model before its new tensors are installed.
+        shapes: The new shape of every tensor that changes, under each of its FQNs.
+        updates: The module attribute updates that will be set, ``(module, {attr: value})``.
+
+    Returns:
+        ``([(config, {field: value})], [])`` when a config with the new fields rebuilds
+        every parameter and buffer shape of the widened model (``([], [])`` if nothing
+        changes, or for a model that is not a ``PreTrainedModel``); otherwise
+        ``([], [why])``: the config is left as it was, and ``why`` says which sizes it
+        cannot hold, for a warning.
+    """
+    config = getattr(model, "config", None)
+    if not is_transformers_model(model) or config is None or not shapes:
+        return [], []
+    attrs: dict[int, Mapping[str, object]] = {id(m): u for m, u in updates}
+    view = _View(model, shapes, attrs)
+    model_type = str(getattr(config, "model_type", ""))
+    reader = _FIELDS.get(model_type)
+    new: dict[str, object] = {}
+    unclear: list[str] = []
+    for field, values in (reader(view) if reader is not None else {}).items():
+        distinct = sorted(set(values))
+        if not distinct or not hasattr(config, field):  # Qwen2Config has no head_dim
+            continue
+        value = distinct[0]
+        if len(distinct) > 1:
+            unclear.append(f"`{field}` would need one value per layer, {distinct}")
+            continue
+        if not field.endswith(("eps", "epsilon")):
+            if float(value) != int(value):
+                unclear.append(f"`{field}` would be {value}, not a whole number")
+                continue
+            value = int(value)
+        current = getattr(config, field, None)
+        if field == "n_inner" and current is None:  # GPT-2: None means 4 * n_embd
+            current = 4 * int(new.get("n_embd", config.n_embd))  # type: ignore[call-overload]
+        if current != value:
+            new[field] = value
+    candidate = copy.deepcopy(config)
+    for field, value in new.items():
+        setattr(candidate, field, value)
+    mismatches = _mismatches(model, candidate, view)
+    if not mismatches and not unclear:
+        return ([(config, new)] if new else []), []
+    kind = type(config).__name__
+    if unclear:
+        why = unclear
+    else:
+        why = mismatches[:3]
+        if reader is None:
+            why.insert(0, f"torch_embed knows no size fields of model_type {model_type!r}")
+    return [], [
+        f"the config ({kind}) cannot describe the widened {type(model).__name__}: "
+        + "; ".join(why)
+        + ". It was left as it was, so save_pretrained/from_pretrained will not rebuild "
+        "this model (the model itself is widened exactly)"
+    ]
