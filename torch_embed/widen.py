@@ -533,7 +533,7 @@ def _install(
     new_state: Mapping[str, Tensor],
     changed: Sequence[str],
     new_grads: Mapping[str, Tensor],
-    updates: Sequence[tuple[nn.Module, Mapping[str, object]]],
+    updates: Sequence[tuple[object, Mapping[str, object]]],
 ) -> Callable[[], None]:
     """Swap the new tensors and ``.grad`` in, set the attributes; return the undo.
 
@@ -542,7 +542,7 @@ def _install(
     graph path calls it when the widened model's output differs).
     """
     done: list[tuple[Tensor, tuple[Tensor, bool], Tensor | None]] = []  # target, undo, grad
-    attrs: list[tuple[nn.Module, str, Any]] = []
+    attrs: list[tuple[object, str, Any]] = []  # modules, or a model's config
 
     def undo() -> None:
         for m, attr, value in reversed(attrs):

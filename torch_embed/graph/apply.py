@@ -27,6 +27,7 @@ from torch_embed.exactness import unit_roundoff
 from torch_embed.graph.embedding import GroupEmbedding
 from torch_embed.graph.groups import width_groups
 from torch_embed.graph.handlers import Resize, attribute_updates
+from torch_embed.graph.hf import config_updates
 from torch_embed.graph.plan import plan_groups
 from torch_embed.graph.trace import check_model
 from torch_embed.optim_state import ApproximateStateWarning, map_optimizer_state
@@ -76,7 +77,14 @@ def widen_graph(
         new_opt: dict[nn.Parameter, dict[str, Any]] = {}
         if optimizer is not None:
             new_opt = map_optimizer_state(optimizer, named_params, embedding)
-    updates = _attribute_updates(model, new_state, embedding, _aliases(model))
+    aliases = _aliases(model)
+    updates: list[tuple[object, dict[str, object]]] = []
+    updates.extend(_attribute_updates(model, new_state, embedding, aliases))
+    new_shapes = {
+        a: tuple(new_state[n].shape) for n in embedding.tensors for a in aliases.get(n, [n])
+    }
+    config, config_caveats = config_updates(model, new_shapes, updates)
+    updates.extend(config)
     changed = list(embedding.tensors)
     undo = _install(named_params, named_buffers, new_state, changed, new_grads, updates)
     probes: list[_Probe] = []
@@ -112,6 +120,8 @@ def widen_graph(
                 ApproximateStateWarning,
                 stacklevel=3,
             )
+    for caveat in config_caveats:
+        warnings.warn(f"widen: {caveat}", UserWarning, stacklevel=3)
     if optimizer is not None:
         for p, st in new_opt.items():
             optimizer.state[p] = st

@@ -1,0 +1,278 @@
+"""Hugging Face ``transformers`` models on the traced path (issue 13).
+
+Tiny random BERT (post-LN), GPT-2 (``Conv1D``, tied head), LLaMA (RMSNorm, RoPE, GQA,
+SwiGLU) and Qwen2 (q/k/v biases) are built offline in float64. ``transformers`` is
+imported plainly: a missing install fails here, it never skips.
+
+References are brute force: the narrow model's logits and greedy generations (the wide
+model must give the same), autograd on the wide model at the embedded points of a
+narrow Adam run (the mapped Adam state must equal Adam fed those gradients), and a
+model rebuilt by ``from_pretrained`` from what ``save_pretrained`` wrote.
+
+LLaMA's and Qwen2's RMSNorm compute in float32 even in a float64 model
+(``hidden_states.to(torch.float32)``): their outputs are float64-exact only where the
+norm's input does not change; their gradients are float32-rounded, so the Adam replay
+runs on GPT-2.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+import torch_embed
+from torch_embed.embedding import EmbeddingKind
+from torch_embed.graph.handlers import Resize, attribute_updates
+
+VOCAB, SEQ = 40, 6
+
+
+def _bert() -> nn.Module:
+    cfg = transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=24, max_position_embeddings=16, initializer_range=0.3,
+    )  # fmt: skip
+    return transformers.BertForMaskedLM(cfg)
+
+
+def _gpt2() -> nn.Module:
+    cfg = transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=32, n_inner=24,
+        initializer_range=0.3, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def _llama() -> nn.Module:
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+        initializer_range=0.3, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _qwen2() -> nn.Module:
+    cfg = transformers.Qwen2Config(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+        initializer_range=0.3, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    return transformers.Qwen2ForCausalLM(cfg)
+
+
+BUILDERS: dict[str, Callable[[], nn.Module]] = {
+    "bert": _bert,
+    "gpt2": _gpt2,
+    "llama": _llama,
+    "qwen2": _qwen2,
+}
+#: Each layer's FFN group: its name, the aliases that must be in it, its reader.
+FFN = {
+    "bert": ("bert.encoder.layer.{}.intermediate.dense", (), "output.dense"),
+    "gpt2": ("transformer.h.{}.mlp.c_fc", (), "mlp.c_proj"),
+    "llama": ("model.layers.{}.mlp.gate_proj", ("up_proj",), "mlp.down_proj"),
+    "qwen2": ("model.layers.{}.mlp.gate_proj", ("up_proj",), "mlp.down_proj"),
+}
+CAUSAL = ["gpt2", "llama", "qwen2"]
+
+
+def _build(name: str, seed: int = 0) -> nn.Module:
+    with torch.random.fork_rng():  # transformers initialises from the global RNG
+        torch.manual_seed(seed)
+        model = BUILDERS[name]().double().eval()
+    return model
+
+
+def _ids(seed: int = 1) -> Tensor:
+    return torch.randint(1, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(seed))
+
+
+def _logits(model: nn.Module, ids: Tensor) -> Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _rel(a: Tensor, b: Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_width_groups_list_the_ffn_groups(name: str) -> None:
+    model = _build(name)
+    use_cache = getattr(model.config, "use_cache", None)
+    groups = torch_embed.width_groups(model, (_ids(),))  # a causal LM returns a cache too
+    assert model.config.use_cache == use_cache  # put back after the trace
+    assert groups.tracer == "torch.export"
+    fmt, aliases, reader = FFN[name]
+    for layer in range(2):
+        g = groups.find(fmt.format(layer))
+        assert (g.size, g.growable, g.hidden, g.constraints) == (24, True, True, ())
+        assert all(any(a.endswith(s) for a in g.aliases) for s in aliases), g.aliases
+        assert {u.tensor.rsplit(".", 1)[0] for u in g.consumers} == {
+            fmt.format(layer).rsplit(".", 2)[0] + "." + reader
+            if name != "bert"
+            else f"bert.encoder.layer.{layer}.{reader}"
+        }
+    # every group that cannot grow says why, naming the op and its module
+    for g in groups:
+        if not g.growable:
+            assert g.reason, g
+    logits = [g for g in groups if not g.hidden and g.size == VOCAB]
+    assert logits and all(g.reason and "model output" in g.reason for g in logits)
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_ffn_width_is_exact_and_config_follows(name: str, tmp_path: Path) -> None:
+    """Every layer's FFN 24 -> 37 (not a multiple): logits kept, config and save/load."""
+    model, ids = _build(name), _ids()
+    before = _logits(model, ids)
+    fmt = FFN[name][0]
+    emb = torch_embed.widen(
+        model,
+        {fmt.format(k): 37 for k in range(2)},
+        torch_embed.Split(alpha="random"),
+        example_inputs=(ids,),
+        generator=torch.Generator().manual_seed(5),
+    )
+    assert emb.kind is EmbeddingKind.CRITICAL
+    assert emb.sizes == {fmt.format(k): (24, 37) for k in range(2)}
+    assert _rel(_logits(model, ids), before) <= 1e-10
+    cfg = model.config
+    assert (cfg.n_inner if name == "gpt2" else cfg.intermediate_size) == 37
+    # what save_pretrained wrote rebuilds the wide model
+    model.save_pretrained(tmp_path)
+    again = type(model).from_pretrained(tmp_path, dtype=torch.float64).eval()
+    state, loaded = model.state_dict(), again.state_dict()
+    assert set(state) == set(loaded)
+    assert all(torch.equal(state[k], loaded[k]) for k in state)
+    assert _rel(_logits(again, ids), before) <= 1e-10
+
+
+def test_conv1d_module_attributes_follow() -> None:
+    model = _build("gpt2")
+    widths = {"transformer.h.0.mlp.c_fc": 29, "transformer.h.1.mlp.c_fc": 29}
+    torch_embed.widen(model, widths, "split", example_inputs=(_ids(),))
+    for block in model.transformer.h:  # type: ignore[union-attr]
+        mlp = block.mlp
+        assert (mlp.c_fc.nx, mlp.c_fc.nf, mlp.c_proj.nx, mlp.c_proj.nf) == (16, 29, 29, 16)
+        assert mlp.c_fc.weight.shape == (16, 29) and mlp.c_proj.weight.shape == (29, 16)
+    assert model.config.n_inner == 29
+
+
+def test_conv1d_handler() -> None:
+    conv = Conv1D(6, 4)  # nf=6 outputs, nx=4 inputs: weight (4, 6)
+    assert attribute_updates(conv, Resize({"weight": (4, 9), "bias": (9,)})) == {"nx": 4, "nf": 9}
+    with pytest.raises(ValueError, match=r"Conv1D\).*'bias' has shape \(6,\)"):
+        attribute_updates(conv, Resize({"weight": (4, 9)}), name="c_fc")
+
+
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_per_layer_widths_leave_the_config_with_a_warning(name: str) -> None:
+    """One config number cannot hold two layers' widths: said, and the config kept."""
+    model, ids = _build(name), _ids()
+    before = _logits(model, ids)
+    fmt = FFN[name][0]
+    with pytest.warns(UserWarning, match=r"`intermediate_size` would need one value per layer"):
+        torch_embed.widen(model, {fmt.format(0): 31}, "split", example_inputs=(ids,))
+    assert model.config.intermediate_size == 24
+    assert _rel(_logits(model, ids), before) <= 1e-10
+
+
+@pytest.mark.parametrize("name", CAUSAL)
+def test_greedy_generation_is_identical(name: str) -> None:
+    model, ids = _build(name), _ids(2)
+    kwargs = {"max_new_tokens": 20, "min_new_tokens": 20, "do_sample": False}
+    with torch.no_grad():
+        narrow = model.generate(ids, **kwargs)
+    fmt = FFN[name][0]
+    torch_embed.widen(
+        model, {fmt.format(0): 40, fmt.format(1): 40}, torch_embed.Split(alpha=0.3),
+        example_inputs=(ids,),
+    )  # fmt: skip
+    with torch.no_grad():
+        wide = model.generate(ids, **kwargs)
+    assert wide.shape == (2, SEQ + 20)
+    assert torch.equal(wide, narrow)
+
+
+def _loss(model: nn.Module, ids: Tensor) -> Tensor:
+    logits = model(ids).logits
+    r = torch.linspace(-1, 1, logits.numel(), dtype=logits.dtype).view(logits.shape)
+    return (logits * r).sum() + 0.5 * (logits**2).sum()
+
+
+def test_gradient_and_adam_state_equal_a_replay_gpt2() -> None:
+    """GPT-2's Conv1D FFN (weight (in, out)): ``.grad`` and Adam state after widening.
+
+    References: the wide model's own autograd gradient at the embedded point, and a
+    fresh Adam over the wide parameters fed the wide model's autograd gradients at the
+    embedded points of the narrow run.
+    """
+    model, ids = _build("gpt2"), _ids()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    points: list[dict[str, Tensor]] = []
+    for _ in range(3):
+        points.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        optimizer.zero_grad()
+        _loss(model, ids).backward()
+        optimizer.step()
+    last = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer.zero_grad()
+    _loss(model, ids).backward()
+    with pytest.warns(UserWarning, match="`n_inner` would need one value per layer"):
+        emb = torch_embed.widen(
+            model,
+            {"transformer.h.0.mlp.c_fc": 37, "transformer.h.1.mlp.c_fc": 30},
+            torch_embed.Split(alpha="random"),
+            example_inputs=(ids,),
+            optimizer=optimizer,
+            generator=torch.Generator().manual_seed(11),
+        )
+    assert emb.kind is EmbeddingKind.CRITICAL
+    params = dict(model.named_parameters())
+    mapped = {n: p.grad.clone() for n, p in params.items()}  # type: ignore[union-attr]
+
+    def wide_grads(point: dict[str, Tensor]) -> dict[str, Tensor]:
+        wide = emb.apply(point)
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(wide[n])
+        model.zero_grad()
+        _loss(model, ids).backward()
+        return {n: p.grad.clone() for n, p in params.items()}  # type: ignore[union-attr]
+
+    for n, g in wide_grads(last).items():
+        assert mapped[n].shape == g.shape
+        assert float((mapped[n] - g).abs().max()) <= 1e-11 * float(g.abs().max()), n
+    replay = {n: nn.Parameter(torch.zeros_like(p)) for n, p in params.items()}
+    replay_opt = torch.optim.Adam(replay.values(), lr=0.01)
+    for point in points:
+        for n, g in wide_grads(point).items():
+            replay[n].grad = g
+        replay_opt.step()
+    for n, p in params.items():
+        got, want = optimizer.state[p], replay_opt.state[replay[n]]
+        assert float(got["step"]) == float(want["step"]) == 3
+        for key in ("exp_avg", "exp_avg_sq"):
+            scale = float(want[key].abs().max())
+            assert float((got[key] - want[key]).abs().max()) <= 1e-10 * scale, (n, key)
+
+
+def test_import_does_not_import_transformers() -> None:
+    code = (
+        "import sys, torch, torch_embed\n"
+        "from torch import nn\n"
+        "net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))\n"
+        "torch_embed.widen(net, {'0': 5}, 'split', example_inputs=torch.randn(4, 2))\n"
+        "assert 'transformers' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
