@@ -187,6 +187,48 @@ def test_per_layer_widths_leave_the_config_with_a_warning(name: str) -> None:
     assert _rel(_logits(model, ids), before) <= 1e-10
 
 
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_residual_copies_under_rmsnorm_and_config(name: str, tmp_path: Path) -> None:
+    """The residual stream x2 by uniform copies (RMSNorm's rule), in float32.
+
+    The HF RMSNorm computes in float32 whatever the model's dtype, and its mean over 32
+    features rounds differently from the mean over 16: float32-exact, not float64.
+    Qwen2Config has no ``head_dim`` field (Qwen2Attention reads it with a default of
+    hidden_size // heads), so it is added: the config must rebuild 4 heads of 4.
+    """
+    model, ids = _build(name).float(), _ids()
+    before = _logits(model, ids)
+    emb = torch_embed.widen(
+        model, {"model.norm": 32}, torch_embed.Split(alpha=0.5), example_inputs=(ids,)
+    )
+    assert emb.sizes == {"model.embed_tokens": (16, 32)}  # the norm is an alias
+    assert _rel(_logits(model, ids), before) <= 1e-5
+    norm = model.model.norm  # type: ignore[union-attr]
+    assert norm.weight.shape == (32,) and norm.variance_epsilon == 1e-6
+    cfg = model.config
+    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (32, 4, 2)
+    assert cfg.head_dim == 4
+    model.save_pretrained(tmp_path)
+    again = type(model).from_pretrained(tmp_path).eval()
+    assert _rel(_logits(again, ids), before) <= 1e-5
+
+
+def test_config_is_put_back_when_the_output_check_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, ids = _build("qwen2"), _ids()
+    cfg = model.config
+    before = (cfg.to_dict(), hasattr(cfg, "head_dim"))
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+
+    def fail(*args: object) -> None:
+        raise ValueError("output 0 changed (forced)")
+
+    monkeypatch.setattr("torch_embed.graph.apply._compare", fail)
+    with pytest.raises(ValueError, match="forced"):
+        torch_embed.widen(model, {"model.norm": 32}, "split", example_inputs=(ids,))
+    assert (cfg.to_dict(), hasattr(cfg, "head_dim")) == before == (before[0], False)
+    assert {n: p.shape for n, p in model.named_parameters()} == shapes
+
+
 @pytest.mark.parametrize("name", CAUSAL)
 def test_greedy_generation_is_identical(name: str) -> None:
     model, ids = _build(name), _ids(2)

@@ -527,6 +527,9 @@ def _swap_in(
     _install(named_params, named_buffers, new_state, changed, new_grads, updates)
 
 
+_ABSENT = object()  # an attribute _install adds (removed again on undo)
+
+
 def _install(
     named_params: Mapping[str, nn.Parameter],
     named_buffers: Mapping[str, Tensor],
@@ -546,7 +549,10 @@ def _install(
 
     def undo() -> None:
         for m, attr, value in reversed(attrs):
-            setattr(m, attr, value)
+            if value is _ABSENT:  # a config field the model reads with a default
+                delattr(m, attr)
+            else:
+                setattr(m, attr, value)
         for target, (old, swapped), old_grad in reversed(done):
             _unswap(target, old, swapped)
             if isinstance(target, nn.Parameter):
@@ -568,7 +574,7 @@ def _install(
                 done.append((b, _swap(b, _like(new_state[name], b)), None))
         for m, values in updates:
             for attr, value in values.items():
-                attrs.append((m, attr, getattr(m, attr)))  # restored on failure
+                attrs.append((m, attr, getattr(m, attr, _ABSENT)))  # restored on failure
                 setattr(m, attr, value)
     except BaseException:
         undo()

@@ -165,9 +165,9 @@ def _llama(v: _View) -> dict[str, list[Any]]:
     return {
         "hidden_size": v.sizes(r"embed_tokens\.weight$", 1),
         "intermediate_size": v.sizes(r"\.mlp\.up_proj\.weight$", 0),
-        "head_dim": head_dims,
         "num_attention_heads": [r / d for r, d in zip(q, head_dims)],
         "num_key_value_heads": [r / d for r, d in zip(k, head_dims)],
+        "head_dim": head_dims,  # after the heads: its default is hidden_size // heads
         "rms_norm_eps": v.module_attrs(r".*RMSNorm", "variance_epsilon"),
     }
 
@@ -189,6 +189,18 @@ def _bert(v: _View) -> dict[str, list[Any]]:
         "layer_norm_eps": v.module_attrs("LayerNorm", "eps"),
     }
 
+
+def _get(config: Any, new: Mapping[str, object], field: str) -> int:
+    return int(new.get(field, getattr(config, field)))  # type: ignore[call-overload]
+
+
+#: Fields a model reads with a default when the config has none (or ``None``): the
+#: default, from the config and the fields already updated. Qwen2Config declares no
+#: ``head_dim``, but Qwen2Attention reads ``getattr(config, "head_dim", ...)``.
+_READ_WITH_DEFAULT: dict[str, Callable[[Any, Mapping[str, object]], int]] = {
+    "n_inner": lambda c, new: 4 * _get(c, new, "n_embd"),
+    "head_dim": lambda c, new: _get(c, new, "hidden_size") // _get(c, new, "num_attention_heads"),
+}
 
 #: How each ``config.model_type``'s size fields are read from the widened model.
 _FIELDS: dict[str, Callable[[_View], dict[str, list[Any]]]] = {
@@ -251,7 +263,7 @@ def config_updates(
     unclear: list[str] = []
     for field, values in (reader(view) if reader is not None else {}).items():
         distinct = sorted(set(values))
-        if not distinct or not hasattr(config, field):  # Qwen2Config has no head_dim
+        if not distinct or not (hasattr(config, field) or field in _READ_WITH_DEFAULT):
             continue
         value = distinct[0]
         if len(distinct) > 1:
@@ -263,8 +275,8 @@ def config_updates(
                 continue
             value = int(value)
         current = getattr(config, field, None)
-        if field == "n_inner" and current is None:  # GPT-2: None means 4 * n_embd
-            current = 4 * int(new.get("n_embd", config.n_embd))  # type: ignore[call-overload]
+        if current is None and field in _READ_WITH_DEFAULT:
+            current = _READ_WITH_DEFAULT[field](config, new)
         if current != value:
             new[field] = value
     candidate = copy.deepcopy(config)
