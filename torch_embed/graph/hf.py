@@ -191,7 +191,8 @@ def _bert(v: _View) -> dict[str, list[Any]]:
 
 
 def _get(config: Any, new: Mapping[str, object], field: str) -> int:
-    return int(new.get(field, getattr(config, field)))  # type: ignore[call-overload]
+    value: Any = new.get(field, getattr(config, field))
+    return int(value)
 
 
 #: Fields a model reads with a default when the config has none (or ``None``): the
