@@ -51,6 +51,10 @@ class AxisMap:
         coef: ``float64`` ``(wide,)``: the consumer coefficient of each wide entry (1 on
             entries of groups that do not grow or not split, 0 on null units).
         groups: ``> 1`` for the in-axis of a grouped convolution (one group's share).
+        gain: ``float64`` ``(wide,)`` or ``None`` (all 1): a reparametrisation factor
+            ``g`` per wide entry: copies are multiplied by ``g``, consumers by ``1/g``
+            (an attention head_dim's temperature fix, GROWTH.md §2); gradients map
+            by the inverse factors, second moments by their squares.
     """
 
     tensor: str
@@ -59,6 +63,7 @@ class AxisMap:
     source: Tensor
     coef: Tensor
     groups: int = 1
+    gain: Tensor | None = None
 
     def scale(self, what: str) -> Tensor:
         """The factor of each wide entry for ``what`` in apply/grad/second."""
@@ -69,6 +74,9 @@ class AxisMap:
             s = self.coef if self.role == "copy" else torch.ones_like(self.coef)
         else:
             s = self.coef * self.coef if self.role == "copy" else torch.ones_like(self.coef)
+        if self.gain is not None:
+            power = {"apply": 1, "grad": -1}.get(what, -2)
+            s = s * self.gain.pow(power if self.role == "copy" else -power)
         return torch.where(null, 0.0, s)
 
 
@@ -139,6 +147,9 @@ class GroupEmbedding:
             odd copy stays noise-free. The copies carry equal values, so the output is
             kept; gradients map as without noise (the critical part's map).
         seed: The seed of that noise.
+        scales: ``(module FQN, old, new)`` per attention whose explicit softmax scale
+            follows head_dim (``1/√d``): the apply step sets an attribute ``scale``,
+            ``scaling`` or ``softmax_scale`` of that module holding ``old`` to ``new``.
     """
 
     maps: Mapping[str, LayerMap]
@@ -148,6 +159,7 @@ class GroupEmbedding:
     reasons_: tuple[str, ...] = field(default=())
     noise: float = 0.0
     seed: int = 0
+    scales: tuple[tuple[str, float, float], ...] = ()
 
     @property
     def kind(self) -> EmbeddingKind:

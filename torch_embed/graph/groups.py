@@ -20,7 +20,7 @@ from torch_embed.graph.layout import AxisLayout
 from torch_embed.graph.ops import Constraint, Interpretation, interpret
 from torch_embed.graph.trace import Tracer, check_model, trace
 
-__all__ = ["AxisUse", "Constraint", "WidthGroup", "WidthGroups", "width_groups"]
+__all__ = ["Attention", "AxisUse", "Constraint", "WidthGroup", "WidthGroups", "width_groups"]
 
 
 @dataclass(frozen=True)
@@ -117,6 +117,25 @@ class WidthGroup:
         return f"WidthGroup({self.name}, size {self.size}, {state})"
 
 
+@dataclass(frozen=True)
+class Attention:
+    """One attention found in the trace, by the groups its axes are made of.
+
+    Attributes:
+        module: FQN of the module that runs it (``scaled_dot_product_attention`` or the
+            softmax of ``q @ k^T``).
+        q_heads: The groups of the query head axis (with GQA: the kv heads and the
+            query heads per kv head, outer first).
+        kv_heads: The groups of the key/value head axis.
+        head_dim: The groups of the query/key head_dim.
+    """
+
+    module: str
+    q_heads: tuple[str, ...]
+    kv_heads: tuple[str, ...]
+    head_dim: tuple[str, ...]
+
+
 class WidthGroups(list[WidthGroup]):
     """The result of :func:`width_groups`: a list whose ``str`` is a table.
 
@@ -126,7 +145,8 @@ class WidthGroups(list[WidthGroup]):
     every tensor axis that carries features: the tree of groups it is made of, from
     which the indices after widening follow (``layout.resized({name: width})``). The
     in-axis of a grouped convolution's weight holds one group's share and has no entry
-    (see :attr:`AxisUse.groups`).
+    (see :attr:`AxisUse.groups`). ``groups.attentions`` lists every
+    :class:`Attention` with its head and head_dim groups.
     """
 
     def __init__(
@@ -135,10 +155,12 @@ class WidthGroups(list[WidthGroup]):
         *,
         tracer: str = "",
         layouts: dict[tuple[str, int], AxisLayout] | None = None,
+        attentions: Iterable[Attention] = (),
     ) -> None:
         super().__init__(groups)
         self.tracer = tracer
         self.layouts: dict[tuple[str, int], AxisLayout] = dict(layouts or {})
+        self.attentions: tuple[Attention, ...] = tuple(attentions)
 
     def find(self, name: str) -> WidthGroup:
         """The group called ``name`` or with ``name`` among its aliases.
@@ -310,8 +332,20 @@ def _collect(it: Interpretation, inputs: tuple[tuple[str, Any], ...]) -> WidthGr
     named = _unique_names([g for _, _, g in found])
     names = {f"#{leaf}": g.name for (_, leaf, _), g in zip(found, named)}
     fixed = frozenset(n for lay in layouts.values() for n in lay.groups() if n not in names)
+
+    def named_leaves(atom: int | None) -> tuple[str, ...]:
+        if atom is None:
+            return ()
+        return tuple(names[f"#{leaf}"] for leaf in atoms.leaves(atom) if f"#{leaf}" in names)
+
+    attentions = dict.fromkeys(
+        Attention(module, named_leaves(qh), named_leaves(kh), named_leaves(dim))
+        for module, qh, kh, dim in it.attentions
+    )
     return WidthGroups(
-        named, layouts={key: lay.rename(names, fixed) for key, lay in layouts.items()}
+        named,
+        layouts={key: lay.rename(names, fixed) for key, lay in layouts.items()},
+        attentions=attentions,
     )
 
 

@@ -44,13 +44,17 @@ class Constraint:
 
     Attributes:
         kind: ``"layer_norm"``, ``"rms_norm"``, ``"group_norm"``, ``"grouped_conv"``,
-            ``"depthwise_conv"``, ``"softmax"``, ``"mean"``, ``"sum"``, ``"max"``,
+            ``"depthwise_conv"``, ``"softmax"``, ``"attention"``, ``"mean"``, ``"sum"``, ``"max"``,
             ``"var"``, ``"norm"``, ``"chunk"``, ``"split"``, ``"reshape"``, ``"contraction"``,
             ``"tied"`` (a tensor used by several ops).
         op: The op as messages name it (``aten.layer_norm in `blocks.0.norm` (LayerNorm)``).
         module: The owning module's FQN.
         rule: What stays exact, in words.
         groups: The ``groups``/``num_groups`` of a grouped conv or GroupNorm, else 1.
+        scale: For ``"attention"`` (a head_dim contracted between queries and keys
+            before a softmax): the constant the scores are multiplied by in the trace,
+            ``None`` when the op computes it (``scaled_dot_product_attention`` without
+            ``scale=``: ``1/√head_dim``).
     """
 
     kind: str
@@ -58,6 +62,7 @@ class Constraint:
     module: str
     rule: str
     groups: int = 1
+    scale: float | None = None
 
     def __str__(self) -> str:
         return f"{self.op}: {self.rule}"
@@ -75,7 +80,10 @@ _RULES = {
     "sum": "only null (zero) units keep a sum over the axis",
     "max": "copies keep a max/min over the axis; null units do not",
     "contraction": "contracted between two activations (not a weight): copies scale the "
-    "result; zero-extend one side instead",
+    "result; zero-extended instead (new units null on both sides)",
+    "attention": "head_dim inside a softmax: zero-extended (new query and key dims null) "
+    "with the temperature kept (queries and keys × (d'/d)^(1/4) when the scale is "
+    "1/√head_dim); never under rotary embeddings",
     "chunk": "every chunk grows by the same amount",
     "split": "the sizes are constants of the trace: forward must compute them from the "
     "tensor for the group to grow, which a re-trace after widening has to confirm",
@@ -111,6 +119,10 @@ class Interpretation:
     constraints: list[tuple[int, Constraint]] = field(default_factory=list)
     through: list[tuple[int, int, str]] = field(default_factory=list)  # (atom, node, module)
     index: int = -1  # the node being interpreted
+    # scores q @ k^T between activations: name -> (qk atom, scale so far, head axes)
+    scores: dict[str, tuple[int, float, int | None, int | None]] = field(default_factory=dict)
+    # (module, q head axis, kv head axis, qk head_dim axis) of every attention found
+    attentions: list[tuple[str, int | None, int | None, int]] = field(default_factory=list)
 
     # -- helpers used by the rules
     def fresh(self, shape: tuple[int, ...]) -> Axes:
@@ -150,11 +162,17 @@ class Interpretation:
         self.rigid.append((atom, kind, reason))
 
     def constrain(
-        self, atom: int, kind: str, node: TracedNode, rule: str = "", groups: int = 1
+        self,
+        atom: int,
+        kind: str,
+        node: TracedNode,
+        rule: str = "",
+        groups: int = 1,
+        scale: float | None = None,
     ) -> None:
         """Record a :class:`Constraint` on ``atom`` (size-1 axes have none)."""
         if self.atoms.size(atom) > 1:
-            c = Constraint(kind, node.where, node.module, rule or _RULES[kind], groups)
+            c = Constraint(kind, node.where, node.module, rule or _RULES[kind], groups, scale)
             self.constraints.append((atom, c))
 
 
@@ -278,6 +296,8 @@ def _matmul(it: Interpretation, node: TracedNode) -> Any:
         it.use(a[-1], p, "consumer", node)
     if not params:
         it.constrain(a[-1], "contraction", node)
+        heads = (a[-3], b[-3]) if len(a) >= 3 and len(b) >= 3 else (None, None)
+        it.scores[node.name] = (a[-1], 1.0, *heads)
     it.use(a[-2], a[-2], "producer", node)
     it.use(b[-1], b[-1], "producer", node)
     batch = shape[:-2]
@@ -298,6 +318,97 @@ def _matmul(it: Interpretation, node: TracedNode) -> Any:
                 it.unify(out[-pos], bias[-pos], node)
                 it.use(out[-pos], bias[-pos], "producer", node)
     return out
+
+
+def _sdpa(it: Interpretation, node: TracedNode) -> Any:
+    """``scaled_dot_product_attention(q, k, v, mask, dropout, causal, scale, enable_gqa)``.
+
+    ``q`` is ``(*batch, Hq, L, E)``, ``k`` ``(*batch, H, S, E)``, ``v`` ``(*batch, H, S, Ev)``.
+    The head axis is batch-like: q, k and v heads are one group (with ``enable_gqa``,
+    the q heads are the product ``(H, Hq/H)``: q head ``h`` reads kv head ``h // n_rep``).
+    ``E`` is contracted between queries and keys inside the softmax (an ``"attention"``
+    constraint), ``S`` between the weights and ``v``; ``Ev`` passes to the output.
+    """
+    q, k, v = (it.axes(node.arg(i, n)) for i, n in enumerate(("query", "key", "value")))
+    shape = node.shape
+    if q is None or k is None or v is None or min(len(q), len(k), len(v)) < 2:
+        return _unknown(it, node)
+    if not isinstance(shape, tuple) or not shape or not isinstance(shape[0], int):
+        return _unknown(it, node)  # the native variants return (out, logsumexp, ...)
+    mask = it.axes(node.arg(3, "attn_mask"))
+    scale = node.arg(6, "scale")
+    gqa = bool(node.arg(7, "enable_gqa", False))
+    it.unify(q[-1], k[-1], node)
+    it.unify(k[-2], v[-2], node)
+    it.constrain(k[-2], "softmax", node)
+    it.constrain(q[-1], "attention", node, scale=None if scale is None else float(scale))
+    heads = (q[-3], k[-3]) if len(q) >= 3 and len(k) >= 3 else (None, None)
+    it.attentions.append((node.module, *heads, q[-1]))
+    for pos in range(3, len(q) + 1):
+        qa = q[-pos]
+        for other in (k, v):
+            if len(other) < pos:
+                continue
+            oa = other[-pos]
+            sq, so = it.atoms.size(qa), it.atoms.size(oa)
+            if sq == so:
+                it.unify(qa, oa, node)
+            elif pos == 3 and gqa and so > 1 and sq % so == 0:
+                kv, _rep = it.atoms.refine(qa, "prod", [so, sq // so])
+                it.unify(kv, oa, node)
+            elif so != 1 and sq != 1:
+                return _unknown(it, node, f"{node.where}: q, k, v batch axes do not match")
+    if mask is not None:
+        scores = (*q[:-1], k[-2])
+        for pos in range(1, min(len(mask), len(scores)) + 1):
+            if it.atoms.size(mask[-pos]) == it.atoms.size(scores[-pos]) > 1:
+                it.unify(mask[-pos], scores[-pos], node)
+    return (*q[:-1], it.copy(v[-1], node))
+
+
+def _repeat_interleave(it: Interpretation, node: TracedNode) -> Any:
+    """``x.repeat_interleave(r, dim)``: entry ``i`` becomes ``r`` consecutive copies."""
+    x = it.axes(node.args[0])
+    shape = node.shape
+    reps = node.arg(1, "repeats")
+    d = node.arg(2, "dim")
+    if x is None or not isinstance(shape, tuple) or not isinstance(reps, int) or d is None:
+        return _unknown(it, node)
+    d = _dim(int(d), len(x))
+    if reps == 1:
+        return x
+    out = list(x)
+    out[d] = it.atoms.product([x[d], it.atoms.new(reps)])
+    return tuple(out)
+
+
+_SCORE_PASS = frozenset(
+    {
+        "masked_fill", "add", "sub", "where", "to", "_to_copy", "type_as", "contiguous",
+        "clone", "float", "double", "dropout", "alias",
+    }
+)  # fmt: skip
+
+
+def _track_scores(it: Interpretation, node: TracedNode) -> None:
+    """Follow ``q @ k^T`` through its scaling and masking to a softmax (explicit attention)."""
+    refs = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, Ref)]
+    if not refs or not any(r.name in it.scores for r in refs):
+        return
+    src = next(r.name for r in refs if r.name in it.scores)
+    atom, scale, qh, kh = it.scores[src]
+    if node.op in ("mul", "div") and len(node.args) > 1:
+        other = node.args[1] if isinstance(node.args[0], Ref) else node.args[0]
+        if isinstance(other, (int, float)) and not isinstance(other, bool) and other:
+            c = float(other)
+            it.scores[node.name] = (atom, scale * c if node.op == "mul" else scale / c, qh, kh)
+        return
+    if node.op in ("softmax", "_softmax", "log_softmax", "_log_softmax"):
+        it.constrain(atom, "attention", node, scale=scale)
+        it.attentions.append((node.module, qh, kh, atom))
+        return
+    if node.op in _SCORE_PASS:
+        it.scores[node.name] = (atom, scale, qh, kh)
 
 
 def _conv(it: Interpretation, node: TracedNode) -> Any:
@@ -787,6 +898,8 @@ _TABLE: tuple[tuple[Rule, str], ...] = (
     ),
     (_linear, "linear"),
     (_matmul, "matmul mm bmm addmm"),
+    (_sdpa, "scaled_dot_product_attention"),
+    (_repeat_interleave, "repeat_interleave"),
     (
         _conv,
         "conv1d conv2d conv3d convolution conv_transpose1d conv_transpose2d conv_transpose3d",
@@ -870,6 +983,7 @@ def interpret(traced: Traced) -> Interpretation:
         rule = _VOCABULARY.get(node.op, _unknown)
         try:
             it.values[node.name] = rule(it, node)
+            _track_scores(it, node)
         except (IndexError, TypeError, ValueError, KeyError) as exc:
             it.values[node.name] = _unknown(
                 it, node, f"{node.where} has arguments torch_embed could not read ({exc})"

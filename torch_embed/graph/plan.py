@@ -22,6 +22,7 @@ symmetric noise on the copies' fan-out: the default scheme) and
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Mapping, Sequence
@@ -30,8 +31,10 @@ from typing import Any
 import torch
 
 from torch_embed.embedding import LayerMap
+from torch_embed.graph.attention import temperature, zero_extended
 from torch_embed.graph.embedding import AxisMap, GroupEmbedding, axis_map
 from torch_embed.graph.groups import WidthGroup, WidthGroups
+from torch_embed.graph.layout import AxisLayout
 from torch_embed.schemes import (
     DEFAULT_SCHEME,
     Net2Net,
@@ -47,7 +50,7 @@ __all__ = ["plan_groups", "resolve_group_widths"]
 
 _UNIFORM = ("layer_norm", "rms_norm", "mean", "var", "norm", "group_norm")
 _SEGMENTED = ("group_norm", "grouped_conv")
-_REFUSED = ("softmax", "contraction")
+_REFUSED = ("softmax",)
 _NORM_NAMES = {"layer_norm": "LayerNorm", "rms_norm": "RMSNorm", "group_norm": "GroupNorm"}
 
 
@@ -80,7 +83,8 @@ def _rules(group: WidthGroup) -> tuple[bool, int, str]:
 def _allowed(size: int, width: int, group: WidthGroup, scheme: Scheme) -> int:
     """The smallest width >= ``width`` the group's rules and the scheme allow."""
     uniform, segments, _ = _rules(group)
-    step = (1 if isinstance(scheme, Null) else _copies_per_split(scheme)) * segments
+    null = isinstance(scheme, Null) or zero_extended(group)
+    step = (1 if null else _copies_per_split(scheme)) * segments
     if uniform:
         k = max(1, math.ceil(width / size))
         c = _copies_per_split(scheme)
@@ -163,7 +167,7 @@ def _plan_one(
     n = group.size
     uniform, segments, why = _rules(group)
     extra = width - n
-    null = isinstance(scheme, Null)
+    null = isinstance(scheme, Null) or zero_extended(group)
     copies = 1 if null else _copies_per_split(scheme)
     kinds = {c.kind: c for c in group.constraints}
     if "sum" in kinds and not null:
@@ -172,6 +176,12 @@ def _plan_one(
     if "max" in kinds and null:
         c = kinds["max"]
         raise ValueError(f"{c.op} over width group {group.name!r}: {c.rule}; use Split")
+    if null and uniform and zero_extended(group):
+        raise ValueError(
+            f"{why}: uniform copies or mean-fill; width group {group.name!r} is also "
+            f"contracted between two activations (attention head_dim), which takes only "
+            f"null (zero-extended) units: no rule keeps both"
+        )
     if null and uniform:
         raise ValueError(
             f"{why}: uniform copies or mean-fill (every unit copied the same number of times); "
@@ -311,11 +321,17 @@ def plan_groups(
     maps: dict[str, LayerMap] = {}
     sizes: dict[str, tuple[int, int]] = {}
     reasons: list[str] = []
+    gains: dict[str, float] = {}
+    scales: list[tuple[str, float, float]] = []
     for g in groups:
         if g.name in widths:
             maps[g.name] = _plan_one(g, widths[g.name], cfg, generator)
             sizes[g.name] = (g.size, widths[g.name])
             reasons.extend(_gradient_caveats(g, maps[g.name]))
+            gain, patch = temperature(g, widths[g.name])
+            if gain != 1.0:
+                gains[g.name] = gain
+            scales.extend(patch)
     noise, seed = 0.0, 0
     if isinstance(cfg, Net2Net) and cfg.noise > 0:
         noise = float(cfg.noise)
@@ -325,7 +341,14 @@ def plan_groups(
             f"copies' symmetry is broken (output-preserving, not critical)"
         )
     return GroupEmbedding(
-        maps, sizes, _axes(groups, maps), type(cfg).__name__, tuple(reasons), noise, seed
+        maps,
+        sizes,
+        _axes(groups, maps, gains),
+        type(cfg).__name__,
+        tuple(reasons),
+        noise,
+        seed,
+        tuple(dict.fromkeys(scales)),
     )
 
 
@@ -361,7 +384,20 @@ def _gradient_caveats(group: WidthGroup, lm: LayerMap) -> list[str]:
     return out
 
 
-def _axes(groups: WidthGroups, maps: Mapping[str, LayerMap]) -> tuple[AxisMap, ...]:
+def _gain(layout: AxisLayout, maps: Mapping[str, LayerMap], gains: Mapping[str, float]) -> Any:
+    """The product of the gains of the groups each wide entry of ``layout`` belongs to."""
+    if not set(layout.groups()) & set(gains):
+        return None
+    as_coef = {
+        name: dataclasses.replace(lm, coef=torch.full_like(lm.coef, gains.get(name, 1.0)))
+        for name, lm in maps.items()
+    }
+    return axis_map(layout, as_coef)[1]
+
+
+def _axes(
+    groups: WidthGroups, maps: Mapping[str, LayerMap], gains: Mapping[str, float]
+) -> tuple[AxisMap, ...]:
     roles: dict[tuple[str, int], str] = {}
     grouped: list[tuple[str, int, str, int]] = []
     for g in groups:
@@ -386,7 +422,8 @@ def _axes(groups: WidthGroups, maps: Mapping[str, LayerMap]) -> tuple[AxisMap, .
         if not set(layout.groups()) & set(maps):
             continue
         src, coef = axis_map(layout, maps)
-        out.append(AxisMap(tensor, axis, roles.get((tensor, axis), "copy"), src, coef))
+        role = roles.get((tensor, axis), "copy")
+        out.append(AxisMap(tensor, axis, role, src, coef, gain=_gain(layout, maps, gains)))
     for tensor, axis, name, n_groups in grouped:
         lm = maps[name]
         out.append(AxisMap(tensor, axis, "split", lm.source.clone(), lm.coef.clone(), n_groups))
