@@ -229,6 +229,95 @@ def test_config_is_put_back_when_the_output_check_fails(monkeypatch: pytest.Monk
     assert {n: p.shape for n, p in model.named_parameters()} == shapes
 
 
+#: Head growth: (model, {group: width}, config fields after, or None where the config
+#: cannot describe the result: GPT-2 and BERT tie heads · head_dim to the hidden size).
+HEADS = [
+    pytest.param(
+        "bert", {"bert.encoder.layer.0.attention.self.query[0]": 3}, None, id="bert-heads"
+    ),
+    pytest.param(
+        "bert",
+        {
+            "bert.encoder.layer.1.attention.self.query[1]": 11,  # q·k head_dim
+            "bert.encoder.layer.1.attention.self.value": 11,  # v head_dim: one view size
+        },
+        None,
+        id="bert-head_dim",
+    ),
+    pytest.param("gpt2", {"transformer.h.1.attn.c_attn[0]": 3}, None, id="gpt2-heads"),
+    pytest.param(
+        "llama",
+        {f"model.layers.{k}.self_attn.q_proj[0]": 4 for k in range(2)},  # kv heads 2 -> 4
+        {"num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 4},
+        id="llama-kv_heads",
+    ),
+    pytest.param(
+        "qwen2",
+        {f"model.layers.{k}.self_attn.q_proj[1]": 4 for k in range(2)},  # q per kv 2 -> 4
+        {"num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 4},
+        id="qwen2-q_per_kv",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "widths", "fields"), HEADS)
+def test_heads_and_head_dim(
+    name: str, widths: dict[str, int], fields: dict[str, int] | None, tmp_path: Path
+) -> None:
+    """Heads copied (o_proj columns split), GQA kept, head_dim with the temperature fix."""
+    model, ids = _build(name), _ids()
+    before = _logits(model, ids)
+    scheme = torch_embed.Split(alpha="random")
+    gen = torch.Generator().manual_seed(3)
+    if fields is None:
+        with pytest.warns(UserWarning, match="cannot describe the widened"):
+            torch_embed.widen(model, widths, scheme, example_inputs=(ids,), generator=gen)
+        assert _rel(_logits(model, ids), before) <= 1e-10
+        return
+    model.set_attn_implementation("eager")  # computes its softmax in float32: own reference
+    before_eager = _logits(model, ids)
+    model.set_attn_implementation("sdpa")
+    torch_embed.widen(model, widths, scheme, example_inputs=(ids,), generator=gen)
+    assert _rel(_logits(model, ids), before) <= 1e-10
+    assert {k: getattr(model.config, k) for k in fields} == fields
+    for layer in model.model.layers:  # type: ignore[union-attr]
+        attn = layer.self_attn
+        assert attn.head_dim == 4
+        assert (
+            attn.num_key_value_groups
+            == fields["num_attention_heads"] // fields["num_key_value_heads"]
+        )
+    model.save_pretrained(tmp_path)
+    again = type(model).from_pretrained(tmp_path, dtype=torch.float64).eval()
+    assert _rel(_logits(again, ids), before) <= 1e-10
+    model.set_attn_implementation("eager")  # reads num_key_value_groups and scaling
+    assert _rel(_logits(model, ids), before_eager) <= 1e-10
+    kwargs = {"max_new_tokens": 20, "min_new_tokens": 20, "do_sample": False}
+    with torch.no_grad():
+        assert torch.equal(again.generate(ids, **kwargs), model.generate(ids, **kwargs))
+
+
+def test_gpt2_split_size_follows_the_heads() -> None:
+    """GPT-2 splits c_attn's output by ``split_size``: it must follow heads x head_dim."""
+    model = _build("gpt2")
+    widths = {f"transformer.h.{k}.attn.c_attn[0]": 3 for k in range(2)}
+    with pytest.warns(UserWarning, match="cannot describe"):  # n_embd = heads * head_dim
+        torch_embed.widen(model, widths, "split", example_inputs=(_ids(),))
+    for block in model.transformer.h:  # type: ignore[union-attr]
+        assert (block.attn.num_heads, block.attn.head_dim, block.attn.split_size) == (3, 8, 24)
+        assert block.attn.c_attn.weight.shape == (16, 72)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_head_dim_under_rope_is_rigid(name: str) -> None:
+    groups = torch_embed.width_groups(_build(name), (_ids(),))
+    q = [g for g in groups if g.name.startswith("model.layers.0.self_attn.q_proj")]
+    rigid = [g for g in q if not g.growable]
+    assert rigid and all("model.layers.0.self_attn" in (g.reason or "") for g in rigid)
+    with pytest.raises(ValueError, match="cannot grow"):
+        torch_embed.widen(_build(name), {rigid[0].name: 4}, "split", example_inputs=(_ids(),))
+
+
 @pytest.mark.parametrize("name", CAUSAL)
 def test_greedy_generation_is_identical(name: str) -> None:
     model, ids = _build(name), _ids(2)

@@ -27,7 +27,7 @@ from torch_embed.exactness import unit_roundoff
 from torch_embed.graph.embedding import GroupEmbedding
 from torch_embed.graph.groups import WidthGroups, width_groups
 from torch_embed.graph.handlers import Resize, attribute_updates
-from torch_embed.graph.hf import config_updates
+from torch_embed.graph.hf import transformers_updates
 from torch_embed.graph.layout import AxisLayout
 from torch_embed.graph.plan import plan_groups
 from torch_embed.graph.trace import check_model
@@ -87,8 +87,8 @@ def widen_graph(
     new_shapes = {
         a: tuple(new_state[n].shape) for n in embedding.tensors for a in aliases.get(n, [n])
     }
-    config, config_caveats = config_updates(model, new_shapes, updates)
-    updates.extend(config)
+    hf_updates, config_caveats = transformers_updates(model, new_shapes, updates)
+    updates.extend(hf_updates)
     changed = list(embedding.tensors)
     undo = _install(named_params, named_buffers, new_state, changed, new_grads, updates)
     probes: list[_Probe] = []

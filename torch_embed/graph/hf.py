@@ -38,7 +38,13 @@ from torch import nn
 
 from torch_embed.graph.handlers import Resize, register_handler
 
-__all__ = ["config_updates", "is_transformers_model", "register_handlers", "tracing"]
+__all__ = [
+    "config_updates",
+    "is_transformers_model",
+    "register_handlers",
+    "tracing",
+    "transformers_updates",
+]
 
 
 def is_transformers_model(model: object) -> bool:
@@ -136,9 +142,13 @@ class _View:
             *model.named_parameters(remove_duplicate=False),
             *model.named_buffers(remove_duplicate=False),
         ]
+        self.current = dict(self.state)
 
-    def shape(self, fqn: str, tensor: torch.Tensor) -> tuple[int, ...]:
-        return self.shapes.get(fqn, tuple(tensor.shape))
+    def shape(self, fqn: str, tensor: torch.Tensor | None = None) -> tuple[int, ...]:
+        """The new shape of the tensor ``fqn`` (``tensor``: the tensor, if at hand)."""
+        if fqn in self.shapes:
+            return self.shapes[fqn]
+        return tuple((tensor if tensor is not None else self.current[fqn]).shape)
 
     def sizes(self, pattern: str, axis: int) -> list[int]:
         """The new size of ``axis`` of every tensor whose FQN matches ``pattern``."""
@@ -234,6 +244,98 @@ def _mismatches(model: nn.Module, config: Any, view: _View) -> list[str]:
     return out
 
 
+def _gpt2_attention(v: _View, fqn: str, m: nn.Module) -> dict[str, object]:
+    """GPT-2 splits ``c_attn``'s output into q, k, v by ``split_size`` (= heads·head_dim)."""
+    if getattr(m, "is_cross_attention", True):  # c_attn holds k, v only; q_attn holds q
+        return {}
+    return {"split_size": v.shape(f"{fqn}.c_attn.weight")[1] // 3}
+
+
+def _bert_attention(v: _View, fqn: str, m: nn.Module) -> dict[str, object]:
+    """BERT views q, k, v as ``(..., -1, attention_head_size)``."""
+    rows = v.shape(f"{fqn}.query.weight")[0]
+    heads = int(v.attr(m, "num_attention_heads"))
+    return {"all_head_size": rows, "attention_head_size": rows // heads}
+
+
+def _gqa_attention(v: _View, fqn: str, m: nn.Module) -> dict[str, object]:
+    """LLaMA-style attention repeats each kv head ``num_key_value_groups`` times.
+
+    The eager attention path reads it; the sdpa path lets ``enable_gqa`` infer it, so a
+    stale value would only show after switching ``attn_implementation``.
+    """
+    q = v.shape(f"{fqn}.q_proj.weight")[0]
+    k = v.shape(f"{fqn}.k_proj.weight")[0]
+    return {"num_key_value_groups": q // k} if q % k == 0 else {}
+
+
+def _gated_mlp(v: _View, fqn: str, m: nn.Module) -> dict[str, object]:
+    """LLaMA-style MLPs keep their sizes as attributes (not read by ``forward``)."""
+    out, in_ = v.shape(f"{fqn}.up_proj.weight")
+    return {"intermediate_size": out, "hidden_size": in_}
+
+
+#: Module attributes a ``transformers`` class derives from its config in ``__init__``
+#: and no tensor of its own shows: ``{class name: rule}``, each rule giving the new
+#: values from the widened model.
+_MODULE_RULES: dict[str, Callable[[_View, str, nn.Module], dict[str, object]]] = {
+    "GPT2Attention": _gpt2_attention,
+    "BertSelfAttention": _bert_attention,
+    "LlamaAttention": _gqa_attention,
+    "Qwen2Attention": _gqa_attention,
+    "MistralAttention": _gqa_attention,
+    "LlamaMLP": _gated_mlp,
+    "Qwen2MLP": _gated_mlp,
+    "MistralMLP": _gated_mlp,
+}
+
+
+def transformers_updates(
+    model: nn.Module,
+    shapes: Mapping[str, tuple[int, ...]],
+    updates: Sequence[tuple[object, Mapping[str, object]]],
+) -> tuple[list[tuple[object, dict[str, object]]], list[str]]:
+    """Module attributes and config fields of a widened ``transformers`` model.
+
+    The module attributes of :data:`_MODULE_RULES` (GPT-2's ``split_size``, BERT's
+    ``attention_head_size``, ...) that ``updates`` does not set already, then
+    :func:`config_updates` on top of both.
+
+    Args:
+        model: The model before its new tensors are installed.
+        shapes: The new shape of every tensor that changes, under each of its FQNs.
+        updates: The module attribute updates that will be set, ``(module, {attr: value})``.
+
+    Returns:
+        ``(updates to add, caveats)``: see :func:`config_updates`.
+    """
+    if not is_transformers_model(model) or not shapes:
+        return [], []
+    view = _View(model, shapes, _merged(updates))
+    extra: list[tuple[object, dict[str, object]]] = []
+    for fqn, module in model.named_modules():
+        rule = _MODULE_RULES.get(type(module).__name__)
+        if rule is None:
+            continue
+        values = {
+            k: val
+            for k, val in rule(view, fqn, module).items()
+            if hasattr(module, k) and view.attr(module, k) == getattr(module, k)
+            and getattr(module, k) != val
+        }  # fmt: skip
+        if values:
+            extra.append((module, values))
+    config, caveats = config_updates(model, shapes, [*updates, *extra])
+    return [*extra, *config], caveats
+
+
+def _merged(updates: Sequence[tuple[object, Mapping[str, object]]]) -> dict[int, dict[str, object]]:
+    out: dict[int, dict[str, object]] = {}
+    for m, u in updates:
+        out.setdefault(id(m), {}).update(u)
+    return out
+
+
 def config_updates(
     model: nn.Module,
     shapes: Mapping[str, tuple[int, ...]],
@@ -256,8 +358,7 @@ def config_updates(
     config = getattr(model, "config", None)
     if not is_transformers_model(model) or config is None or not shapes:
         return [], []
-    attrs: dict[int, Mapping[str, object]] = {id(m): u for m, u in updates}
-    view = _View(model, shapes, attrs)
+    view = _View(model, shapes, _merged(updates))
     model_type = str(getattr(config, "model_type", ""))
     reader = _FIELDS.get(model_type)
     new: dict[str, object] = {}
@@ -268,7 +369,8 @@ def config_updates(
             continue
         value = distinct[0]
         if len(distinct) > 1:
-            unclear.append(f"`{field}` would need one value per layer, {distinct}")
+            shown = [int(d) if float(d).is_integer() else d for d in distinct]
+            unclear.append(f"`{field}` would need one value per layer, {shown}")
             continue
         if not field.endswith(("eps", "epsilon")):
             if float(value) != int(value):
@@ -280,10 +382,18 @@ def config_updates(
             current = _READ_WITH_DEFAULT[field](config, new)
         if current != value:
             new[field] = value
-    candidate = copy.deepcopy(config)
-    for field, value in new.items():
-        setattr(candidate, field, value)
-    mismatches = _mismatches(model, candidate, view)
+    try:
+        candidate = copy.deepcopy(config)
+        for field, value in new.items():
+            setattr(candidate, field, value)
+        validate = getattr(candidate, "validate", None)  # transformers 5's strict configs
+        if new and callable(validate):
+            validate()  # what save_pretrained runs
+        mismatches = _mismatches(model, candidate, view)
+    except Exception as error:  # the config class validates its fields (hidden % heads)
+        first = str(error).strip().splitlines()
+        unclear.append(f"{type(error).__name__}: {' '.join(first[-1:]).strip().rstrip('.')}"[:300])
+        mismatches = []
     if not mismatches and not unclear:
         return ([(config, new)] if new else []), []
     kind = type(config).__name__
