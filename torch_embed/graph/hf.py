@@ -12,6 +12,10 @@ Three things make a ``transformers`` model widen like any other traced model:
   attribute; eps is ``variance_epsilon``). They are registered by
   :func:`register_handlers` the first time a handler is looked up for a module of the
   ``transformers`` package, so ``import torch_embed`` never imports ``transformers``.
+- **Attributes copied from the config** in ``__init__`` that no own tensor shows and
+  ``forward`` reads: GPT-2's ``split_size``, BERT's ``attention_head_size``, LLaMA's
+  and Qwen2's ``num_key_value_groups`` (eager attention), the MLPs' sizes
+  (:func:`transformers_updates`).
 - **Config fields.** :func:`config_updates` gives the new ``hidden_size``,
   ``intermediate_size`` (``n_inner``), ``num_attention_heads``,
   ``num_key_value_heads``, ``head_dim`` and eps fields of a widened BERT, GPT-2,
@@ -100,8 +104,6 @@ _RMS_NORMS = (
     ("transformers.models.qwen2.modeling_qwen2", "Qwen2RMSNorm"),
     ("transformers.models.mistral.modeling_mistral", "MistralRMSNorm"),
 )
-#: Eps attribute of each norm class a residual-width fill rescales.
-EPS_ATTRIBUTES = {name: "variance_epsilon" for _, name in _RMS_NORMS}
 
 
 def register_handlers() -> None:
