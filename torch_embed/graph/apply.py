@@ -249,8 +249,11 @@ def _head_counts(
 
 
 def _factors(layout: AxisLayout) -> list[int]:
+    """The sizes of the factors of an axis (of its first part, for a split q/kv axis)."""
     if layout.kind == "prod":
         return [f for p in layout.parts for f in _factors(p)]
+    if layout.kind == "sum":
+        return _factors(layout.parts[0])
     return [layout.size] if layout.size != 1 else []
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from torch_embed.graph.attention import rotary_reason
 from torch_embed.graph.layout import AxisLayout
 from torch_embed.graph.ops import Constraint, Interpretation, interpret
 from torch_embed.graph.trace import Tracer, check_model, trace
@@ -315,11 +316,12 @@ def _collect(it: Interpretation, inputs: tuple[tuple[str, Any], ...]) -> WidthGr
                 if whole and u.role in ("producer", "per-channel") and _owner(u) != name
             )
         )
+        why = "; ".join(r for _, r in pins) or None
         group = WidthGroup(
             name=name,
             size=atoms.size(leaf),
             growable=not pins,
-            reason="; ".join(r for _, r in pins) or None,
+            reason=rotary_reason(why, constraints.get(leaf, ())),
             aliases=aliases,
             producers=tuple(u for _, u, _ in entries if u.role in ("producer", "per-channel")),
             consumers=tuple(u for _, u, _ in entries if u.role in ("consumer", "unknown")),
@@ -333,13 +335,21 @@ def _collect(it: Interpretation, inputs: tuple[tuple[str, Any], ...]) -> WidthGr
     names = {f"#{leaf}": g.name for (_, leaf, _), g in zip(found, named)}
     fixed = frozenset(n for lay in layouts.values() for n in lay.groups() if n not in names)
 
-    def named_leaves(atom: int | None) -> tuple[str, ...]:
+    repeated = {leaf for a in it.repeats for leaf in atoms.leaves(a)}
+
+    def named_leaves(atom: int | None, drop: set[int] | None = None) -> tuple[str, ...]:
         if atom is None:
             return ()
-        return tuple(names[f"#{leaf}"] for leaf in atoms.leaves(atom) if f"#{leaf}" in names)
+        return tuple(
+            dict.fromkeys(
+                names[f"#{leaf}"]
+                for leaf in atoms.leaves(atom)
+                if f"#{leaf}" in names and leaf not in (drop or ())
+            )
+        )
 
     attentions = dict.fromkeys(
-        Attention(module, named_leaves(qh), named_leaves(kh), named_leaves(dim))
+        Attention(module, named_leaves(qh), named_leaves(kh, repeated), named_leaves(dim))
         for module, qh, kh, dim in it.attentions
     )
     return WidthGroups(

@@ -231,7 +231,9 @@ def _plan_one(
             appended.extend([(q, s)] * copies)
     # coefficients, split by split (a unit chosen again splits its current share)
     extra_coef = [0.0] * len(appended)
-    if isinstance(scheme, Split):
+    if null:  # null units (also a zero-extended head_dim under any scheme): no split
+        pass
+    elif isinstance(scheme, Split):
         alphas = _alphas(scheme, len(appended) // copies, generator)
         for t in range(0, len(appended), copies):
             s = appended[t][1]
