@@ -406,9 +406,13 @@ def _axes(
         for u in (*g.producers, *g.consumers):
             key = (u.tensor, u.axis)
             role = "copy" if u.role in ("producer", "per-channel") else "split"
-            if roles.setdefault(key, role) != role:
+            if roles.setdefault(key, role) != role and g.name in maps:
                 raise ValueError(
-                    f"`{u.tensor}` axis {u.axis} both writes and reads features; not supported"
+                    f"`{u.tensor}` axis {u.axis} both writes and reads the features of width "
+                    f"group {g.name!r} (a tied embedding / LM head: the same matrix embeds "
+                    f"the tokens and reads the last hidden state): growing the group would "
+                    f"need the tied matrix copied in one use and split in the other; untie "
+                    f"it (give the head its own Parameter) or leave {g.name!r} as it is"
                 )
             if u.role == "consumer" and u.groups > 1 and g.name in maps:
                 if u.offset or u.stride != 1 or u.repeats:
