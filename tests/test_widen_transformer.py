@@ -352,3 +352,78 @@ def test_deepcopy_unaffected() -> None:
     twin = copy.deepcopy(model)
     torch_embed.widen(model, {"h.0.attn.q[0]": 3}, "split", example_inputs=(_idx(),))
     assert twin.h[0].attn.n_head == 2 and twin.h[0].attn.q.out_features == 8
+
+
+# ----------------------------------------------------------------- residual: fills
+@pytest.mark.parametrize("width", [9, 13])
+def test_rmsnorm_zero_fill_any_width(width: int) -> None:
+    """RMSNorm: null residual units, γ × √(D/D'), eps × D/D': exact and critical."""
+    model = LLAMA()
+    idx = _idx()
+    prompt = _idx(4, seed=5)[:1]
+    with torch.no_grad():
+        before = model(idx)
+    tokens = greedy(model, prompt)
+    gammas = {n: p.detach().clone() for n, p in model.named_parameters() if "norm" in n}
+    _loss(model, idx).backward()
+    narrow = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        emb = torch_embed.widen(model, {"embed_tokens": width}, "null", example_inputs=(idx,))
+    assert emb.kind is EmbeddingKind.CRITICAL
+    with torch.no_grad():
+        assert _rel(before, model(idx)) <= 1e-12  # a missing eps rescale shows here
+    assert greedy(model, prompt) == tokens
+    for n, g in gammas.items():
+        wide = dict(model.named_parameters())[n].detach()
+        assert torch.allclose(wide[:8], g * (8 / width) ** 0.5, rtol=1e-15, atol=0)
+        assert bool((wide[8:] == 0).all())
+    for m in (model.norm, model.layers[1].input_layernorm):
+        assert m.eps == pytest.approx(1e-6 * 8 / width, rel=1e-15)
+        assert m.normalized_shape == (width,)
+    assert bool((model.embed_tokens.weight[:, 8:] == 0).all())
+    # the wide gradient is the narrow one mapped (new units: zero)
+    mapped = {n: p.grad for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    _loss(model, idx).backward()
+    for n, p in model.named_parameters():
+        assert p.grad is not None and mapped[n] is not None
+        scale = max(float(narrow[n].abs().max()), 1e-3)
+        assert float((p.grad - mapped[n]).abs().max()) <= 1e-11 * scale, n
+
+
+@pytest.mark.parametrize("make", [GPT_SDPA, ENC_PRE_SEQ_FIRST], ids=["gpt", "enc-pre"])
+def test_layernorm_mean_fill_any_width(make: Factory) -> None:
+    """Pre-LN: writers' new rows = mean of old rows; γ × √(D/D'); eps × D/D'; exact."""
+    model = make()
+    idx = _idx()
+    with torch.no_grad():
+        before = model(idx)
+    emb_w = model.wte.weight if isinstance(model, GPT) else model.embed.weight
+    table = emb_w.detach().clone()
+    residual = "wte" if isinstance(model, GPT) else "embed"
+    widths = {residual: 13}
+    if not isinstance(model, GPT):  # nn.MultiheadAttention: embed_dim = heads × head_dim
+        widths = {residual: 12, "layers.0.self_attn[1]": 3, "layers.1.self_attn[1]": 3}
+    emb = torch_embed.widen(model, widths, "null", example_inputs=(idx,))
+    wide = widths[residual]
+    assert emb.kind is EmbeddingKind.OUTPUT_PRESERVING
+    assert any("mean-fill" in r for r in emb.reasons)
+    with torch.no_grad():
+        assert _rel(before, model(idx)) <= 1e-12
+    new = emb_w.detach()[:, 8:]
+    assert torch.allclose(new, table.mean(1, keepdim=True).expand_as(new), rtol=1e-14, atol=0)
+    norm = model.ln_f if isinstance(model, GPT) else model.layers[0].norm1
+    assert norm.eps == pytest.approx(1e-5 * 8 / wide, rel=1e-15)
+    assert bool((norm.weight[8:] == 0).all()) and bool((norm.bias[8:] == 0).all())
+
+
+def test_post_norm_mean_fill_is_refused() -> None:
+    """Post-LN writes β_new = 0 (not the mean) back into the stream: refused, untouched."""
+    model = ENC_POST()
+    before = _state(model)
+    widths = {"embed": 12, "layers.0.self_attn[1]": 3, "layers.1.self_attn[1]": 3}
+    with pytest.raises(ValueError, match="mean-fill is exact only when"):
+        torch_embed.widen(model, widths, "null", example_inputs=(_idx(),))
+    assert all(torch.equal(before[k], v) for k, v in _state(model).items())
+    assert model.layers[0].norm1.eps == 1e-5

@@ -20,6 +20,16 @@ from torch import Tensor, nn
 __all__ = ["GPT", "Llama", "TorchDecoderLM", "TorchEncoderLM", "greedy"]
 
 
+def _random_norms(model: nn.Module) -> None:
+    """Non-trivial norms (the default init is γ = 1, β = 0, under which more maps pass)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
+                m.weight.uniform_(0.5, 1.5)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.normal_(0, 0.1)
+
+
 class CausalSelfAttention(nn.Module):
     """Separate q/k/v projections, ``n_head`` heads of ``head_dim``."""
 
@@ -83,11 +93,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(d, vocab, bias=False)
         if tied:
             self.lm_head.weight = self.wte.weight
-        with torch.no_grad():  # non-trivial norms (default init is γ = 1, β = 0)
-            for m in self.modules():
-                if isinstance(m, nn.LayerNorm):
-                    m.weight.uniform_(0.5, 1.5)
-                    m.bias.normal_(0, 0.1)
+        _random_norms(self)
 
     def forward(self, idx: Tensor) -> Tensor:
         pos = torch.arange(idx.shape[1], device=idx.device)
@@ -105,13 +111,13 @@ def rotate_half(x: Tensor) -> Tensor:
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, base: float = 10000.0) -> None:
         super().__init__()
-        inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        inv = 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
         self.register_buffer("inv_freq", inv, persistent=False)
 
     def forward(self, t: int) -> tuple[Tensor, Tensor]:
         freqs = torch.outer(torch.arange(t, dtype=self.inv_freq.dtype), self.inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos(), emb.sin()
+        return emb.cos(), emb.sin()  # in the buffer's dtype (the model's, after .double())
 
 
 class LlamaAttention(nn.Module):
@@ -179,10 +185,7 @@ class Llama(nn.Module):
         )
         self.norm = nn.RMSNorm(d, eps=1e-6)
         self.lm_head = nn.Linear(d, vocab, bias=False)
-        with torch.no_grad():
-            for m in self.modules():
-                if isinstance(m, nn.RMSNorm):
-                    m.weight.uniform_(0.5, 1.5)
+        _random_norms(self)
 
     def forward(self, idx: Tensor) -> Tensor:
         x = self.embed_tokens(idx)
@@ -214,6 +217,7 @@ class TorchEncoderLM(nn.Module):
             for _ in range(layers)
         )
         self.head = nn.Linear(d, 3)
+        _random_norms(self)
 
     def forward(self, idx: Tensor) -> Tensor:
         x = self.embed(idx if self.batch_first else idx.t())
@@ -234,6 +238,7 @@ class TorchDecoderLM(nn.Module):
             d, n_head, ffn, dropout=0.0, batch_first=True, norm_first=norm_first
         )
         self.head = nn.Linear(d, vocab)
+        _random_norms(self)
 
     def forward(self, idx: Tensor) -> Tensor:
         x = self.embed(idx)

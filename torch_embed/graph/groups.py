@@ -21,7 +21,15 @@ from torch_embed.graph.layout import AxisLayout
 from torch_embed.graph.ops import Constraint, Interpretation, interpret
 from torch_embed.graph.trace import Tracer, check_model, trace
 
-__all__ = ["Attention", "AxisUse", "Constraint", "WidthGroup", "WidthGroups", "width_groups"]
+__all__ = [
+    "Attention",
+    "AxisUse",
+    "Constraint",
+    "Norm",
+    "WidthGroup",
+    "WidthGroups",
+    "width_groups",
+]
 
 
 @dataclass(frozen=True)
@@ -137,6 +145,25 @@ class Attention:
     head_dim: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class Norm:
+    """One LayerNorm or RMSNorm found in the trace.
+
+    Attributes:
+        module: FQN of the module that runs it.
+        kind: ``"layer_norm"`` or ``"rms_norm"``.
+        groups: The groups of its normalised axes (one, for a norm over the residual).
+        weight: FQN of its γ (``None`` without one).
+        eps: The eps the trace shows (``None``: the op's default).
+    """
+
+    module: str
+    kind: str
+    groups: tuple[str, ...]
+    weight: str | None
+    eps: float | None
+
+
 class WidthGroups(list[WidthGroup]):
     """The result of :func:`width_groups`: a list whose ``str`` is a table.
 
@@ -147,7 +174,8 @@ class WidthGroups(list[WidthGroup]):
     which the indices after widening follow (``layout.resized({name: width})``). The
     in-axis of a grouped convolution's weight holds one group's share and has no entry
     (see :attr:`AxisUse.groups`). ``groups.attentions`` lists every
-    :class:`Attention` with its head and head_dim groups.
+    :class:`Attention` with its head and head_dim groups, ``groups.norms`` every
+    LayerNorm/RMSNorm (:class:`Norm`).
     """
 
     def __init__(
@@ -157,11 +185,13 @@ class WidthGroups(list[WidthGroup]):
         tracer: str = "",
         layouts: dict[tuple[str, int], AxisLayout] | None = None,
         attentions: Iterable[Attention] = (),
+        norms: Iterable[Norm] = (),
     ) -> None:
         super().__init__(groups)
         self.tracer = tracer
         self.layouts: dict[tuple[str, int], AxisLayout] = dict(layouts or {})
         self.attentions: tuple[Attention, ...] = tuple(attentions)
+        self.norms: tuple[Norm, ...] = tuple(norms)
 
     def find(self, name: str) -> WidthGroup:
         """The group called ``name`` or with ``name`` among its aliases.
@@ -356,6 +386,10 @@ def _collect(it: Interpretation, inputs: tuple[tuple[str, Any], ...]) -> WidthGr
         named,
         layouts={key: lay.rename(names, fixed) for key, lay in layouts.items()},
         attentions=attentions,
+        norms=[
+            Norm(module, kind, tuple(n for a in axes for n in named_leaves(a)), weight, eps)
+            for module, kind, axes, weight, eps in it.norms
+        ],
     )
 
 

@@ -123,6 +123,8 @@ class Interpretation:
     scores: dict[str, tuple[int, float, int | None, int | None]] = field(default_factory=dict)
     # (module, q head axis, kv head axis, qk head_dim axis) of every attention found
     attentions: list[tuple[str, int | None, int | None, int]] = field(default_factory=list)
+    # (module, kind, normalised axes, weight FQN or None, eps) of every LayerNorm/RMSNorm
+    norms: list[tuple[str, str, Axes, str | None, float | None]] = field(default_factory=list)
     # part of a split parameter axis -> the whole axis (see ``use``)
     part_of: dict[int, int] = field(default_factory=dict)
     # axes made by repeating entries (expand of a size-1 axis, repeat_interleave): GQA's n_rep
@@ -520,6 +522,11 @@ def _norm(it: Interpretation, node: TracedNode) -> Any:
             for pa, xa in zip(p, x[len(x) - k :]):
                 it.unify(xa, pa, node)
                 it.use(xa, pa, "per-channel", node)
+    w = it.axes(node.arg(2, "weight"))
+    weight = it.origin[w[0]][0] if w and w[0] in it.origin else None
+    eps = node.arg(4 if kind == "layer_norm" else 3, "eps")
+    eps = float(eps) if isinstance(eps, (int, float)) else None
+    it.norms.append((node.module, kind, x[len(x) - k :], weight, eps))
     return _with_extras(it, node, x)
 
 
