@@ -25,6 +25,7 @@ from torch.utils._pytree import tree_leaves
 
 from torch_embed.exactness import unit_roundoff
 from torch_embed.graph.embedding import GroupEmbedding
+from torch_embed.graph.fill import EPS_ATTRIBUTES
 from torch_embed.graph.groups import WidthGroups, width_groups
 from torch_embed.graph.handlers import Resize, attribute_updates
 from torch_embed.graph.hf import transformers_updates
@@ -83,6 +84,7 @@ def widen_graph(
     updates: list[tuple[object, dict[str, object]]] = []
     updates.extend(_attribute_updates(model, new_state, embedding, aliases, heads))
     updates.extend(_scale_updates(model, embedding))
+    updates.extend(_eps_updates(model, embedding))
     updates.extend(_head_attribute_updates(model, groups, embedding))
     new_shapes = {
         a: tuple(new_state[n].shape) for n in embedding.tensors for a in aliases.get(n, [n])
@@ -105,6 +107,8 @@ def widen_graph(
                 f"{error}; the model was left "
                 f"unchanged. A size written into forward (x.view(-1, 128)) or a module "
                 f"attribute no handler patches can cause this"
+                + _MEAN_FILL_HINT
+                * any(a.mean for a in embedding.axes)
             ) from error
         raise
     finally:
@@ -130,6 +134,14 @@ def widen_graph(
         for p, st in new_opt.items():
             optimizer.state[p] = st
     return embedding
+
+
+_MEAN_FILL_HINT = (
+    "; so can a mean-fill under a post-norm LayerNorm: mean-fill is exact only when every "
+    "LayerNorm reads the residual stream without writing its output back into it "
+    "(pre-norm); grow a post-norm model's residual by uniform copies (Split, a multiple "
+    "of the width)"
+)
 
 
 class _Probe:
@@ -259,8 +271,11 @@ def _head_counts(
 
 
 def _factors(layout: AxisLayout) -> list[int]:
+    """The sizes of the factors of an axis (of its first part, for a split q/kv axis)."""
     if layout.kind == "prod":
         return [f for p in layout.parts for f in _factors(p)]
+    if layout.kind == "sum":
+        return _factors(layout.parts[0])
     return [layout.size] if layout.size != 1 else []
 
 
@@ -307,6 +322,36 @@ def _head_attribute_updates(
                 if isinstance(value, int) and not isinstance(value, bool) and value == old:
                     updates.setdefault(att.module, {})[attr] = new
     return [(model.get_submodule(m), u) for m, u in updates.items()]
+
+
+def _eps_updates(
+    model: nn.Module, embedding: GroupEmbedding
+) -> list[tuple[nn.Module, dict[str, object]]]:
+    """The eps of every norm over a zero- or mean-filled group, × D/D' (graph/fill.py)."""
+    out: list[tuple[nn.Module, dict[str, object]]] = []
+    for owner, old, factor in embedding.eps:
+        module = model.get_submodule(owner)
+        found = None
+        for attr in EPS_ATTRIBUTES:
+            if not hasattr(module, attr):
+                continue
+            value = getattr(module, attr)
+            if value is None and old is None:  # nn.RMSNorm(eps=None): the dtype's eps
+                weight = getattr(module, "weight", None)
+                dtype = weight.dtype if isinstance(weight, Tensor) else torch.get_default_dtype()
+                found = (attr, torch.finfo(dtype).eps * factor)
+            elif isinstance(value, float) and old is not None and math.isclose(value, old):
+                found = (attr, value * factor)
+            if found:
+                break
+        if found is None:
+            raise ValueError(
+                f"widen: the norm at `{owner}` ({type(module).__name__}) reads the filled "
+                f"group, but no attribute {list(EPS_ATTRIBUTES)} holds its eps {old}: its eps "
+                f"must become eps × {factor:.6g} to keep the output; make it an attribute"
+            )
+        out.append((module, {found[0]: found[1]}))
+    return out
 
 
 def _scale_updates(

@@ -14,14 +14,20 @@ packs q, k and v with one head_dim) has ``o_proj`` columns as consumers: they ge
 ``1/g``.
 
 Under rotary position embeddings the head_dim is rigid: the rotation's frequencies
-depend on ``d`` and its halves are sliced (:func:`rotary_reason` names the module).
+depend on ``d`` and its halves are sliced (:func:`rotary_reason` names the module in
+the group's reason).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-from torch_embed.graph.groups import WidthGroup
+from torch_embed.graph.ops import Constraint
+
+if TYPE_CHECKING:
+    from torch_embed.graph.groups import WidthGroup
 
 __all__ = ["rotary_reason", "temperature", "zero_extended"]
 
@@ -61,13 +67,17 @@ def temperature(group: WidthGroup, width: int) -> tuple[float, tuple[Patch, ...]
     return (gains.pop() if gains else 1.0), tuple(dict.fromkeys(scales))
 
 
-def rotary_reason(group: WidthGroup) -> str | None:
-    """``"head_dim: rotary embedding at <module>"`` for a rigid head_dim under RoPE."""
-    if group.growable or not any(c.kind == "attention" for c in group.constraints):
-        return None
-    reason = group.reason or ""
+def rotary_reason(reason: str | None, constraints: Iterable[Constraint]) -> str | None:
+    """``reason``, led by ``"head_dim: rotary embedding at `<module>`"`` under RoPE.
+
+    A head_dim inside an attention (an ``"attention"`` constraint) that is rigid because
+    an op slices it (``rotate_half``) or a rotary module touches it is named as such.
+    """
+    if reason is None or not any(c.kind == "attention" for c in constraints):
+        return reason
     for part in reason.split("; "):
-        if "rotary" in part.lower() or "rope" in part.lower() or "aten.slice" in part:
+        low = part.lower()
+        if "rotary" in low or "rope" in low or part.startswith("aten.slice"):
             module = part.split("`")[1] if "`" in part else "the model's own forward"
-            return f"head_dim: rotary embedding at `{module}` ({part})"
-    return None
+            return f"head_dim: rotary embedding at `{module}` (never grown: {reason})"
+    return reason

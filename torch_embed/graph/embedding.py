@@ -55,6 +55,8 @@ class AxisMap:
             ``g`` per wide entry: copies are multiplied by ``g``, consumers by ``1/g``
             (an attention head_dim's temperature fix, GROWTH.md §2); gradients map
             by the inverse factors, second moments by their squares.
+        mean: ``apply`` sets the null entries to the mean of the narrow entries along
+            the axis (a LayerNorm's mean-fill, :mod:`torch_embed.graph.fill`).
     """
 
     tensor: str
@@ -64,6 +66,7 @@ class AxisMap:
     coef: Tensor
     groups: int = 1
     gain: Tensor | None = None
+    mean: bool = False
 
     def scale(self, what: str) -> Tensor:
         """The factor of each wide entry for ``what`` in apply/grad/second."""
@@ -150,6 +153,8 @@ class GroupEmbedding:
         scales: ``(module FQN, old, new)`` per attention whose explicit softmax scale
             follows head_dim (``1/√d``): the apply step sets an attribute ``scale``,
             ``scaling`` or ``softmax_scale`` of that module holding ``old`` to ``new``.
+        eps: ``(module FQN, traced eps or None, factor)`` per LayerNorm/RMSNorm over a
+            filled group: the apply step multiplies its eps attribute by ``factor``.
     """
 
     maps: Mapping[str, LayerMap]
@@ -160,6 +165,7 @@ class GroupEmbedding:
     noise: float = 0.0
     seed: int = 0
     scales: tuple[tuple[str, float, float], ...] = ()
+    eps: tuple[tuple[str, float | None, float], ...] = ()
 
     @property
     def kind(self) -> EmbeddingKind:
@@ -187,7 +193,12 @@ class GroupEmbedding:
             t = tensors[name]
             # plain axes first: a grouped in-axis reads the (new) output segments
             for a in sorted(axes, key=lambda a: a.groups > 1):
+                narrow = t
                 t = _gather(t, a, a.scale(what))
+                if what == "apply" and a.mean:
+                    null = (a.source < 0).nonzero().flatten().to(t.device)
+                    fill = narrow.mean(a.axis, keepdim=True).expand_as(t.index_select(a.axis, null))
+                    t = t.index_copy(a.axis, null, fill.contiguous())
                 if what == "apply" and self.noise and a.role == "split":
                     t = _add_noise(t, a, self.noise, self.seed)
             out[name] = t

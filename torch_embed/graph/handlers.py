@@ -430,7 +430,12 @@ def _multihead_attention(module: nn.Module, resize: Resize, /) -> Mapping[str, o
     if mha._qkv_same_embed_dim:
         rows, embed = _required(module, resize, "in_proj_weight", 2)
         if rows != 3 * embed:
-            raise ValueError(f"in_proj_weight must be (3E, E), got {(rows, embed)}")
+            raise ValueError(
+                f"in_proj_weight must be (3E, E), got {(rows, embed)}: embed_dim is both "
+                f"the width of the attention's input and num_heads × head_dim, so its heads "
+                f"or head_dim grow only together with its input's width group (to "
+                f"{rows // 3} here)"
+            )
         kdim = vdim = embed
     else:
         embed, _ = _required(module, resize, "q_proj_weight", 2)

@@ -123,6 +123,12 @@ class Interpretation:
     scores: dict[str, tuple[int, float, int | None, int | None]] = field(default_factory=dict)
     # (module, q head axis, kv head axis, qk head_dim axis) of every attention found
     attentions: list[tuple[str, int | None, int | None, int]] = field(default_factory=list)
+    # (module, kind, normalised axes, weight FQN or None, eps) of every LayerNorm/RMSNorm
+    norms: list[tuple[str, str, Axes, str | None, float | None]] = field(default_factory=list)
+    # part of a split parameter axis -> the whole axis (see ``use``)
+    part_of: dict[int, int] = field(default_factory=dict)
+    # axes made by repeating entries (expand of a size-1 axis, repeat_interleave): GQA's n_rep
+    repeats: list[int] = field(default_factory=list)
 
     # -- helpers used by the rules
     def fresh(self, shape: tuple[int, ...]) -> Axes:
@@ -142,7 +148,14 @@ class Interpretation:
         self.atoms.union(a, b, node.where)
 
     def use(self, group: int, param: int, role: str, node: TracedNode, groups: int = 1) -> None:
-        """Record that the tensor axis ``param`` (if it is one) has ``role`` on ``group``."""
+        """Record that the tensor axis ``param`` (if it is one) has ``role`` on ``group``.
+
+        A part of a parameter axis split by ``split``/``chunk`` (``nn.MultiheadAttention``
+        slicing its packed ``in_proj_weight`` into q and kv rows) stands for the whole
+        axis: the use covers every group of it, at its offsets.
+        """
+        if param not in self.origin and param in self.part_of:
+            group = param = self.part_of[param]
         origin = self.origin.get(param)
         if origin is not None:
             self.uses.append(
@@ -378,7 +391,9 @@ def _repeat_interleave(it: Interpretation, node: TracedNode) -> Any:
     if reps == 1:
         return x
     out = list(x)
-    out[d] = it.atoms.product([x[d], it.atoms.new(reps)])
+    rep = it.atoms.new(reps)
+    it.repeats.append(rep)
+    out[d] = it.atoms.product([x[d], rep])
     return tuple(out)
 
 
@@ -507,6 +522,11 @@ def _norm(it: Interpretation, node: TracedNode) -> Any:
             for pa, xa in zip(p, x[len(x) - k :]):
                 it.unify(xa, pa, node)
                 it.use(xa, pa, "per-channel", node)
+    w = it.axes(node.arg(2, "weight"))
+    weight = it.origin[w[0]][0] if w and w[0] in it.origin else None
+    eps = node.arg(4 if kind == "layer_norm" else 3, "eps")
+    eps = float(eps) if isinstance(eps, (int, float)) else None
+    it.norms.append((node.module, kind, x[len(x) - k :], weight, eps))
     return _with_extras(it, node, x)
 
 
@@ -705,6 +725,8 @@ def _expand(it: Interpretation, node: TracedNode) -> Any:
             out.append(x[-pos])
         else:
             out.append(it.atoms.new(shape[-pos]))
+            if pos <= len(x) and shape[-pos] > 1:
+                it.repeats.append(out[-1])
     return tuple(reversed(out))
 
 
@@ -761,6 +783,9 @@ def _split(it: Interpretation, node: TracedNode) -> Any:
     d = _dim(int(node.arg(2, "dim", 0)), len(x))
     sizes = [int(s[d]) for s in shapes]
     parts = it.atoms.refine(x[d], "sum", sizes) if len(sizes) > 1 else (x[d],)
+    whole = it.part_of.get(x[d], x[d])
+    if whole in it.origin:
+        it.part_of.update((p, whole) for p in parts)
     kind = (
         "chunk"
         if node.op == "chunk" or (node.op == "split" and len(set(sizes[:-1])) <= 1)

@@ -33,6 +33,7 @@ import torch
 from torch_embed.embedding import LayerMap
 from torch_embed.graph.attention import temperature, zero_extended
 from torch_embed.graph.embedding import AxisMap, GroupEmbedding, axis_map
+from torch_embed.graph.fill import fill_kind, plan_fill
 from torch_embed.graph.groups import WidthGroup, WidthGroups
 from torch_embed.graph.layout import AxisLayout
 from torch_embed.schemes import (
@@ -80,11 +81,20 @@ def _rules(group: WidthGroup) -> tuple[bool, int, str]:
     return uniform, segments, why
 
 
+def _fillable(group: WidthGroup) -> bool:
+    try:
+        return fill_kind(group) is not None
+    except ValueError:
+        return False
+
+
 def _allowed(size: int, width: int, group: WidthGroup, scheme: Scheme) -> int:
     """The smallest width >= ``width`` the group's rules and the scheme allow."""
     uniform, segments, _ = _rules(group)
     null = isinstance(scheme, Null) or zero_extended(group)
     step = (1 if null else _copies_per_split(scheme)) * segments
+    if uniform and isinstance(scheme, Null) and fill_kind(group) is not None:
+        return width  # zero-fill / mean-fill: any width
     if uniform:
         k = max(1, math.ceil(width / size))
         c = _copies_per_split(scheme)
@@ -182,6 +192,9 @@ def _plan_one(
             f"contracted between two activations (attention head_dim), which takes only "
             f"null (zero-extended) units: no rule keeps both"
         )
+    filled = null and uniform and isinstance(scheme, Null) and fill_kind(group) is not None
+    if filled:
+        uniform = False  # zero-fill / mean-fill (graph/fill.py): null units at any width
     if null and uniform:
         raise ValueError(
             f"{why}: uniform copies or mean-fill (every unit copied the same number of times); "
@@ -192,6 +205,12 @@ def _plan_one(
             f"{why}: uniform copies or mean-fill (every unit copied the same number of "
             f"times): width group {group.name!r} of {n} units cannot become {width}, which "
             f"is not a multiple of {n}"
+            + (
+                "; for any width use the Null scheme (zero-fill under RMSNorm, mean-fill "
+                "under LayerNorm)"
+                if _fillable(group)
+                else ""
+            )
         )
     if segments > 1 and (n % segments or extra % segments):
         raise ValueError(
@@ -231,7 +250,9 @@ def _plan_one(
             appended.extend([(q, s)] * copies)
     # coefficients, split by split (a unit chosen again splits its current share)
     extra_coef = [0.0] * len(appended)
-    if isinstance(scheme, Split):
+    if null:  # null units (also a zero-extended head_dim under any scheme): no split
+        pass
+    elif isinstance(scheme, Split):
         alphas = _alphas(scheme, len(appended) // copies, generator)
         for t in range(0, len(appended), copies):
             s = appended[t][1]
@@ -332,6 +353,20 @@ def plan_groups(
             if gain != 1.0:
                 gains[g.name] = gain
             scales.extend(patch)
+    fill = plan_fill(groups, widths) if isinstance(cfg, Null) else None
+    axes = _axes(groups, maps, gains)
+    if fill is not None:
+        axes = tuple(
+            dataclasses.replace(
+                a,
+                gain=torch.full_like(a.coef, fill.gains[(a.tensor, a.axis)])
+                if (a.tensor, a.axis) in fill.gains
+                else a.gain,
+                mean=(a.tensor, a.axis) in fill.mean,
+            )
+            for a in axes
+        )
+        reasons.extend(fill.reasons)
     noise, seed = 0.0, 0
     if isinstance(cfg, Net2Net) and cfg.noise > 0:
         noise = float(cfg.noise)
@@ -343,12 +378,13 @@ def plan_groups(
     return GroupEmbedding(
         maps,
         sizes,
-        _axes(groups, maps, gains),
+        axes,
         type(cfg).__name__,
         tuple(reasons),
         noise,
         seed,
         tuple(dict.fromkeys(scales)),
+        tuple(fill.eps) if fill is not None else (),
     )
 
 
@@ -367,7 +403,8 @@ def _gradient_caveats(group: WidthGroup, lm: LayerMap) -> list[str]:
     stat = next((c for k, c in kinds.items() if k in _UNIFORM), None)
     if stat is not None and bool((src >= 0).any()):
         counts = torch.bincount(src[src >= 0], minlength=group.size).to(torch.float64)
-        equal = (lm.coef - 1.0 / counts[src.clamp(min=0)]).abs().max() <= 1e-12
+        kept = src >= 0  # null units (a zero- or mean-fill) share no statistic
+        equal = (lm.coef[kept] - 1.0 / counts[src[kept]]).abs().max() <= 1e-12
         if not bool(equal):
             name = _NORM_NAMES.get(stat.kind, stat.kind)
             out.append(
@@ -407,8 +444,10 @@ def _axes(
             if roles.setdefault(key, role) != role and g.name in maps:
                 raise ValueError(
                     f"`{u.tensor}` axis {u.axis} both writes and reads the features of width "
-                    f"group {g.name!r} (a tied embedding and output head); growing it is not "
-                    f"supported"
+                    f"group {g.name!r} (a tied embedding / LM head: the same matrix embeds "
+                    f"the tokens and reads the last hidden state): growing the group would "
+                    f"need the tied matrix copied in one use and split in the other; untie "
+                    f"it (give the head its own Parameter) or leave {g.name!r} as it is"
                 )
             if u.role == "consumer" and u.groups > 1 and g.name in maps:
                 if u.offset or u.stride != 1 or u.repeats:
