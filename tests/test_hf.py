@@ -111,6 +111,7 @@ def test_width_groups_list_the_ffn_groups(name: str) -> None:
     use_cache = getattr(model.config, "use_cache", None)
     groups = torch_embed.width_groups(model, (_ids(),))  # a causal LM returns a cache too
     assert model.config.use_cache == use_cache  # put back after the trace
+    assert not any("forward" in vars(m) for m in model.modules())  # RMSNorm's too
     assert groups.tracer == "torch.export"
     fmt, aliases, reader = FFN[name]
     for layer in range(2):
@@ -187,30 +188,55 @@ def test_per_layer_widths_leave_the_config_with_a_warning(name: str) -> None:
     assert _rel(_logits(model, ids), before) <= 1e-10
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2"])
-def test_residual_copies_under_rmsnorm_and_config(name: str, tmp_path: Path) -> None:
-    """The residual stream x2 by uniform copies (RMSNorm's rule), in float32.
+RESIDUAL = [
+    pytest.param("llama", 32, torch_embed.Split(alpha=0.5), id="llama-copies-x2"),
+    pytest.param("llama", 24, torch_embed.Null(), id="llama-zero-fill-24"),
+    pytest.param("qwen2", 21, torch_embed.Null(), id="qwen2-zero-fill-21"),
+]
 
-    The HF RMSNorm computes in float32 whatever the model's dtype, and its mean over 32
-    features rounds differently from the mean over 16: float32-exact, not float64.
-    Qwen2Config has no ``head_dim`` field (Qwen2Attention reads it with a default of
-    hidden_size // heads), so it is added: the config must rebuild 4 heads of 4.
+
+@pytest.mark.parametrize(("name", "width", "scheme"), RESIDUAL)
+def test_residual_width_under_rmsnorm_and_config(
+    name: str, width: int, scheme: torch_embed.Scheme, tmp_path: Path
+) -> None:
+    """The residual stream by uniform copies or zero-fill (RMSNorm's rules), in float32.
+
+    The HF RMSNorm writes its norm out (``pow``, ``mean``, ``rsqrt``): traced as
+    ``aten.rms_norm``, so zero-fill applies, with ``variance_epsilon`` and the config's
+    ``rms_norm_eps`` × D/D'. It computes in float32 whatever the model's dtype, and its
+    mean over D' features rounds differently from the mean over D: float32-exact, not
+    float64. Qwen2Config has no ``head_dim`` field (Qwen2Attention reads it with a
+    default of hidden_size // heads), so it is added: the config must rebuild 4 heads
+    of 4.
     """
     model, ids = _build(name).float(), _ids()
     before = _logits(model, ids)
-    emb = torch_embed.widen(
-        model, {"model.norm": 32}, torch_embed.Split(alpha=0.5), example_inputs=(ids,)
-    )
-    assert emb.sizes == {"model.embed_tokens": (16, 32)}  # the norm is an alias
+    emb = torch_embed.widen(model, {"model.norm": width}, scheme, example_inputs=(ids,))
+    assert emb.sizes == {"model.embed_tokens": (16, width)}  # the norm is an alias
+    assert emb.kind is EmbeddingKind.CRITICAL
     assert _rel(_logits(model, ids), before) <= 1e-5
-    norm = model.model.norm  # type: ignore[union-attr]
-    assert norm.weight.shape == (32,) and norm.variance_epsilon == 1e-6
+    eps = 1e-6 if isinstance(scheme, torch_embed.Split) else 1e-6 * 16 / width
+    norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
+    assert len(norms) == 5
+    for norm in norms:
+        assert norm.weight.shape == (width,)
+        assert norm.variance_epsilon == pytest.approx(eps, rel=1e-12)
     cfg = model.config
-    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (32, 4, 2)
-    assert cfg.head_dim == 4
+    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (width, 4, 2)
+    assert cfg.head_dim == 4 and cfg.rms_norm_eps == pytest.approx(eps, rel=1e-12)
     model.save_pretrained(tmp_path)
     again = type(model).from_pretrained(tmp_path).eval()
     assert _rel(_logits(again, ids), before) <= 1e-5
+
+
+def test_llama_config_refuses_a_residual_width_its_heads_do_not_divide() -> None:
+    """LlamaConfig validates hidden_size % num_attention_heads even with a head_dim."""
+    model, ids = _build("llama").float(), _ids()
+    before = _logits(model, ids)
+    with pytest.warns(UserWarning, match=r"hidden size \(21\) is not a multiple"):
+        torch_embed.widen(model, {"model.norm": 21}, torch_embed.Null(), example_inputs=(ids,))
+    assert model.config.hidden_size == 16 and model.config.rms_norm_eps == 1e-6
+    assert _rel(_logits(model, ids), before) <= 1e-5
 
 
 def test_config_is_put_back_when_the_output_check_fails(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -313,7 +339,11 @@ def test_head_dim_under_rope_is_rigid(name: str) -> None:
     groups = torch_embed.width_groups(_build(name), (_ids(),))
     q = [g for g in groups if g.name.startswith("model.layers.0.self_attn.q_proj")]
     rigid = [g for g in q if not g.growable]
-    assert rigid and all("model.layers.0.self_attn" in (g.reason or "") for g in rigid)
+    assert rigid
+    for g in rigid:
+        assert (g.reason or "").startswith(
+            "head_dim: rotary embedding at `model.layers.0.self_attn`"
+        )
     with pytest.raises(ValueError, match="cannot grow"):
         torch_embed.widen(_build(name), {rigid[0].name: 4}, "split", example_inputs=(_ids(),))
 
