@@ -35,18 +35,19 @@ from torch_embed.graph.handlers import Resize, attribute_updates
 VOCAB, SEQ = 40, 6
 
 
-def _bert() -> nn.Module:
+def _bert(tie: bool = True) -> nn.Module:
     cfg = transformers.BertConfig(
         vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=24, max_position_embeddings=16, initializer_range=0.3,
+        tie_word_embeddings=tie,
     )  # fmt: skip
     return transformers.BertForMaskedLM(cfg)
 
 
-def _gpt2() -> nn.Module:
+def _gpt2(tie: bool = True) -> nn.Module:
     cfg = transformers.GPT2Config(
         vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=32, n_inner=24,
-        initializer_range=0.3, bos_token_id=0, eos_token_id=0,
+        initializer_range=0.3, bos_token_id=0, eos_token_id=0, tie_word_embeddings=tie,
     )  # fmt: skip
     return transformers.GPT2LMHeadModel(cfg)
 
@@ -75,6 +76,10 @@ BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "llama": _llama,
     "qwen2": _qwen2,
 }
+UNTIED: dict[str, Callable[[], nn.Module]] = {
+    "bert-untied": lambda: _bert(tie=False),
+    "gpt2-untied": lambda: _gpt2(tie=False),
+}
 #: Each layer's FFN group: its name, the aliases that must be in it, its reader.
 FFN = {
     "bert": ("bert.encoder.layer.{}.intermediate.dense", (), "output.dense"),
@@ -88,7 +93,7 @@ CAUSAL = ["gpt2", "llama", "qwen2"]
 def _build(name: str, seed: int = 0) -> nn.Module:
     with torch.random.fork_rng():  # transformers initialises from the global RNG
         torch.manual_seed(seed)
-        model = BUILDERS[name]().double().eval()
+        model = {**BUILDERS, **UNTIED}[name]().double().eval()
     return model
 
 
@@ -227,6 +232,49 @@ def test_residual_width_under_rmsnorm_and_config(
     model.save_pretrained(tmp_path)
     again = type(model).from_pretrained(tmp_path).eval()
     assert _rel(_logits(again, ids), before) <= 1e-5
+
+
+#: GPT-2 and BERT build their attention as heads x head_dim = hidden_size: the config
+#: holds a wider residual when the heads grow with it (BERT's MLM transform too).
+RESIDUAL_AND_HEADS = [
+    pytest.param(
+        "gpt2-untied",
+        {"transformer.ln_f": 32, **{f"transformer.h.{k}.attn.c_attn[0]": 4 for k in range(2)}},
+        id="gpt2",
+    ),
+    pytest.param(
+        "bert-untied",
+        {
+            "bert.embeddings.LayerNorm": 32,
+            "cls.predictions.transform.dense": 32,
+            **{f"bert.encoder.layer.{k}.attention.self.query[0]": 4 for k in range(2)},
+        },
+        id="bert",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "widths"), RESIDUAL_AND_HEADS)
+def test_residual_and_heads_under_layernorm(
+    name: str, widths: dict[str, int], tmp_path: Path
+) -> None:
+    """Residual x2 by uniform copies under LayerNorm (pre-LN GPT-2, post-LN BERT), heads x2."""
+    model, ids = _build(name), _ids()
+    before = _logits(model, ids)
+    emb = torch_embed.widen(model, widths, torch_embed.Split(alpha=0.5), example_inputs=(ids,))
+    assert emb.kind is EmbeddingKind.CRITICAL
+    assert _rel(_logits(model, ids), before) <= 1e-10
+    assert (model.config.hidden_size, model.config.num_attention_heads) == (32, 4)
+    model.save_pretrained(tmp_path)
+    again = type(model).from_pretrained(tmp_path, dtype=torch.float64).eval()
+    assert _rel(_logits(again, ids), before) <= 1e-10
+
+
+def test_tied_gpt2_refuses_only_the_residual() -> None:
+    model, ids = _build("gpt2"), _ids()
+    with pytest.raises(ValueError, match="tied embedding / LM head"):
+        torch_embed.widen(model, {"transformer.ln_f": 32}, "split", example_inputs=(ids,))
+    assert model.transformer.wte.weight.shape == (VOCAB, 16)  # type: ignore[union-attr]
 
 
 def test_llama_config_refuses_a_residual_width_its_heads_do_not_divide() -> None:
