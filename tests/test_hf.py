@@ -277,6 +277,36 @@ def test_tied_gpt2_refuses_only_the_residual() -> None:
     assert model.transformer.wte.weight.shape == (VOCAB, 16)  # type: ignore[union-attr]
 
 
+class _Logits(nn.Module):
+    """A user's own module around an HF causal LM, returning the logits only."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.lm(ids, use_cache=False).logits  # type: ignore[no-any-return]
+
+
+def test_an_hf_model_inside_a_users_module() -> None:
+    """The RMSNorm trace and the inner model's config work under a wrapper too."""
+    wrapped, ids = _Logits(_build("qwen2").float()), _ids()
+    with torch.no_grad():
+        before = wrapped(ids)
+    widths = {"lm.model.norm": 21, "lm.model.layers.1.mlp.gate_proj": 30}
+    with pytest.warns(UserWarning, match="`intermediate_size` would need one value per layer"):
+        torch_embed.widen(wrapped, widths, torch_embed.Null(), example_inputs=(ids,))
+    with torch.no_grad():
+        assert _rel(wrapped(ids), before) <= 1e-5
+    assert wrapped.lm.config.hidden_size == 16  # left as it was: one layer's FFN grew
+    torch_embed.widen(
+        wrapped, {"lm.model.layers.0.mlp.gate_proj": 30}, "split", example_inputs=(ids,)
+    )
+    cfg = wrapped.lm.config
+    assert (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim) == (21, 30, 4)
+    assert cfg.rms_norm_eps == pytest.approx(1e-6 * 16 / 21, rel=1e-12)  # caught up
+
+
 def test_llama_config_refuses_a_residual_width_its_heads_do_not_divide() -> None:
     """LlamaConfig validates hidden_size % num_attention_heads even with a head_dim."""
     model, ids = _build("llama").float(), _ids()

@@ -80,12 +80,13 @@ def tracing(model: nn.Module) -> Iterator[None]:
     ``config.use_cache`` is off (the cache is a second output ``torch.export`` cannot
     flatten; the logits do not depend on it), and each registered HF RMSNorm
     (:data:`_RMS_NORMS`) runs as ``aten.rms_norm`` (see :func:`_rms_norm_forward`).
-    Both are put back afterwards. Any other model is traced as it is.
+    Both are put back afterwards; the norms are swapped inside any model (an HF model
+    wrapped in your own module too), the cache only for a ``PreTrainedModel`` itself.
     """
-    if not is_transformers_model(model):
+    if "transformers" not in sys.modules:
         yield
         return
-    config = getattr(model, "config", None)
+    config = getattr(model, "config", None) if is_transformers_model(model) else None
     cache = config is not None and getattr(config, "use_cache", False)
     names = {name for _, name in _RMS_NORMS}
     norms = [
@@ -342,13 +343,13 @@ def transformers_updates(
     Returns:
         ``(updates to add, caveats)``: see :func:`config_updates`.
     """
-    if not is_transformers_model(model) or not shapes:
+    if "transformers" not in sys.modules or not shapes:
         return [], []
     view = _View(model, shapes, _merged(updates))
     extra: list[tuple[object, dict[str, object]]] = []
     for fqn, module in model.named_modules():
         rule = _MODULE_RULES.get(type(module).__name__)
-        if rule is None:
+        if rule is None or not type(module).__module__.startswith("transformers."):
             continue
         values = {
             k: val
@@ -358,8 +359,23 @@ def transformers_updates(
         }  # fmt: skip
         if values:
             extra.append((module, values))
-    config, caveats = config_updates(model, shapes, [*updates, *extra])
-    return [*extra, *config], caveats
+    caveats: list[str] = []
+    for prefix, root in _pretrained_roots(model):  # the model, or HF models inside it
+        own = {k[len(prefix) :]: v for k, v in shapes.items() if k.startswith(prefix)}
+        config, why = config_updates(root, own, [*updates, *extra])
+        extra.extend(config)
+        caveats.extend(why)
+    return extra, caveats
+
+
+def _pretrained_roots(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(FQN prefix, module)`` of each outermost ``PreTrainedModel`` in ``model``."""
+    out: list[tuple[str, nn.Module]] = []
+    for fqn, m in model.named_modules():  # pre-order: outer models come first
+        inside = any(fqn.startswith(p) for p, _ in out)
+        if is_transformers_model(m) and not inside:
+            out.append((f"{fqn}." if fqn else "", m))
+    return out
 
 
 def _merged(updates: Sequence[tuple[object, Mapping[str, object]]]) -> dict[int, dict[str, object]]:
