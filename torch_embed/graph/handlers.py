@@ -15,7 +15,10 @@ which returns the old values to set back if anything later fails.
 
 Built in: ``Linear``, ``Bilinear``, ``Conv``/``ConvTranspose`` 1d-3d, ``BatchNorm``/
 ``InstanceNorm``/``SyncBatchNorm``, ``GroupNorm``, ``LayerNorm``, ``RMSNorm``,
-``MultiheadAttention``, ``Embedding``, ``EmbeddingBag``, ``PReLU``. A module of any other
+``MultiheadAttention``, ``Embedding``, ``EmbeddingBag``, ``PReLU``; ``transformers``'
+``Conv1D`` and LLaMA/Qwen2/Mistral RMSNorms are registered by
+:mod:`torch_embed.graph.hf` when the first module of that package is looked up (so
+``import torch_embed`` does not import ``transformers``). A module of any other
 class whose own tensors change shape is refused with a ``ValueError`` asking for
 :func:`register_handler`; a module whose tensors' shapes are all there is to its width
 (timm's ``LayerScale``, torchvision's ConvNeXt block owning ``layer_scale``) registers
