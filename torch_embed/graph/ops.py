@@ -125,6 +125,8 @@ class Interpretation:
     attentions: list[tuple[str, int | None, int | None, int]] = field(default_factory=list)
     # (module, kind, normalised axes, weight FQN or None, eps) of every LayerNorm/RMSNorm
     norms: list[tuple[str, str, Axes, str | None, float | None]] = field(default_factory=list)
+    # head_dim axes of nn.MultiheadAttention (embed_dim = num_heads × head_dim = its input)
+    packed: list[int] = field(default_factory=list)
     # part of a split parameter axis -> the whole axis (see ``use``)
     part_of: dict[int, int] = field(default_factory=dict)
     # axes made by repeating entries (expand of a size-1 axis, repeat_interleave): GQA's n_rep
@@ -357,6 +359,8 @@ def _sdpa(it: Interpretation, node: TracedNode) -> Any:
     it.constrain(q[-1], "attention", node, scale=None if scale is None else float(scale))
     heads = (q[-3], k[-3]) if len(q) >= 3 and len(k) >= 3 else (None, None)
     it.attentions.append((node.module, *heads, q[-1]))
+    if node.module_type == "MultiheadAttention":
+        it.packed.append(q[-1])
     for pos in range(3, len(q) + 1):
         qa = q[-pos]
         for other in (k, v):

@@ -119,7 +119,10 @@ def resolve_group_widths(groups: WidthGroups, new_widths: object, scheme: Scheme
         if not math.isfinite(f) or f <= 1:
             raise ValueError(f"a widening factor must be a finite number > 1, got {new_widths!r}")
         out = {}
+        packed = {n for a in groups.attentions if a.packed for n in a.head_dim}
         for g in groups:
+            if g.name in packed:
+                continue  # nn.MultiheadAttention: its heads grow with its input width
             if g.growable and g.hidden and any(u.role == "producer" for u in g.producers):
                 target = math.ceil(g.size * f - 1e-9)
                 out[g.name] = _allowed(g.size, max(target, g.size + 1), g, scheme)
