@@ -18,6 +18,12 @@ gives a traced op's output its atoms and records what the op says about its inpu
 - **constrain** (``layer_norm``, ``rms_norm``, ``group_norm``, ``softmax`` and
   reductions over a feature axis): the group may grow only by the maps GROWTH.md §2
   allows, recorded as a :class:`Constraint`;
+- **attention** (``scaled_dot_product_attention``; an explicit ``q @ k^T`` followed,
+  through scalings and masks, by a softmax): the head axis is batch-like (q, k, v
+  heads are one group; with GQA the query heads are the product kv heads × queries per
+  kv head, as ``repeat_interleave`` or ``expand`` + ``reshape`` make it), the query/key
+  head_dim is an ``"attention"`` constraint with the scale the trace shows, the value
+  head_dim passes to the output;
 - **rigid**: factories with fixed sizes (``torch.ones(8)``), ``select`` of one entry,
   and **every op not listed here**: its axes cannot grow, and the reason names the op
   and its module. An unknown op is never assumed element-wise.
