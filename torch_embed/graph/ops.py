@@ -1018,11 +1018,11 @@ def interpret(traced: Traced) -> Interpretation:
         rule = _VOCABULARY.get(node.op, _unknown)
         try:
             it.values[node.name] = rule(it, node)
-            _track_scores(it, node)
         except (IndexError, TypeError, ValueError, KeyError) as exc:
             it.values[node.name] = _unknown(
                 it, node, f"{node.where} has arguments torch_embed could not read ({exc})"
             )
+        _track_scores(it, node)
 
     def pin_output(x: Any, k: int) -> None:
         ax = it.axes(x)
