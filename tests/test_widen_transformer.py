@@ -427,3 +427,32 @@ def test_post_norm_mean_fill_is_refused() -> None:
         torch_embed.widen(model, widths, "null", example_inputs=(_idx(),))
     assert all(torch.equal(before[k], v) for k, v in _state(model).items())
     assert model.layers[0].norm1.eps == 1e-5
+
+
+@pytest.mark.parametrize(
+    ("make", "factor", "scheme"),
+    [
+        (GPT_SDPA, 2, "split"), (GPT_EXPLICIT, 1.5, "null"), (LLAMA, 2, "net2net"),
+        (LLAMA, 1.5, "null"), (ENC_PRE_SEQ_FIRST, 1.5, "null"), (DEC_POST, 2, "split"),
+    ],
+    ids=["gpt-2-split", "gptx-1.5-null", "llama-2-net2net", "llama-1.5-null", "enc-pre-1.5-null",
+         "dec-post-2-split"],
+)  # fmt: skip
+def test_factor_grows_every_dimension(make: Factory, factor: float, scheme: str) -> None:
+    """widen(model, f): every growable group × f (nn.MultiheadAttention: heads only)."""
+    model = make()
+    idx = _idx()
+    with torch.no_grad():
+        before = model(idx)
+    emb = torch_embed.widen(model, factor, scheme, example_inputs=(idx,))
+    assert isinstance(emb, GroupEmbedding)
+    with torch.no_grad():
+        assert _rel(before, model(idx)) <= 1e-10
+    groups = torch_embed.width_groups(make(), (idx,))
+    packed = {n for a in groups.attentions if a.packed for n in a.head_dim}
+    expected = {
+        g.name: -(-g.size * 3 // 2) if factor == 1.5 else 2 * g.size
+        for g in groups
+        if g.growable and g.hidden and g.name not in packed
+    }
+    assert {n: w for n, (_, w) in emb.sizes.items()} == expected

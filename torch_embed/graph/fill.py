@@ -103,7 +103,8 @@ def plan_fill(groups: WidthGroups, widths: dict[str, int]) -> Fill:
                 out.gains[(norm.weight, 0)] = math.sqrt(d / wide)
             out.eps.append((norm.module, norm.eps, d / wide))
         if kind == "mean":
-            _mean_fill(g, groups, out)
+            first = next(n.module for n in groups.norms if g.name in n.groups)
+            _mean_fill(g, groups, out, f"LayerNorm at `{first}`")
             out.reasons.append(
                 f"mean-fill of {g.name!r} under LayerNorm: the new units' gradients come "
                 f"from the norm's mean and variance, not from the narrow gradient"
@@ -111,7 +112,7 @@ def plan_fill(groups: WidthGroups, widths: dict[str, int]) -> Fill:
     return out
 
 
-def _mean_fill(group: WidthGroup, groups: WidthGroups, out: Fill) -> None:
+def _mean_fill(group: WidthGroup, groups: WidthGroups, out: Fill, where: str) -> None:
     norm_tensors = {n.weight for n in groups.norms} | {
         u.tensor for u in group.producers if "layer_norm" in u.op
     }
@@ -121,14 +122,16 @@ def _mean_fill(group: WidthGroup, groups: WidthGroups, out: Fill) -> None:
         additive = u.role == "producer" or u.op in ("add", "sub")
         if not additive:
             raise ValueError(
-                f"mean-fill of {group.name!r} under LayerNorm: `{u.tensor}` ({u.op} in "
-                f"`{u.module}`) scales the stream, which breaks the mean; grow it by "
-                f"uniform copies (a multiple of {group.size}) with Split"
+                f"{where}: uniform copies or mean-fill; the null units of {group.name!r} "
+                f"would be mean-filled, but `{u.tensor}` ({u.op} in `{u.module}`) scales "
+                f"the features one by one, which breaks the mean; grow it by uniform "
+                f"copies (a multiple of {group.size}) with Split"
             )
         layout = groups.layouts.get((u.tensor, u.axis))
         if layout is None or layout.kind != "group":
             raise ValueError(
-                f"mean-fill of {group.name!r}: `{u.tensor}` axis {u.axis} holds more than "
-                f"that group ({layout}); not supported"
+                f"{where}: uniform copies or mean-fill; the null units of {group.name!r} "
+                f"would be mean-filled, but `{u.tensor}` axis {u.axis} holds more than "
+                f"that group ({layout}): not supported"
             )
         out.mean.add((u.tensor, u.axis))

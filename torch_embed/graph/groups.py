@@ -137,12 +137,16 @@ class Attention:
             query heads per kv head, outer first).
         kv_heads: The groups of the key/value head axis.
         head_dim: The groups of the query/key head_dim.
+        packed: ``True`` for ``nn.MultiheadAttention``, whose ``embed_dim`` is both its
+            input width and ``num_heads × head_dim``: a factor ``f`` grows its heads
+            only (``widen(model, f)``), so the two stay equal.
     """
 
     module: str
     q_heads: tuple[str, ...]
     kv_heads: tuple[str, ...]
     head_dim: tuple[str, ...]
+    packed: bool = False
 
 
 @dataclass(frozen=True)
@@ -378,8 +382,15 @@ def _collect(it: Interpretation, inputs: tuple[tuple[str, Any], ...]) -> WidthGr
             )
         )
 
+    packed = {leaf for a in it.packed for leaf in atoms.leaves(a)}
     attentions = dict.fromkeys(
-        Attention(module, named_leaves(qh), named_leaves(kh, repeated), named_leaves(dim))
+        Attention(
+            module,
+            named_leaves(qh),
+            named_leaves(kh, repeated),
+            named_leaves(dim),
+            bool(set(atoms.leaves(dim)) & packed),
+        )
         for module, qh, kh, dim in it.attentions
     )
     return WidthGroups(

@@ -18,6 +18,12 @@ gives a traced op's output its atoms and records what the op says about its inpu
 - **constrain** (``layer_norm``, ``rms_norm``, ``group_norm``, ``softmax`` and
   reductions over a feature axis): the group may grow only by the maps GROWTH.md §2
   allows, recorded as a :class:`Constraint`;
+- **attention** (``scaled_dot_product_attention``; an explicit ``q @ k^T`` followed,
+  through scalings and masks, by a softmax): the head axis is batch-like (q, k, v
+  heads are one group; with GQA the query heads are the product kv heads × queries per
+  kv head, as ``repeat_interleave`` or ``expand`` + ``reshape`` make it), the query/key
+  head_dim is an ``"attention"`` constraint with the scale the trace shows, the value
+  head_dim passes to the output;
 - **rigid**: factories with fixed sizes (``torch.ones(8)``), ``select`` of one entry,
   and **every op not listed here**: its axes cannot grow, and the reason names the op
   and its module. An unknown op is never assumed element-wise.
@@ -125,6 +131,8 @@ class Interpretation:
     attentions: list[tuple[str, int | None, int | None, int]] = field(default_factory=list)
     # (module, kind, normalised axes, weight FQN or None, eps) of every LayerNorm/RMSNorm
     norms: list[tuple[str, str, Axes, str | None, float | None]] = field(default_factory=list)
+    # head_dim axes of nn.MultiheadAttention (embed_dim = num_heads × head_dim = its input)
+    packed: list[int] = field(default_factory=list)
     # part of a split parameter axis -> the whole axis (see ``use``)
     part_of: dict[int, int] = field(default_factory=dict)
     # axes made by repeating entries (expand of a size-1 axis, repeat_interleave): GQA's n_rep
@@ -357,6 +365,8 @@ def _sdpa(it: Interpretation, node: TracedNode) -> Any:
     it.constrain(q[-1], "attention", node, scale=None if scale is None else float(scale))
     heads = (q[-3], k[-3]) if len(q) >= 3 and len(k) >= 3 else (None, None)
     it.attentions.append((node.module, *heads, q[-1]))
+    if node.module_type == "MultiheadAttention":
+        it.packed.append(q[-1])
     for pos in range(3, len(q) + 1):
         qa = q[-pos]
         for other in (k, v):
@@ -1008,11 +1018,11 @@ def interpret(traced: Traced) -> Interpretation:
         rule = _VOCABULARY.get(node.op, _unknown)
         try:
             it.values[node.name] = rule(it, node)
-            _track_scores(it, node)
         except (IndexError, TypeError, ValueError, KeyError) as exc:
             it.values[node.name] = _unknown(
                 it, node, f"{node.where} has arguments torch_embed could not read ({exc})"
             )
+        _track_scores(it, node)
 
     def pin_output(x: Any, k: int) -> None:
         ax = it.axes(x)

@@ -5,13 +5,19 @@ consumer coefficients, and the order of the wide units, under the group's constr
 (GROWTH.md §2):
 
 * LayerNorm, RMSNorm, a mean, variance or norm over the group: every unit copied the
-  same number of times (the new width a multiple of the old one); null units refused.
+  same number of times (the new width a multiple of the old one); null units refused,
+  except under the ``Null`` scheme over a group only LayerNorms or only RMSNorms read:
+  mean-fill or zero-fill at any width (:mod:`torch_embed.graph.fill`).
 * GroupNorm (``num_groups = g``): every channel copied the same number of times, each
   copy in its source's group; grouped convolution (``groups = g``): every group grows
   by the same amount, copies in their source's group. Wide units are ordered group by
   group: a group's own units, then its copies (or null units).
-* A sum over the group: only null units; a max or min: only copies; a softmax or a
-  contraction between two activations: refused (no rule yet).
+* A sum over the group: only null units; a max or min: only copies; a softmax over
+  it: refused (no rule yet).
+* Contracted between two activations (an attention's query/key head_dim): new units
+  null on both sides whatever the scheme, and the softmax temperature kept by a gain
+  on the group's entries (:mod:`torch_embed.graph.attention`). Attention heads are
+  a batch-like axis: copies and null units as for channels.
 * Depthwise convolutions are per-channel: copies need no rule (``groups`` follows).
 
 Schemes: :class:`~torch_embed.Split` (any α, ``"random"`` α, k-way; ``select`` random
@@ -119,7 +125,10 @@ def resolve_group_widths(groups: WidthGroups, new_widths: object, scheme: Scheme
         if not math.isfinite(f) or f <= 1:
             raise ValueError(f"a widening factor must be a finite number > 1, got {new_widths!r}")
         out = {}
+        packed = {n for a in groups.attentions if a.packed for n in a.head_dim}
         for g in groups:
+            if g.name in packed:
+                continue  # nn.MultiheadAttention: its heads grow with its input width
             if g.growable and g.hidden and any(u.role == "producer" for u in g.producers):
                 target = math.ceil(g.size * f - 1e-9)
                 out[g.name] = _allowed(g.size, max(target, g.size + 1), g, scheme)
