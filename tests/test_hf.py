@@ -307,6 +307,24 @@ def test_an_hf_model_inside_a_users_module() -> None:
     assert cfg.rms_norm_eps == pytest.approx(1e-6 * 16 / 21, rel=1e-12)  # caught up
 
 
+def test_a_model_type_without_known_fields_is_widened_and_said() -> None:
+    """OPT: traced and widened like any model; its config fields are not known: warned."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        cfg = transformers.OPTConfig(
+            vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, ffn_dim=24,
+            num_attention_heads=2, max_position_embeddings=32, word_embed_proj_dim=16,
+            bos_token_id=0, eos_token_id=0, pad_token_id=1,
+        )  # fmt: skip
+        model = transformers.OPTForCausalLM(cfg).double().eval()
+    ids = _ids()
+    before = _logits(model, ids)
+    with pytest.warns(UserWarning, match="knows no size fields of model_type 'opt'.*fc1"):
+        torch_embed.widen(model, {"model.decoder.layers.0.fc1": 30}, "split", example_inputs=(ids,))
+    assert _rel(_logits(model, ids), before) <= 1e-10
+    assert model.config.ffn_dim == 24
+
+
 def test_llama_config_refuses_a_residual_width_its_heads_do_not_divide() -> None:
     """LlamaConfig validates hidden_size % num_attention_heads even with a head_dim."""
     model, ids = _build("llama").float(), _ids()
