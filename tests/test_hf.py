@@ -1,8 +1,10 @@
 """Hugging Face ``transformers`` models on the traced path (issue 13).
 
 Tiny random BERT (post-LN), GPT-2 (``Conv1D``, tied head), LLaMA (RMSNorm, RoPE, GQA,
-SwiGLU) and Qwen2 (q/k/v biases) are built offline in float64. ``transformers`` is
-imported plainly: a missing install fails here, it never skips.
+SwiGLU) and Qwen2 (q/k/v biases) are built offline in float64; their FFN width, heads,
+head_dim and residual width are grown, and their module attributes and config fields
+must follow. ``transformers`` is imported plainly: a missing install fails here, it
+never skips.
 
 References are brute force: the narrow model's logits and greedy generations (the wide
 model must give the same), autograd on the wide model at the embedded points of a
