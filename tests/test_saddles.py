@@ -609,18 +609,18 @@ def test_line_search_prefers_plus_t_when_both_signs_tie(monkeypatch, asymmetry):
     """An equal split's escape direction is symmetric (swapping the copies maps d to
     -d): the losses at ±t agree up to rounding, and rounding chose the sign."""
 
-    def fake_loss(model, loss_fn, inputs, targets, state):
+    def fake_loss(model, loss_fn, source, state):
         w = float(state["w"][0])
         return 1.0 - 0.5 * w * w + asymmetry * w
 
     monkeypatch.setattr(saddles, "_evaluate", fake_loss)
     wide = {"w": torch.zeros(2, dtype=F64)}
     direction = {"w": torch.tensor([1.0, 0.0], dtype=F64)}
-    found = saddles._line_search(None, None, None, None, wide, direction, -1.0, 1.0, 0.5, 10)
+    found = saddles._line_search(None, None, None, wide, direction, -1.0, 1.0, 0.5, 10)
     assert found is not None and found[0] > 0
     # a real asymmetry still decides
-    monkeypatch.setattr(saddles, "_evaluate", lambda *a: fake_loss(*a) + 0.1 * float(a[4]["w"][0]))
-    found = saddles._line_search(None, None, None, None, wide, direction, -1.0, 1.0, 0.5, 10)
+    monkeypatch.setattr(saddles, "_evaluate", lambda *a: fake_loss(*a) + 0.1 * float(a[3]["w"][0]))
+    found = saddles._line_search(None, None, None, wide, direction, -1.0, 1.0, 0.5, 10)
     assert found is not None and found[0] < 0
 
 

@@ -13,16 +13,14 @@ from __future__ import annotations
 import copy
 import re
 import warnings
-from collections.abc import Iterator
 
 import pytest
 import torch
 from torch import Tensor, nn
-from zoo import ZOO, ConvNeXtBlock, ZooCase, by_name
+from zoo import ZOO, ZooCase, by_name
 
 import torch_embed
 from torch_embed.embedding import Embedding, EmbeddingKind
-from torch_embed.graph import handlers
 from torch_embed.graph.embedding import GroupEmbedding
 from torch_embed.graph.groups import width_groups
 from torch_embed.schemes import DEFAULT_SCHEME, Scheme
@@ -40,16 +38,6 @@ RULE = re.compile(
     r"(LayerNorm|GroupNorm|RMSNorm) at `[\w.]+`: uniform copies or mean-fill|grouped conv at "
     r"`[\w.]+` \(groups=\d+\): every group must grow by the same amount|a 3-way split adds 2"
 )
-
-
-@pytest.fixture(autouse=True)
-def _layer_scale_handler() -> Iterator[None]:
-    """The zoo's ConvNeXt block owns its layer scale ``gamma``: its shape is its size."""
-    before = dict(handlers._HANDLERS)
-    handlers.register_handler(ConvNeXtBlock, handlers.no_attributes)
-    yield
-    handlers._HANDLERS.clear()
-    handlers._HANDLERS.update(before)
 
 
 def _cases() -> list[object]:
@@ -592,9 +580,9 @@ def test_refusals_leave_the_model_untouched() -> None:
     DataParallel wrapper: refused with what to do, nothing changed."""
     case = by_name("convnext_block")
     model, x = case.build(), case.example_inputs()
-    handlers._HANDLERS.pop(ConvNeXtBlock)  # as for a user's own module
+    model.block.dim = 4  # a user's module keeping its width in an attribute
     snap, ids = _snapshot(model), {n: id(p) for n, p in model.named_parameters()}
-    with pytest.raises(ValueError, match=r"'block' \(ConvNeXtBlock\).*register_handler"):
+    with pytest.raises(ValueError, match=r"'block' \(ConvNeXtBlock\).*'dim=4'.*register_handler"):
         widen(model, {"stem": 8}, "net2net", example_inputs=x)
     _unchanged(model, snap, ids)
     model = by_name("mlp_custom_forward").build()

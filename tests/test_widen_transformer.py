@@ -77,23 +77,26 @@ CASES: list[tuple[str, Factory, dict[str, int]]] = [
     ("dec-pre-residual+heads", DEC_PRE, {"embed": 16, "layer.self_attn[2]": 8,
                                          "layer.multihead_attn[0]": 4}),
 ]  # fmt: skip
-SCHEMES = [torch_embed.Split(alpha="random"), torch_embed.Null()]
 CAUSAL = (GPT_SDPA, GPT_EXPLICIT, LLAMA)
+RESIDUALS = ("wte", "embed", "embed_tokens")
+# Split everywhere; Null where no residual grows (null residual units are the fills,
+# tested below; nn.MultiheadAttention's heads grow only with the residual)
+EXACT = [
+    pytest.param(make, widths, scheme, id=f"{name}-{label}")
+    for name, make, widths in CASES
+    for label, scheme in (
+        ("split", torch_embed.Split(alpha="random")),
+        ("null", torch_embed.Null()),
+    )
+    if label == "split" or not set(RESIDUALS) & set(widths)
+]
 
 
-@pytest.mark.parametrize("scheme", SCHEMES, ids=["split", "null"])
-@pytest.mark.parametrize(("make", "widths"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(("make", "widths", "scheme"), EXACT)
 def test_logits_and_generation_unchanged(
     make: Factory, widths: dict[str, int], scheme: torch_embed.Scheme
 ) -> None:
-    """float64 logits equal to 1e-10 relative; greedy tokens identical for causal LMs.
-
-    Null units cannot join a LayerNorm/RMSNorm's residual by copies (the fill tests
-    cover them), and nn.MultiheadAttention's heads grow only with the residual: those
-    combinations run with Split only.
-    """
-    if isinstance(scheme, torch_embed.Null) and {"wte", "embed", "embed_tokens"} & set(widths):
-        pytest.skip("residual copies are Split's; null residual units: see the fill tests")
+    """float64 logits equal to 1e-10 relative; greedy tokens identical for causal LMs."""
     model = make()
     idx = _idx()
     prompt = _idx(4, seed=5)[:1]
@@ -165,6 +168,29 @@ def test_width_groups_llama_gqa_and_rotary() -> None:
     assert {c.kind for c in residual.constraints} == {"rms_norm"}
 
 
+@pytest.mark.parametrize("kv", ["expand", "interleave", "gqa"])
+def test_grouped_query_attention_keeps_the_map(kv: str) -> None:
+    """kv heads and query heads per kv head grow apart, whichever way kv is repeated."""
+    make = _seeded(lambda: Llama(kv=kv))
+    idx = _idx()
+    groups = torch_embed.width_groups(make(), (idx,))
+    att = groups.attentions[0]
+    assert att.q_heads == ("layers.0.self_attn.q_proj[0]", "layers.0.self_attn.q_proj[1]")
+    assert att.kv_heads == ("layers.0.self_attn.q_proj[0]",)
+    for widths, heads in (
+        ({"layers.0.self_attn.q_proj[0]": 3}, (6, 3)),  # kv heads 2 -> 3, 2 queries each
+        ({"layers.0.self_attn.q_proj[1]": 3}, (6, 2)),  # 3 queries per kv head
+    ):
+        model = make()
+        with torch.no_grad():
+            before = model(idx)
+        torch_embed.widen(model, widths, "split", example_inputs=(idx,))
+        attn = model.layers[0].self_attn
+        assert (attn.n_head, attn.n_kv_head) == heads
+        with torch.no_grad():
+            assert _rel(before, model(idx)) <= 1e-10
+
+
 def test_head_attributes_are_patched() -> None:
     model = LLAMA()
     idx = _idx()
@@ -187,10 +213,12 @@ def test_head_attributes_are_patched() -> None:
 
 
 class ScaledAttention(nn.Module):
-    """sdpa with an explicit ``scale=``: an attribute ``1/√d`` or a fixed constant."""
+    """An explicit scale: an attribute ``1/√d`` or a fixed constant, given to sdpa's
+    ``scale=`` or multiplied onto ``q @ k^T`` (Hugging Face's eager attention)."""
 
-    def __init__(self, scale: float | None) -> None:
+    def __init__(self, scale: float | None, explicit: bool = False) -> None:
         super().__init__()
+        self.explicit = explicit
         self.n_head, self.head_dim = 2, 4
         self.scaling = self.head_dim**-0.5 if scale is None else scale
         self.inp = nn.Linear(5, 6)
@@ -203,16 +231,20 @@ class ScaledAttention(nn.Module):
         q, k, v = (
             p(h).view(b, t, self.n_head, -1).transpose(1, 2) for p in (self.q, self.k, self.v)
         )
-        y = F.scaled_dot_product_attention(q, k, v, scale=self.scaling)
+        if self.explicit:
+            y = torch.softmax(torch.matmul(q, k.transpose(2, 3)) * self.scaling, dim=-1) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, scale=self.scaling)
         return self.o(y.transpose(1, 2).reshape(b, t, -1))
 
 
+@pytest.mark.parametrize("explicit", [False, True], ids=["sdpa", "matmul"])
 @pytest.mark.parametrize("scale", [None, 0.3])
-def test_explicit_scale_keeps_the_temperature(scale: float | None) -> None:
+def test_explicit_scale_keeps_the_temperature(scale: float | None, explicit: bool) -> None:
     """An attribute holding 1/√d is set to 1/√d' (q and k × (d'/d)^(1/4)); 0.3 stays."""
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = ScaledAttention(scale).double()
+        model = ScaledAttention(scale, explicit).double()
     x = torch.randn(2, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = model(x)

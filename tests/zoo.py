@@ -793,7 +793,7 @@ ZOO: tuple[ZooCase, ...] = (
         ),
         note=(
             "the block owns its layer-scale Parameter 'gamma' directly (torchvision CNBlock): "
-            "widening it needs register_handler(ConvNeXtBlock, no_attributes)"
+            "its shape is its only size, so widening needs no handler"
         ),
     ),
     ZooCase(

@@ -121,11 +121,18 @@ class RotaryEmbedding(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    """Grouped-query attention (``n_head`` query heads, ``n_kv_head`` kv heads) with RoPE."""
+    """Grouped-query attention (``n_head`` query heads, ``n_kv_head`` kv heads) with RoPE.
 
-    def __init__(self, d: int, n_head: int, n_kv_head: int, head_dim: int) -> None:
+    ``kv``: how kv heads reach the query heads: ``"expand"`` (Hugging Face's
+    ``repeat_kv``), ``"interleave"`` (``repeat_interleave``) or ``"gqa"``
+    (``scaled_dot_product_attention(..., enable_gqa=True)``).
+    """
+
+    def __init__(
+        self, d: int, n_head: int, n_kv_head: int, head_dim: int, kv: str = "expand"
+    ) -> None:
         super().__init__()
-        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim
+        self.n_head, self.n_kv_head, self.head_dim, self.kv = n_head, n_kv_head, head_dim, kv
         self.q_proj = nn.Linear(d, n_head * head_dim, bias=False)
         self.k_proj = nn.Linear(d, n_kv_head * head_dim, bias=False)
         self.v_proj = nn.Linear(d, n_kv_head * head_dim, bias=False)
@@ -140,20 +147,26 @@ class LlamaAttention(nn.Module):
         cos, sin = self.rotary(t)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        rep = self.n_head // self.n_kv_head  # HF's repeat_kv: expand, then merge
-        k = k[:, :, None].expand(b, self.n_kv_head, rep, t, self.head_dim)
-        v = v[:, :, None].expand(b, self.n_kv_head, rep, t, v.shape[-1])
-        k = k.reshape(b, self.n_head, t, self.head_dim)
-        v = v.reshape(b, self.n_head, t, -1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        rep = self.n_head // self.n_kv_head
+        if self.kv == "expand":  # HF's repeat_kv: expand, then merge
+            k = k[:, :, None].expand(b, self.n_kv_head, rep, t, self.head_dim)
+            v = v[:, :, None].expand(b, self.n_kv_head, rep, t, v.shape[-1])
+            k = k.reshape(b, self.n_head, t, self.head_dim)
+            v = v.reshape(b, self.n_head, t, -1)
+        elif self.kv == "interleave":
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        gqa = self.kv == "gqa"
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
 class LlamaBlock(nn.Module):
-    def __init__(self, d: int, n_head: int, n_kv_head: int, head_dim: int, ffn: int) -> None:
+    def __init__(
+        self, d: int, n_head: int, n_kv_head: int, head_dim: int, ffn: int, kv: str
+    ) -> None:
         super().__init__()
         self.input_layernorm = nn.RMSNorm(d, eps=1e-6)
-        self.self_attn = LlamaAttention(d, n_head, n_kv_head, head_dim)
+        self.self_attn = LlamaAttention(d, n_head, n_kv_head, head_dim, kv)
         self.post_attention_layernorm = nn.RMSNorm(d, eps=1e-6)
         self.gate_proj = nn.Linear(d, ffn, bias=False)
         self.up_proj = nn.Linear(d, ffn, bias=False)
@@ -177,11 +190,12 @@ class Llama(nn.Module):
         head_dim: int = 4,
         ffn: int = 12,
         layers: int = 2,
+        kv: str = "expand",
     ) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(vocab, d)
         self.layers = nn.ModuleList(
-            LlamaBlock(d, n_head, n_kv_head, head_dim, ffn) for _ in range(layers)
+            LlamaBlock(d, n_head, n_kv_head, head_dim, ffn, kv) for _ in range(layers)
         )
         self.norm = nn.RMSNorm(d, eps=1e-6)
         self.lm_head = nn.Linear(d, vocab, bias=False)

@@ -3,7 +3,8 @@
 The Embedding Principle (Zhang, Li, Zhang, Luo, Xu; NeurIPS 2021, J. Mach. Learn. 2022)
 says the loss landscape of a wide network contains every critical point of every
 narrower one. torch_embed widens ``nn.Sequential`` MLPs, and any model it can trace
-into width groups (:func:`width_groups`), in place by such embeddings, and computes
+into width groups (:func:`width_groups`), in place by such embeddings, deepens
+residual models by null blocks (:func:`deepen`), and computes
 Hessian inertia before and after, including its exact change.
 
 ``torch_embed.testing`` (assertion helpers) and ``torch_embed.landscape`` are
@@ -13,6 +14,8 @@ submodules; the most used landscape tools are also exported here.
 from torch_embed import landscape, testing
 from torch_embed._sequential import register_elementwise
 from torch_embed.critical import CriticalPointResult, critical_point
+from torch_embed.deepen import deepen
+from torch_embed.depth import DepthEmbedding
 from torch_embed.embedding import Embedding, EmbeddingKind, LayerMap
 from torch_embed.exactness import forward_error_bound, unit_roundoff
 from torch_embed.graph.groups import WidthGroup, width_groups
@@ -45,6 +48,7 @@ __all__ = [
     "SUPPORTED_OPTIMIZERS",
     "ApproximateStateWarning",
     "CriticalPointResult",
+    "DepthEmbedding",
     "Embedding",
     "EmbeddingKind",
     "EmbeddingReport",
@@ -64,6 +68,7 @@ __all__ = [
     "condense",
     "critical_dimension",
     "critical_point",
+    "deepen",
     "default_tolerance",
     "effective_widths",
     "eigenvalues",

@@ -47,11 +47,13 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from torch_embed._data import BatchSource
 from torch_embed._sequential import Layout, elementwise_info, read_sequential
 
 __all__ = [
     "LayerSignals",
     "activation_derivatives",
+    "data_signals",
     "full_state",
     "layer_signals",
     "null_block",
@@ -303,6 +305,96 @@ def layer_signals(
         d2=d2,
         delta=delta.detach(),
         fan_out=params[f"{lin_next.name}.weight"],
+        has_bias=lin_in.has_bias,
+        next_has_bias=lin_next.has_bias,
+    )
+
+
+def data_signals(
+    model: nn.Module,
+    loss_fn: LossFn,
+    source: BatchSource,
+    layer: int,
+    *,
+    dtype: torch.dtype = torch.float64,
+    state: Mapping[str, Tensor] | None = None,
+) -> LayerSignals:
+    """:func:`layer_signals` of a whole data set: every batch's samples, in order.
+
+    The closed forms are sums over samples of terms linear in ``δ``, so the signals of
+    each batch (its ``δ`` scaled by the batch's weight, :mod:`torch_embed._data`) are
+    concatenated, and over a process group gathered from every rank in rank order: the
+    signals of the concatenated data set, the same on every rank. They hold
+    ``N·(fan_in + 1 + 3·width + m_next)`` numbers for ``N`` samples in all: the
+    closed forms need the samples of the layer, not the activations of the network.
+
+    Args:
+        model: As in :func:`layer_signals`.
+        loss_fn: As in :func:`layer_signals`.
+        source: The batches (:func:`torch_embed._data.batch_source`).
+        layer: Hidden-layer index (0-based).
+        dtype: Floating dtype of the computation.
+        state: As in :func:`layer_signals`.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from torch_embed._data import batch_source
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)).double()
+        >>> x, y = torch.randn(6, 2, dtype=torch.float64), torch.zeros(6, 1, dtype=torch.float64)
+        >>> src = batch_source("demo", nn.MSELoss(), data=[(x[:2], y[:2]), (x[2:], y[2:])])
+        >>> sig = data_signals(net, nn.MSELoss(), src, 0)
+        >>> torch.allclose(sig.delta, layer_signals(net, nn.MSELoss(), x, y, 0).delta)
+        True
+    """
+    if source.single:
+        b = source.batches[0]
+        return layer_signals(model, loss_fn, b.inputs, b.targets, layer, dtype=dtype, state=state)
+    parts = [
+        layer_signals(model, b.loss(loss_fn), b.inputs, b.targets, layer, dtype=dtype, state=state)
+        for b in source.batches
+    ]
+    first = parts[0] if parts else _no_signals(model, layer, dtype, state)
+
+    def joined(field: str) -> Tensor:
+        local = torch.cat([getattr(p, field) for p in parts]) if parts else getattr(first, field)
+        return source.gather_rows(local)
+
+    return LayerSignals(
+        h=joined("h"),
+        z=joined("z"),
+        d1=joined("d1"),
+        d2=joined("d2"),
+        delta=joined("delta"),
+        fan_out=first.fan_out,
+        has_bias=first.has_bias,
+        next_has_bias=first.next_has_bias,
+    )
+
+
+def _no_signals(
+    model: nn.Module, layer: int, dtype: torch.dtype, state: Mapping[str, Tensor] | None
+) -> LayerSignals:
+    """The signals of no sample (a rank without data), shaped as :func:`layer_signals`'s."""
+    layout = read_sequential(model)
+    _check_layer(layout, layer)
+    params = full_state(model, state, dtype=dtype)
+    lin_in, lin_next = layout.linears[layer], layout.linears[layer + 1]
+    fan_in = params[f"{lin_in.name}.weight"]
+    fan_out = params[f"{lin_next.name}.weight"]
+    m, m_next = int(fan_out.shape[1]), int(fan_out.shape[0])
+    n_v = int(fan_in.shape[1]) + int(lin_in.has_bias)
+
+    def empty(cols: int) -> Tensor:
+        return torch.zeros(0, cols, dtype=fan_out.dtype, device=fan_out.device)
+
+    return LayerSignals(
+        h=empty(n_v),
+        z=empty(m),
+        d1=empty(m),
+        d2=empty(m),
+        delta=empty(m_next),
+        fan_out=fan_out,
         has_bias=lin_in.has_bias,
         next_has_bias=lin_next.has_bias,
     )

@@ -36,15 +36,18 @@ P up to a few thousand.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from torch_embed.hessian import FlatLoss, check_model, dense_hessian, flat_loss
+from torch_embed._data import Batch, BatchSource, batch_source
+from torch_embed.hessian import FlatLoss, _cast_floating, _flat_loss, check_model, dense_hessian
 
 __all__ = ["CriticalPointResult", "critical_point"]
 
@@ -89,10 +92,11 @@ class CriticalPointResult:
     hessian_evaluations: int = 0
 
 
-def _loss_and_grad(
-    model: nn.Module, loss_fn: Any, inputs: Tensor, targets: Any
-) -> tuple[float, Tensor]:
-    fl = flat_loss(model, loss_fn, inputs, targets)
+def _loss_and_grad(model: nn.Module, loss_fn: Any, source: BatchSource) -> tuple[float, Tensor]:
+    fl = _flat_loss(model, loss_fn, source)
+    if fl.terms is not None:
+        value, g = fl.value_and_grad()
+        return float(value), g
     theta = fl.theta.clone().requires_grad_(True)
     value = fl.fn(theta)
     (g,) = torch.autograd.grad(value, theta)
@@ -108,6 +112,22 @@ def _set_flat_(params: list[nn.Parameter], vec: Tensor) -> None:
             offset += n
 
 
+def _time_up(deadline: float, source: BatchSource) -> bool:
+    """Whether ``deadline`` has passed; over a process group, on any rank (so all agree)."""
+    if math.isinf(deadline):
+        return False
+    return source.max(1.0 if time.monotonic() >= deadline else 0.0) > 0.0
+
+
+def _set_grads_(params: list[nn.Parameter], vec: Tensor) -> None:
+    """Set every ``.grad`` to its slice of the flat ``vec`` (a copy)."""
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = vec[offset : offset + n].view_as(p).clone()
+        offset += n
+
+
 def _get_flat(params: list[nn.Parameter]) -> Tensor:
     return torch.cat([p.detach().reshape(-1) for p in params])
 
@@ -116,8 +136,7 @@ def _lbfgs_(
     model: nn.Module,
     params: list[nn.Parameter],
     loss_fn: Any,
-    x: Tensor,
-    y: Any,
+    source: BatchSource,
     max_iter: int,
     newton_at: float,
     deadline: float,
@@ -135,14 +154,26 @@ def _lbfgs_(
 
     def closure() -> Tensor:
         opt.zero_grad()
-        value = loss_fn(model(x), y)
-        value.backward()
-        return value  # type: ignore[no-any-return]
+        if source.single:
+            b = source.batches[0]
+            value = loss_fn(model(b.inputs), b.targets)
+            value.backward()
+            return value  # type: ignore[no-any-return]
+        # the data set's loss: every batch's weighted share, summed over the group
+        total = torch.zeros((), dtype=torch.float64, device=params[0].device)
+        for b in source.batches:
+            part = b.loss(loss_fn)(model(b.inputs), b.targets)
+            part.backward()
+            total += part.detach()
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        flat = source.all_reduce_(torch.cat([total.reshape(1)] + [g.reshape(-1) for g in grads]))
+        _set_grads_(params, flat[1:])
+        return flat[0]
 
     n_params = sum(p.numel() for p in params)
     done = 0
     history: list[float] = []
-    while done < max_iter and time.monotonic() < deadline:
+    while done < max_iter and not _time_up(deadline, source):
         opt.param_groups[0]["max_iter"] = min(_CHUNK, max_iter - done)
         t0 = time.perf_counter()
         opt.step(closure)
@@ -150,15 +181,17 @@ def _lbfgs_(
         done = int(opt.state[params[0]].get("n_iter", 0))
         for p in params:
             p.grad = None
-        norm = float(_loss_and_grad(model, loss_fn, x, y)[1].norm())
+        norm = float(_loss_and_grad(model, loss_fn, source)[1].norm())
         t2 = time.perf_counter()
         history.append(norm)
         if not math.isfinite(norm) or norm <= newton_at:
             break
         # Stalled when |∇R| was not halved over a window of chunks that costs about two
-        # Newton steps (a dense Hessian ≈ P gradients, plus eigh ≈ 2e-10·P³ s).
-        newton_cost = n_params * (t2 - t1) + 2e-10 * n_params**3
-        window = max(2, math.ceil(2 * newton_cost / max(t1 - t0, 1e-9)))
+        # Newton steps (a dense Hessian ≈ P gradients, plus eigh ≈ 2e-10·P³ s). The
+        # slowest rank's times, so that every rank of a process group stops together.
+        t_chunk, t_grad = source.max(t1 - t0), source.max(t2 - t1)
+        newton_cost = n_params * t_grad + 2e-10 * n_params**3
+        window = max(2, math.ceil(2 * newton_cost / max(t_chunk, 1e-9)))
         if len(history) > window and min(history[-window:]) > 0.5 * min(history[:-window]):
             break
     return done
@@ -205,13 +238,18 @@ class _Newton:
         self.mu = 0.0
 
     def evaluate(self, theta: Tensor) -> tuple[Tensor, float, float]:
-        g, value = self.grad_and_value(theta)
+        if self.fl.terms is not None:  # several batches or processes
+            value, g = self.fl.value_and_grad(theta)
+        else:
+            g, value = self.grad_and_value(theta)
         g = g.detach()
         return g, float(g.norm()), float(value)
 
     def decompose(self, theta: Tensor) -> tuple[Tensor, Tensor] | None:
         self.hessians += 1
         lam, q = torch.linalg.eigh(dense_hessian(self.fl, theta))
+        if self.fl.source is not None:  # every rank steps from the same decomposition
+            lam, q = self.fl.source.broadcast_(lam), self.fl.source.broadcast_(q.contiguous())
         if not bool(torch.isfinite(lam).all()) or float(lam.abs().max()) == 0.0:
             return None
         return lam, q
@@ -310,8 +348,7 @@ def _newton_(
     model: nn.Module,
     params: list[nn.Parameter],
     loss_fn: Any,
-    x: Tensor,
-    y: Any,
+    source: BatchSource,
     max_steps: int,
     rcond: float,
     gtol: float,
@@ -323,7 +360,7 @@ def _newton_(
     Returns:
         (accepted steps, Hessians computed, |∇R|, loss, message).
     """
-    fl = flat_loss(model, loss_fn, x, y)
+    fl = _flat_loss(model, loss_fn, source)
     solver = _Newton(fl, rcond)
     theta = fl.theta.clone()
     g, gnorm, loss = solver.evaluate(theta)
@@ -337,7 +374,7 @@ def _newton_(
         if steps >= max_steps:
             message = f"max_newton_iter reached ({steps} Newton steps)"
             break
-        if time.monotonic() >= deadline:
+        if _time_up(deadline, source):
             message = "max_time reached"
             break
         if eig is None:
@@ -381,9 +418,12 @@ def _newton_(
 def critical_point(
     model: nn.Module,
     loss_fn: Any,
-    inputs: Tensor,
-    targets: Any,
+    inputs: Tensor | None = None,
+    targets: Any = None,
     *,
+    data: Iterable[Any] | None = None,
+    reduction: str | None = None,
+    process_group: Any = None,
     gtol: float = 1e-12,
     max_iter: int = 2000,
     max_newton_iter: int = 200,
@@ -413,8 +453,18 @@ def critical_point(
             BatchNorm or Dropout. Its trainable parameters are updated in place.
         loss_fn: Any callable ``loss_fn(output, target) -> scalar``.
         inputs: The full batch (full-batch optimisation; floating inputs are cast to
-            float64).
-        targets: The targets.
+            float64). Omit with ``data``.
+        targets: The targets (omit with ``data``).
+        data: An iterable of ``(inputs, targets)`` batches (e.g. a ``DataLoader``)
+            instead of ``inputs, targets``: the loss is the whole data set's (see
+            :mod:`torch_embed._data`; still full-batch: every L-BFGS evaluation and
+            every Newton step runs over all batches, one at a time).
+        reduction: How ``loss_fn`` reduces over a batch (``"mean"``, ``"sum"``,
+            ``"batchmean"``); needed with ``data``/``process_group`` for a plain
+            function, read from a ``torch.nn`` loss otherwise.
+        process_group: A :mod:`torch.distributed` process group: each rank passes its
+            shard of the data; losses, gradients and Hessians are all-reduced, so every
+            rank takes the same steps and ends at the same point.
         gtol: Target Euclidean gradient norm.
         max_iter: Maximum L-BFGS iterations (0: Newton only).
         max_newton_iter: Maximum accepted Newton steps (0: L-BFGS only).
@@ -472,8 +522,26 @@ def critical_point(
     if max_time is not None and not max_time > 0:
         raise ValueError(f"max_time must be a positive number of seconds or None, got {max_time}")
     deadline = math.inf if max_time is None else time.monotonic() + max_time
-    x = inputs.double() if inputs.is_floating_point() else inputs
-    y = targets.double() if isinstance(targets, Tensor) and targets.is_floating_point() else targets
+    source = batch_source(
+        "critical_point",
+        loss_fn,
+        inputs,
+        targets,
+        data,
+        reduction=reduction,
+        process_group=process_group,
+    )
+    source = dataclasses.replace(  # float64 data, once
+        source,
+        batches=tuple(
+            Batch(
+                _cast_floating(b.inputs, torch.float64),
+                _cast_floating(b.targets, torch.float64),
+                b.weight,
+            )
+            for b in source.batches
+        ),
+    )
     start = _get_flat(params).clone()
     grads = [p.grad for p in params]
     try:
@@ -481,8 +549,7 @@ def critical_point(
             model,
             params,
             loss_fn,
-            x,
-            y,
+            source,
             gtol,
             max_iter,
             max_newton_iter,
@@ -505,8 +572,7 @@ def _critical_point(
     model: nn.Module,
     params: list[nn.Parameter],
     loss_fn: Any,
-    x: Tensor,
-    y: Any,
+    source: BatchSource,
     gtol: float,
     max_iter: int,
     max_newton_iter: int,
@@ -517,7 +583,7 @@ def _critical_point(
     deadline: float,
 ) -> CriticalPointResult:
     """The three stages of :func:`critical_point` (arguments checked, float64 data)."""
-    loss0, g0 = _loss_and_grad(model, loss_fn, x, y)
+    loss0, g0 = _loss_and_grad(model, loss_fn, source)
     initial = float(g0.norm())
     gnorm, loss = initial, loss0
     phases: list[str] = []
@@ -527,8 +593,8 @@ def _critical_point(
     if gnorm > gtol and use_lbfgs:
         phases.append("lbfgs")
         start = _get_flat(params)
-        lbfgs_iters = _lbfgs_(model, params, loss_fn, x, y, max_iter, newton_at, deadline)
-        loss_l, g_l = _loss_and_grad(model, loss_fn, x, y)
+        lbfgs_iters = _lbfgs_(model, params, loss_fn, source, max_iter, newton_at, deadline)
+        loss_l, g_l = _loss_and_grad(model, loss_fn, source)
         norm_l = float(g_l.norm())
         if not math.isfinite(norm_l) or norm_l > initial:
             # L-BFGS ended at a worse gradient norm (it minimises R, not |∇R|): undo.
@@ -538,18 +604,17 @@ def _critical_point(
         if gnorm > gtol:
             message = (
                 "max_time reached during L-BFGS"
-                if time.monotonic() >= deadline
+                if _time_up(deadline, source)
                 else f"L-BFGS stopped after {lbfgs_iters} iterations and the Newton phase "
                 f"is disabled (max_newton_iter=0)"
             )
-    if gnorm > gtol and max_newton_iter > 0 and time.monotonic() < deadline:
+    if gnorm > gtol and max_newton_iter > 0 and not _time_up(deadline, source):
         phases.append("newton")
         newton, hessians, gnorm, loss, message = _newton_(
             model,
             params,
             loss_fn,
-            x,
-            y,
+            source,
             max_newton_iter,
             rcond,
             gtol,

@@ -21,7 +21,7 @@ Parameter sets are dictionaries keyed like ``Sequential.state_dict()`` (``"0.wei
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Literal
@@ -816,9 +816,12 @@ class Embedding:
         self,
         model: nn.Module,
         loss_fn: Callable[[Any, Any], Tensor],
-        inputs: Tensor,
-        targets: Any,
+        inputs: Tensor | None = None,
+        targets: Any = None,
         *,
+        data: Iterable[Any] | None = None,
+        reduction: str | None = None,
+        process_group: Any = None,
         tol: float | None = None,
         method: Literal["auto", "closed-form", "hvp"] = "auto",
     ) -> Inertia:
@@ -827,7 +830,8 @@ class Embedding:
         ``model`` is the WIDENED network at the embedded point; the result satisfies
         ``inertia(H_wide) = inertia(H_narrow) + change`` without building ``H_wide``.
         See :func:`torch_embed.inertia_change.inertia_change` for the method, the
-        tolerance and the numerical limits.
+        tolerance, the numerical limits and ``data``/``reduction``/``process_group``
+        (the whole data set's loss, over the ranks of a process group).
 
         Raises:
             ValueError: The embedding is not critical, or the model is not its image.
@@ -844,7 +848,18 @@ class Embedding:
         """
         from torch_embed.inertia_change import inertia_change
 
-        return inertia_change(self, model, loss_fn, inputs, targets, tol=tol, method=method)
+        return inertia_change(
+            self,
+            model,
+            loss_fn,
+            inputs,
+            targets,
+            data=data,
+            reduction=reduction,
+            process_group=process_group,
+            tol=tol,
+            method=method,
+        )
 
     # ------------------------------------------------------------------ composition
     def then(self, other: Embedding) -> Embedding:

@@ -36,10 +36,11 @@ mode (its loss is not a function of the parameters alone) unless
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, overload
 
@@ -49,10 +50,12 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from torch_embed._data import BatchSource, batch_source
 from torch_embed._sequential import elementwise_info
 
 __all__ = [
     "FlatLoss",
+    "FlatTerm",
     "HessianOperator",
     "check_model",
     "dense_hessian",
@@ -79,17 +82,37 @@ _TRAIN_MODE_TYPES: tuple[type[nn.Module], ...] = (
 
 
 @dataclass(frozen=True)
+class FlatTerm:
+    """One batch's weighted share of the loss, as a function of the flat vector.
+
+    Attributes:
+        fn: Maps a flat parameter vector to ``w_b · loss_fn(model(x_b), y_b)``.
+        param_fn: The same as a function of the sequence of parameter tensors.
+    """
+
+    fn: Callable[[Tensor], Tensor]
+    param_fn: Callable[[Sequence[Tensor]], Tensor] | None = None
+
+
+@dataclass(frozen=True)
 class FlatLoss:
     """The loss as a function of one flat parameter vector.
 
     Attributes:
         fn: Maps a flat parameter vector (``theta``'s shape, dtype and device) to the
-            scalar loss.
+            scalar loss: with several batches, the weighted sum over this process's
+            batches (see ``terms``), which is the whole loss only without a process
+            group (:meth:`value_and_grad` sums over the group).
         theta: The model's current trainable parameters, flattened, in ``dtype``.
         names: Parameter names in ``named_parameters()`` order (trainable ones only).
         shapes: Their shapes.
         param_fn: The same loss as a function of the sequence of parameter tensors
             (``names`` order and ``shapes``); used for the block-wise Hessian.
+        terms: The loss batch by batch (each weighted, :mod:`torch_embed._data`): what
+            the Hessian engines iterate, one batch's activations at a time. ``None``:
+            one term, ``(fn, param_fn)``; empty on a rank without data.
+        source: The batches and the process group whose sum the loss is (``None``: one
+            batch in one process).
     """
 
     fn: Callable[[Tensor], Tensor]
@@ -97,11 +120,45 @@ class FlatLoss:
     names: tuple[str, ...]
     shapes: tuple[torch.Size, ...]
     param_fn: Callable[[Sequence[Tensor]], Tensor] | None = None
+    terms: tuple[FlatTerm, ...] | None = None
+    source: BatchSource | None = None
 
     @property
     def numel(self) -> int:
         """The number of trainable parameters ``P``."""
         return int(self.theta.numel())
+
+    @property
+    def parts(self) -> tuple[FlatTerm, ...]:
+        """The terms whose sum (over the process group, too) is the loss."""
+        return (FlatTerm(self.fn, self.param_fn),) if self.terms is None else self.terms
+
+    def reduce_(self, tensor: Tensor) -> Tensor:
+        """Sum a per-process partial result over the process group, in place."""
+        return tensor if self.source is None else self.source.all_reduce_(tensor)
+
+    def value_and_grad(self, theta: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The loss and its gradient at ``theta`` (default :attr:`theta`), all batches.
+
+        Summed over every batch and every process of the group.
+
+        Example:
+            >>> from torch import nn
+            >>> fl = flat_loss(nn.Linear(1, 1, bias=False), nn.MSELoss(reduction="sum"),
+            ...                data=[(torch.ones(1, 1), torch.zeros(1, 1))] * 3)
+            >>> value, g = fl.value_and_grad(torch.tensor([2.0], dtype=torch.float64))
+            >>> float(value), g.tolist()  # 3 batches of w² at w = 2, and 3·2w
+            (12.0, [12.0])
+        """
+        theta = self.theta if theta is None else theta
+        value = torch.zeros((), dtype=theta.dtype, device=theta.device)
+        total = torch.zeros_like(theta)
+        for term in self.parts:
+            g, v = torch.func.grad_and_value(term.fn)(theta)
+            total += g.detach()
+            value += v.detach()
+        both = self.reduce_(torch.cat([total, value.reshape(1)]))
+        return both[-1], both[:-1]
 
     def unflatten(self, vec: Tensor) -> dict[str, Tensor]:
         """Split a flat ``(P,)`` vector into a ``{name: tensor}`` dict of parameter shapes.
@@ -164,10 +221,14 @@ def check_model(model: nn.Module, *, allow_train_mode: bool = False) -> None:
 def flat_loss(
     model: nn.Module,
     loss_fn: LossFn,
-    inputs: Any,
-    targets: Any,
+    inputs: Any = None,
+    targets: Any = None,
     *,
+    data: Iterable[Any] | None = None,
+    reduction: str | None = None,
+    process_group: Any = None,
     dtype: torch.dtype = torch.float64,
+    state: Mapping[str, Tensor] | None = None,
 ) -> FlatLoss:
     """Express ``loss_fn(model(inputs), targets)`` as a function of a flat vector.
 
@@ -178,12 +239,24 @@ def flat_loss(
     ``inputs`` and ``targets`` are cast to ``dtype``, also inside dicts (any mapping),
     lists and tuples; integer tensors (class indices) and other objects are kept.
 
+    With ``data=`` the loss is the data set's (:mod:`torch_embed._data`: weighted by the
+    loss's reduction, one :class:`FlatTerm` per batch, summed over ``process_group``).
+
     Args:
         model: The network (not modified).
         loss_fn: Any callable ``loss_fn(output, target) -> scalar``.
-        inputs: The batch of inputs.
-        targets: The batch of targets.
+        inputs: The batch of inputs (omit with ``data``).
+        targets: The batch of targets (omit with ``data``).
+        data: An iterable of ``(inputs, targets)`` batches (e.g. a ``DataLoader``),
+            read once, instead of ``inputs, targets``.
+        reduction: ``"mean"``, ``"sum"`` or ``"batchmean"``: how ``loss_fn`` reduces
+            over a batch; needed with ``data``/``process_group`` when ``loss_fn`` is a
+            plain function (a ``torch.nn`` loss says it itself).
+        process_group: A :mod:`torch.distributed` process group; each rank passes its
+            shard of the data and sums run over the group (``None``: this process only).
         dtype: The floating dtype of the computation.
+        state: Parameters and buffers (keyed like ``model.state_dict()``; shapes may
+            differ from the model's) to evaluate at instead of the model's own.
 
     Returns:
         A :class:`FlatLoss`.
@@ -197,44 +270,80 @@ def flat_loss(
         >>> bool(fl.fn(fl.theta) == lin.bias.double().pow(2).sum())
         True
     """
+    source = batch_source(
+        "flat_loss",
+        loss_fn,
+        inputs,
+        targets,
+        data,
+        reduction=reduction,
+        process_group=process_group,
+    )
+    return _flat_loss(model, loss_fn, source, dtype=dtype, state=state)
+
+
+def _flat_loss(
+    model: nn.Module,
+    loss_fn: LossFn,
+    source: BatchSource,
+    *,
+    dtype: torch.dtype = torch.float64,
+    state: Mapping[str, Tensor] | None = None,
+) -> FlatLoss:
+    """:func:`flat_loss` for a :class:`~torch_embed._data.BatchSource`."""
     if not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating dtype, got {dtype}")
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def value(name: str, tensor: Tensor) -> Tensor:
+        return tensor if state is None else state[name]
+
+    named = [(n, value(n, p)) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError(f"{type(model).__name__} has no trainable parameters")
     names = tuple(n for n, _ in named)
     shapes = tuple(p.shape for _, p in named)
     sizes = [p.numel() for _, p in named]
     theta = torch.cat([p.detach().reshape(-1).to(dtype) for _, p in named])
-    frozen = {
-        n: p.detach().to(dtype) if p.is_floating_point() else p.detach()
-        for n, p in model.named_parameters()
-        if not p.requires_grad
-    }
-    buffers = {
-        n: b.detach().to(dtype) if b.is_floating_point() else b.detach()
-        for n, b in model.named_buffers()
-    }
-    x, y = _cast_floating(inputs, dtype), _cast_floating(targets, dtype)
+    constants = [(n, value(n, p)) for n, p in model.named_parameters() if not p.requires_grad]
+    constants += [(n, value(n, b)) for n, b in model.named_buffers()]
+    if state is not None:  # buffers the state has beyond the model's (e.g. a wide one's)
+        known = {n for n, _ in model.named_parameters()} | {n for n, _ in constants}
+        constants += [(n, t) for n, t in state.items() if n not in known]
+    fixed = {n: t.detach().to(dtype) if t.is_floating_point() else t.detach() for n, t in constants}
 
-    def param_fn(tensors: Sequence[Tensor]) -> Tensor:
-        state: dict[str, Tensor] = dict(zip(names, tensors, strict=True))
-        state.update(frozen)
-        # fresh buffer copies: a train-mode BatchNorm updates them in place
-        state.update({n: b.clone() for n, b in buffers.items()})
-        out = loss_fn(functional_call(model, state, (x,)), y)
-        if not isinstance(out, Tensor) or out.numel() != 1:
-            raise ValueError(
-                f"loss_fn must return a scalar tensor, got "
-                f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}"
-            )
-        return out.reshape(())
+    def term(x: Any, y: Any, loss: LossFn) -> FlatTerm:
+        def param_fn(tensors: Sequence[Tensor]) -> Tensor:
+            params: dict[str, Tensor] = dict(zip(names, tensors, strict=True))
+            # fresh buffer copies: a train-mode BatchNorm updates them in place
+            params.update({n: t.clone() for n, t in fixed.items()})
+            out = loss(functional_call(model, params, (x,)), y)
+            if not isinstance(out, Tensor) or out.numel() != 1:
+                raise ValueError(
+                    f"loss_fn must return a scalar tensor, got "
+                    f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}"
+                )
+            return out.reshape(())
 
-    def fn(vec: Tensor) -> Tensor:
-        chunks = torch.split(vec, sizes)
-        return param_fn([c.view(s) for c, s in zip(chunks, shapes, strict=True)])
+        def fn(vec: Tensor) -> Tensor:
+            chunks = torch.split(vec, sizes)
+            return param_fn([c.view(s) for c, s in zip(chunks, shapes, strict=True)])
 
-    return FlatLoss(fn, theta, names, shapes, param_fn)
+        return FlatTerm(fn, param_fn)
+
+    terms = tuple(
+        term(_cast_floating(b.inputs, dtype), _cast_floating(b.targets, dtype), b.loss(loss_fn))
+        for b in source.batches
+    )
+    if source.single:
+        return FlatLoss(terms[0].fn, theta, names, shapes, terms[0].param_fn)
+
+    def total(vec: Tensor) -> Tensor:
+        out = torch.zeros((), dtype=vec.dtype, device=vec.device)
+        for t in terms:
+            out = out + t.fn(vec)
+        return out
+
+    return FlatLoss(total, theta, names, shapes, None, terms, source)
 
 
 def _cast_floating(obj: Any, dtype: torch.dtype) -> Any:
@@ -257,12 +366,18 @@ def _cast_floating(obj: Any, dtype: torch.dtype) -> Any:
 def gradient(
     model: nn.Module,
     loss_fn: LossFn,
-    inputs: Any,
-    targets: Any,
+    inputs: Any = None,
+    targets: Any = None,
     *,
+    data: Iterable[Any] | None = None,
+    reduction: str | None = None,
+    process_group: Any = None,
     dtype: torch.dtype = torch.float64,
 ) -> Tensor:
     """The flat gradient of the loss in ``dtype`` (``named_parameters()`` order).
+
+    ``data``, ``reduction`` and ``process_group`` as in :func:`flat_loss` (the gradient
+    of the whole data set's loss, the same on every rank of the group).
 
     Example:
         >>> from torch import nn
@@ -272,9 +387,14 @@ def gradient(
         >>> gradient(lin, nn.MSELoss(), torch.ones(1, 1), torch.zeros(1, 1))  # 2·(2x)·x
         tensor([4., 4.], dtype=torch.float64)
     """
-    fl = flat_loss(model, loss_fn, inputs, targets, dtype=dtype)
-    out: Tensor = grad(fl.fn)(fl.theta)
-    return out.detach()
+    source = batch_source(
+        "gradient", loss_fn, inputs, targets, data, reduction=reduction, process_group=process_group
+    )
+    fl = _flat_loss(model, loss_fn, source, dtype=dtype)
+    if fl.terms is None:
+        out: Tensor = grad(fl.fn)(fl.theta)
+        return out.detach()
+    return fl.value_and_grad()[1]
 
 
 HVP = Callable[[Tensor], Tensor]
@@ -379,43 +499,56 @@ class _Products:
     which reruns the forward pass), and the caller's state is left as it was.
     """
 
-    def __init__(self, fn: Callable[[Tensor], Tensor], theta: Tensor, engine: str) -> None:
+    def __init__(
+        self, fns: Sequence[Callable[[Tensor], Tensor]], theta: Tensor, engine: str
+    ) -> None:
         if engine not in ("auto", "reverse", "forward"):
             raise ValueError(f"engine must be 'auto', 'reverse' or 'forward', got {engine!r}")
-        self.fn, self.theta = fn, theta.detach()
+        self.fns, self.theta = tuple(fns), theta.detach()
         self.engine = "forward" if engine == "forward" else "reverse"  # auto: the fastest
         self.vector_bytes: int | None = None  # measured by the first reverse product
         self._measure = self.engine == "reverse"
         self._devices = _rng_devices(self.theta)
+        # One batch: its forward and first backward pass are recorded once, here. Several:
+        # recorded again for every pass, one batch at a time (the graphs of all batches
+        # together would hold the activations of the whole data set).
+        self._hv: HVP | None = None
         with torch.random.fork_rng(devices=self._devices):
             self._rng = torch.get_rng_state()
             self._cuda_rng = [torch.cuda.get_rng_state(d) for d in self._devices]
-            try:
-                self._hv = _make_hvp(fn, self.theta, self.engine)
-            except RuntimeError as err:
-                raise self._failure(err) from err
+            if len(self.fns) == 1:
+                try:
+                    self._hv = _make_hvp(self.fns[0], self.theta, self.engine)
+                except RuntimeError as err:
+                    raise self._failure(err) from err
 
     def __call__(self, rows: Tensor, *, measure: bool = False) -> Tensor:
         """``rows @ H`` for ``(k, P)`` rows in ``theta``'s dtype and device, one pass.
 
-        With ``measure`` (one row, reverse engine) it also sets :attr:`vector_bytes`.
+        With ``measure`` (one row, reverse engine) it also sets :attr:`vector_bytes`
+        (with several batches: of the first batch, its recording included).
         """
         counter = _AllocatedBytes() if measure and self._measure and len(rows) == 1 else None
+        recorded = self._hv
+        # one recorded batch, or every batch recorded in turn (none on a rank without data)
+        products = [recorded] if recorded is not None else [None] * len(self.fns)
+        out = torch.zeros_like(rows) if recorded is None else None
         with torch.random.fork_rng(devices=self._devices):
-            torch.set_rng_state(self._rng)
-            for dev, state in zip(self._devices, self._cuda_rng, strict=True):
-                torch.cuda.set_rng_state(state, dev)
-            try:
-                if counter is None:
-                    out = self._hv(rows)
-                else:
-                    with counter:
-                        out = self._hv(rows)
-            except RuntimeError as err:
-                raise self._failure(err) from err
+            for i, hv in enumerate(products):
+                torch.set_rng_state(self._rng)
+                for dev, state in zip(self._devices, self._cuda_rng, strict=True):
+                    torch.cuda.set_rng_state(state, dev)
+                try:
+                    with counter if counter is not None and i == 0 else contextlib.nullcontext():
+                        if hv is None:
+                            hv = _make_hvp(self.fns[i], self.theta, self.engine)
+                        part = hv(rows).detach()
+                except RuntimeError as err:
+                    raise self._failure(err) from err
+                out = part if out is None else out.add_(part)
         if counter is not None:
             self.vector_bytes = counter.total
-        return out.detach()
+        return rows.new_zeros(rows.shape) if out is None else out
 
     def _failure(self, err: RuntimeError) -> Exception:
         p = self.theta.numel()
@@ -424,7 +557,8 @@ class _Products:
                 f"Hessian-vector products of P={p} parameters ran out of memory ({err}); "
                 f"pass a smaller chunk_size (vectors per batched pass) or fewer inputs"
             )
-        _check_forward(self.fn, self.theta)  # the model's or loss's own error, unchanged
+        for fn in self.fns:
+            _check_forward(fn, self.theta)  # the model's or loss's own error, unchanged
         return ValueError(
             f"PyTorch cannot compute Hessian-vector products of this loss ({self.engine} "
             f"mode): {err}. Every module and the loss must be twice differentiable in PyTorch"
@@ -582,9 +716,10 @@ def dense_hessian(
         raise ValueError(f"theta must be a flat (P,) vector, got shape {tuple(theta.shape)}")
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    blockwise = fl is not None and all(t.param_fn is not None for t in fl.parts)
     if engine == "auto":
-        engine = "blocks" if fl is not None and fl.param_fn is not None else "reverse"
-    if engine == "blocks" and (fl is None or fl.param_fn is None):
+        engine = "blocks" if blockwise else "reverse"
+    if engine == "blocks" and not blockwise:
         raise ValueError("engine='blocks' needs a FlatLoss (per-parameter loss function)")
     p = theta.numel()
     dtype, device = theta.dtype, theta.device
@@ -605,12 +740,16 @@ def dense_hessian(
     theta = theta.detach()
     out = torch.empty(p, p, dtype=dtype, device=device)
     if engine == "blocks":
-        assert fl is not None and fl.param_fn is not None  # checked above
-        _check_forward(flat_fn, theta)
+        assert fl is not None  # checked above
+        parts = fl.parts
+        for part in parts:
+            _check_forward(part.fn, theta)
+        if len(parts) != 1:
+            out.zero_()  # the batches' Hessians are added into it
         try:
             _fill_blockwise_(
                 out,
-                fl.param_fn,
+                [t.param_fn for t in parts if t.param_fn is not None],
                 theta,
                 fl.shapes,
                 None if chunk_size is None else chunk,
@@ -626,8 +765,8 @@ def dense_hessian(
                 f"PyTorch cannot compute second derivatives of this loss: {err}. Every "
                 f"module and the loss must be twice differentiable in PyTorch"
             ) from err
-        return out
-    products = _Products(flat_fn, theta, engine)
+        return fl.reduce_(out)
+    products = _Products([t.fn for t in fl.parts] if fl is not None else [flat_fn], theta, engine)
 
     def basis(start: int, stop: int) -> Tensor:
         rows = torch.zeros(stop - start, p, dtype=dtype, device=device)
@@ -636,18 +775,21 @@ def dense_hessian(
 
     products.into_(out, basis, None if chunk_size is None else chunk, budget - p * p * itemsize)
     _symmetrize_(out, chunk)
-    return out
+    return out if fl is None else fl.reduce_(out)
 
 
 def _fill_blockwise_(
     out: Tensor,
-    param_fn: Callable[[Sequence[Tensor]], Tensor],
+    param_fns: Sequence[Callable[[Sequence[Tensor]], Tensor]],
     theta: Tensor,
     shapes: Sequence[torch.Size],
     chunk: int | None,
     budget: int,
 ) -> None:
     """Fill ``out`` with the Hessian one parameter tensor (block row) at a time.
+
+    With several ``param_fns`` (one per batch) their Hessians are added into ``out``
+    (zeroed by the caller), one batch's graphs at a time.
 
     For block ``l`` the gradient ``∂R/∂θ_l`` is recorded as a function of the blocks
     ``l, l+1, ...`` only (earlier blocks are constants, so autograd prunes the graph),
@@ -669,11 +811,13 @@ def _fill_blockwise_(
     with torch.random.fork_rng(devices=devices):
         rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state(theta.device) if devices else None
-        for l in range(len(leaves)):
-            torch.set_rng_state(rng)
-            if cuda_rng is not None:
-                torch.cuda.set_rng_state(cuda_rng, theta.device)
-            chunk = _fill_block_row_(out, param_fn, leaves, l, offs, chunk, budget)
+        add = len(param_fns) != 1
+        for param_fn in param_fns:
+            for l in range(len(leaves)):
+                torch.set_rng_state(rng)
+                if cuda_rng is not None:
+                    torch.cuda.set_rng_state(cuda_rng, theta.device)
+                chunk = _fill_block_row_(out, param_fn, leaves, l, offs, chunk, budget, add)
 
 
 def _fill_block_row_(
@@ -684,10 +828,12 @@ def _fill_block_row_(
     offs: Sequence[int],
     chunk: int | None,
     budget: int,
+    add: bool = False,
 ) -> int:
     """Rows of parameter block ``l``, against blocks ``l, l+1, ...``, and their mirror.
 
-    Returns the batch size used (measured and chosen here when ``chunk`` is ``None``).
+    ``add``: add the rows to ``out`` instead of writing them. Returns the batch size
+    used (measured and chosen here when ``chunk`` is ``None``).
     """
     lo, hi = offs[l], offs[l + 1]
     head = list(leaves[:l])
@@ -714,7 +860,10 @@ def _fill_block_row_(
                 rows = vmap(vjp_fn)(basis.view(k, *shape))
         for j, r in enumerate(rows, start=l):
             blk = out[lo + s : lo + e, offs[j] : offs[j + 1]]
-            blk.copy_(r.detach().reshape(k, -1))
+            if add:
+                blk.add_(r.detach().reshape(k, -1))
+            else:
+                blk.copy_(r.detach().reshape(k, -1))
             if j != l:
                 out[offs[j] : offs[j + 1], lo + s : lo + e] = blk.T
 
@@ -734,9 +883,12 @@ def _fill_block_row_(
 def hessian(
     model: nn.Module,
     loss_fn: LossFn,
-    inputs: Any,
-    targets: Any,
+    inputs: Any = None,
+    targets: Any = None,
     *,
+    data: Iterable[Any] | None = None,
+    reduction: str | None = None,
+    process_group: Any = None,
     dtype: torch.dtype = torch.float64,
     chunk_size: int | None = None,
     allow_train_mode: bool = False,
@@ -755,8 +907,17 @@ def hessian(
         model: The network (not modified). In eval mode if it has BatchNorm/Dropout.
         loss_fn: Any callable ``loss_fn(output, target) -> scalar``, e.g.
             ``nn.MSELoss()``, ``nn.CrossEntropyLoss()``, ``F.mse_loss``.
-        inputs: The batch of inputs.
-        targets: The batch of targets.
+        inputs: The batch of inputs (omit with ``data``).
+        targets: The batch of targets (omit with ``data``).
+        data: An iterable of ``(inputs, targets)`` batches (e.g. a ``DataLoader``),
+            instead of ``inputs, targets``: the result is the whole data set's, its
+            batches read once and kept (see :mod:`torch_embed._data`).
+        reduction: How ``loss_fn`` reduces over a batch (``"mean"``, ``"sum"``,
+            ``"batchmean"``); needed with ``data``/``process_group`` for a plain
+            function, read from a ``torch.nn`` loss's ``reduction`` otherwise.
+        process_group: A :mod:`torch.distributed` process group: each rank passes its
+            shard of the data, the result is summed over the group and the same on
+            every rank (``None``: this process only).
         dtype: Floating dtype of the computation and of the result.
         chunk_size: Hessian-vector products per batched pass (default: sized from the
             memory left beside the matrix, as in :class:`HessianOperator`: the first
@@ -791,7 +952,10 @@ def hessian(
         True
     """
     check_model(model, allow_train_mode=allow_train_mode)
-    fl = flat_loss(model, loss_fn, inputs, targets, dtype=dtype)
+    source = batch_source(
+        "hessian", loss_fn, inputs, targets, data, reduction=reduction, process_group=process_group
+    )
+    fl = _flat_loss(model, loss_fn, source, dtype=dtype)
     return dense_hessian(fl, chunk_size=chunk_size, max_bytes=max_bytes, engine=engine)
 
 
@@ -816,10 +980,13 @@ Vectors = Tensor | Mapping[str, Tensor]
 def hvp(
     model: nn.Module,
     loss_fn: LossFn,
-    inputs: Any,
-    targets: Any,
-    vectors: Tensor,
+    inputs: Any = ...,
+    targets: Any = ...,
+    vectors: Tensor = ...,
     *,
+    data: Iterable[Any] | None = ...,
+    reduction: str | None = ...,
+    process_group: Any = ...,
     dtype: torch.dtype = ...,
     allow_train_mode: bool = ...,
     engine: str = ...,
@@ -832,10 +999,13 @@ def hvp(
 def hvp(
     model: nn.Module,
     loss_fn: LossFn,
-    inputs: Any,
-    targets: Any,
-    vectors: Mapping[str, Tensor],
+    inputs: Any = ...,
+    targets: Any = ...,
+    vectors: Mapping[str, Tensor] = ...,
     *,
+    data: Iterable[Any] | None = ...,
+    reduction: str | None = ...,
+    process_group: Any = ...,
     dtype: torch.dtype = ...,
     allow_train_mode: bool = ...,
     engine: str = ...,
@@ -847,10 +1017,13 @@ def hvp(
 def hvp(
     model: nn.Module,
     loss_fn: LossFn,
-    inputs: Any,
-    targets: Any,
-    vectors: Vectors,
+    inputs: Any = None,
+    targets: Any = None,
+    vectors: Vectors | None = None,
     *,
+    data: Iterable[Any] | None = None,
+    reduction: str | None = None,
+    process_group: Any = None,
     dtype: torch.dtype = torch.float64,
     allow_train_mode: bool = False,
     engine: str = "auto",
@@ -861,17 +1034,29 @@ def hvp(
 
     One call costs one forward and one backward pass (recorded once) and one batched
     second backward pass per chunk of vectors (:meth:`HessianOperator.matmat`); for
-    many calls at the same point, build one :class:`HessianOperator` instead.
+    many calls at the same point, build one :class:`HessianOperator` instead. With
+    ``data``, every chunk of vectors costs a forward, a backward and a batched second
+    backward pass per batch.
 
     Args:
         model: The network (not modified).
         loss_fn: Any callable ``loss_fn(output, target) -> scalar``.
-        inputs: The batch of inputs.
-        targets: The batch of targets.
+        inputs: The batch of inputs (omit with ``data``).
+        targets: The batch of targets (omit with ``data``).
         vectors: ``(P,)`` or ``(k, P)`` (rows are vectors), in ``named_parameters()``
             order, or a ``{name: tensor}`` mapping with one entry per trainable
             parameter, each of the parameter's shape or with a leading ``k``. Cast to
-            ``dtype``.
+            ``dtype``. Required (a keyword with ``data``: ``hvp(model, loss,
+            vectors=v, data=loader)``).
+        data: An iterable of ``(inputs, targets)`` batches (e.g. a ``DataLoader``),
+            instead of ``inputs, targets``: the result is the whole data set's, its
+            batches read once and kept (see :mod:`torch_embed._data`).
+        reduction: How ``loss_fn`` reduces over a batch (``"mean"``, ``"sum"``,
+            ``"batchmean"``); needed with ``data``/``process_group`` for a plain
+            function, read from a ``torch.nn`` loss's ``reduction`` otherwise.
+        process_group: A :mod:`torch.distributed` process group: each rank passes its
+            shard of the data, the result is summed over the group and the same on
+            every rank (``None``: this process only).
         dtype: Floating dtype of the computation and of the result.
         allow_train_mode: As in :func:`hessian`.
         engine: As in :func:`hessian`.
@@ -892,11 +1077,16 @@ def hvp(
         >>> hvp(lin, loss, x, y, {"weight": torch.ones(1, 2)})  # float32 in, cast
         {'weight': tensor([[2., 2.]], dtype=torch.float64)}
     """
+    if vectors is None:
+        raise TypeError("hvp: vectors is required (a (P,) or (k, P) tensor, or a mapping)")
     op = HessianOperator(
         model,
         loss_fn,
         inputs,
         targets,
+        data=data,
+        reduction=reduction,
+        process_group=process_group,
         dtype=dtype,
         allow_train_mode=allow_train_mode,
         engine=engine,
@@ -904,6 +1094,14 @@ def hvp(
         max_bytes=max_bytes,
     )
     return op.matmat(vectors)
+
+
+def _check_sizes(chunk_size: int | None, max_bytes: int | None) -> None:
+    for name, value in (("chunk_size", chunk_size), ("max_bytes", max_bytes)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise TypeError(f"HessianOperator: {name} must be an int or None, got {value!r}")
+        if value is not None and value < 1:
+            raise ValueError(f"HessianOperator: {name} must be >= 1 or None, got {value}")
 
 
 class HessianOperator:
@@ -932,8 +1130,19 @@ class HessianOperator:
     Args:
         model: The network (not modified; later changes to it are not seen).
         loss_fn: Any callable ``loss_fn(output, target) -> scalar``.
-        inputs: The batch of inputs.
-        targets: The batch of targets.
+        inputs: The batch of inputs (omit with ``data``).
+        targets: The batch of targets (omit with ``data``).
+        data: An iterable of ``(inputs, targets)`` batches (e.g. a ``DataLoader``),
+            instead of ``inputs, targets``: products are the whole data set's
+            Hessian's; the batches are read once and kept, and every batched pass runs
+            a forward, a backward and a second backward pass per batch (see
+            :mod:`torch_embed._data`).
+        reduction: How ``loss_fn`` reduces over a batch (``"mean"``, ``"sum"``,
+            ``"batchmean"``); needed with ``data``/``process_group`` for a plain
+            function, read from a ``torch.nn`` loss's ``reduction`` otherwise.
+        process_group: A :mod:`torch.distributed` process group: each rank passes its
+            shard of the data, the result is summed over the group and the same on
+            every rank (``None``: this process only).
         dtype: Floating dtype of the computation.
         allow_train_mode: As in :func:`hessian`.
         engine: As in :func:`hessian`.
@@ -960,26 +1169,63 @@ class HessianOperator:
         self,
         model: nn.Module,
         loss_fn: LossFn,
-        inputs: Any,
-        targets: Any,
+        inputs: Any = None,
+        targets: Any = None,
         *,
+        data: Iterable[Any] | None = None,
+        reduction: str | None = None,
+        process_group: Any = None,
         dtype: torch.dtype = torch.float64,
         allow_train_mode: bool = False,
         engine: str = "auto",
         chunk_size: int | None = None,
         max_bytes: int | None = None,
     ) -> None:
-        for name, value in (("chunk_size", chunk_size), ("max_bytes", max_bytes)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise TypeError(f"HessianOperator: {name} must be an int or None, got {value!r}")
-            if value is not None and value < 1:
-                raise ValueError(f"HessianOperator: {name} must be >= 1 or None, got {value}")
+        _check_sizes(chunk_size, max_bytes)
         check_model(model, allow_train_mode=allow_train_mode)
-        self.flat = flat_loss(model, loss_fn, inputs, targets, dtype=dtype)
-        self._products = _Products(self.flat.fn, self.flat.theta, engine)
+        source = batch_source(
+            "HessianOperator",
+            loss_fn,
+            inputs,
+            targets,
+            data,
+            reduction=reduction,
+            process_group=process_group,
+        )
+        flat = _flat_loss(model, loss_fn, source, dtype=dtype)
+        self._setup(flat, engine, chunk_size, max_bytes)
+
+    def _setup(
+        self, flat: FlatLoss, engine: str, chunk_size: int | None, max_bytes: int | None
+    ) -> None:
+        self.flat = flat
+        self._products = _Products([t.fn for t in flat.parts], flat.theta, engine)
         self.engine = self._products.engine
         self.chunk_size = chunk_size
         self.max_bytes = max_bytes
+
+    @classmethod
+    def of(
+        cls,
+        flat: FlatLoss,
+        *,
+        engine: str = "auto",
+        chunk_size: int | None = None,
+        max_bytes: int | None = None,
+    ) -> HessianOperator:
+        """The operator of a :class:`FlatLoss` (e.g. :func:`flat_loss` at a given ``state``).
+
+        Example:
+            >>> from torch import nn
+            >>> fl = flat_loss(nn.Linear(2, 1, bias=False), nn.MSELoss(reduction="sum"),
+            ...                torch.eye(2), torch.zeros(2, 1))
+            >>> HessianOperator.of(fl) @ torch.ones(2, dtype=torch.float64)
+            tensor([2., 2.], dtype=torch.float64)
+        """
+        _check_sizes(chunk_size, max_bytes)
+        op = cls.__new__(cls)
+        op._setup(flat, engine, chunk_size, max_bytes)
+        return op
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -1071,7 +1317,7 @@ class HessianOperator:
             return mat[start:stop].to(dtype=self.dtype, device=self.device)
 
         self._products.into_(out, rows, self.chunk_size, budget - need)
-        return out
+        return self.flat.reduce_(out)
 
     def _flatten(self, vectors: Mapping[str, Tensor]) -> tuple[Tensor, bool]:
         """``(k, P)`` rows from a ``{name: tensor}`` mapping, and whether it held one vector."""

@@ -35,7 +35,7 @@ speed; where a LAPACK's ``sytrf`` is faster relative to ``sytrd``, the ratio gro
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -348,50 +348,36 @@ def _spectral_norm_estimate(mat: Tensor, steps: int = 10) -> float:
     """
     if mat.shape[0] == 0:
         return 0.0
-    lo, hi = _lanczos_extremes(lambda v: mat @ v, mat.shape[0], mat.dtype, mat.device, steps)
+    lo, hi = _lanczos_extremes(lambda v: mat @ v, mat.shape[0], mat.device, steps)
     return max(abs(lo), abs(hi))
 
 
 def _lanczos_extremes(
-    apply: Callable[[Tensor], Tensor],
-    n: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    steps: int,
+    apply: Callable[[Tensor], Tensor], n: int, device: torch.device, steps: int
 ) -> tuple[float, float]:
-    """Extreme Ritz values (min, max) of a symmetric operator: Lanczos, full reorthogonalization."""
+    """Extreme Ritz values (min, max) of ``steps`` Lanczos steps on a float64 operator.
+
+    The Lanczos iteration of :mod:`torch_embed.spectrum` (full reorthogonalisation; a
+    fresh random direction after an invariant subspace), from a start vector seeded 1.
+    """
+    # Imported here: torch_embed.spectrum imports torch_embed.hessian.
+    from torch_embed.spectrum import _Lanczos, _Operator, _unit_random
+
+    op = _Operator(apply, n, device)
     k = min(steps, n)
-    gen = torch.Generator(device=device).manual_seed(1)
-    q = torch.randn(n, 1, dtype=dtype, device=device, generator=gen)
-    basis = [q / q.norm()]
-    alphas: list[float] = []
-    betas: list[float] = []
-    for j in range(k):
-        w = apply(basis[j])
-        alphas.append(float((basis[j] * w).sum()))
-        qmat = torch.cat(basis, dim=1)
-        w = w - qmat @ (qmat.T @ w)
-        w = w - qmat @ (qmat.T @ w)
-        beta = float(w.norm())
-        if j == k - 1 or beta <= 1e-14 * max(abs(a) for a in alphas):
-            break
-        betas.append(beta)
-        basis.append(w / beta)
-    m = len(alphas)
-    tri = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-    if m > 1:
-        off = torch.tensor(betas[: m - 1], dtype=torch.float64)
-        tri += torch.diag(off, 1) + torch.diag(off, -1)
-    theta = torch.linalg.eigvalsh(tri)
+    gen = torch.Generator().manual_seed(1)
+    lanczos = _Lanczos(op, _unit_random(n, gen, op.device), k, gen)
+    for _ in range(k):
+        lanczos.step()
+    theta = lanczos.ritz()[0]
     return float(theta[0]), float(theta[-1])
 
 
 def _inverse_extremes(ld: Tensor, pivots: Tensor) -> tuple[float, float]:
     """Extreme Ritz values of ``(LDLᵀ)⁻¹`` (solves with the factorization)."""
     return _lanczos_extremes(
-        lambda v: torch.linalg.ldl_solve(ld, pivots, v),
+        lambda v: torch.linalg.ldl_solve(ld, pivots, v[:, None])[:, 0],
         ld.shape[0],
-        ld.dtype,
         ld.device,
         _LANCZOS_STEPS,
     )
@@ -579,9 +565,12 @@ def inertia(
 def hessian_inertia(
     model: nn.Module,
     loss_fn: Any,
-    inputs: Tensor,
-    targets: Any,
+    inputs: Tensor | None = None,
+    targets: Any = None,
     *,
+    data: Iterable[Any] | None = None,
+    reduction: str | None = None,
+    process_group: Any = None,
     tol: float | None = None,
     method: str = "auto",
     dtype: torch.dtype = torch.float64,
@@ -598,6 +587,11 @@ def hessian_inertia(
     (:func:`torch_embed.critical.critical_point`) for a meaningful zero count, or pass
     ``tol`` to count at a threshold of your own.
 
+    ``data`` (an iterable of ``(inputs, targets)`` batches, instead of ``inputs,
+    targets``), ``reduction`` and ``process_group`` are as in
+    :func:`torch_embed.hessian.hessian`: the inertia of the whole data set's Hessian,
+    the same on every rank of the group (the Hessian and the gradient are all-reduced).
+
     Example:
         >>> from torch import nn
         >>> lin = nn.Linear(2, 1)  # least squares: Hessian 2·mean(h̃h̃ᵀ) is positive definite
@@ -606,8 +600,20 @@ def hessian_inertia(
         >>> hessian_inertia(lin, nn.MSELoss(), x, y).as_tuple()
         (0, 0, 3)
     """
-    from torch_embed.hessian import gradient, hessian
+    from torch_embed._data import batch_source
+    from torch_embed.hessian import _flat_loss, check_model, dense_hessian
 
-    h = hessian(model, loss_fn, inputs, targets, dtype=dtype)
-    gnorm = float(gradient(model, loss_fn, inputs, targets, dtype=dtype).norm())
+    check_model(model)
+    source = batch_source(
+        "hessian_inertia",
+        loss_fn,
+        inputs,
+        targets,
+        data,
+        reduction=reduction,
+        process_group=process_group,
+    )
+    fl = _flat_loss(model, loss_fn, source, dtype=dtype)
+    h = dense_hessian(fl)
+    gnorm = float(fl.value_and_grad()[1].norm())
     return inertia(h, tol=tol, grad_norm=gnorm, method=method, min_gap=min_gap)

@@ -59,27 +59,28 @@ Numerical limits:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vjp, vmap
 
 from torch_embed._blocks import (
     _check_modes,
     activation_derivatives,
+    data_signals,
     full_state,
-    layer_signals,
     null_block,
     null_direction,
     own_parameter_count,
     split_block,
     split_direction,
 )
+from torch_embed._data import BatchSource, batch_source
 from torch_embed._sequential import Layout, read_sequential
 from torch_embed.embedding import Embedding
+from torch_embed.hessian import HessianOperator, _flat_loss
 from torch_embed.inertia import (
     DEFAULT_MIN_GAP,
     Inertia,
@@ -174,57 +175,21 @@ def _flat(d: Mapping[str, Tensor], names: list[str], state: Mapping[str, Tensor]
     return torch.cat(parts, dim=1)
 
 
-def _loss_of_flat(
-    model: nn.Module,
-    loss_fn: LossFn,
-    inputs: Tensor,
-    targets: Any,
-    state: Mapping[str, Tensor],
-    names: list[str],
-) -> tuple[Callable[[Tensor], Tensor], Tensor]:
-    shapes = [state[n].shape for n in names]
-    sizes = [state[n].numel() for n in names]
-    theta = torch.cat([state[n].reshape(-1) for n in names])
-    rest = {k: v for k, v in state.items() if k not in set(names)}
-    x = inputs.to(theta.dtype) if inputs.is_floating_point() else inputs
-    y = (
-        targets.to(theta.dtype)
-        if isinstance(targets, Tensor) and targets.is_floating_point()
-        else targets
-    )
-
-    def fn(vec: Tensor) -> Tensor:
-        params = {
-            n: c.view(s) for n, c, s in zip(names, torch.split(vec, sizes), shapes, strict=True)
-        }
-        buffers = {k: v.clone() for k, v in rest.items()}
-        out: Tensor = loss_fn(functional_call(model, {**params, **buffers}, (x,)), y)
-        return out.reshape(())
-
-    return fn, theta
-
-
-def _hvp_rows(fn: Callable[[Tensor], Tensor], theta: Tensor, vectors: Tensor) -> Tensor:
-    """``vectors @ H`` (``(k, P)``) by reverse-over-reverse products."""
-    vjp_fn = vjp(grad(fn), theta)[1]
-    try:
-        out: Tensor = vmap(lambda v: vjp_fn(v)[0])(vectors)
-    except RuntimeError:  # a module without a batching rule: one product at a time
-        out = torch.stack([vjp_fn(v)[0] for v in vectors])
-    return out.detach()
-
-
 def _hvp_block(
     model: nn.Module,
     loss_fn: LossFn,
-    inputs: Tensor,
-    targets: Any,
+    source: BatchSource,
     state: Mapping[str, Tensor],
     basis: Tensor,
 ) -> Tensor:
-    names = _param_names(model)
-    fn, theta = _loss_of_flat(model, loss_fn, inputs, targets, state, names)
-    hc = _hvp_rows(fn, theta, basis)
+    """``C H Cᵀ`` for the rows ``C`` of ``basis``, by batched Hessian-vector products.
+
+    The products are :class:`~torch_embed.hessian.HessianOperator`'s at ``state``:
+    batched as many at a time as the free memory allows, over every batch of
+    ``source`` and summed over its process group.
+    """
+    op = HessianOperator.of(_flat_loss(model, loss_fn, source, state=state))
+    hc = op.matmat(basis.to(op.dtype))
     d = basis @ hc.T
     return (d + d.T) / 2
 
@@ -257,8 +222,7 @@ def _one_step_block(
     info: _Step,
     model: nn.Module,
     loss_fn: LossFn,
-    inputs: Tensor,
-    targets: Any,
+    source: BatchSource,
     state: dict[str, Tensor],
     method: str,
 ) -> ComplementBlock:
@@ -285,7 +249,7 @@ def _one_step_block(
                 f"hidden layer {l} has a BatchNorm1d (module '{bn}'): the closed form does "
                 f"not cover it; use method='hvp' or 'auto'"
             )
-        sig = layer_signals(model, loss_fn, inputs, targets, l, state=state)
+        sig = data_signals(model, loss_fn, source, l, state=state)
         if info.kind == "split":
             d = split_block(sig, info.neuron, info.alpha)
         else:
@@ -318,7 +282,7 @@ def _one_step_block(
                 bn_affine=bn_affine,
             )
         basis = _flat(dirs, _param_names(model), wide_state, k)
-        d = _hvp_block(model, loss_fn, inputs, targets, wide_state, basis)
+        d = _hvp_block(model, loss_fn, source, wide_state, basis)
     if info.kind == "null" and info.null_value == 0.0:
         c_norm = 1.0
     norms = torch.cat(
@@ -357,8 +321,7 @@ def _general_block(
     embedding: Embedding,
     model: nn.Module,
     loss_fn: LossFn,
-    inputs: Tensor,
-    targets: Any,
+    source: BatchSource,
     wide_state: dict[str, Tensor],
 ) -> ComplementBlock:
     """``D`` for any critical embedding: ``C`` an orthonormal basis of ``ker Bᵀ``."""
@@ -379,7 +342,7 @@ def _general_block(
     b = torch.stack(cols, dim=1)  # (P_wide, P_narrow)
     q, _ = torch.linalg.qr(b, mode="complete")
     c = q[:, p_n:].T.contiguous()  # (P_wide - P_narrow, P_wide), orthonormal rows
-    d = _hvp_block(model, loss_fn, inputs, targets, wide_state, c)
+    d = _hvp_block(model, loss_fn, source, wide_state, c)
     return ComplementBlock(
         matrix=d,
         norms=torch.ones(d.shape[0], dtype=dtype),
@@ -395,8 +358,7 @@ def _blocks(
     embedding: Embedding,
     model: nn.Module,
     loss_fn: LossFn,
-    inputs: Tensor,
-    targets: Any,
+    source: BatchSource,
     method: str,
 ) -> tuple[list[ComplementBlock], dict[str, Tensor]]:
     _check_method(method)
@@ -412,15 +374,13 @@ def _blocks(
                 "or 'hvp'"
             ) from None
         _check_embedded(embedding.apply(embedding.restrict(wide_state)), model)
-        return [_general_block(embedding, model, loss_fn, inputs, targets, wide_state)], wide_state
+        return [_general_block(embedding, model, loss_fn, source, wide_state)], wide_state
     state = embedding.restrict(wide_state)
     blocks: list[ComplementBlock] = []
     for step in steps:
         info = _describe(step)
         if info.kind != "permutation":
-            blocks.append(
-                _one_step_block(step, info, model, loss_fn, inputs, targets, state, method)
-            )
+            blocks.append(_one_step_block(step, info, model, loss_fn, source, state, method))
         state = step.apply(state)
     _check_embedded(state, model)
     return blocks, wide_state
@@ -430,9 +390,12 @@ def step_blocks(
     embedding: Embedding,
     model: nn.Module,
     loss_fn: LossFn,
-    inputs: Tensor,
-    targets: Any,
+    inputs: Tensor | None = None,
+    targets: Any = None,
     *,
+    data: Iterable[Any] | None = None,
+    reduction: str | None = None,
+    process_group: Any = None,
     method: Method = "auto",
 ) -> list[ComplementBlock]:
     """The complement block of every one-step piece of ``embedding``, with its metadata.
@@ -442,8 +405,17 @@ def step_blocks(
         model: The WIDENED model, at the embedded point (in eval mode if it has
             BatchNorm/Dropout).
         loss_fn: ``loss_fn(output, targets) -> scalar``.
-        inputs: The batch of inputs.
-        targets: The batch of targets.
+        inputs: The batch of inputs (omit with ``data``).
+        targets: The batch of targets (omit with ``data``).
+        data: An iterable of ``(inputs, targets)`` batches (e.g. a ``DataLoader``)
+            instead of ``inputs, targets``: the blocks of the whole data set's loss
+            (see :mod:`torch_embed._data`).
+        reduction: How ``loss_fn`` reduces over a batch (``"mean"``, ``"sum"``,
+            ``"batchmean"``); needed with ``data``/``process_group`` for a plain
+            function, read from a ``torch.nn`` loss otherwise.
+        process_group: A :mod:`torch.distributed` process group: each rank passes its
+            shard of the data and gets the same result (closed forms gather the layer's
+            per-sample signals from every rank; products are all-reduced).
         method: ``"auto"``, ``"closed-form"`` or ``"hvp"`` (see the module docstring).
 
     Returns:
@@ -465,16 +437,28 @@ def step_blocks(
         >>> [(b.kind, tuple(b.matrix.shape)) for b in step_blocks(emb, net, nn.MSELoss(), x, y)]
         [('split', (4, 4)), ('split', (4, 4))]
     """
-    return _blocks(embedding, model, loss_fn, inputs, targets, method)[0]
+    source = batch_source(
+        "step_blocks",
+        loss_fn,
+        inputs,
+        targets,
+        data,
+        reduction=reduction,
+        process_group=process_group,
+    )
+    return _blocks(embedding, model, loss_fn, source, method)[0]
 
 
 def complement_blocks(
     embedding: Embedding,
     model: nn.Module,
     loss_fn: LossFn,
-    inputs: Tensor,
-    targets: Any,
+    inputs: Tensor | None = None,
+    targets: Any = None,
     *,
+    data: Iterable[Any] | None = None,
+    reduction: str | None = None,
+    process_group: Any = None,
     method: Method = "auto",
 ) -> list[Tensor]:
     """The complement block ``D = Cᵀ H_wide C`` of every one-step piece of ``embedding``.
@@ -488,8 +472,17 @@ def complement_blocks(
         model: The WIDENED model, at the embedded point (in eval mode if it has
             BatchNorm/Dropout).
         loss_fn: ``loss_fn(output, targets) -> scalar``.
-        inputs: The batch of inputs.
-        targets: The batch of targets.
+        inputs: The batch of inputs (omit with ``data``).
+        targets: The batch of targets (omit with ``data``).
+        data: An iterable of ``(inputs, targets)`` batches (e.g. a ``DataLoader``)
+            instead of ``inputs, targets``: the blocks of the whole data set's loss
+            (see :mod:`torch_embed._data`).
+        reduction: How ``loss_fn`` reduces over a batch (``"mean"``, ``"sum"``,
+            ``"batchmean"``); needed with ``data``/``process_group`` for a plain
+            function, read from a ``torch.nn`` loss otherwise.
+        process_group: A :mod:`torch.distributed` process group: each rank passes its
+            shard of the data and gets the same result (closed forms gather the layer's
+            per-sample signals from every rank; products are all-reduced).
         method: ``"auto"``, ``"closed-form"`` or ``"hvp"`` (see the module docstring).
 
     Returns:
@@ -512,29 +505,37 @@ def complement_blocks(
         >>> D.shape, bool((D[:2, :2] == 0).all()), bool((D[2:, 2:] == 0).all())
         (torch.Size([3, 3]), True, True)
     """
-    blocks = _blocks(embedding, model, loss_fn, inputs, targets, method)[0]
+    source = batch_source(
+        "complement_blocks",
+        loss_fn,
+        inputs,
+        targets,
+        data,
+        reduction=reduction,
+        process_group=process_group,
+    )
+    blocks = _blocks(embedding, model, loss_fn, source, method)[0]
     return [b.matrix for b in blocks]
 
 
 def _scale_estimate(
     model: nn.Module,
     loss_fn: LossFn,
-    inputs: Tensor,
-    targets: Any,
+    source: BatchSource,
     state: Mapping[str, Tensor],
     iterations: int = 20,
 ) -> tuple[float, float, int]:
     """(‖∇R‖, an estimate of ‖H‖₂ by power iteration, P) at ``state``."""
-    names = _param_names(model)
-    fn, theta = _loss_of_flat(model, loss_fn, inputs, targets, state, names)
-    res = vjp(grad(fn), theta)
-    g, vjp_fn = res[0], res[1]
+    fl = _flat_loss(model, loss_fn, source, state=state)
+    g = fl.value_and_grad()[1]
+    op = HessianOperator.of(fl)
+    theta = fl.theta
     gen = torch.Generator(device=theta.device).manual_seed(0)
     v = torch.randn(theta.shape, generator=gen, dtype=theta.dtype, device=theta.device)
     v = v / v.norm()
     est = 0.0
     for _ in range(iterations):
-        hv = vjp_fn(v)[0]
+        hv = op.matvec(v)
         new = float(hv.norm())
         if new == 0.0:
             break
@@ -550,9 +551,12 @@ def inertia_change(
     embedding: Embedding,
     model: nn.Module,
     loss_fn: LossFn,
-    inputs: Tensor,
-    targets: Any,
+    inputs: Tensor | None = None,
+    targets: Any = None,
     *,
+    data: Iterable[Any] | None = None,
+    reduction: str | None = None,
+    process_group: Any = None,
     tol: float | None = None,
     method: Method = "auto",
     min_gap: float = DEFAULT_MIN_GAP,
@@ -566,8 +570,17 @@ def inertia_change(
         embedding: A critical embedding.
         model: The WIDENED model, at the embedded point.
         loss_fn: ``loss_fn(output, targets) -> scalar``.
-        inputs: The batch of inputs.
-        targets: The batch of targets.
+        inputs: The batch of inputs (omit with ``data``).
+        targets: The batch of targets (omit with ``data``).
+        data: An iterable of ``(inputs, targets)`` batches (e.g. a ``DataLoader``)
+            instead of ``inputs, targets``: the blocks of the whole data set's loss
+            (see :mod:`torch_embed._data`).
+        reduction: How ``loss_fn`` reduces over a batch (``"mean"``, ``"sum"``,
+            ``"batchmean"``); needed with ``data``/``process_group`` for a plain
+            function, read from a ``torch.nn`` loss otherwise.
+        process_group: A :mod:`torch.distributed` process group: each rank passes its
+            shard of the data and gets the same result (closed forms gather the layer's
+            per-sample signals from every rank; products are all-reduced).
         tol: Eigenvalue threshold for the zero count; the result records it. Pass the
             ``tol`` of the "before" :class:`~torch_embed.inertia.Inertia` to count
             consistently with it (and to skip the estimate of ``‖H_wide‖``): then
@@ -602,7 +615,16 @@ def inertia_change(
     """
     if tol is not None and (not math.isfinite(tol) or tol < 0):
         raise ValueError(f"tol must be a finite number >= 0, got {tol}")
-    blocks, wide_state = _blocks(embedding, model, loss_fn, inputs, targets, method)
+    source = batch_source(
+        "inertia_change",
+        loss_fn,
+        inputs,
+        targets,
+        data,
+        reduction=reduction,
+        process_group=process_group,
+    )
+    blocks, wide_state = _blocks(embedding, model, loss_fn, source, method)
     spectra = [eigenvalues(b.normalized) for b in blocks]
     dtype = torch.float64
     mags = torch.cat([torch.zeros(0, dtype=dtype)] + [lam.abs().cpu() for lam in spectra])
@@ -610,7 +632,7 @@ def inertia_change(
     scale = float(mags[-1]) if mags.numel() else 0.0  # a lower bound on ‖H_wide‖
     gnorm: float | None = None
     if tol is None:
-        gnorm, power, p = _scale_estimate(model, loss_fn, inputs, targets, wide_state)
+        gnorm, power, p = _scale_estimate(model, loss_fn, source, wide_state)
         scale = max(scale, power)
     else:
         p = sum(v.numel() for v in model.parameters())

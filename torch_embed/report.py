@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from torch_embed._blocks import full_state
+from torch_embed._data import batch_source
 from torch_embed._sequential import read_sequential
 from torch_embed.embedding import Embedding
 from torch_embed.hessian import gradient
@@ -148,9 +149,12 @@ def check_embedding(
     wide_model: nn.Module,
     embedding: Embedding,
     loss_fn: LossFn,
-    inputs: Tensor,
-    targets: Any,
+    inputs: Tensor | None = None,
+    targets: Any = None,
     *,
+    data: Iterable[Any] | None = None,
+    reduction: str | None = None,
+    process_group: Any = None,
     full: bool = True,
     tol: float | None = None,
 ) -> EmbeddingReport:
@@ -162,7 +166,16 @@ def check_embedding(
         embedding: The critical embedding that maps one to the other.
         loss_fn: ``loss_fn(output, targets) -> scalar``.
         inputs: The batch (full batch: the loss is over exactly these samples).
-        targets: The targets.
+            Omit with ``data``.
+        targets: The targets (omit with ``data``).
+        data: An iterable of ``(inputs, targets)`` batches (e.g. a ``DataLoader``),
+            read once, instead of ``inputs, targets``: every count is of the whole
+            data set's loss (see :mod:`torch_embed._data`).
+        reduction: How ``loss_fn`` reduces over a batch (``"mean"``, ``"sum"``,
+            ``"batchmean"``); needed with ``data``/``process_group`` for a plain
+            function, read from a ``torch.nn`` loss otherwise.
+        process_group: A :mod:`torch.distributed` process group: each rank passes its
+            shard; every count, norm and the output difference are over all ranks.
         full: Also recount the wide Hessian's inertia in full (``O(P³)``), to check
             the prediction and to time it.
         tol: One zero threshold for every count (before, after and change), so that
@@ -207,23 +220,39 @@ def check_embedding(
         ``bench/inertia.py --part 3`` for P ≈ 4000.)
     """
     _check_models(narrow_model, wide_model, embedding)
-    with torch.no_grad():
-        diff = (wide_model(inputs) - narrow_model(inputs)).abs()
-    out_diff = float(diff.max()) if diff.numel() else 0.0
-    g_before = float(gradient(narrow_model, loss_fn, inputs, targets).norm())
-    g_after = float(gradient(wide_model, loss_fn, inputs, targets).norm())
-    before, t_before = _timed(
-        lambda: hessian_inertia(narrow_model, loss_fn, inputs, targets, tol=tol)
+    source = batch_source(
+        "check_embedding",
+        loss_fn,
+        inputs,
+        targets,
+        data,
+        reduction=reduction,
+        process_group=process_group,
     )
+    # every tool below reads the batches again: pass the ones read here (a generator
+    # or a shuffling loader would give none or others)
+    batches = [(b.inputs, b.targets) for b in source.batches]
+    how: dict[str, Any] = {"reduction": reduction, "process_group": process_group}
+    if data is not None:
+        how["data"] = batches
+    else:
+        how.update(inputs=inputs, targets=targets)
+    out_diff = 0.0
+    with torch.no_grad():
+        for x, _ in batches:
+            diff = (wide_model(x) - narrow_model(x)).abs()
+            out_diff = max(out_diff, float(diff.max()) if diff.numel() else 0.0)
+    out_diff = source.max(out_diff)
+    g_before = float(gradient(narrow_model, loss_fn, **how).norm())
+    g_after = float(gradient(wide_model, loss_fn, **how).norm())
+    before, t_before = _timed(lambda: hessian_inertia(narrow_model, loss_fn, **how, tol=tol))
     common = before.tol
     after: Inertia | None = None
     t_after: float | None = None
     if full:
-        after, t_after = _timed(
-            lambda: hessian_inertia(wide_model, loss_fn, inputs, targets, tol=common)
-        )
+        after, t_after = _timed(lambda: hessian_inertia(wide_model, loss_fn, **how, tol=common))
     change, t_change = _timed(
-        lambda: inertia_change(embedding, wide_model, loss_fn, inputs, targets, tol=common)
+        lambda: inertia_change(embedding, wide_model, loss_fn, **how, tol=common)
     )
     predicted = before + change
     reference = after if after is not None else predicted

@@ -19,11 +19,13 @@ Built in: ``Linear``, ``Bilinear``, ``Conv``/``ConvTranspose`` 1d-3d, ``BatchNor
 ``Conv1D`` and LLaMA/Qwen2/Mistral RMSNorms are registered by
 :mod:`torch_embed.graph.hf` when the first module of that package is looked up (so
 ``import torch_embed`` does not import ``transformers``). A module of any other
-class whose own tensors change shape is refused with a ``ValueError`` asking for
-:func:`register_handler`; a module whose tensors' shapes are all there is to its width
-(timm's ``LayerScale``, torchvision's ConvNeXt block owning ``layer_scale``) registers
-:func:`no_attributes`. Handlers patch *shape* attributes only: values such as a
-LayerNorm's ``eps`` rescaled by a mean-fill are the planner's to set.
+class whose own tensors change shape is accepted with nothing to patch when none of its
+plain attributes holds one of the sizes that change (timm's ``LayerScale``, a model's own
+position embedding or cls token: their tensors' shapes are all there is to their width),
+and refused with a ``ValueError`` that names those attributes and asks for
+:func:`register_handler` when one does (``self.dim = 32``: it would go stale).
+Handlers patch *shape* attributes only: values such as a LayerNorm's ``eps`` rescaled
+by a mean-fill are the planner's to set.
 
 Example: a depthwise convolution grows from 8 to 11 channels (``groups`` follows):
 
@@ -165,7 +167,7 @@ def register_handler(cls: type[nn.Module], handler: Handler) -> None:
         ...         self.gamma = nn.Parameter(torch.ones(dim))
         >>> attribute_updates(Scale(4), Resize({"gamma": (6,)}))
         Traceback (most recent call last):
-        ValueError: Scale module: ... register a handler: ...(Scale, handler) ...
+        ValueError: Scale module: ... attributes ['dim=4'] hold the old sizes; ...
         >>> register_handler(Scale, lambda module, resize: {"dim": resize.shapes["gamma"][0]})
         >>> attribute_updates(Scale(4), Resize({"gamma": (6,)}))
         {'dim': 6}
@@ -208,11 +210,35 @@ def _own_tensors(module: nn.Module) -> set[str]:
     return names | {n for n, _ in module.named_buffers(recurse=False)}
 
 
+def _size_attributes(module: nn.Module, resize: Resize) -> list[str]:
+    """``module``'s plain int (or int tuple) attributes equal to a size that changes.
+
+    A module without a handler may still keep a width in an attribute (``self.dim``)
+    that its ``forward`` or ``extra_repr`` reads; those are the ones that would go
+    stale. Sizes that do not change (the other axes of the tensors) are not suspects.
+    """
+    changing: set[int] = set()
+    for name, new in resize.shapes.items():
+        tensor = getattr(module, name, None)
+        if isinstance(tensor, torch.Tensor):
+            changing |= {old for old, n in zip(tensor.shape, new, strict=False) if old != n}
+            if tensor.dim() != len(new):
+                changing |= set(tensor.shape)
+    suspects = []
+    for attr, value in vars(module).items():
+        if attr.startswith("_") or isinstance(value, bool):
+            continue
+        values = value if isinstance(value, tuple | list) else (value,)
+        if any(isinstance(v, int) and not isinstance(v, bool) and v in changing for v in values):
+            suspects.append(f"{attr}={value!r}")
+    return sorted(suspects)
+
+
 def attribute_updates(module: nn.Module, resize: Resize, *, name: str = "") -> dict[str, object]:
     """The shape attributes of ``module`` to set for the new sizes in ``resize``.
 
-    Nothing is modified. A module with no registered handler gets no updates when none
-    of its own tensors changes (an activation, ``Flatten``); when one does, it is refused.
+    Nothing is modified. A module with no registered handler gets no updates unless one
+    of its plain int attributes equals a size that changes; then it is refused.
 
     Args:
         module: The module whose tensors change.
@@ -227,7 +253,8 @@ def attribute_updates(module: nn.Module, resize: Resize, *, name: str = "") -> d
             :class:`Resize`, or a handler returns something else than a mapping of
             existing attribute names.
         ValueError: If ``resize`` names a tensor the module does not own, the class has
-            no handler but its tensors change, or the new shapes are inconsistent.
+            no handler but an attribute holds a size that changes, or the new shapes are
+            inconsistent.
 
     Example:
         >>> from torch import nn
@@ -248,11 +275,13 @@ def attribute_updates(module: nn.Module, resize: Resize, *, name: str = "") -> d
         )
     handler = handler_for(module)
     if handler is None:
-        if not resize.shapes:
+        suspects = _size_attributes(module, resize)
+        if not suspects:
             return {}
         raise ValueError(
-            f"{where}: its tensors {sorted(resize.shapes)} would change shape, but torch_embed "
-            f"does not know which attributes of {cls} hold its sizes; register a handler: "
+            f"{where}: its tensors {sorted(resize.shapes)} would change shape, and its "
+            f"attributes {suspects} hold the old sizes; torch_embed does not know whether "
+            f"they must follow. Register a handler: "
             f"torch_embed.graph.handlers.register_handler({cls}, handler) "
             f"(no_attributes if the tensors' shapes are its only sizes)"
         )

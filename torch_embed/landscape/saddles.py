@@ -36,7 +36,7 @@ GradMax's quantity).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -46,13 +46,14 @@ from torch.func import functional_call, jacrev, vjp, vmap
 
 from torch_embed._blocks import (
     LayerSignals,
-    layer_signals,
+    data_signals,
     null_coupling,
     null_direction,
     split_coupling,
     split_direction,
     splitting_matrix,
 )
+from torch_embed._data import BatchSource, batch_source
 from torch_embed._order import ranked, tie_tolerance
 from torch_embed._sequential import Layout, read_sequential
 from torch_embed.embedding import Embedding
@@ -351,9 +352,12 @@ def _null_certificate(
 def saddle_certificates(
     model: nn.Module,
     loss_fn: LossFn,
-    inputs: Tensor,
-    targets: Any,
+    inputs: Tensor | None = None,
+    targets: Any = None,
     *,
+    data: Iterable[Any] | None = None,
+    reduction: str | None = None,
+    process_group: Any = None,
     alpha_bound: float = 2.0,
     null_biases: Sequence[float] | None = _DEFAULT_NULL_BIASES,
     layers: Sequence[int] | None = None,
@@ -381,8 +385,18 @@ def saddle_certificates(
         model: An ``nn.Sequential`` MLP of Linear layers and twice-differentiable
             element-wise activations (no BatchNorm; Dropout in eval mode).
         loss_fn: ``loss_fn(output, targets) -> scalar`` (e.g. ``nn.MSELoss()``).
-        inputs: The batch of inputs.
-        targets: The batch of targets.
+        inputs: The batch of inputs (omit with ``data``).
+        targets: The batch of targets (omit with ``data``).
+        data: An iterable of ``(inputs, targets)`` batches (e.g. a ``DataLoader``)
+            instead of ``inputs, targets``: the certificates of the whole data set's
+            loss (see :mod:`torch_embed._data`; the closed forms hold the layer's
+            per-sample signals of all samples, not the network's activations).
+        reduction: How ``loss_fn`` reduces over a batch (``"mean"``, ``"sum"``,
+            ``"batchmean"``); needed with ``data``/``process_group`` for a plain
+            function, read from a ``torch.nn`` loss otherwise.
+        process_group: A :mod:`torch.distributed` process group: each rank passes its
+            shard of the data; the layer's signals are gathered from every rank, so
+            every rank gets the same certificates.
         alpha_bound: ``B ≥ ½``: splits use ``α ∈ [1 - B, B]``, so each copy's share of
             the fan-out has magnitude at most ``B``. ``B = 1`` excludes signed splits.
         null_biases: Candidate null biases ``β`` (the best one is reported; only those
@@ -415,6 +429,28 @@ def saddle_certificates(
         >>> best.curvature < 0, sorted(best.direction)
         (True, ['0.bias', '0.weight', '2.bias', '2.weight'])
     """
+    source = batch_source(
+        "saddle_certificates",
+        loss_fn,
+        inputs,
+        targets,
+        data,
+        reduction=reduction,
+        process_group=process_group,
+    )
+    return _certificates(model, loss_fn, source, alpha_bound, null_biases, layers, kinds)
+
+
+def _certificates(
+    model: nn.Module,
+    loss_fn: LossFn,
+    source: BatchSource,
+    alpha_bound: float,
+    null_biases: Sequence[float] | None,
+    layers: Sequence[int] | None,
+    kinds: Sequence[str],
+) -> list[Certificate]:
+    """:func:`saddle_certificates` over a :class:`~torch_embed._data.BatchSource`."""
     if not (alpha_bound >= 0.5 and math.isfinite(alpha_bound)):
         raise ValueError(
             f"alpha_bound must be a finite number >= 0.5 (α ∈ [1 - B, B]), got {alpha_bound!r}"
@@ -449,7 +485,7 @@ def saddle_certificates(
         raise ValueError(f"kinds must be a sequence of 'split' and/or 'null', got {kinds!r}")
     certs: list[Certificate] = []
     for l in chosen:
-        signals = layer_signals(model, loss_fn, inputs, targets, l)
+        signals = data_signals(model, loss_fn, source, l)
         if "split" in kinds:
             for s in range(layout.hidden_widths[l]):
                 certs.append(_split_certificate(model, layout, signals, l, s, float(alpha_bound)))
@@ -537,18 +573,23 @@ class EscapeResult:
 
 
 def _evaluate(
-    model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Any, state: Mapping[str, Tensor]
+    model: nn.Module, loss_fn: LossFn, source: BatchSource, state: Mapping[str, Tensor]
 ) -> float:
+    """The data set's loss at ``state``: the weighted batches, summed over the group."""
+    total = 0.0
     with torch.no_grad():
-        out = loss_fn(functional_call(model, dict(state), (inputs,)), targets)
-    return float(out)
+        for b in source.batches:
+            out = b.loss(loss_fn)(functional_call(model, dict(state), (b.inputs,)), b.targets)
+            if source.single:
+                return float(out)
+            total += float(out)
+    return source.sum(total)
 
 
 def _line_search(
     model: nn.Module,
     loss_fn: LossFn,
-    inputs: Tensor,
-    targets: Any,
+    source: BatchSource,
     wide: dict[str, Tensor],
     direction: Mapping[str, Tensor],
     curvature: float,
@@ -567,7 +608,7 @@ def _line_search(
 
     def loss_at(t: float) -> float:
         moved = {k: (v + t * d[k] if k in d else v) for k, v in wide.items()}
-        return _evaluate(model, loss_fn, inputs, targets, moved)
+        return _evaluate(model, loss_fn, source, moved)
 
     if step is None:
         t = math.sqrt(2 * max(reference, 1e-30) / max(-curvature, 1e-300))
@@ -601,9 +642,12 @@ def _line_search(
 def escape(
     model: nn.Module,
     loss_fn: LossFn,
-    inputs: Tensor,
-    targets: Any,
+    inputs: Tensor | None = None,
+    targets: Any = None,
     *,
+    data: Iterable[Any] | None = None,
+    reduction: str | None = None,
+    process_group: Any = None,
     optimizer: torch.optim.Optimizer | None = None,
     max_new: int = 1,
     step: float | None = None,
@@ -629,8 +673,13 @@ def escape(
     Args:
         model: An ``nn.Sequential`` MLP (see :func:`saddle_certificates`).
         loss_fn: ``loss_fn(output, targets) -> scalar``.
-        inputs: The batch of inputs.
-        targets: The batch of targets.
+        inputs: The batch of inputs (omit with ``data``).
+        targets: The batch of targets (omit with ``data``).
+        data: As in :func:`saddle_certificates`; the line search evaluates the whole
+            data set's loss (one forward pass per batch per trial step).
+        reduction: As in :func:`saddle_certificates`.
+        process_group: As in :func:`saddle_certificates`: every rank takes the same
+            steps and widens its model identically (losses are all-reduced).
         optimizer: Passed to :func:`torch_embed.embed_` so its state is mapped.
         max_new: Maximum number of neurons to add (one per step).
         step: Initial step length ``t₀`` of the line search (default automatic).
@@ -661,21 +710,21 @@ def escape(
         raise ValueError(f"step must be a positive finite number, got {step!r}")
     if isinstance(max_halvings, bool) or not isinstance(max_halvings, int) or max_halvings < 0:
         raise ValueError(f"max_halvings must be a non-negative int, got {max_halvings!r}")
-    first_loss = _evaluate(model, loss_fn, inputs, targets, model.state_dict())
+    source = batch_source(
+        "escape",
+        loss_fn,
+        inputs,
+        targets,
+        data,
+        reduction=reduction,
+        process_group=process_group,
+    )
+    first_loss = _evaluate(model, loss_fn, source, model.state_dict())
     current = first_loss
     steps: list[EscapeStep] = []
     best_curvature = math.nan
     for _ in range(max_new):
-        certs = saddle_certificates(
-            model,
-            loss_fn,
-            inputs,
-            targets,
-            alpha_bound=alpha_bound,
-            null_biases=null_biases,
-            layers=layers,
-            kinds=kinds,
-        )
+        certs = _certificates(model, loss_fn, source, alpha_bound, null_biases, layers, kinds)
         if not steps:
             best_curvature = certs[0].curvature if certs else math.nan
         done = False
@@ -684,12 +733,11 @@ def escape(
                 break
             state = {k: v.detach() for k, v in model.state_dict().items()}
             wide = cert.embedding.apply(state)
-            reference = min(current, _evaluate(model, loss_fn, inputs, targets, wide))
+            reference = min(current, _evaluate(model, loss_fn, source, wide))
             found = _line_search(
                 model,
                 loss_fn,
-                inputs,
-                targets,
+                source,
                 wide,
                 cert.direction,
                 cert.curvature,
@@ -705,7 +753,7 @@ def escape(
                 for name, p in model.named_parameters():
                     if name in cert.direction:
                         p.add_(cert.direction[name].to(device=p.device, dtype=p.dtype), alpha=t)
-            after = _evaluate(model, loss_fn, inputs, targets, model.state_dict())
+            after = _evaluate(model, loss_fn, source, model.state_dict())
             steps.append(EscapeStep(cert, t, current, after))
             current = after
             done = True
