@@ -25,8 +25,11 @@ from torch.utils._pytree import tree_leaves
 
 from torch_embed.exactness import unit_roundoff
 from torch_embed.graph.embedding import GroupEmbedding
-from torch_embed.graph.groups import width_groups
+from torch_embed.graph.fill import EPS_ATTRIBUTES
+from torch_embed.graph.groups import WidthGroups, width_groups
 from torch_embed.graph.handlers import Resize, attribute_updates
+from torch_embed.graph.hf import transformers_updates
+from torch_embed.graph.layout import AxisLayout
 from torch_embed.graph.plan import plan_groups
 from torch_embed.graph.trace import check_model
 from torch_embed.optim_state import ApproximateStateWarning, map_optimizer_state
@@ -76,7 +79,18 @@ def widen_graph(
         new_opt: dict[nn.Parameter, dict[str, Any]] = {}
         if optimizer is not None:
             new_opt = map_optimizer_state(optimizer, named_params, embedding)
-    updates = _attribute_updates(model, new_state, embedding, _aliases(model))
+    aliases = _aliases(model)
+    heads = _head_counts(model, groups, embedding)
+    updates: list[tuple[object, dict[str, object]]] = []
+    updates.extend(_attribute_updates(model, new_state, embedding, aliases, heads))
+    updates.extend(_scale_updates(model, embedding))
+    updates.extend(_eps_updates(model, embedding))
+    updates.extend(_head_attribute_updates(model, groups, embedding))
+    new_shapes = {
+        a: tuple(new_state[n].shape) for n in embedding.tensors for a in aliases.get(n, [n])
+    }
+    hf_updates, config_caveats = transformers_updates(model, new_shapes, updates)
+    updates.extend(hf_updates)
     changed = list(embedding.tensors)
     undo = _install(named_params, named_buffers, new_state, changed, new_grads, updates)
     probes: list[_Probe] = []
@@ -93,6 +107,8 @@ def widen_graph(
                 f"{error}; the model was left "
                 f"unchanged. A size written into forward (x.view(-1, 128)) or a module "
                 f"attribute no handler patches can cause this"
+                + _MEAN_FILL_HINT
+                * any(a.mean for a in embedding.axes)
             ) from error
         raise
     finally:
@@ -112,10 +128,20 @@ def widen_graph(
                 ApproximateStateWarning,
                 stacklevel=3,
             )
+    for caveat in config_caveats:
+        warnings.warn(f"widen: {caveat}", UserWarning, stacklevel=3)
     if optimizer is not None:
         for p, st in new_opt.items():
             optimizer.state[p] = st
     return embedding
+
+
+_MEAN_FILL_HINT = (
+    "; so can a mean-fill under a post-norm LayerNorm: mean-fill is exact only when every "
+    "LayerNorm reads the residual stream without writing its output back into it "
+    "(pre-norm); grow a post-norm model's residual by uniform copies (Split, a multiple "
+    "of the width)"
+)
 
 
 class _Probe:
@@ -199,6 +225,7 @@ def _attribute_updates(
     new_state: dict[str, Tensor],
     embedding: GroupEmbedding,
     aliases: dict[str, list[str]],
+    heads: dict[str, int],
 ) -> list[tuple[nn.Module, dict[str, object]]]:
     by_module: dict[str, dict[str, tuple[int, ...]]] = {}
     for name in embedding.tensors:
@@ -217,10 +244,127 @@ def _attribute_updates(
                 groups = shapes["weight"][0] // per if not module.transposed else None
             else:
                 groups = module.groups
+        groups = heads.get(owner, groups)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             updates = attribute_updates(module, Resize(shapes, None, groups), name=owner)
         out.append((module, updates))
+    return out
+
+
+def _head_counts(
+    model: nn.Module, groups: WidthGroups, embedding: GroupEmbedding
+) -> dict[str, int]:
+    """The new ``num_heads`` of every ``nn.MultiheadAttention``: its q rows are (…, H, d)."""
+    widths = {name: wide for name, (_, wide) in embedding.sizes.items()}
+    out: dict[str, int] = {}
+    for owner, module in model.named_modules():
+        if not isinstance(module, nn.MultiheadAttention):
+            continue
+        name = "in_proj_weight" if module._qkv_same_embed_dim else "q_proj_weight"
+        layout = groups.layouts.get((f"{owner}.{name}" if owner else name, 0))
+        if layout is None:
+            continue
+        factors = _factors(layout.resized(widths))
+        out[owner] = factors[-2] if module.num_heads > 1 and len(factors) >= 2 else 1
+    return out
+
+
+def _factors(layout: AxisLayout) -> list[int]:
+    """The sizes of the factors of an axis (of its first part, for a split q/kv axis)."""
+    if layout.kind == "prod":
+        return [f for p in layout.parts for f in _factors(p)]
+    if layout.kind == "sum":
+        return _factors(layout.parts[0])
+    return [layout.size] if layout.size != 1 else []
+
+
+_HEAD_ATTRIBUTES = {
+    "q_heads": ("n_head", "n_heads", "num_heads", "num_attention_heads"),
+    "kv_heads": ("n_kv_head", "n_kv_heads", "num_kv_heads", "num_key_value_heads"),
+    "rep": ("n_rep", "num_key_value_groups"),
+    "head_dim": ("head_dim", "head_size", "d_head", "d_k"),
+}
+
+
+def _head_attribute_updates(
+    model: nn.Module, groups: WidthGroups, embedding: GroupEmbedding
+) -> list[tuple[nn.Module, dict[str, object]]]:
+    """Head counts and head_dim held as int attributes by the module running an attention.
+
+    For a module other than ``nn.MultiheadAttention`` (its handler does it) that runs an
+    attention: an int attribute named as in ``_HEAD_ATTRIBUTES`` holding the old number
+    of query heads, kv heads, query heads per kv head or head_dim is set to the new one.
+    The re-check after widening confirms the forward computes with them.
+    """
+    widths = {name: wide for name, (_, wide) in embedding.sizes.items()}
+
+    def sizes(names: tuple[str, ...]) -> tuple[int, int]:
+        old = math.prod(groups.find(n).size for n in names)
+        return old, math.prod(widths.get(n, groups.find(n).size) for n in names)
+
+    updates: dict[str, dict[str, object]] = {}
+    for att in groups.attentions:
+        module = model.get_submodule(att.module)
+        if isinstance(module, nn.MultiheadAttention):
+            continue
+        (qo, qn), (ko, kn), (do, dn) = (
+            sizes(att.q_heads), sizes(att.kv_heads), sizes(att.head_dim)
+        )  # fmt: skip
+        counts = {"q_heads": (qo, qn), "kv_heads": (ko, kn), "head_dim": (do, dn)}
+        if ko and kn and qo % ko == 0 and qn % kn == 0:
+            counts["rep"] = (qo // ko, qn // kn)
+        for what, (old, new) in counts.items():
+            if old == new:
+                continue
+            for attr in _HEAD_ATTRIBUTES[what]:
+                value = getattr(module, attr, None)
+                if isinstance(value, int) and not isinstance(value, bool) and value == old:
+                    updates.setdefault(att.module, {})[attr] = new
+    return [(model.get_submodule(m), u) for m, u in updates.items()]
+
+
+def _eps_updates(
+    model: nn.Module, embedding: GroupEmbedding
+) -> list[tuple[nn.Module, dict[str, object]]]:
+    """The eps of every norm over a zero- or mean-filled group, × D/D' (graph/fill.py)."""
+    out: list[tuple[nn.Module, dict[str, object]]] = []
+    for owner, old, factor in embedding.eps:
+        module = model.get_submodule(owner)
+        found = None
+        for attr in EPS_ATTRIBUTES:
+            if not hasattr(module, attr):
+                continue
+            value = getattr(module, attr)
+            if value is None and old is None:  # nn.RMSNorm(eps=None): the dtype's eps
+                weight = getattr(module, "weight", None)
+                dtype = weight.dtype if isinstance(weight, Tensor) else torch.get_default_dtype()
+                found = (attr, torch.finfo(dtype).eps * factor)
+            elif isinstance(value, float) and old is not None and math.isclose(value, old):
+                found = (attr, value * factor)
+            if found:
+                break
+        if found is None:
+            raise ValueError(
+                f"widen: the norm at `{owner}` ({type(module).__name__}) reads the filled "
+                f"group, but no attribute {list(EPS_ATTRIBUTES)} holds its eps {old}: its eps "
+                f"must become eps × {factor:.6g} to keep the output; make it an attribute"
+            )
+        out.append((module, {found[0]: found[1]}))
+    return out
+
+
+def _scale_updates(
+    model: nn.Module, embedding: GroupEmbedding
+) -> list[tuple[nn.Module, dict[str, object]]]:
+    """Explicit softmax scales ``1/√head_dim`` held by module attributes, set to ``1/√d'``."""
+    out: list[tuple[nn.Module, dict[str, object]]] = []
+    for owner, old, new in embedding.scales:
+        module = model.get_submodule(owner)
+        for attr in ("scale", "scaling", "softmax_scale"):
+            value = getattr(module, attr, None)
+            if isinstance(value, float) and math.isclose(value, old, rel_tol=1e-12):
+                out.append((module, {attr: new}))
     return out
 
 

@@ -55,6 +55,12 @@ class AxisMap:
         coef: ``float64`` ``(wide,)``: the consumer coefficient of each wide entry (1 on
             entries of groups that do not grow or not split, 0 on null units).
         groups: ``> 1`` for the in-axis of a grouped convolution (one group's share).
+        gain: ``float64`` ``(wide,)`` or ``None`` (all 1): a reparametrisation factor
+            ``g`` per wide entry: copies are multiplied by ``g``, consumers by ``1/g``
+            (an attention head_dim's temperature fix, GROWTH.md §2); gradients map
+            by the inverse factors, second moments by their squares.
+        mean: ``apply`` sets the null entries to the mean of the narrow entries along
+            the axis (a LayerNorm's mean-fill, :mod:`torch_embed.graph.fill`).
     """
 
     tensor: str
@@ -63,6 +69,8 @@ class AxisMap:
     source: Tensor
     coef: Tensor
     groups: int = 1
+    gain: Tensor | None = None
+    mean: bool = False
 
     def scale(self, what: str) -> Tensor:
         """The factor of each wide entry for ``what`` in apply/grad/second."""
@@ -73,6 +81,9 @@ class AxisMap:
             s = self.coef if self.role == "copy" else torch.ones_like(self.coef)
         else:
             s = self.coef * self.coef if self.role == "copy" else torch.ones_like(self.coef)
+        if self.gain is not None:
+            power = {"apply": 1, "grad": -1}.get(what, -2)
+            s = s * self.gain.pow(power if self.role == "copy" else -power)
         return torch.where(null, 0.0, s)
 
 
@@ -143,6 +154,11 @@ class GroupEmbedding:
             odd copy stays noise-free. The copies carry equal values, so the output is
             kept; gradients map as without noise (the critical part's map).
         seed: The seed of that noise.
+        scales: ``(module FQN, old, new)`` per attention whose explicit softmax scale
+            follows head_dim (``1/√d``): the apply step sets an attribute ``scale``,
+            ``scaling`` or ``softmax_scale`` of that module holding ``old`` to ``new``.
+        eps: ``(module FQN, traced eps or None, factor)`` per LayerNorm/RMSNorm over a
+            filled group: the apply step multiplies its eps attribute by ``factor``.
     """
 
     maps: Mapping[str, LayerMap]
@@ -152,6 +168,8 @@ class GroupEmbedding:
     reasons_: tuple[str, ...] = field(default=())
     noise: float = 0.0
     seed: int = 0
+    scales: tuple[tuple[str, float, float], ...] = ()
+    eps: tuple[tuple[str, float | None, float], ...] = ()
 
     @property
     def kind(self) -> EmbeddingKind:
@@ -179,7 +197,12 @@ class GroupEmbedding:
             t = tensors[name]
             # plain axes first: a grouped in-axis reads the (new) output segments
             for a in sorted(axes, key=lambda a: a.groups > 1):
+                narrow = t
                 t = _gather(t, a, a.scale(what))
+                if what == "apply" and a.mean:
+                    null = (a.source < 0).nonzero().flatten().to(t.device)
+                    fill = narrow.mean(a.axis, keepdim=True).expand_as(t.index_select(a.axis, null))
+                    t = t.index_copy(a.axis, null, fill.contiguous())
                 if what == "apply" and self.noise and a.role == "split":
                     t = _add_noise(t, a, self.noise, self.seed)
             out[name] = t

@@ -16,11 +16,20 @@ from typing import Any
 
 from torch import nn
 
+from torch_embed.graph.attention import rotary_reason
 from torch_embed.graph.layout import AxisLayout
 from torch_embed.graph.ops import Constraint, Interpretation, interpret
 from torch_embed.graph.trace import Tracer, check_model, trace
 
-__all__ = ["AxisUse", "Constraint", "WidthGroup", "WidthGroups", "width_groups"]
+__all__ = [
+    "Attention",
+    "AxisUse",
+    "Constraint",
+    "Norm",
+    "WidthGroup",
+    "WidthGroups",
+    "width_groups",
+]
 
 
 @dataclass(frozen=True)
@@ -117,6 +126,48 @@ class WidthGroup:
         return f"WidthGroup({self.name}, size {self.size}, {state})"
 
 
+@dataclass(frozen=True)
+class Attention:
+    """One attention found in the trace, by the groups its axes are made of.
+
+    Attributes:
+        module: FQN of the module that runs it (``scaled_dot_product_attention`` or the
+            softmax of ``q @ k^T``).
+        q_heads: The groups of the query head axis (with GQA: the kv heads and the
+            query heads per kv head, outer first).
+        kv_heads: The groups of the key/value head axis.
+        head_dim: The groups of the query/key head_dim.
+        packed: ``True`` for ``nn.MultiheadAttention``, whose ``embed_dim`` is both its
+            input width and ``num_heads × head_dim``: a factor ``f`` grows its heads
+            only (``widen(model, f)``), so the two stay equal.
+    """
+
+    module: str
+    q_heads: tuple[str, ...]
+    kv_heads: tuple[str, ...]
+    head_dim: tuple[str, ...]
+    packed: bool = False
+
+
+@dataclass(frozen=True)
+class Norm:
+    """One LayerNorm or RMSNorm found in the trace.
+
+    Attributes:
+        module: FQN of the module that runs it.
+        kind: ``"layer_norm"`` or ``"rms_norm"``.
+        groups: The groups of its normalised axes (one, for a norm over the residual).
+        weight: FQN of its γ (``None`` without one).
+        eps: The eps the trace shows (``None``: the op's default).
+    """
+
+    module: str
+    kind: str
+    groups: tuple[str, ...]
+    weight: str | None
+    eps: float | None
+
+
 class WidthGroups(list[WidthGroup]):
     """The result of :func:`width_groups`: a list whose ``str`` is a table.
 
@@ -126,7 +177,9 @@ class WidthGroups(list[WidthGroup]):
     every tensor axis that carries features: the tree of groups it is made of, from
     which the indices after widening follow (``layout.resized({name: width})``). The
     in-axis of a grouped convolution's weight holds one group's share and has no entry
-    (see :attr:`AxisUse.groups`).
+    (see :attr:`AxisUse.groups`). ``groups.attentions`` lists every
+    :class:`Attention` with its head and head_dim groups, ``groups.norms`` every
+    LayerNorm/RMSNorm (:class:`Norm`).
     """
 
     def __init__(
@@ -135,10 +188,14 @@ class WidthGroups(list[WidthGroup]):
         *,
         tracer: str = "",
         layouts: dict[tuple[str, int], AxisLayout] | None = None,
+        attentions: Iterable[Attention] = (),
+        norms: Iterable[Norm] = (),
     ) -> None:
         super().__init__(groups)
         self.tracer = tracer
         self.layouts: dict[tuple[str, int], AxisLayout] = dict(layouts or {})
+        self.attentions: tuple[Attention, ...] = tuple(attentions)
+        self.norms: tuple[Norm, ...] = tuple(norms)
 
     def find(self, name: str) -> WidthGroup:
         """The group called ``name`` or with ``name`` among its aliases.
@@ -293,11 +350,12 @@ def _collect(it: Interpretation, inputs: tuple[tuple[str, Any], ...]) -> WidthGr
                 if whole and u.role in ("producer", "per-channel") and _owner(u) != name
             )
         )
+        why = "; ".join(r for _, r in pins) or None
         group = WidthGroup(
             name=name,
             size=atoms.size(leaf),
             growable=not pins,
-            reason="; ".join(r for _, r in pins) or None,
+            reason=rotary_reason(why, constraints.get(leaf, ())),
             aliases=aliases,
             producers=tuple(u for _, u, _ in entries if u.role in ("producer", "per-channel")),
             consumers=tuple(u for _, u, _ in entries if u.role in ("consumer", "unknown")),
@@ -310,8 +368,39 @@ def _collect(it: Interpretation, inputs: tuple[tuple[str, Any], ...]) -> WidthGr
     named = _unique_names([g for _, _, g in found])
     names = {f"#{leaf}": g.name for (_, leaf, _), g in zip(found, named)}
     fixed = frozenset(n for lay in layouts.values() for n in lay.groups() if n not in names)
+
+    repeated = {leaf for a in it.repeats for leaf in atoms.leaves(a)}
+
+    def named_leaves(atom: int | None, drop: set[int] | None = None) -> tuple[str, ...]:
+        if atom is None:
+            return ()
+        return tuple(
+            dict.fromkeys(
+                names[f"#{leaf}"]
+                for leaf in atoms.leaves(atom)
+                if f"#{leaf}" in names and leaf not in (drop or ())
+            )
+        )
+
+    packed = {leaf for a in it.packed for leaf in atoms.leaves(a)}
+    attentions = dict.fromkeys(
+        Attention(
+            module,
+            named_leaves(qh),
+            named_leaves(kh, repeated),
+            named_leaves(dim),
+            bool(set(atoms.leaves(dim)) & packed),
+        )
+        for module, qh, kh, dim in it.attentions
+    )
     return WidthGroups(
-        named, layouts={key: lay.rename(names, fixed) for key, lay in layouts.items()}
+        named,
+        layouts={key: lay.rename(names, fixed) for key, lay in layouts.items()},
+        attentions=attentions,
+        norms=[
+            Norm(module, kind, tuple(n for a in axes for n in named_leaves(a)), weight, eps)
+            for module, kind, axes, weight, eps in it.norms
+        ],
     )
 
 

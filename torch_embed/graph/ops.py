@@ -18,6 +18,12 @@ gives a traced op's output its atoms and records what the op says about its inpu
 - **constrain** (``layer_norm``, ``rms_norm``, ``group_norm``, ``softmax`` and
   reductions over a feature axis): the group may grow only by the maps GROWTH.md §2
   allows, recorded as a :class:`Constraint`;
+- **attention** (``scaled_dot_product_attention``; an explicit ``q @ k^T`` followed,
+  through scalings and masks, by a softmax): the head axis is batch-like (q, k, v
+  heads are one group; with GQA the query heads are the product kv heads × queries per
+  kv head, as ``repeat_interleave`` or ``expand`` + ``reshape`` make it), the query/key
+  head_dim is an ``"attention"`` constraint with the scale the trace shows, the value
+  head_dim passes to the output;
 - **rigid**: factories with fixed sizes (``torch.ones(8)``), ``select`` of one entry,
   and **every op not listed here**: its axes cannot grow, and the reason names the op
   and its module. An unknown op is never assumed element-wise.
@@ -44,13 +50,17 @@ class Constraint:
 
     Attributes:
         kind: ``"layer_norm"``, ``"rms_norm"``, ``"group_norm"``, ``"grouped_conv"``,
-            ``"depthwise_conv"``, ``"softmax"``, ``"mean"``, ``"sum"``, ``"max"``,
+            ``"depthwise_conv"``, ``"softmax"``, ``"attention"``, ``"mean"``, ``"sum"``, ``"max"``,
             ``"var"``, ``"norm"``, ``"chunk"``, ``"split"``, ``"reshape"``, ``"contraction"``,
             ``"tied"`` (a tensor used by several ops).
         op: The op as messages name it (``aten.layer_norm in `blocks.0.norm` (LayerNorm)``).
         module: The owning module's FQN.
         rule: What stays exact, in words.
         groups: The ``groups``/``num_groups`` of a grouped conv or GroupNorm, else 1.
+        scale: For ``"attention"`` (a head_dim contracted between queries and keys
+            before a softmax): the constant the scores are multiplied by in the trace,
+            ``None`` when the op computes it (``scaled_dot_product_attention`` without
+            ``scale=``: ``1/√head_dim``).
     """
 
     kind: str
@@ -58,6 +68,7 @@ class Constraint:
     module: str
     rule: str
     groups: int = 1
+    scale: float | None = None
 
     def __str__(self) -> str:
         return f"{self.op}: {self.rule}"
@@ -75,7 +86,10 @@ _RULES = {
     "sum": "only null (zero) units keep a sum over the axis",
     "max": "copies keep a max/min over the axis; null units do not",
     "contraction": "contracted between two activations (not a weight): copies scale the "
-    "result; zero-extend one side instead",
+    "result; zero-extended instead (new units null on both sides)",
+    "attention": "head_dim inside a softmax: zero-extended (new query and key dims null) "
+    "with the temperature kept (queries and keys × (d'/d)^(1/4) when the scale is "
+    "1/√head_dim); never under rotary embeddings",
     "chunk": "every chunk grows by the same amount",
     "split": "the sizes are constants of the trace: forward must compute them from the "
     "tensor for the group to grow, which a re-trace after widening has to confirm",
@@ -111,6 +125,18 @@ class Interpretation:
     constraints: list[tuple[int, Constraint]] = field(default_factory=list)
     through: list[tuple[int, int, str]] = field(default_factory=list)  # (atom, node, module)
     index: int = -1  # the node being interpreted
+    # scores q @ k^T between activations: name -> (qk atom, scale so far, head axes)
+    scores: dict[str, tuple[int, float, int | None, int | None]] = field(default_factory=dict)
+    # (module, q head axis, kv head axis, qk head_dim axis) of every attention found
+    attentions: list[tuple[str, int | None, int | None, int]] = field(default_factory=list)
+    # (module, kind, normalised axes, weight FQN or None, eps) of every LayerNorm/RMSNorm
+    norms: list[tuple[str, str, Axes, str | None, float | None]] = field(default_factory=list)
+    # head_dim axes of nn.MultiheadAttention (embed_dim = num_heads × head_dim = its input)
+    packed: list[int] = field(default_factory=list)
+    # part of a split parameter axis -> the whole axis (see ``use``)
+    part_of: dict[int, int] = field(default_factory=dict)
+    # axes made by repeating entries (expand of a size-1 axis, repeat_interleave): GQA's n_rep
+    repeats: list[int] = field(default_factory=list)
 
     # -- helpers used by the rules
     def fresh(self, shape: tuple[int, ...]) -> Axes:
@@ -130,7 +156,14 @@ class Interpretation:
         self.atoms.union(a, b, node.where)
 
     def use(self, group: int, param: int, role: str, node: TracedNode, groups: int = 1) -> None:
-        """Record that the tensor axis ``param`` (if it is one) has ``role`` on ``group``."""
+        """Record that the tensor axis ``param`` (if it is one) has ``role`` on ``group``.
+
+        A part of a parameter axis split by ``split``/``chunk`` (``nn.MultiheadAttention``
+        slicing its packed ``in_proj_weight`` into q and kv rows) stands for the whole
+        axis: the use covers every group of it, at its offsets.
+        """
+        if param not in self.origin and param in self.part_of:
+            group = param = self.part_of[param]
         origin = self.origin.get(param)
         if origin is not None:
             self.uses.append(
@@ -150,11 +183,17 @@ class Interpretation:
         self.rigid.append((atom, kind, reason))
 
     def constrain(
-        self, atom: int, kind: str, node: TracedNode, rule: str = "", groups: int = 1
+        self,
+        atom: int,
+        kind: str,
+        node: TracedNode,
+        rule: str = "",
+        groups: int = 1,
+        scale: float | None = None,
     ) -> None:
         """Record a :class:`Constraint` on ``atom`` (size-1 axes have none)."""
         if self.atoms.size(atom) > 1:
-            c = Constraint(kind, node.where, node.module, rule or _RULES[kind], groups)
+            c = Constraint(kind, node.where, node.module, rule or _RULES[kind], groups, scale)
             self.constraints.append((atom, c))
 
 
@@ -278,6 +317,8 @@ def _matmul(it: Interpretation, node: TracedNode) -> Any:
         it.use(a[-1], p, "consumer", node)
     if not params:
         it.constrain(a[-1], "contraction", node)
+        heads = (a[-3], b[-3]) if len(a) >= 3 and len(b) >= 3 else (None, None)
+        it.scores[node.name] = (a[-1], 1.0, *heads)
     it.use(a[-2], a[-2], "producer", node)
     it.use(b[-1], b[-1], "producer", node)
     batch = shape[:-2]
@@ -298,6 +339,101 @@ def _matmul(it: Interpretation, node: TracedNode) -> Any:
                 it.unify(out[-pos], bias[-pos], node)
                 it.use(out[-pos], bias[-pos], "producer", node)
     return out
+
+
+def _sdpa(it: Interpretation, node: TracedNode) -> Any:
+    """``scaled_dot_product_attention(q, k, v, mask, dropout, causal, scale, enable_gqa)``.
+
+    ``q`` is ``(*batch, Hq, L, E)``, ``k`` ``(*batch, H, S, E)``, ``v`` ``(*batch, H, S, Ev)``.
+    The head axis is batch-like: q, k and v heads are one group (with ``enable_gqa``,
+    the q heads are the product ``(H, Hq/H)``: q head ``h`` reads kv head ``h // n_rep``).
+    ``E`` is contracted between queries and keys inside the softmax (an ``"attention"``
+    constraint), ``S`` between the weights and ``v``; ``Ev`` passes to the output.
+    """
+    q, k, v = (it.axes(node.arg(i, n)) for i, n in enumerate(("query", "key", "value")))
+    shape = node.shape
+    if q is None or k is None or v is None or min(len(q), len(k), len(v)) < 2:
+        return _unknown(it, node)
+    if not isinstance(shape, tuple) or not shape or not isinstance(shape[0], int):
+        return _unknown(it, node)  # the native variants return (out, logsumexp, ...)
+    mask = it.axes(node.arg(3, "attn_mask"))
+    scale = node.arg(6, "scale")
+    gqa = bool(node.arg(7, "enable_gqa", False))
+    it.unify(q[-1], k[-1], node)
+    it.unify(k[-2], v[-2], node)
+    it.constrain(k[-2], "softmax", node)
+    it.constrain(q[-1], "attention", node, scale=None if scale is None else float(scale))
+    heads = (q[-3], k[-3]) if len(q) >= 3 and len(k) >= 3 else (None, None)
+    it.attentions.append((node.module, *heads, q[-1]))
+    if node.module_type == "MultiheadAttention":
+        it.packed.append(q[-1])
+    for pos in range(3, len(q) + 1):
+        qa = q[-pos]
+        for other in (k, v):
+            if len(other) < pos:
+                continue
+            oa = other[-pos]
+            sq, so = it.atoms.size(qa), it.atoms.size(oa)
+            if sq == so:
+                it.unify(qa, oa, node)
+            elif pos == 3 and gqa and so > 1 and sq % so == 0:
+                kv, _rep = it.atoms.refine(qa, "prod", [so, sq // so])
+                it.unify(kv, oa, node)
+            elif so != 1 and sq != 1:
+                return _unknown(it, node, f"{node.where}: q, k, v batch axes do not match")
+    if mask is not None:
+        scores = (*q[:-1], k[-2])
+        for pos in range(1, min(len(mask), len(scores)) + 1):
+            if it.atoms.size(mask[-pos]) == it.atoms.size(scores[-pos]) > 1:
+                it.unify(mask[-pos], scores[-pos], node)
+    return (*q[:-1], it.copy(v[-1], node))
+
+
+def _repeat_interleave(it: Interpretation, node: TracedNode) -> Any:
+    """``x.repeat_interleave(r, dim)``: entry ``i`` becomes ``r`` consecutive copies."""
+    x = it.axes(node.args[0])
+    shape = node.shape
+    reps = node.arg(1, "repeats")
+    d = node.arg(2, "dim")
+    if x is None or not isinstance(shape, tuple) or not isinstance(reps, int) or d is None:
+        return _unknown(it, node)
+    d = _dim(int(d), len(x))
+    if reps == 1:
+        return x
+    out = list(x)
+    rep = it.atoms.new(reps)
+    it.repeats.append(rep)
+    out[d] = it.atoms.product([x[d], rep])
+    return tuple(out)
+
+
+_SCORE_PASS = frozenset(
+    {
+        "masked_fill", "add", "sub", "where", "to", "_to_copy", "type_as", "contiguous",
+        "clone", "float", "double", "dropout", "alias",
+    }
+)  # fmt: skip
+
+
+def _track_scores(it: Interpretation, node: TracedNode) -> None:
+    """Follow ``q @ k^T`` through its scaling and masking to a softmax (explicit attention)."""
+    refs = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, Ref)]
+    if not refs or not any(r.name in it.scores for r in refs):
+        return
+    src = next(r.name for r in refs if r.name in it.scores)
+    atom, scale, qh, kh = it.scores[src]
+    if node.op in ("mul", "div") and len(node.args) > 1:
+        other = node.args[1] if isinstance(node.args[0], Ref) else node.args[0]
+        if isinstance(other, (int, float)) and not isinstance(other, bool) and other:
+            c = float(other)
+            it.scores[node.name] = (atom, scale * c if node.op == "mul" else scale / c, qh, kh)
+        return
+    if node.op in ("softmax", "_softmax", "log_softmax", "_log_softmax"):
+        it.constrain(atom, "attention", node, scale=scale)
+        it.attentions.append((node.module, qh, kh, atom))
+        return
+    if node.op in _SCORE_PASS:
+        it.scores[node.name] = (atom, scale, qh, kh)
 
 
 def _conv(it: Interpretation, node: TracedNode) -> Any:
@@ -396,6 +532,11 @@ def _norm(it: Interpretation, node: TracedNode) -> Any:
             for pa, xa in zip(p, x[len(x) - k :]):
                 it.unify(xa, pa, node)
                 it.use(xa, pa, "per-channel", node)
+    w = it.axes(node.arg(2, "weight"))
+    weight = it.origin[w[0]][0] if w and w[0] in it.origin else None
+    eps = node.arg(4 if kind == "layer_norm" else 3, "eps")
+    eps = float(eps) if isinstance(eps, (int, float)) else None
+    it.norms.append((node.module, kind, x[len(x) - k :], weight, eps))
     return _with_extras(it, node, x)
 
 
@@ -594,6 +735,8 @@ def _expand(it: Interpretation, node: TracedNode) -> Any:
             out.append(x[-pos])
         else:
             out.append(it.atoms.new(shape[-pos]))
+            if pos <= len(x) and shape[-pos] > 1:
+                it.repeats.append(out[-1])
     return tuple(reversed(out))
 
 
@@ -650,6 +793,9 @@ def _split(it: Interpretation, node: TracedNode) -> Any:
     d = _dim(int(node.arg(2, "dim", 0)), len(x))
     sizes = [int(s[d]) for s in shapes]
     parts = it.atoms.refine(x[d], "sum", sizes) if len(sizes) > 1 else (x[d],)
+    whole = it.part_of.get(x[d], x[d])
+    if whole in it.origin:
+        it.part_of.update((p, whole) for p in parts)
     kind = (
         "chunk"
         if node.op == "chunk" or (node.op == "split" and len(set(sizes[:-1])) <= 1)
@@ -787,6 +933,8 @@ _TABLE: tuple[tuple[Rule, str], ...] = (
     ),
     (_linear, "linear"),
     (_matmul, "matmul mm bmm addmm"),
+    (_sdpa, "scaled_dot_product_attention"),
+    (_repeat_interleave, "repeat_interleave"),
     (
         _conv,
         "conv1d conv2d conv3d convolution conv_transpose1d conv_transpose2d conv_transpose3d",
@@ -874,6 +1022,7 @@ def interpret(traced: Traced) -> Interpretation:
             it.values[node.name] = _unknown(
                 it, node, f"{node.where} has arguments torch_embed could not read ({exc})"
             )
+        _track_scores(it, node)
 
     def pin_output(x: Any, k: int) -> None:
         ax = it.axes(x)

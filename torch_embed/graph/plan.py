@@ -5,13 +5,19 @@ consumer coefficients, and the order of the wide units, under the group's constr
 (GROWTH.md §2):
 
 * LayerNorm, RMSNorm, a mean, variance or norm over the group: every unit copied the
-  same number of times (the new width a multiple of the old one); null units refused.
+  same number of times (the new width a multiple of the old one); null units refused,
+  except under the ``Null`` scheme over a group only LayerNorms or only RMSNorms read:
+  mean-fill or zero-fill at any width (:mod:`torch_embed.graph.fill`).
 * GroupNorm (``num_groups = g``): every channel copied the same number of times, each
   copy in its source's group; grouped convolution (``groups = g``): every group grows
   by the same amount, copies in their source's group. Wide units are ordered group by
   group: a group's own units, then its copies (or null units).
-* A sum over the group: only null units; a max or min: only copies; a softmax or a
-  contraction between two activations: refused (no rule yet).
+* A sum over the group: only null units; a max or min: only copies; a softmax over
+  it: refused (no rule yet).
+* Contracted between two activations (an attention's query/key head_dim): new units
+  null on both sides whatever the scheme, and the softmax temperature kept by a gain
+  on the group's entries (:mod:`torch_embed.graph.attention`). Attention heads are
+  a batch-like axis: copies and null units as for channels.
 * Depthwise convolutions are per-channel: copies need no rule (``groups`` follows).
 
 Schemes: :class:`~torch_embed.Split` (any α, ``"random"`` α, k-way; ``select`` random
@@ -22,6 +28,7 @@ symmetric noise on the copies' fan-out: the default scheme) and
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Mapping, Sequence
@@ -30,8 +37,11 @@ from typing import Any
 import torch
 
 from torch_embed.embedding import LayerMap
+from torch_embed.graph.attention import temperature, zero_extended
 from torch_embed.graph.embedding import AxisMap, GroupEmbedding, axis_map
+from torch_embed.graph.fill import fill_kind, plan_fill
 from torch_embed.graph.groups import WidthGroup, WidthGroups
+from torch_embed.graph.layout import AxisLayout
 from torch_embed.schemes import (
     DEFAULT_SCHEME,
     Net2Net,
@@ -47,7 +57,7 @@ __all__ = ["plan_groups", "resolve_group_widths"]
 
 _UNIFORM = ("layer_norm", "rms_norm", "mean", "var", "norm", "group_norm")
 _SEGMENTED = ("group_norm", "grouped_conv")
-_REFUSED = ("softmax", "contraction")
+_REFUSED = ("softmax",)
 _NORM_NAMES = {"layer_norm": "LayerNorm", "rms_norm": "RMSNorm", "group_norm": "GroupNorm"}
 
 
@@ -77,10 +87,20 @@ def _rules(group: WidthGroup) -> tuple[bool, int, str]:
     return uniform, segments, why
 
 
+def _fillable(group: WidthGroup) -> bool:
+    try:
+        return fill_kind(group) is not None
+    except ValueError:
+        return False
+
+
 def _allowed(size: int, width: int, group: WidthGroup, scheme: Scheme) -> int:
     """The smallest width >= ``width`` the group's rules and the scheme allow."""
     uniform, segments, _ = _rules(group)
-    step = (1 if isinstance(scheme, Null) else _copies_per_split(scheme)) * segments
+    null = isinstance(scheme, Null) or zero_extended(group)
+    step = (1 if null else _copies_per_split(scheme)) * segments
+    if uniform and isinstance(scheme, Null) and fill_kind(group) is not None:
+        return width  # zero-fill / mean-fill: any width
     if uniform:
         k = max(1, math.ceil(width / size))
         c = _copies_per_split(scheme)
@@ -105,7 +125,10 @@ def resolve_group_widths(groups: WidthGroups, new_widths: object, scheme: Scheme
         if not math.isfinite(f) or f <= 1:
             raise ValueError(f"a widening factor must be a finite number > 1, got {new_widths!r}")
         out = {}
+        packed = {n for a in groups.attentions if a.packed for n in a.head_dim}
         for g in groups:
+            if g.name in packed:
+                continue  # nn.MultiheadAttention: its heads grow with its input width
             if g.growable and g.hidden and any(u.role == "producer" for u in g.producers):
                 target = math.ceil(g.size * f - 1e-9)
                 out[g.name] = _allowed(g.size, max(target, g.size + 1), g, scheme)
@@ -163,7 +186,7 @@ def _plan_one(
     n = group.size
     uniform, segments, why = _rules(group)
     extra = width - n
-    null = isinstance(scheme, Null)
+    null = isinstance(scheme, Null) or zero_extended(group)
     copies = 1 if null else _copies_per_split(scheme)
     kinds = {c.kind: c for c in group.constraints}
     if "sum" in kinds and not null:
@@ -172,6 +195,15 @@ def _plan_one(
     if "max" in kinds and null:
         c = kinds["max"]
         raise ValueError(f"{c.op} over width group {group.name!r}: {c.rule}; use Split")
+    if null and uniform and zero_extended(group):
+        raise ValueError(
+            f"{why}: uniform copies or mean-fill; width group {group.name!r} is also "
+            f"contracted between two activations (attention head_dim), which takes only "
+            f"null (zero-extended) units: no rule keeps both"
+        )
+    filled = null and uniform and isinstance(scheme, Null) and fill_kind(group) is not None
+    if filled:
+        uniform = False  # zero-fill / mean-fill (graph/fill.py): null units at any width
     if null and uniform:
         raise ValueError(
             f"{why}: uniform copies or mean-fill (every unit copied the same number of times); "
@@ -182,6 +214,12 @@ def _plan_one(
             f"{why}: uniform copies or mean-fill (every unit copied the same number of "
             f"times): width group {group.name!r} of {n} units cannot become {width}, which "
             f"is not a multiple of {n}"
+            + (
+                "; for any width use the Null scheme (zero-fill under RMSNorm, mean-fill "
+                "under LayerNorm)"
+                if _fillable(group)
+                else ""
+            )
         )
     if segments > 1 and (n % segments or extra % segments):
         raise ValueError(
@@ -221,7 +259,9 @@ def _plan_one(
             appended.extend([(q, s)] * copies)
     # coefficients, split by split (a unit chosen again splits its current share)
     extra_coef = [0.0] * len(appended)
-    if isinstance(scheme, Split):
+    if null:  # null units (also a zero-extended head_dim under any scheme): no split
+        pass
+    elif isinstance(scheme, Split):
         alphas = _alphas(scheme, len(appended) // copies, generator)
         for t in range(0, len(appended), copies):
             s = appended[t][1]
@@ -311,11 +351,31 @@ def plan_groups(
     maps: dict[str, LayerMap] = {}
     sizes: dict[str, tuple[int, int]] = {}
     reasons: list[str] = []
+    gains: dict[str, float] = {}
+    scales: list[tuple[str, float, float]] = []
     for g in groups:
         if g.name in widths:
             maps[g.name] = _plan_one(g, widths[g.name], cfg, generator)
             sizes[g.name] = (g.size, widths[g.name])
             reasons.extend(_gradient_caveats(g, maps[g.name]))
+            gain, patch = temperature(g, widths[g.name])
+            if gain != 1.0:
+                gains[g.name] = gain
+            scales.extend(patch)
+    fill = plan_fill(groups, widths) if isinstance(cfg, Null) else None
+    axes = _axes(groups, maps, gains)
+    if fill is not None:
+        axes = tuple(
+            dataclasses.replace(
+                a,
+                gain=torch.full_like(a.coef, fill.gains[(a.tensor, a.axis)])
+                if (a.tensor, a.axis) in fill.gains
+                else a.gain,
+                mean=(a.tensor, a.axis) in fill.mean,
+            )
+            for a in axes
+        )
+        reasons.extend(fill.reasons)
     noise, seed = 0.0, 0
     if isinstance(cfg, Net2Net) and cfg.noise > 0:
         noise = float(cfg.noise)
@@ -325,7 +385,15 @@ def plan_groups(
             f"copies' symmetry is broken (output-preserving, not critical)"
         )
     return GroupEmbedding(
-        maps, sizes, _axes(groups, maps), type(cfg).__name__, tuple(reasons), noise, seed
+        maps,
+        sizes,
+        axes,
+        type(cfg).__name__,
+        tuple(reasons),
+        noise,
+        seed,
+        tuple(dict.fromkeys(scales)),
+        tuple(fill.eps) if fill is not None else (),
     )
 
 
@@ -344,7 +412,8 @@ def _gradient_caveats(group: WidthGroup, lm: LayerMap) -> list[str]:
     stat = next((c for k, c in kinds.items() if k in _UNIFORM), None)
     if stat is not None and bool((src >= 0).any()):
         counts = torch.bincount(src[src >= 0], minlength=group.size).to(torch.float64)
-        equal = (lm.coef - 1.0 / counts[src.clamp(min=0)]).abs().max() <= 1e-12
+        kept = src >= 0  # null units (a zero- or mean-fill) share no statistic
+        equal = (lm.coef[kept] - 1.0 / counts[src[kept]]).abs().max() <= 1e-12
         if not bool(equal):
             name = _NORM_NAMES.get(stat.kind, stat.kind)
             out.append(
@@ -361,16 +430,33 @@ def _gradient_caveats(group: WidthGroup, lm: LayerMap) -> list[str]:
     return out
 
 
-def _axes(groups: WidthGroups, maps: Mapping[str, LayerMap]) -> tuple[AxisMap, ...]:
+def _gain(layout: AxisLayout, maps: Mapping[str, LayerMap], gains: Mapping[str, float]) -> Any:
+    """The product of the gains of the groups each wide entry of ``layout`` belongs to."""
+    if not set(layout.groups()) & set(gains):
+        return None
+    as_coef = {
+        name: dataclasses.replace(lm, coef=torch.full_like(lm.coef, gains.get(name, 1.0)))
+        for name, lm in maps.items()
+    }
+    return axis_map(layout, as_coef)[1]
+
+
+def _axes(
+    groups: WidthGroups, maps: Mapping[str, LayerMap], gains: Mapping[str, float]
+) -> tuple[AxisMap, ...]:
     roles: dict[tuple[str, int], str] = {}
     grouped: list[tuple[str, int, str, int]] = []
     for g in groups:
         for u in (*g.producers, *g.consumers):
             key = (u.tensor, u.axis)
             role = "copy" if u.role in ("producer", "per-channel") else "split"
-            if roles.setdefault(key, role) != role:
+            if roles.setdefault(key, role) != role and g.name in maps:
                 raise ValueError(
-                    f"`{u.tensor}` axis {u.axis} both writes and reads features; not supported"
+                    f"`{u.tensor}` axis {u.axis} both writes and reads the features of width "
+                    f"group {g.name!r} (a tied embedding / LM head: the same matrix embeds "
+                    f"the tokens and reads the last hidden state): growing the group would "
+                    f"need the tied matrix copied in one use and split in the other; untie "
+                    f"it (give the head its own Parameter) or leave {g.name!r} as it is"
                 )
             if u.role == "consumer" and u.groups > 1 and g.name in maps:
                 if u.offset or u.stride != 1 or u.repeats:
@@ -384,7 +470,8 @@ def _axes(groups: WidthGroups, maps: Mapping[str, LayerMap]) -> tuple[AxisMap, .
         if not set(layout.groups()) & set(maps):
             continue
         src, coef = axis_map(layout, maps)
-        out.append(AxisMap(tensor, axis, roles.get((tensor, axis), "copy"), src, coef))
+        role = roles.get((tensor, axis), "copy")
+        out.append(AxisMap(tensor, axis, role, src, coef, gain=_gain(layout, maps, gains)))
     for tensor, axis, name, n_groups in grouped:
         lm = maps[name]
         out.append(AxisMap(tensor, axis, "split", lm.source.clone(), lm.coef.clone(), n_groups))
