@@ -60,7 +60,9 @@ def _plan(case: ZooCase, scheme: Scheme, factor: float, seed: int) -> GroupEmbed
     try:
         return plan_groups(groups, factor, scheme, generator=torch.Generator().manual_seed(seed))
     except ValueError as error:
-        if "null units change" not in str(error):  # Null under a norm: no width would do
+        # Null under a norm: no width would do (a LayerNorm's null units are mean-filled,
+        # refused where a per-channel scale breaks the mean)
+        if "null units change" not in str(error) and "mean-fill" not in str(error):
             raise
         return None
 
@@ -737,3 +739,22 @@ def test_inertia_change_over_batches_equals_one_batch() -> None:
     assert emb.inertia_change(net, nn.MSELoss(), data=batches, tol=full.tol).as_tuple() == (
         full.as_tuple()
     )
+
+
+def test_mean_fill_and_temperature_gains_are_refused_by_restrict_then_steps() -> None:
+    """A LayerNorm's mean-fill is no gather: restrict/then/steps/inertia_change say so
+    instead of inverting it as if the new entries were null units."""
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)).double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    groups = width_groups(net, x)
+    emb = torch_embed.widen(net, {"0": 6}, torch_embed.Null(), example_inputs=x)
+    assert any(a.mean for a in emb.axes)
+    with pytest.raises(ValueError, match=r"restrict: `0\.weight` axis 0 is grown by a mean-fill"):
+        emb.restrict(net.state_dict())
+    with pytest.raises(ValueError, match=r"then: .* mean-fill"):
+        emb.then(emb)
+    with pytest.raises(ValueError, match=r"steps: .* mean-fill"):
+        emb.steps(groups)
+    with pytest.raises(ValueError, match=r"inertia_change: .* mean-fill"):
+        emb.inertia_change(net, nn.MSELoss(), x, torch.zeros(6, 2, dtype=torch.float64))

@@ -75,6 +75,23 @@ _METHODS = ("auto", "hvp", "closed-form")
 
 
 # --------------------------------------------------------------------------- restrict
+def _gathers_only(embedding: GroupEmbedding, what: str) -> None:
+    """Refuse axes that are no gather with coefficients (``restrict``, ``then``, ...).
+
+    A head_dim's temperature gain rescales copies and readers, and a LayerNorm's
+    mean-fill writes the mean of the narrow entries into the new ones: neither is a
+    copy or a null unit, which is what these functions invert, compose and count.
+    """
+    for a in embedding.axes:
+        why = "a mean-fill" if a.mean else "a temperature gain" if a.gain is not None else ""
+        if why:
+            raise ValueError(
+                f"{what}: `{a.tensor}` axis {a.axis} is grown by {why} (GROWTH.md §2), not "
+                f"by copies and null units; {what} is defined for embeddings made of copies "
+                f"and null units only"
+            )
+
+
 def restrict(embedding: GroupEmbedding, wide_state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Pull a wide ``{FQN: tensor}`` state back to the narrow one it embeds.
 
@@ -109,6 +126,7 @@ def restrict(embedding: GroupEmbedding, wide_state: Mapping[str, Tensor]) -> dic
         >>> all(torch.equal(back[k], v) for k, v in narrow.items())
         True
     """
+    _gathers_only(embedding, "restrict")
     out = dict(wide_state)
     for name, axes in _axes_by_tensor(embedding).items():
         if name not in wide_state:
@@ -206,6 +224,7 @@ def then(first: GroupEmbedding, second: GroupEmbedding) -> GroupEmbedding:
         ({'0': (3, 6)}, [0, 1, 2, 0, -1, -1])
     """
     for emb in (first, second):
+        _gathers_only(emb, "then")
         if emb.noise:
             raise ValueError(
                 f"cannot compose an embedding with Net2Net noise ({emb.noise:g}, scheme "
@@ -312,6 +331,7 @@ def steps(embedding: GroupEmbedding, groups: WidthGroups) -> list[GroupEmbedding
     from torch_embed.embedding import _split_order
     from torch_embed.graph.plan import _axes
 
+    _gathers_only(embedding, "steps")
     if embedding.noise:
         raise ValueError(
             f"Net2Net noise ({embedding.noise:g}) is not a chain of one-step embeddings; "
@@ -343,7 +363,7 @@ def steps(embedding: GroupEmbedding, groups: WidthGroups) -> list[GroupEmbedding
             layouts={k: v.resized(widths) for k, v in groups.layouts.items()},
         )
         sizes = {n: (widths[n], lm.wide) for n, lm in maps.items()}
-        return GroupEmbedding(maps, sizes, _axes(current, maps), "one step")
+        return GroupEmbedding(maps, sizes, _axes(current, maps, {}), "one step")
 
     out: list[GroupEmbedding] = []
     final: dict[str, list[int]] = {}
@@ -601,6 +621,7 @@ def _check_point(
         )
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module (the WIDENED model), got {type(model)}")
+    _gathers_only(embedding, "inertia_change")
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     if method == "closed-form":
