@@ -111,7 +111,7 @@ def fig1_targets(name: str, lr: float, steps: int, width: int) -> None:
         print(f"   {len(found)} plateau(s): {plateaus or '-'}; final loss {curve[-1]:.3g}")
 
 
-def fig3b_width(width: int, steps: int) -> None:
+def fig3b_width(width: int, steps: int, seed: int = 0) -> None:
     """Train 4-``width``-3 on Iris as fig3b does; polish and count plateau snapshots."""
     import torch
     from torch import nn
@@ -127,7 +127,7 @@ def fig3b_width(width: int, steps: int) -> None:
     x, y = iris()
     loss_fn = nn.MSELoss()
     net = mlp([4, width, 3], "sigmoid")
-    small_init_(net, exponent=6, generator=torch.Generator().manual_seed(0))
+    small_init_(net, exponent=6, generator=torch.Generator().manual_seed(seed))
     snapshots: dict[int, dict[str, torch.Tensor]] = {}
 
     def snapshot(step: int, _loss: float) -> None:
@@ -137,7 +137,7 @@ def fig3b_width(width: int, steps: int) -> None:
         net, loss_fn, x, y, steps=steps, lr=0.02, record_at=log_grid(steps, 120), callback=snapshot
     )
     found = find_plateaus(hist.steps, hist.losses, start=10)
-    print(f"4-{width}-3 sigmoid on Iris, Adam lr 0.02, {steps} steps, seed 0")
+    print(f"4-{width}-3 sigmoid on Iris, Adam lr 0.02, {steps} steps, seed {seed}")
     print("plateaus:", ", ".join(f"{hist.steps[i]}-{hist.steps[j]}" for i, j in found))
     picked = [hist.steps[k] for i, j in found for k in range(i, j + 1) if hist.steps[k] >= 40]
     for step in picked[::4]:
@@ -211,6 +211,7 @@ def main() -> None:
     p3 = sub.add_parser("fig3b-width", help="Fig. 3(b) at another width")
     p3.add_argument("--width", type=int, default=3)
     p3.add_argument("--steps", type=int, default=20_000)
+    p3.add_argument("--seed", type=int, default=0)
     p5 = sub.add_parser("fig5-synthetic", help="Fig. 5 on a synthetic data set")
     p5.add_argument("--kind", choices=["mixture", "xor"], default="xor")
     p5.add_argument("--lr", type=float, default=3e-4)
@@ -219,7 +220,7 @@ def main() -> None:
     if args.probe == "fig1-targets":
         fig1_targets(args.set, args.lr, args.steps, args.width)
     elif args.probe == "fig3b-width":
-        fig3b_width(args.width, args.steps)
+        fig3b_width(args.width, args.steps, args.seed)
     else:
         fig5_synthetic(args.kind, args.lr, args.steps)
 

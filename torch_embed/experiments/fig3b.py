@@ -17,7 +17,12 @@ Why not the end of training: after the paper's 500 000 steps Adam sits at the bo
 a valley that runs to infinity (a saturated neuron's weights grow without bound, the
 loss creeps down), where no polish reaches ``1e-10`` and the near-zero eigenvalues of
 the saturated directions leave the zero count ambiguous; and there, a minimum, no
-split adds a negative eigenvalue. The plateau's saddle is a bounded critical point.
+split adds a negative eigenvalue. The plateau's saddle has a saturated neuron too (it
+separates setosa, which is linearly separable, so its weights could grow for ever):
+from some snapshots the polish slides along that valley and stalls near
+``|∇R| ~ 5e-8``, from others it ends deep enough in it (weights of norm ~30) that
+``|∇R| < 1e-12`` and the flat directions are resolved; hence the search over the
+plateau's snapshots.
 
 Which neuron is split: at each step, the one whose split adds the most negative
 eigenvalues, found with :func:`torch_embed.inertia_change.inertia_change` (cheap: no
