@@ -58,8 +58,12 @@ TARGETS: dict[str, list[list[tuple[float, float, float]]]] = {
 }
 
 
-def fig1_targets(name: str, lr: float, steps: int, width: int) -> None:
-    """Train every target of set ``name``; print its plateaus and loss curve."""
+def fig1_targets(name: str, lr: float, steps: int, width: int, xmax: float = 15.0) -> None:
+    """Train every target of set ``name``; print its plateaus and loss curve.
+
+    ``xmax`` rescales the input interval to ``[-xmax, xmax]`` (centres and scales with
+    it), so the same shapes are seen by a net whose input weights start at the same size.
+    """
     import torch
 
     from torch_embed.experiments.fig1 import _merge
@@ -67,12 +71,12 @@ def fig1_targets(name: str, lr: float, steps: int, width: int) -> None:
 
     torch.set_num_threads(1)
     targets = TARGETS[name]
-    x = torch.linspace(-15, 15, 50, dtype=torch.float64)[:, None]
+    x = torch.linspace(-xmax, xmax, 50, dtype=torch.float64)[:, None]
     ys = []
     for steps_k in targets:
         y = torch.zeros_like(x)
         for h, c, s in steps_k:
-            y += h * torch.tanh((x - c) / s)
+            y += h * torch.tanh((x - c * xmax / 15) / (s * xmax / 15))
         ys.append(y)
     y_all = torch.stack(ys)
     nets = BatchedMLP(
@@ -102,7 +106,10 @@ def fig1_targets(name: str, lr: float, steps: int, width: int) -> None:
         record_at=log_grid(steps, 400),
         callback=record,
     )
-    print(f"set {name}: width {width}, GD lr {lr}, {steps} steps, init N(0, 1/m^3), seed 0")
+    print(
+        f"set {name} on [-{xmax:g}, {xmax:g}]: width {width}, GD lr {lr}, {steps} steps, "
+        "init N(0, 1/m^3), seed 0"
+    )
     for k, target in enumerate(targets):
         curve = [row[k] for row in losses]
         found = _merge(find_plateaus(hist.steps, curve, start=max(1, steps // 1000)), curve)
@@ -208,6 +215,7 @@ def main() -> None:
     p1.add_argument("--lr", type=float, default=0.05)
     p1.add_argument("--steps", type=int, default=30_000)
     p1.add_argument("--width", type=int, default=500)
+    p1.add_argument("--xmax", type=float, default=15.0)
     p3 = sub.add_parser("fig3b-width", help="Fig. 3(b) at another width")
     p3.add_argument("--width", type=int, default=3)
     p3.add_argument("--steps", type=int, default=20_000)
@@ -218,7 +226,7 @@ def main() -> None:
     p5.add_argument("--steps", type=int, default=1500)
     args = parser.parse_args()
     if args.probe == "fig1-targets":
-        fig1_targets(args.set, args.lr, args.steps, args.width)
+        fig1_targets(args.set, args.lr, args.steps, args.width, args.xmax)
     elif args.probe == "fig3b-width":
         fig3b_width(args.width, args.steps, args.seed)
     else:
