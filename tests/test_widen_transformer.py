@@ -300,15 +300,24 @@ def test_gradients_map(make: Factory, widths: dict[str, int]) -> None:
         assert float((p.grad - mapped[n]).abs().max()) <= 1e-11 * scale, n
 
 
-@pytest.mark.parametrize(
-    ("make", "widths"), [c[1:] for c in GRAD_CASES[1:3]], ids=["gptx", "llama"]
-)
-def test_adam_state_equals_replay(make: Factory, widths: dict[str, int]) -> None:
-    """Adam's state after widening equals Adam replayed on the mapped narrow gradients.
+ADAM_CASES = [
+    # random α: the residual (shared RMSNorm statistics need equal shares) is left out
+    ("gptx", GPT_EXPLICIT, GRAD_CASES[1][2], torch_embed.Split(alpha="random")),
+    ("llama", LLAMA, {k: v for k, v in GRAD_CASES[2][2].items() if k != "embed_tokens"},
+     torch_embed.Split(alpha="random")),
+    # zero-fill: the norms' γ × √(D/D'), their moments by the inverse factors
+    ("llama-zero-fill", LLAMA, {"embed_tokens": 11, "layers.0.gate_proj": 15},
+     torch_embed.Null()),
+]  # fmt: skip
 
-    Random α: the residual (shared RMSNorm statistics need equal shares) is left out.
-    """
-    widths = {k: v for k, v in widths.items() if k != "embed_tokens"}
+
+@pytest.mark.parametrize(
+    ("make", "widths", "scheme"), [c[1:] for c in ADAM_CASES], ids=[c[0] for c in ADAM_CASES]
+)
+def test_adam_state_equals_replay(
+    make: Factory, widths: dict[str, int], scheme: torch_embed.Scheme
+) -> None:
+    """Adam's state after widening equals Adam replayed on the mapped narrow gradients."""
     model = make()
     idx = _idx()
     init = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -320,10 +329,10 @@ def test_adam_state_equals_replay(make: Factory, widths: dict[str, int]) -> None
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})  # type: ignore[union-attr]
         optimizer.step()
     emb = torch_embed.widen(
-        model, widths, torch_embed.Split(alpha="random"), example_inputs=(idx,),
-        optimizer=optimizer, generator=torch.Generator().manual_seed(3),
+        model, widths, scheme, example_inputs=(idx,), optimizer=optimizer,
+        generator=torch.Generator().manual_seed(3),
     )  # fmt: skip
-    assert isinstance(emb, GroupEmbedding)
+    assert isinstance(emb, GroupEmbedding) and emb.kind is EmbeddingKind.CRITICAL
     replay = {n: nn.Parameter(t.clone()) for n, t in emb.apply(init).items()}
     replay_opt = torch.optim.Adam(list(replay.values()), lr=0.01)
     for grad in grads:
@@ -488,3 +497,36 @@ def test_factor_grows_every_dimension(make: Factory, factor: float, scheme: str)
         if g.growable and g.hidden and g.name not in packed
     }
     assert {n: w for n, (_, w) in emb.sizes.items()} == expected
+
+
+class HardCodedAttention(nn.Module):
+    """Heads from an attribute, but the merge back written as a number (``8``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n_head = 2
+        self.inp = nn.Linear(5, 8)
+        self.q, self.k, self.v = (nn.Linear(8, 8) for _ in range(3))
+        self.o = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        h = torch.tanh(self.inp(x))
+        q, k, v = (
+            p(h).view(b, t, self.n_head, -1).transpose(1, 2) for p in (self.q, self.k, self.v)
+        )
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.o(y.transpose(1, 2).reshape(b, t, 8))
+
+
+def test_failed_check_restores_head_attributes() -> None:
+    """The re-run fails on the literal 8: tensors and patched attributes are set back."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = HardCodedAttention().double()
+    x = torch.randn(2, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    before = _state(model)
+    with pytest.raises(ValueError, match="the model was left unchanged"):
+        torch_embed.widen(model, {"q[0]": 3}, "split", example_inputs=(x,))
+    assert model.n_head == 2
+    assert all(torch.equal(before[k], v) for k, v in _state(model).items())
