@@ -530,3 +530,15 @@ def test_failed_check_restores_head_attributes() -> None:
         torch_embed.widen(model, {"q[0]": 3}, "split", example_inputs=(x,))
     assert model.n_head == 2
     assert all(torch.equal(before[k], v) for k, v in _state(model).items())
+
+
+def test_table_names_the_attention_roles() -> None:
+    table = str(torch_embed.width_groups(LLAMA(), (_idx(),))).splitlines()
+    row = {line.split()[0]: line for line in table[1:]}
+    assert "kv heads of `layers.0.self_attn`" in row["layers.0.self_attn.q_proj[0]"]
+    assert "query heads per kv head of `layers.1.self_attn`" in row["layers.1.self_attn.q_proj[1]"]
+    assert "head_dim: rotary embedding at" in row["layers.0.self_attn.q_proj[2]"]
+    table = str(torch_embed.width_groups(ENC_POST(), (_idx(),))).splitlines()
+    row = {line.split()[0]: line for line in table[1:]}
+    assert "heads of `layers.1.self_attn`: reshape" in row["layers.1.self_attn[1]"]
+    assert "head_dim of `layers.1.self_attn`: attention" in row["layers.1.self_attn[2]"]
