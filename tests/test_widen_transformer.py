@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from zoo_transformers import GPT, Llama, TorchDecoderLM, TorchEncoderLM, greedy
+from zoo_transformers import GPT, Llama, TorchDecoderLM, TorchEncoderLM, ViT, greedy
 
 import torch_embed
 from torch_embed.embedding import EmbeddingKind
@@ -542,3 +542,28 @@ def test_table_names_the_attention_roles() -> None:
     row = {line.split()[0]: line for line in table[1:]}
     assert "heads of `layers.1.self_attn`: reshape" in row["layers.1.self_attn[1]"]
     assert "head_dim of `layers.1.self_attn`: attention" in row["layers.1.self_attn[2]"]
+
+
+@pytest.mark.parametrize(
+    ("widths", "scheme"),
+    [
+        ({"patch": 16, "blocks.0.self_attn[1]": 4, "blocks.1.self_attn[2]": 8}, "split"),
+        ({"patch": 12, "blocks.0.self_attn[1]": 3, "blocks.1.self_attn[1]": 3}, "null"),
+    ],
+    ids=["copies", "mean-fill"],
+)
+def test_vit_cls_token_and_position_embedding_follow(widths: dict[str, int], scheme: str) -> None:
+    """The residual of a ViT: patch conv, cls token and position embedding grow with it."""
+    model = _seeded(ViT)()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    cls = model.cls_token.detach().clone()
+    with torch.no_grad():
+        before = model(x)
+    torch_embed.widen(model, widths, scheme, example_inputs=(x,))
+    with torch.no_grad():
+        assert _rel(before, model(x)) <= 1e-12
+    assert model.cls_token.shape == (1, 1, widths["patch"])
+    assert model.pos_embed.shape == (1, 5, widths["patch"])
+    new = model.cls_token.detach()[..., 8:]
+    want = cls.repeat(1, 1, 1) if scheme == "split" else cls.mean(-1, keepdim=True).expand_as(new)
+    assert torch.allclose(new, want, rtol=1e-14, atol=0)
