@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from zoo_transformers import GPT, Llama, TorchDecoderLM, TorchEncoderLM, greedy
+from zoo_transformers import GPT, Llama, TorchDecoderLM, TorchEncoderLM, ViT, greedy
 
 import torch_embed
 from torch_embed.embedding import EmbeddingKind
@@ -300,15 +300,24 @@ def test_gradients_map(make: Factory, widths: dict[str, int]) -> None:
         assert float((p.grad - mapped[n]).abs().max()) <= 1e-11 * scale, n
 
 
-@pytest.mark.parametrize(
-    ("make", "widths"), [c[1:] for c in GRAD_CASES[1:3]], ids=["gptx", "llama"]
-)
-def test_adam_state_equals_replay(make: Factory, widths: dict[str, int]) -> None:
-    """Adam's state after widening equals Adam replayed on the mapped narrow gradients.
+ADAM_CASES = [
+    # random α: the residual (shared RMSNorm statistics need equal shares) is left out
+    ("gptx", GPT_EXPLICIT, GRAD_CASES[1][2], torch_embed.Split(alpha="random")),
+    ("llama", LLAMA, {k: v for k, v in GRAD_CASES[2][2].items() if k != "embed_tokens"},
+     torch_embed.Split(alpha="random")),
+    # zero-fill: the norms' γ × √(D/D'), their moments by the inverse factors
+    ("llama-zero-fill", LLAMA, {"embed_tokens": 11, "layers.0.gate_proj": 15},
+     torch_embed.Null()),
+]  # fmt: skip
 
-    Random α: the residual (shared RMSNorm statistics need equal shares) is left out.
-    """
-    widths = {k: v for k, v in widths.items() if k != "embed_tokens"}
+
+@pytest.mark.parametrize(
+    ("make", "widths", "scheme"), [c[1:] for c in ADAM_CASES], ids=[c[0] for c in ADAM_CASES]
+)
+def test_adam_state_equals_replay(
+    make: Factory, widths: dict[str, int], scheme: torch_embed.Scheme
+) -> None:
+    """Adam's state after widening equals Adam replayed on the mapped narrow gradients."""
     model = make()
     idx = _idx()
     init = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -320,10 +329,10 @@ def test_adam_state_equals_replay(make: Factory, widths: dict[str, int]) -> None
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})  # type: ignore[union-attr]
         optimizer.step()
     emb = torch_embed.widen(
-        model, widths, torch_embed.Split(alpha="random"), example_inputs=(idx,),
-        optimizer=optimizer, generator=torch.Generator().manual_seed(3),
+        model, widths, scheme, example_inputs=(idx,), optimizer=optimizer,
+        generator=torch.Generator().manual_seed(3),
     )  # fmt: skip
-    assert isinstance(emb, GroupEmbedding)
+    assert isinstance(emb, GroupEmbedding) and emb.kind is EmbeddingKind.CRITICAL
     replay = {n: nn.Parameter(t.clone()) for n, t in emb.apply(init).items()}
     replay_opt = torch.optim.Adam(list(replay.values()), lr=0.01)
     for grad in grads:
@@ -488,3 +497,73 @@ def test_factor_grows_every_dimension(make: Factory, factor: float, scheme: str)
         if g.growable and g.hidden and g.name not in packed
     }
     assert {n: w for n, (_, w) in emb.sizes.items()} == expected
+
+
+class HardCodedAttention(nn.Module):
+    """Heads from an attribute, but the merge back written as a number (``8``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n_head = 2
+        self.inp = nn.Linear(5, 8)
+        self.q, self.k, self.v = (nn.Linear(8, 8) for _ in range(3))
+        self.o = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        h = torch.tanh(self.inp(x))
+        q, k, v = (
+            p(h).view(b, t, self.n_head, -1).transpose(1, 2) for p in (self.q, self.k, self.v)
+        )
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.o(y.transpose(1, 2).reshape(b, t, 8))
+
+
+def test_failed_check_restores_head_attributes() -> None:
+    """The re-run fails on the literal 8: tensors and patched attributes are set back."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = HardCodedAttention().double()
+    x = torch.randn(2, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    before = _state(model)
+    with pytest.raises(ValueError, match="the model was left unchanged"):
+        torch_embed.widen(model, {"q[0]": 3}, "split", example_inputs=(x,))
+    assert model.n_head == 2
+    assert all(torch.equal(before[k], v) for k, v in _state(model).items())
+
+
+def test_table_names_the_attention_roles() -> None:
+    table = str(torch_embed.width_groups(LLAMA(), (_idx(),))).splitlines()
+    row = {line.split()[0]: line for line in table[1:]}
+    assert "kv heads of `layers.0.self_attn`" in row["layers.0.self_attn.q_proj[0]"]
+    assert "query heads per kv head of `layers.1.self_attn`" in row["layers.1.self_attn.q_proj[1]"]
+    assert "head_dim: rotary embedding at" in row["layers.0.self_attn.q_proj[2]"]
+    table = str(torch_embed.width_groups(ENC_POST(), (_idx(),))).splitlines()
+    row = {line.split()[0]: line for line in table[1:]}
+    assert "heads of `layers.1.self_attn`: reshape" in row["layers.1.self_attn[1]"]
+    assert "head_dim of `layers.1.self_attn`: attention" in row["layers.1.self_attn[2]"]
+
+
+@pytest.mark.parametrize(
+    ("widths", "scheme"),
+    [
+        ({"patch": 16, "blocks.0.self_attn[1]": 4, "blocks.1.self_attn[2]": 8}, "split"),
+        ({"patch": 12, "blocks.0.self_attn[1]": 3, "blocks.1.self_attn[1]": 3}, "null"),
+    ],
+    ids=["copies", "mean-fill"],
+)
+def test_vit_cls_token_and_position_embedding_follow(widths: dict[str, int], scheme: str) -> None:
+    """The residual of a ViT: patch conv, cls token and position embedding grow with it."""
+    model = _seeded(ViT)()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    cls = model.cls_token.detach().clone()
+    with torch.no_grad():
+        before = model(x)
+    torch_embed.widen(model, widths, scheme, example_inputs=(x,))
+    with torch.no_grad():
+        assert _rel(before, model(x)) <= 1e-12
+    assert model.cls_token.shape == (1, 1, widths["patch"])
+    assert model.pos_embed.shape == (1, 5, widths["patch"])
+    new = model.cls_token.detach()[..., 8:]
+    want = cls.repeat(1, 1, 1) if scheme == "split" else cls.mean(-1, keepdim=True).expand_as(new)
+    assert torch.allclose(new, want, rtol=1e-14, atol=0)

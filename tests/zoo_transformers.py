@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["GPT", "Llama", "TorchDecoderLM", "TorchEncoderLM", "greedy"]
+__all__ = ["GPT", "Llama", "TorchDecoderLM", "TorchEncoderLM", "ViT", "greedy"]
 
 
 def _random_norms(model: nn.Module) -> None:
@@ -259,6 +259,32 @@ class TorchDecoderLM(nn.Module):
         t = idx.shape[1]
         mask = torch.triu(torch.full((t, t), float("-inf"), dtype=x.dtype), diagonal=1)
         return self.head(self.layer(x, x.flip(1), tgt_mask=mask))
+
+
+class ViT(nn.Module):
+    """A pre-norm ViT: conv patches, a cls token, a learned position embedding."""
+
+    def __init__(self, d: int = 8, n_head: int = 2, layers: int = 2) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, d, 4, 4)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, d))
+        self.pos_embed = nn.Parameter(torch.randn(1, 5, d))
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(
+                d, n_head, 2 * d, dropout=0.0, batch_first=True, norm_first=True
+            )
+            for _ in range(layers)
+        )
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 3)
+        _random_norms(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x)[:, 0])
 
 
 def greedy(model: nn.Module, prompt: Tensor, steps: int = 20) -> list[int]:

@@ -312,7 +312,7 @@ def _head_attribute_updates(
             sizes(att.q_heads), sizes(att.kv_heads), sizes(att.head_dim)
         )  # fmt: skip
         counts = {"q_heads": (qo, qn), "kv_heads": (ko, kn), "head_dim": (do, dn)}
-        if ko and kn and qo % ko == 0 and qn % kn == 0:
+        if att.kv_heads and qo % ko == 0 and qn % kn == 0:
             counts["rep"] = (qo // ko, qn // kn)
         for what, (old, new) in counts.items():
             if old == new:

@@ -213,10 +213,18 @@ class WidthGroups(list[WidthGroup]):
 
 
 def format_groups(groups: Iterable[WidthGroup]) -> str:
-    """A table of ``groups``: name, size, growable, producers, consumers, notes."""
+    """A table of ``groups``: name, size, growable, producers, consumers, notes.
+
+    Notes start with an attention role where the group has one (``heads of `attn```,
+    ``kv heads``, ``query heads per kv head``, ``head_dim``), then the constraint kinds
+    (or the reason a group is rigid).
+    """
+    roles = _attention_roles(groups.attentions) if isinstance(groups, WidthGroups) else {}
     rows = [("group", "size", "growable", "producers", "consumers", "notes")]
     for g in groups:
         notes = g.reason if not g.growable else "; ".join(sorted({c.kind for c in g.constraints}))
+        if g.name in roles and not (notes or "").startswith("head_dim:"):
+            notes = f"{roles[g.name]}: {notes}" if notes else roles[g.name]
         rows.append(
             (
                 g.name,
@@ -231,6 +239,22 @@ def format_groups(groups: Iterable[WidthGroup]) -> str:
     widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]) - 1)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows]
     return "\n".join(line.rstrip() for line in lines)
+
+
+def _attention_roles(attentions: Iterable[Attention]) -> dict[str, str]:
+    """``{group: "heads of `m`" | "kv heads of `m`" | ...}`` for the table's notes."""
+    roles: dict[str, str] = {}
+    for a in attentions:
+        where = f"`{a.module}`" if a.module else "the model's own forward"
+        for name in a.q_heads:
+            if name in a.kv_heads:
+                kind = "heads" if set(a.q_heads) == set(a.kv_heads) else "kv heads"
+            else:
+                kind = "query heads per kv head"
+            roles.setdefault(name, f"{kind} of {where}")
+        for name in a.head_dim:
+            roles.setdefault(name, f"head_dim of {where}")
+    return roles
 
 
 def _short(u: AxisUse) -> str:
