@@ -28,6 +28,11 @@ from torch_embed.graph.groups import width_groups
 from torch_embed.schemes import DEFAULT_SCHEME, Scheme
 from torch_embed.widen import widen
 
+# null units under ReLU never learn: widen warns (test_dead_null_units_warn checks it)
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:width group .* null units with zero fan-in:UserWarning"
+)
+
 SCHEMES: list[Scheme] = [
     torch_embed.Split(alpha="random"),
     torch_embed.Split(alpha=(0.2, -0.3, 1.1)),  # 3-way, signed
@@ -321,8 +326,8 @@ def test_unknown_and_rigid_names() -> None:
         widen(model, {"fc2": 2}, "split", example_inputs=x)
     with pytest.raises(ValueError, match="needs example_inputs"):
         widen(model, {"fc2": 6}, "split")
-    with pytest.raises(ValueError, match="not supported for traced models"):
-        widen(model, {"fc2": 6}, torch_embed.RandomPad(), example_inputs=x)
+    with pytest.raises(ValueError, match="select for a traced model must be"):
+        widen(model, {"fc2": 6}, torch_embed.Split(select=[[0], [1]]), example_inputs=x)
     _unchanged(model, snap, ids)
 
 

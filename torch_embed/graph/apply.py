@@ -25,7 +25,7 @@ from torch.utils._pytree import tree_leaves
 
 from torch_embed.exactness import unit_roundoff
 from torch_embed.graph.embedding import GroupEmbedding
-from torch_embed.graph.groups import width_groups
+from torch_embed.graph.groups import WidthGroups, width_groups
 from torch_embed.graph.handlers import Resize, attribute_updates
 from torch_embed.graph.plan import plan_groups
 from torch_embed.graph.trace import check_model
@@ -56,7 +56,15 @@ def widen_graph(
     args = check_model(model, example_inputs, "widen")
     _check_normal_tensors(model)
     groups = width_groups(model, args)
-    embedding = plan_groups(groups, new_widths, scheme, generator=generator)
+    tensors = {
+        n: t.detach()
+        for n, t in [
+            *model.named_parameters(remove_duplicate=False),
+            *model.named_buffers(remove_duplicate=False),
+        ]
+    }
+    embedding = plan_groups(groups, new_widths, scheme, generator=generator, tensors=tensors)
+    _warn_dead_units(model, groups, embedding)
     before = _outputs(model, args)
     named_params = _one_name_each(model.named_parameters(remove_duplicate=False), embedding)
     named_buffers = _one_name_each(model.named_buffers(remove_duplicate=False), embedding)
@@ -83,7 +91,7 @@ def widen_graph(
     try:
         probes.extend(_null_probes(model, embedding))
         after = _outputs(model, args)
-        _compare(before, after)
+        _compare(before, after, values=embedding.preserves_output)
     except BaseException as error:
         undo()
         if isinstance(error, Exception):
@@ -101,9 +109,10 @@ def widen_graph(
     caveats = tuple(r for probe in probes for r in probe.caveats())
     if caveats:
         embedding = dataclasses.replace(embedding, reasons_=embedding.reasons_ + caveats)
-    # Net2Net's noise is a documented perturbation of a critical map (no warning, as for
-    # MLPs); a norm shared by unequal copies or a null unit's nonzero value is not
-    caveats = tuple(r for r in embedding.reasons if not r.startswith("Net2Net noise"))
+    # Net2Net's noise and Null's random fan-in are documented perturbations of a critical
+    # map (no warning, as for MLPs); a norm shared by unequal copies, a null unit's
+    # nonzero value or RandomPad's random units are not
+    caveats = tuple(r for r in embedding.reasons if not r.startswith(_DOCUMENTED))
     if caveats:
         if new_grads or new_opt:
             warnings.warn(
@@ -116,6 +125,32 @@ def widen_graph(
         for p, st in new_opt.items():
             optimizer.state[p] = st
     return embedding
+
+
+_DOCUMENTED = ("Net2Net noise", "Null fan-in std")
+
+
+def _warn_dead_units(model: nn.Module, groups: WidthGroups, embedding: GroupEmbedding) -> None:
+    """Warn, as the MLP path does, about null units that can never learn.
+
+    A null unit with zero fan-in and a bias ``β <= 0`` feeds a ReLU the value ``β``:
+    output and gradient 0 forever.
+    """
+    if embedding.scheme not in ("Null", "General") or any(a.null_init for a in embedding.axes):
+        return
+    for g in groups:
+        lm = embedding.maps.get(g.name)
+        if lm is None or not bool(lm.null_mask.any()):
+            continue
+        relu = [n for n in g.through if isinstance(model.get_submodule(n), (nn.ReLU, nn.ReLU6))]
+        if relu and bool((lm.null_bias[lm.null_mask] <= 0).any()):
+            warnings.warn(
+                f"width group {g.name!r}: null units with zero fan-in and bias <= 0 under "
+                f"ReLU (`{relu[0]}`) have zero output and zero gradient forever (they never "
+                f"learn). Use Null(bias>0), Null(fan_in_std>0) or a splitting scheme.",
+                UserWarning,
+                stacklevel=4,
+            )
 
 
 class _Probe:
@@ -238,13 +273,14 @@ def _outputs(model: nn.Module, args: tuple[Any, ...]) -> list[Tensor]:
     return [t for t in tree_leaves(out) if isinstance(t, Tensor)]
 
 
-def _compare(before: list[Tensor], after: list[Tensor]) -> None:
+def _compare(before: list[Tensor], after: list[Tensor], *, values: bool = True) -> None:
+    """Refuse other outputs; ``values=False`` (the function may change): shapes only."""
     if len(before) != len(after):
         raise ValueError(f"returns {len(after)} tensors instead of {len(before)}")
     for k, (a, b) in enumerate(zip(before, after)):
         if a.shape != b.shape:
             raise ValueError(f"output {k} has shape {tuple(b.shape)} instead of {tuple(a.shape)}")
-        if not a.is_floating_point() or a.numel() == 0:
+        if not values or not a.is_floating_point() or a.numel() == 0:
             continue
         u = unit_roundoff(a.dtype)
         scale = float(a.abs().max())

@@ -51,6 +51,14 @@ class AxisMap:
         coef: ``float64`` ``(wide,)``: the consumer coefficient of each wide entry (1 on
             entries of groups that do not grow or not split, 0 on null units).
         groups: ``> 1`` for the in-axis of a grouped convolution (one group's share).
+        null_fill: ``float64`` ``(wide,)`` or ``None``: what :meth:`GroupEmbedding.apply`
+            writes at null entries (``None``: 0), e.g. the null units' bias ``β``.
+        null_init: ``""`` (none), ``"normal"`` (``init_scale·N(0, 1)``) or
+            ``"uniform"`` (``U(-b, b)``, ``b = init_scale/sqrt(fan_in)``, ``fan_in`` the
+            wide tensor's entries per index of axis 0, as ``nn.Linear`` and ``nn.Conv``
+            initialise): random values :meth:`GroupEmbedding.apply` writes at the null
+            entries of a weight (a tensor of 2 or more axes, whole axis only).
+        init_scale: The scale of ``null_init``.
     """
 
     tensor: str
@@ -59,6 +67,9 @@ class AxisMap:
     source: Tensor
     coef: Tensor
     groups: int = 1
+    null_fill: Tensor | None = None
+    null_init: str = ""
+    init_scale: float = 0.0
 
     def scale(self, what: str) -> Tensor:
         """The factor of each wide entry for ``what`` in apply/grad/second."""
@@ -138,7 +149,9 @@ class GroupEmbedding:
             (drawn from ``seed`` and the tensor's name, so ``apply`` is repeatable); an
             odd copy stays noise-free. The copies carry equal values, so the output is
             kept; gradients map as without noise (the critical part's map).
-        seed: The seed of that noise.
+        seed: The seed of that noise and of random null entries (``AxisMap.null_init``).
+        preserves_output: ``False`` when the embedding changes the function
+            (:class:`~torch_embed.RandomPad`): ``kind`` is then ``none``.
     """
 
     maps: Mapping[str, LayerMap]
@@ -148,10 +161,13 @@ class GroupEmbedding:
     reasons_: tuple[str, ...] = field(default=())
     noise: float = 0.0
     seed: int = 0
+    preserves_output: bool = True
 
     @property
     def kind(self) -> EmbeddingKind:
-        """Critical when gradients map linearly (every scheme the graph path plans)."""
+        """Critical when gradients map linearly; ``none`` when the output changes."""
+        if not self.preserves_output:
+            return EmbeddingKind.NONE
         return EmbeddingKind.OUTPUT_PRESERVING if self.reasons_ else EmbeddingKind.CRITICAL
 
     @property
@@ -178,6 +194,8 @@ class GroupEmbedding:
                 t = _gather(t, a, a.scale(what))
                 if what == "apply" and self.noise and a.role == "split":
                     t = _add_noise(t, a, self.noise, self.seed)
+                if what == "apply" and (a.null_fill is not None or a.null_init):
+                    t = _fill_null(t, a, self.seed)
             out[name] = t
         return out
 
@@ -228,6 +246,34 @@ def _add_noise(t: Tensor, a: AxisMap, noise: float, seed: int) -> Tensor:
         offset = (noise * col_j.to(torch.float64) * eps).to(t.dtype)
         col_j += offset
         col_k -= offset
+    return t
+
+
+def _fill_null(t: Tensor, a: AxisMap, seed: int) -> Tensor:
+    """Write ``a.null_fill`` or random ``a.null_init`` values at the null entries."""
+    null = (a.source < 0).nonzero().flatten()
+    if not null.numel() or a.groups > 1:
+        return t
+    idx = null.to(t.device)
+    if a.null_fill is not None:
+        fill = a.null_fill[null].to(device=t.device, dtype=t.dtype)
+        shape = [1] * t.dim()
+        shape[a.axis] = -1
+        size = list(t.shape)
+        size[a.axis] = null.numel()
+        t.index_copy_(a.axis, idx, fill.view(shape).expand(size).contiguous())
+    if a.null_init and t.dim() >= 2:
+        gen = torch.Generator().manual_seed(
+            (seed ^ zlib.crc32(f"{a.tensor}:{a.axis}:init".encode())) % 2**63
+        )
+        size = list(t.shape)
+        size[a.axis] = null.numel()
+        if a.null_init == "normal":
+            values = a.init_scale * torch.randn(size, generator=gen, dtype=torch.float64)
+        else:
+            bound = a.init_scale / math.sqrt(max(t.numel() // max(t.shape[0], 1), 1))
+            values = (2 * torch.rand(size, generator=gen, dtype=torch.float64) - 1) * bound
+        t.index_copy_(a.axis, idx, values.to(device=t.device, dtype=t.dtype))
     return t
 
 
