@@ -580,8 +580,8 @@ def plan_units(
             )
         if select is not None:
             raise ValueError(
-                f"{rules.uniform}: uniform copies (every unit copied the same number of "
-                f"times): explicit select indices cannot be used for {rules.where}"
+                f"{rules.uniform}: uniform copies or mean-fill (every unit copied the same "
+                f"number of times): explicit select indices cannot be used for {rules.where}"
             )
         chosen = [
             [u for _ in range((k - 1) // copies) for u in range(q * seg, (q + 1) * seg)]

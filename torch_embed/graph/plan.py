@@ -388,7 +388,7 @@ def plan_groups(
     maps: dict[str, LayerMap] = {}
     sizes: dict[str, tuple[int, int]] = {}
     reasons: list[str] = []
-    fills: dict[str, Tensor] = {}
+    fills: dict[str, float] = {}
     for g in groups:
         if g.name not in widths:
             continue
@@ -414,7 +414,11 @@ def plan_groups(
         null_bias = torch.where(null, bias, 0.0).to(torch.float64)
         if bias != 0 and bool(null.any()):
             home = _bias_home(g)
-            fills[home] = torch.where(null, bias, 0.0).to(torch.float64)
+            if fills.setdefault(home, bias) != bias:
+                raise ValueError(
+                    f"`{home}` holds the null units' bias of several width groups, which "
+                    f"are given different biases ({fills[home]}, {bias})"
+                )
         maps[g.name] = LayerMap(source, coef, null_bias, torch.zeros_like(null_bias))
         sizes[g.name] = (g.size, widths[g.name])
         reasons.extend(_gradient_caveats(g, maps[g.name]))
@@ -487,7 +491,7 @@ def _gradient_caveats(group: WidthGroup, lm: LayerMap) -> list[str]:
 def _axes(
     groups: WidthGroups,
     maps: Mapping[str, LayerMap],
-    fills: Mapping[str, Tensor],
+    fills: Mapping[str, float],
     init: str,
     scale: float,
     *,
@@ -501,6 +505,13 @@ def _axes(
     """
     roles: dict[tuple[str, int], str] = {}
     producers: set[tuple[str, int]] = set()
+    fills = dict(fills)
+    for g in groups:  # a null channel's BatchNorm: γ = 1, running variance 1, as for MLPs
+        lm = maps.get(g.name)
+        for u in g.producers if lm is not None and bool(lm.null_mask.any()) else ():
+            local = u.tensor.rpartition(".")[2]
+            if "batch_norm" in u.op and local in ("weight", "running_var"):
+                fills[u.tensor] = 1.0
     grouped: list[tuple[str, int, str, int]] = []
     for g in groups:
         for u in (*g.producers, *g.consumers):
@@ -525,12 +536,8 @@ def _axes(
             continue
         src, coef = axis_map(layout, maps)
         role = roles.get((tensor, axis), "copy")
-        fill = fills.get(tensor) if axis == 0 else None
-        if fill is not None and (layout.kind != "group" or fill.numel() != src.numel()):
-            raise ValueError(
-                f"`{tensor}` holds the null units' bias β but carries more than one width "
-                f"group; use a null bias of 0.0"
-            )
+        value = fills.get(tensor) if axis == 0 else None
+        fill = None if value is None else torch.full((src.numel(),), value, dtype=torch.float64)
         random = init if ((tensor, axis) in producers or (consumers and role == "split")) else ""
         out.append(AxisMap(tensor, axis, role, src, coef, 1, fill, random, scale))
     for tensor, axis, name, n_groups in grouped:
