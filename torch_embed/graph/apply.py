@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, TypeVar
 
 import torch
@@ -79,7 +79,12 @@ def widen_graph(
     with torch.no_grad():
         state = {n: every[n].detach() for n in embedding.tensors}
         new_state = embedding.apply(state)
-        grads = {n: p.grad for n in embedding.tensors if (p := named_params.get(n)) is not None}
+        readers = [f"{t.rpartition('.')[0]}.bias" for t in _readers(model, embedding)]
+        grads = {
+            n: p.grad
+            for n in (*embedding.tensors, *readers)
+            if (p := named_params.get(n)) is not None
+        }
         new_grads = embedding.map_gradients({n: g for n, g in grads.items() if g is not None})
         new_opt: dict[nn.Parameter, dict[str, Any]] = {}
         if optimizer is not None:
@@ -106,7 +111,17 @@ def widen_graph(
     finally:
         for probe in probes:
             probe.handle.remove()
-    caveats = tuple(r for probe in probes for r in probe.caveats())
+    values = {p.tensor: v for p in probes if (v := p.exact_values(named_params)) is not None}
+    if values:  # σ(β) != 0 into Linear readers with a bias: map their columns as for MLPs
+        embedding = dataclasses.replace(embedding, null_values=values)
+        with torch.no_grad():
+            remapped = embedding.map_gradients({n: g for n, g in grads.items() if g is not None})
+            for name in values:
+                if name in remapped and name in named_params:
+                    named_params[name].grad = remapped[name].to(named_params[name].dtype)
+            if optimizer is not None:
+                new_opt = map_optimizer_state(optimizer, named_params, embedding)
+    caveats = tuple(r for probe in probes if probe.tensor not in values for r in probe.caveats())
     if caveats:
         embedding = dataclasses.replace(embedding, reasons_=embedding.reasons_ + caveats)
     # Net2Net's noise and Null's random fan-in are documented perturbations of a critical
@@ -165,6 +180,10 @@ class _Probe:
         self.tensor, self.index, self.dim = tensor, index, dim
         self.cls = type(module).__name__
         self.largest = 0.0
+        self.linear = isinstance(module, nn.Linear) and module.bias is not None
+        self.wide = 0
+        self.values: Tensor | None = None  # the constant each null unit feeds, if constant
+        self.constant = True
         self.handle = module.register_forward_pre_hook(self.record)
 
     def record(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
@@ -174,6 +193,21 @@ class _Probe:
         values = x.detach().index_select(self.dim, self.index.to(x.device))
         if values.numel():
             self.largest = max(self.largest, float(values.abs().max()))
+            rows = values.movedim(self.dim, -1).reshape(-1, self.index.numel()).double().cpu()
+            if self.values is None:
+                self.values, self.wide = rows[0], x.shape[self.dim]
+            self.constant = self.constant and bool((rows == self.values).all())
+
+    def exact_values(self, params: Mapping[str, nn.Parameter]) -> Tensor | None:
+        """``(wide_in,)`` values of a Linear reader whose bias maps the null columns."""
+        bias = f"{self.tensor.rpartition('.')[0]}.bias"
+        if not (self.linear and self.constant and self.largest != 0.0 and bias in params):
+            return None
+        if self.values is None:
+            return None
+        out = torch.zeros(self.wide, dtype=torch.float64)
+        out[self.index] = self.values
+        return out
 
     def caveats(self) -> list[str]:
         where = f"the null units read by `{self.tensor}` ({self.cls})"
@@ -188,6 +222,17 @@ class _Probe:
                 f"σ(0) != 0): their fan-out columns get gradients the map sets to 0"
             ]
         return []
+
+
+def _readers(model: nn.Module, embedding: GroupEmbedding) -> list[str]:
+    """The Linear weights that read null units (their biases map the null columns)."""
+    out = []
+    for a in embedding.axes:
+        if a.role == "split" and a.axis == 1 and bool((a.source < 0).any()):
+            owner = a.tensor.rpartition(".")[0]
+            if isinstance(model.get_submodule(owner), nn.Linear):
+                out.append(a.tensor)
+    return out
 
 
 def _null_probes(model: nn.Module, embedding: GroupEmbedding) -> list[_Probe]:

@@ -152,6 +152,11 @@ class GroupEmbedding:
         seed: The seed of that noise and of random null entries (``AxisMap.null_init``).
         preserves_output: ``False`` when the embedding changes the function
             (:class:`~torch_embed.RandomPad`): ``kind`` is then ``none``.
+        null_values: ``{Linear weight FQN: float64 (wide_in,)}``: the constant value
+            ``σ(β)`` each null unit feeds that reader (0 elsewhere), measured by
+            ``widen``. Its fan-out column then has the gradient ``σ(β)·∂R/∂b`` of the
+            reader's bias ``b`` (as for MLPs): :meth:`map_gradients` writes it when the
+            bias is among the mapped tensors.
     """
 
     maps: Mapping[str, LayerMap]
@@ -162,6 +167,7 @@ class GroupEmbedding:
     noise: float = 0.0
     seed: int = 0
     preserves_output: bool = True
+    null_values: Mapping[str, Tensor] = field(default_factory=dict)
 
     @property
     def kind(self) -> EmbeddingKind:
@@ -197,6 +203,10 @@ class GroupEmbedding:
                 if what == "apply" and (a.null_fill is not None or a.null_init):
                     t = _fill_null(t, a, self.seed)
             out[name] = t
+        if what != "apply":
+            for name, value in self.null_values.items():
+                if name in out and (bias := f"{name.rpartition('.')[0]}.bias") in out:
+                    out[name] = _null_columns(out[name], out[bias], value, what)
         return out
 
     def apply(self, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -247,6 +257,21 @@ def _add_noise(t: Tensor, a: AxisMap, noise: float, seed: int) -> Tensor:
         col_j += offset
         col_k -= offset
     return t
+
+
+def _null_columns(w: Tensor, bias: Tensor, value: Tensor, what: str) -> Tensor:
+    """A reader's null columns: ``σ(β)`` times its bias gradient.
+
+    ``σ(β)²`` times its second moment, as :meth:`torch_embed.Embedding.map_gradients`
+    maps them for MLPs.
+    """
+    cols = value.nonzero().flatten()
+    v = value[cols].to(device=w.device)
+    b = bias.to(torch.float64)
+    fill = b[:, None] * (v if what == "grad" else v * v)[None, :]
+    w = w.clone()
+    w.index_copy_(1, cols.to(w.device), fill.to(w.dtype))
+    return w
 
 
 def _fill_null(t: Tensor, a: AxisMap, seed: int) -> Tensor:
