@@ -60,6 +60,7 @@ Select: TypeAlias = (
     | Sequence[int]
     | Sequence[Sequence[int]]
     | Mapping[int, Sequence[int]]
+    | Mapping[str, Sequence[int]]
 )
 _SELECT_NAMES = ("random", "cyclic", "norm")
 
@@ -82,7 +83,8 @@ class Split:
             habit), ``"norm"`` (largest fan-out column norm first; norms equal within
             ``sqrt(eps)`` of the largest, as copies' are, in index order), or explicit indices:
             a sequence (when one hidden layer is widened), one sequence per hidden
-            layer, or a ``{hidden_layer: indices}`` mapping.
+            layer, or a ``{hidden_layer: indices}`` mapping (traced models: a sequence
+            when one group grows, or ``{group name or alias: indices}``).
 
     Example:
         >>> Split(alpha=0.5, select="norm")
@@ -141,16 +143,21 @@ class General:
 
     Args:
         sources: One entry per hidden layer: ``None`` (unchanged) or a sequence giving,
-            for each wide neuron, the narrow neuron it copies or ``-1`` for null.
+            for each wide neuron, the narrow neuron it copies or ``-1`` for null. For a
+            traced model: ``{group name or alias: sequence}`` (the group's rules apply).
         coefficients: ``None`` (equal split over each neuron's copies) or, per hidden
             layer, ``None``, a sequence/1-D tensor with one fan-out coefficient per wide
-            neuron, or a ``(wide_next, wide)`` tensor (one per wide connection).
-        null_bias: The null neurons' bias: one float for all, or one per hidden layer.
+            neuron, or a ``(wide_next, wide)`` tensor (one per wide connection). For a
+            traced model: ``{group name or alias: one coefficient per wide unit}``.
+        null_bias: The null neurons' bias: one float for all, or one per hidden layer
+            (traced model: ``{group name or alias: float}``).
     """
 
-    sources: Sequence[Sequence[int] | None]
-    coefficients: Sequence[Sequence[float] | Tensor | None] | None = None
-    null_bias: float | Sequence[float] = 0.0
+    sources: Sequence[Sequence[int] | None] | Mapping[str, Sequence[int]]
+    coefficients: (
+        Sequence[Sequence[float] | Tensor | None] | Mapping[str, Sequence[float] | Tensor] | None
+    ) = None
+    null_bias: float | Sequence[float] | Mapping[str, float] = 0.0
 
 
 @dataclass(frozen=True)
@@ -401,7 +408,7 @@ def _explicit(select: Select, widened: list[int], n_hidden: int) -> dict[int, li
     if isinstance(select, Mapping):
         out = {}
         for k, v in select.items():
-            if not _is_int(k) or not 0 <= k < n_hidden:
+            if not _is_int(k) or not 0 <= int(k) < n_hidden:
                 raise ValueError(
                     f"select key {k!r} is not a hidden-layer index (0..{n_hidden - 1})"
                 )
@@ -904,6 +911,12 @@ def _plan_general(
 ) -> Embedding:
     current = layout.hidden_widths
     n = len(current)
+    if any(isinstance(v, Mapping) for v in (cfg.sources, cfg.coefficients, cfg.null_bias)):
+        raise ValueError(
+            "General given by group name (a mapping) is for traced models: widen with "
+            "widths by group name and example_inputs, or give an nn.Sequential MLP one "
+            f"entry per hidden layer ({n})"
+        )
     if len(cfg.sources) != n:
         raise ValueError(
             f"General.sources needs one entry per hidden layer ({n}), got {len(cfg.sources)}"
@@ -931,7 +944,7 @@ def _plan_general(
                 f"hidden layer {l}: new_widths says {w} but General.sources gives "
                 f"{src.numel()} neurons"
             )
-    coef_in = cfg.coefficients if cfg.coefficients is not None else [None] * n
+    coef_in: Any = cfg.coefficients if cfg.coefficients is not None else [None] * n
     if len(coef_in) != n:
         raise ValueError(f"General.coefficients needs one entry per hidden layer ({n})")
     coefs = []
@@ -948,7 +961,7 @@ def _plan_general(
             coefficients=given,
         )
         coefs.append(coef)
-    nb_in = cfg.null_bias
+    nb_in: Any = cfg.null_bias
     per_layer = list(nb_in) if isinstance(nb_in, Sequence) else [nb_in] * n
     if len(per_layer) != n or not all(math.isfinite(float(b)) for b in per_layer):
         raise ValueError(
