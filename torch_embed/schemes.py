@@ -577,7 +577,7 @@ def plan_units(
     seg = m // seg_count
     count = extra // seg_count // copies  # selected units per segment
     if null:
-        chosen = [[-1] * count for _ in range(seg_count)]
+        chosen: list[list[int]] = []
     elif rules.uniform:
         k = w // m
         if (k - 1) % copies:
@@ -597,46 +597,47 @@ def plan_units(
     else:
         picker = cfg.select if isinstance(cfg, (Split, Net2Net)) else "random"
         chosen = _choose(picker, select, m, count, rules, norms, generator)
-    # one entry per new unit: (segment, source), k - 1 consecutive entries per k-way split
-    appended = [(q, s) for q, units in enumerate(chosen) for s in units for _ in range(copies)]
-    coef = [1.0] * m  # Python floats: the same float64 arithmetic, without per-op overhead
-    extra_coef = [0.0] * len(appended)
+    # the source of each new unit, segment by segment; k - 1 in a row per k-way split
+    picked = [s for units in chosen for s in units]
+    if null:
+        new_src = torch.full((extra,), -1, dtype=torch.int64)
+    else:
+        new_src = torch.tensor(picked, dtype=torch.int64).repeat_interleave(copies)
+    own = torch.ones(m, dtype=torch.float64)
+    new_coef = torch.zeros(extra, dtype=torch.float64)  # null units: 0
     if isinstance(cfg, Split):
         kway = _kway(cfg.alpha)
-        splits = len(appended) // copies
+        coef = [1.0] * m  # Python floats: the same float64 arithmetic, without per-op overhead
+        extra_coef = [0.0] * extra
         if kway is None:
             alphas = (
-                _rand(splits, generator).tolist()
+                _rand(len(picked), generator).tolist()
                 if isinstance(cfg.alpha, str)
-                else [float(cfg.alpha)] * splits  # type: ignore[arg-type]
+                else [float(cfg.alpha)] * len(picked)  # type: ignore[arg-type]
             )
-        for t in range(0, len(appended), copies):
-            s = appended[t][1]
+        for t, s in enumerate(picked):
             share = coef[s]  # a unit chosen again splits its current share
             if kway is not None:
                 coef[s] = share * kway[0]
                 for r in range(copies):
-                    extra_coef[t + r] = kway[r + 1] * share
+                    extra_coef[t * copies + r] = kway[r + 1] * share
             else:
                 a = alphas[t]
                 coef[s] = (1 - a) * share
                 extra_coef[t] = a * share
-    elif isinstance(cfg, Net2Net):
-        counts = [1] * m
-        for _, s in appended:
-            counts[s] += 1
-        coef = [1.0 / c for c in counts]
-        extra_coef = [1.0 / counts[s] for _, s in appended]
-    source: list[int] = []
-    out: list[float] = []
-    for q in range(seg_count):  # the segment's own units, then its new ones
-        source.extend(range(q * seg, (q + 1) * seg))
-        out.extend(coef[q * seg : (q + 1) * seg])
-        for t, (qq, s) in enumerate(appended):
-            if qq == q:
-                source.append(s)
-                out.append(extra_coef[t])
-    return torch.tensor(source, dtype=torch.int64), torch.tensor(out, dtype=torch.float64)
+        own = torch.tensor(coef, dtype=torch.float64)
+        new_coef = torch.tensor(extra_coef, dtype=torch.float64)
+    elif isinstance(cfg, Net2Net):  # every copy 1/count
+        counts = torch.bincount(new_src, minlength=m).to(torch.float64) + 1
+        own, new_coef = 1.0 / counts, 1.0 / counts[new_src]
+    if seg_count == 1:  # own units, then the new ones
+        return torch.cat([torch.arange(m), new_src]), torch.cat([own, new_coef])
+    per = extra // seg_count  # segment by segment: its own units, then its new ones
+    src_parts, coef_parts = [], []
+    for q in range(seg_count):
+        src_parts += [torch.arange(q * seg, (q + 1) * seg), new_src[q * per : (q + 1) * per]]
+        coef_parts += [own[q * seg : (q + 1) * seg], new_coef[q * per : (q + 1) * per]]
+    return torch.cat(src_parts), torch.cat(coef_parts)
 
 
 def _choose(
