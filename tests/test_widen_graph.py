@@ -573,6 +573,24 @@ def test_null_units_with_nonzero_value_map_through_the_reader_bias() -> None:
     assert "`out.weight`" in emb.reasons[0]
 
 
+def test_null_columns_refuse_a_bias_under_other_optimizer_rules() -> None:
+    """As for MLPs: the null columns' state comes from the reader's bias, which is exact
+    only when both follow the same recursion; other betas are refused, model untouched."""
+    torch.manual_seed(0)
+    model = _SigmoidMLP().double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    rest = [p for n, p in model.named_parameters() if n != "out.bias"]
+    opt = torch.optim.Adam([{"params": rest}, {"params": [model.out.bias], "betas": (0.5, 0.9)}])
+    _loss(model, (x,)).backward()
+    opt.step()
+    snap = {n: t.clone() for n, t in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"null neurons of the layer `out` reads take their"):
+        widen(model, {"a": 6}, torch_embed.Null(bias=0.5), example_inputs=x, optimizer=opt)
+    for n, t in model.state_dict().items():
+        assert torch.equal(t, snap[n]), n
+    assert model.a.out_features == 4 and model.out.weight.grad.shape == (2, 4)  # type: ignore[union-attr]
+
+
 class _Tied(nn.Module):
     """Two Linear layers sharing one weight (two FQNs, one Parameter)."""
 

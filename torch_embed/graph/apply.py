@@ -114,13 +114,18 @@ def widen_graph(
     values = {p.tensor: v for p in probes if (v := p.exact_values(named_params)) is not None}
     if values:  # σ(β) != 0 into Linear readers with a bias: map their columns as for MLPs
         embedding = dataclasses.replace(embedding, null_values=values)
-        with torch.no_grad():
-            remapped = embedding.map_gradients({n: g for n, g in grads.items() if g is not None})
-            for name in values:
-                if name in remapped and name in named_params:
-                    named_params[name].grad = remapped[name].to(named_params[name].dtype)
-            if optimizer is not None:
-                new_opt = map_optimizer_state(optimizer, named_params, embedding)
+        try:
+            with torch.no_grad():
+                narrow_grads = {n: g for n, g in grads.items() if g is not None}
+                remapped = embedding.map_gradients(narrow_grads)
+                if optimizer is not None:
+                    new_opt = map_optimizer_state(optimizer, named_params, embedding)
+                for name in values:
+                    if name in remapped and name in named_params:
+                        named_params[name].grad = remapped[name].to(named_params[name].dtype)
+        except BaseException:
+            undo()
+            raise
     caveats = tuple(r for probe in probes if probe.tensor not in values for r in probe.caveats())
     if caveats:
         embedding = dataclasses.replace(embedding, reasons_=embedding.reasons_ + caveats)
