@@ -376,3 +376,28 @@ def test_sequential_plans_as_today_for_every_scheme(
         if same_tensors:
             assert torch.equal(a, b), n
     assert (emb.kind is EmbeddingKind.NONE) == (planned.kind is EmbeddingKind.NONE)
+
+
+@pytest.mark.parametrize("scheme", [torch_embed.Split(alpha=1 / 3), torch_embed.Net2Net()])
+def test_float32_tensors_are_rounded_as_on_the_mlp_path(scheme: Scheme) -> None:
+    """Coefficients such as 1/3 are not float32 numbers: both paths multiply in float64
+    and round once (embedding._put), so a float32 Sequential widened by group names gets
+    the MLP path's bits, and those are the float64 products rounded once."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2))
+    x = torch.randn(6, 3)
+    today, wide = copy.deepcopy(net), copy.deepcopy(net)
+    emb = widen(today, [12, 11], scheme, generator=torch.Generator().manual_seed(5))
+    assert isinstance(emb, Embedding)
+    widen(
+        wide,
+        {"0": 12, "2": 11},
+        scheme,
+        example_inputs=x,
+        generator=torch.Generator().manual_seed(5),
+    )
+    for (n, a), b in zip(wide.state_dict().items(), today.state_dict().values()):
+        assert torch.equal(a, b), n
+    rows, cols = emb.layers[1].source, emb.layers[0]
+    reference = (net[2].weight.detach().double()[rows][:, cols.source] * cols.coef).float()
+    assert torch.equal(wide[2].weight.detach(), reference)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from torch_embed.embedding import EmbeddingKind, LayerMap, _identity_prefix
+from torch_embed.embedding import EmbeddingKind, LayerMap, _identity_prefix, _in_dtype, _put
 from torch_embed.graph.layout import AxisLayout
 
 __all__ = ["AxisMap", "GroupEmbedding", "axis_map"]
@@ -302,19 +302,34 @@ def _fill_null(t: Tensor, a: AxisMap, seed: int) -> Tensor:
     return t
 
 
+def _scale_axis(out: Tensor, axis: int, scale: Tensor) -> None:
+    """``out *= scale`` along ``axis``, with the MLP path's arithmetic.
+
+    The float64 factor is used as it is unless it is exact in ``out``'s dtype, and each
+    product is rounded once (:func:`torch_embed.embedding._put`), so a traced model
+    gets the same bits as :meth:`torch_embed.Embedding.apply` (for float32 and α = 1/3
+    too). ``out`` is viewed as ``(outer, size·inner)`` with the factor repeated over
+    ``inner``; it is contiguous (fresh from the gather).
+    """
+    factor = _in_dtype(scale.cpu(), out.dtype, out.device)
+    inner = math.prod(out.shape[axis + 1 :])
+    if inner > 1:
+        factor = factor.repeat_interleave(inner)
+    view = out.view(math.prod(out.shape[:axis]), -1)
+    _put(view, view, factor)
+
+
 def _gather(t: Tensor, a: AxisMap, scale: Tensor) -> Tensor:
     src = a.source.to(t.device)
-    scale = scale.to(device=t.device, dtype=t.dtype if t.is_floating_point() else torch.float64)
     if a.groups == 1:
         keep = _identity_prefix(src)  # narrow units that stay in place: a plain copy
         tail = t.index_select(a.axis, src[keep:].clamp(min=0))
         out = torch.cat([t.narrow(a.axis, 0, keep), tail], a.axis) if keep else tail
         if out.is_floating_point() and not bool((scale == 1).all()):
-            shape = [1] * t.dim()
-            shape[a.axis] = -1
-            out.mul_(scale.view(shape).to(out.dtype))  # ``out`` is fresh: scale in place
+            _scale_axis(out, a.axis, scale)  # ``out`` is fresh: scale in place
         return out
     # the in-axis of a grouped conv weight (out, in/g, *kernel): rows in g segments
+    scale = _in_dtype(scale.cpu(), t.dtype, t.device)  # as above: rounded once
     g = a.groups
     rows, share = t.shape[0], t.shape[1]
     wide_share = src.numel() // g
