@@ -24,8 +24,8 @@ indices}``), :class:`~torch_embed.Null` (a bias ``β`` needs one place to store 
 BatchNorm's bias, else the producer's bias; a random fan-in goes into the producers'
 weights), :class:`~torch_embed.General` (``sources`` and ``coefficients`` keyed by
 group name or alias, per-unit coefficients) and :class:`~torch_embed.RandomPad`
-(random producer weights and consumer columns for the new units; their biases and
-per-channel entries stay 0).
+(random producer weights and consumer columns for the new units; their biases stay 0).
+A null channel's BatchNorm gets ``γ = 1`` and running variance 1, as on the MLP path.
 """
 
 from __future__ import annotations
