@@ -339,7 +339,7 @@ def test_config_is_put_back_when_the_output_check_fails(monkeypatch: pytest.Monk
     before = (cfg.to_dict(), hasattr(cfg, "head_dim"))
     shapes = {n: p.shape for n, p in model.named_parameters()}
 
-    def fail(*args: object) -> None:
+    def fail(*args: object, **kwargs: object) -> None:
         raise ValueError("output 0 changed (forced)")
 
     monkeypatch.setattr("torch_embed.graph.apply._compare", fail)

@@ -26,6 +26,11 @@ from torch_embed.graph.groups import width_groups
 from torch_embed.schemes import DEFAULT_SCHEME, Scheme
 from torch_embed.widen import widen
 
+# null units under ReLU never learn: widen warns (test_dead_null_units_warn checks it)
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:width group .* null units with zero fan-in:UserWarning"
+)
+
 SCHEMES: list[Scheme] = [
     torch_embed.Split(alpha="random"),
     torch_embed.Split(alpha=(0.2, -0.3, 1.1)),  # 3-way, signed
@@ -309,8 +314,8 @@ def test_unknown_and_rigid_names() -> None:
         widen(model, {"fc2": 2}, "split", example_inputs=x)
     with pytest.raises(ValueError, match="needs example_inputs"):
         widen(model, {"fc2": 6}, "split")
-    with pytest.raises(ValueError, match="not supported for traced models"):
-        widen(model, {"fc2": 6}, torch_embed.RandomPad(), example_inputs=x)
+    with pytest.raises(ValueError, match="select for a traced model must be"):
+        widen(model, {"fc2": 6}, torch_embed.Split(select=[[0], [1]]), example_inputs=x)
     _unchanged(model, snap, ids)
 
 
@@ -508,35 +513,70 @@ def test_reductions_over_a_group(op: str, allowed: str, refused: str) -> None:
 
 
 class _SigmoidMLP(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, bias: bool = True) -> None:
         super().__init__()
         self.a = nn.Linear(3, 4)
-        self.out = nn.Linear(4, 2)
+        self.out = nn.Linear(4, 2, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.out(torch.sigmoid(self.a(x)))
 
 
-def test_null_units_with_nonzero_value_are_measured() -> None:
-    """σ(0) = 1/2: null units keep the output, but their fan-out columns get gradients.
-    widen measures the value they feed their readers instead of assuming 0."""
+def test_null_units_with_nonzero_value_map_through_the_reader_bias() -> None:
+    """σ(0) = 1/2: null units keep the output, and their fan-out columns get the gradient
+    σ(β)·∂R/∂b of the reader's bias, as for MLPs: widen measures the value they feed
+    the reader and maps ``.grad`` and the optimizer state with it (autograd and an Adam
+    replay agree). Without a reader bias the map's 0 is wrong, and widen says so."""
     torch.manual_seed(0)
     model = _SigmoidMLP().double()
     x = torch.randn(5, 3, dtype=torch.float64)
-    before = model(x).detach()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     _loss(model, (x,)).backward()
-    with pytest.warns(torch_embed.ApproximateStateWarning, match="hold 0.5, not 0"):
-        emb = widen(model, {"a": 6}, "null", example_inputs=x)
-    assert emb.kind is EmbeddingKind.OUTPUT_PRESERVING
-    assert "`out.weight`" in emb.reasons[0]
+    opt.step()  # Adam state to map
+    opt.zero_grad()
+    _loss(model, (x,)).backward()  # the gradient at the point that is widened
+    before = model(x).detach()
+    emb = widen(model, {"a": 6}, torch_embed.Null(bias=0.5), example_inputs=x, optimizer=opt)
+    assert emb.kind is EmbeddingKind.CRITICAL, emb.reasons
     assert _rel(model(x).detach(), before) <= 1e-12
     mapped = model.out.weight.grad.clone()  # type: ignore[union-attr]
+    state = {k: v.clone() for k, v in opt.state[model.out.weight].items() if k != "step"}
+    bias_state = opt.state[model.out.bias]
+    sigma = torch.sigmoid(torch.tensor(0.5, dtype=torch.float64))
+    for k, v in state.items():  # the brute-force value: σ(β)·(bias state), σ(β)² for squares
+        factor = sigma**2 if k == "exp_avg_sq" else sigma
+        expected = factor * bias_state[k][:, None].expand(-1, 2)
+        assert float((v[:, 4:] - expected).abs().max()) <= 1e-15, k
     model.zero_grad(set_to_none=True)
     _loss(model, (x,)).backward()
     true = model.out.weight.grad
     assert true is not None
-    assert float((true - mapped).abs()[:, 4:].max()) > 1e-3  # the map's 0 is wrong there
-    assert float((true - mapped).abs()[:, :4].max()) <= 1e-12
+    assert float((true - mapped).abs().max()) <= 1e-12 * float(true.abs().max())
+    # a reader without a bias: nothing carries the gradient, widen measures and warns
+    nobias = _SigmoidMLP(bias=False).double()
+    _loss(nobias, (x,)).backward()
+    with pytest.warns(torch_embed.ApproximateStateWarning, match="hold 0.5, not 0"):
+        emb = widen(nobias, {"a": 6}, "null", example_inputs=x)
+    assert emb.kind is EmbeddingKind.OUTPUT_PRESERVING
+    assert "`out.weight`" in emb.reasons[0]
+
+
+def test_null_columns_refuse_a_bias_under_other_optimizer_rules() -> None:
+    """As for MLPs: the null columns' state comes from the reader's bias, which is exact
+    only when both follow the same recursion; other betas are refused, model untouched."""
+    torch.manual_seed(0)
+    model = _SigmoidMLP().double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    rest = [p for n, p in model.named_parameters() if n != "out.bias"]
+    opt = torch.optim.Adam([{"params": rest}, {"params": [model.out.bias], "betas": (0.5, 0.9)}])
+    _loss(model, (x,)).backward()
+    opt.step()
+    snap = {n: t.clone() for n, t in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"null neurons of the layer `out` reads take their"):
+        widen(model, {"a": 6}, torch_embed.Null(bias=0.5), example_inputs=x, optimizer=opt)
+    for n, t in model.state_dict().items():
+        assert torch.equal(t, snap[n]), n
+    assert model.a.out_features == 4 and model.out.weight.grad.shape == (2, 4)  # type: ignore[union-attr]
 
 
 class _Tied(nn.Module):

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
     from torch_embed.inertia import Inertia
 
-__all__ = ["Embedding", "EmbeddingKind", "LayerMap"]
+__all__ = ["Embedding", "EmbeddingKind", "LayerMap", "check_shares", "check_sources"]
 
 _COEF_RTOL = 1e-9
 # Largest sum of |coefficients| over the copies of one narrow neuron. Coefficients that
@@ -60,15 +60,18 @@ def _coef_tol(scale: Tensor) -> Tensor:
     return _COEF_RTOL + 16 * _U64 * scale
 
 
-def _check_amplification(layer: int, scale: Tensor) -> None:
-    """Refuse coefficients whose magnitudes sum (per narrow neuron) above the limit."""
+def _check_amplification(where: str, scale: Tensor) -> None:
+    """Refuse coefficients whose magnitudes sum (per narrow neuron) above the limit.
+
+    ``where`` names the layer in the message (``"hidden layer 0"``, ``"width group 'c1'"``).
+    """
     bad = scale > _MAX_AMPLIFICATION
     if bool(bad.any()):
-        where = bad.nonzero()[0].tolist()
-        s = where[-1]
+        first = bad.nonzero()[0].tolist()
+        s = first[-1]
         raise ValueError(
-            f"hidden layer {layer}: the fan-out coefficients of the copies of narrow neuron "
-            f"{s} have magnitudes summing to {float(scale[tuple(where)]):.3g} (for a split, "
+            f"{where}: the fan-out coefficients of the copies of narrow neuron "
+            f"{s} have magnitudes summing to {float(scale[tuple(first)]):.3g} (for a split, "
             f"|1 - α| + |α|); above {_MAX_AMPLIFICATION:.0e} they amplify rounding errors that "
             f"many times and float64 cannot confirm that they sum to 1 (1e20 + (1 - 1e20) is "
             f"0). Use coefficients of moderate size (|α| of order 1)"
@@ -179,6 +182,74 @@ def _identity_prefix(index: Tensor) -> int:
 
 
 _Mode = Literal["param", "grad", "sq"]
+
+
+def check_sources(src: Tensor, m: int, where: str) -> None:
+    """Refuse a source map that is not an embedding of ``m`` units.
+
+    One check for the MLP's hidden layers and the traced model's width groups.
+
+    Raises:
+        ValueError: ``src`` is not 1-D ``int64``, shrinks, holds an index outside
+            ``[-1, m)``, or leaves a narrow unit without a copy (totality).
+    """
+    if src.dtype != torch.int64 or src.dim() != 1:
+        raise ValueError(f"{where}: source must be a 1-D int64 tensor")
+    if src.numel() < m:
+        raise ValueError(
+            f"{where}: the wide layer has {src.numel()} neurons, fewer than "
+            f"the narrow layer's {m}; an embedding can only widen"
+        )
+    bad = (src < -1) | (src >= m)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(
+            f"{where}: wide neuron {i} has source {int(src[i])}, but sources "
+            f"must lie in [0, {m}) or be -1 for a null neuron"
+        )
+    counts = torch.bincount(src[src >= 0], minlength=m)
+    if bool((counts == 0).any()):
+        missing = (counts == 0).nonzero().flatten().tolist()
+        raise ValueError(
+            f"{where}: narrow neurons {missing} have no copy in the wide "
+            f"layer; every narrow neuron needs at least one (totality)"
+        )
+
+
+def check_shares(src: Tensor, coef: Tensor, m: int, where: str) -> None:
+    """Refuse per-unit coefficients that do not sum to 1 over each unit's copies.
+
+    Also refused: magnitudes that amplify rounding beyond the limit
+    (:func:`_check_amplification`), a null unit with a coefficient other than 0.
+
+    Raises:
+        ValueError: The message names ``where``, the unit and the sum.
+    """
+    if tuple(coef.shape) != (src.numel(),):
+        raise ValueError(f"{where}: coef must have shape ({src.numel()},)")
+    if not bool(torch.isfinite(coef).all()):
+        raise ValueError(
+            f"{where}: coef has non-finite entries (nan or inf); they would be written "
+            f"into the weights (a NaN never cancels out)"
+        )
+    sums = torch.zeros(m, dtype=torch.float64).index_add_(
+        0, src.clamp(min=0), torch.where(src >= 0, coef, 0.0)
+    )
+    scale = torch.zeros(m, dtype=torch.float64).index_add_(
+        0, src.clamp(min=0), torch.where(src >= 0, coef.abs(), 0.0)
+    )
+    _check_amplification(where, scale)
+    if bool(((sums - 1).abs() > _coef_tol(scale)).any()):
+        s = int(((sums - 1).abs() > _coef_tol(scale)).nonzero()[0])
+        raise ValueError(
+            f"{where}: the fan-out coefficients of the copies of narrow "
+            f"neuron {s} sum to {float(sums[s])!r}; they must sum to 1"
+        )
+    if bool((coef[src < 0] != 0).any()):
+        raise ValueError(
+            f"{where}: null neurons must have coefficient 0 (their "
+            f"fan-out column is zero; use fan_out_offset for anything else)"
+        )
 
 
 class EmbeddingKind(str, Enum):
@@ -359,28 +430,8 @@ class Embedding:
                         f"hidden layer {l}: {attr} has non-finite entries (nan or inf); they "
                         f"would be written into the weights (a NaN never cancels out)"
                     )
+            check_sources(lm.source, m, f"hidden layer {l}")
             src = lm.source
-            if src.dtype != torch.int64 or src.dim() != 1:
-                raise ValueError(f"hidden layer {l}: source must be a 1-D int64 tensor")
-            if src.numel() < m:
-                raise ValueError(
-                    f"hidden layer {l}: the wide layer has {src.numel()} neurons, fewer than "
-                    f"the narrow layer's {m}; an embedding can only widen"
-                )
-            bad = (src < -1) | (src >= m)
-            if bool(bad.any()):
-                i = int(bad.nonzero()[0])
-                raise ValueError(
-                    f"hidden layer {l}: wide neuron {i} has source {int(src[i])}, but sources "
-                    f"must lie in [0, {m}) or be -1 for a null neuron"
-                )
-            counts = torch.bincount(src[src >= 0], minlength=m)
-            if bool((counts == 0).any()):
-                missing = (counts == 0).nonzero().flatten().tolist()
-                raise ValueError(
-                    f"hidden layer {l}: narrow neurons {missing} have no copy in the wide "
-                    f"layer; every narrow neuron needs at least one (totality)"
-                )
             n_next = wide[l + 2]
             for attr in ("null_bias", "null_value"):
                 if tuple(getattr(lm, attr).shape) != (lm.wide,):
@@ -388,25 +439,7 @@ class Embedding:
             if lm.coef.dim() == 1:
                 if tuple(lm.coef.shape) != (lm.wide,):
                     raise ValueError(f"hidden layer {l}: coef must have shape ({lm.wide},)")
-                sums = torch.zeros(m, dtype=torch.float64).index_add_(
-                    0, src.clamp(min=0), torch.where(src >= 0, lm.coef, 0.0)
-                )
-                scale = torch.zeros(m, dtype=torch.float64).index_add_(
-                    0, src.clamp(min=0), torch.where(src >= 0, lm.coef.abs(), 0.0)
-                )
-                _check_amplification(l, scale)
-                if bool(((sums - 1).abs() > _coef_tol(scale)).any()):
-                    s = int(((sums - 1).abs() > _coef_tol(scale)).nonzero()[0])
-                    raise ValueError(
-                        f"hidden layer {l}: the fan-out coefficients of the copies of narrow "
-                        f"neuron {s} sum to {float(sums[s])!r}; they must sum to 1"
-                    )
-                null_coef = lm.coef[src < 0]
-                if bool((null_coef != 0).any()):
-                    raise ValueError(
-                        f"hidden layer {l}: null neurons must have coefficient 0 (their "
-                        f"fan-out column is zero; use fan_out_offset for anything else)"
-                    )
+                check_shares(src, lm.coef, m, f"hidden layer {l}")
             else:
                 if tuple(lm.coef.shape) != (n_next, lm.wide):
                     raise ValueError(
@@ -419,7 +452,7 @@ class Embedding:
                 scale = torch.zeros(n_next, m, dtype=torch.float64).index_add_(
                     1, src.clamp(min=0), torch.where(src >= 0, lm.coef.abs(), 0.0)
                 )
-                _check_amplification(l, scale)
+                _check_amplification(f"hidden layer {l}", scale)
                 if bool(((sums - 1).abs() > _coef_tol(scale)).any()):
                     i, s = ((sums - 1).abs() > _coef_tol(scale)).nonzero()[0].tolist()
                     raise ValueError(

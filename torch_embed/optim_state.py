@@ -208,18 +208,23 @@ def _check_null_fan_out_groups(
     whole gradient history, which the current states do not determine: no exact map.
     """
     keys = _STATE_HYPERPARAMETERS.get(type(optimizer), ())
-    if not keys or not isinstance(embedding, Embedding):
-        # A traced model's GroupEmbedding gives null units zero state everywhere (a
-        # null unit whose value is not 0 makes it output-preserving, with a warning).
+    if not keys:
         return
+    readers: list[tuple[str, str, str]] = []  # (weight, bias, whose null units)
+    if isinstance(embedding, Embedding):
+        linears = embedding.layout.linears
+        for k in range(1, len(linears)):
+            cols = embedding.layers[k - 1]
+            if bool((cols.null_value[cols.null_mask] != 0).any()):
+                name = linears[k].name
+                readers.append((f"{name}.weight", f"{name}.bias", f"hidden layer {k - 1}"))
+    else:  # a traced model's GroupEmbedding: the Linear readers whose σ(β) it measured
+        for wname in getattr(embedding, "null_values", {}):
+            owner = wname.rpartition(".")[0]
+            readers.append((wname, f"{owner}.bias", f"the layer `{owner}` reads"))
     index = {id(p): i for i, group in enumerate(optimizer.param_groups) for p in group["params"]}
     groups = optimizer.param_groups
-    linears = embedding.layout.linears
-    for k in range(1, len(linears)):
-        cols = embedding.layers[k - 1]
-        if not bool((cols.null_value[cols.null_mask] != 0).any()):
-            continue
-        wname, bname = f"{linears[k].name}.weight", f"{linears[k].name}.bias"
+    for wname, bname, whose in readers:
         w, b = named_params.get(wname), named_params.get(bname)
         if w is None or b is None or id(w) not in index or id(b) not in index:
             continue  # a frozen or absent bias: the embedding's own warning says so
@@ -231,7 +236,7 @@ def _check_null_fan_out_groups(
             if vw != vb:
                 raise ValueError(
                     f"cannot map the {type(optimizer).__name__} state of '{wname}': the "
-                    f"fan-out columns of the null neurons of hidden layer {k - 1} take their "
+                    f"fan-out columns of the null neurons of {whose} take their "
                     f"state from the next bias '{bname}' (their gradient is σ(β) times its "
                     f"gradient), but '{bname}' is in param group {gb} with {key}={vb!r} and "
                     f"'{wname}' in param group {gw} with {key}={vw!r}, so their states evolve "

@@ -27,6 +27,7 @@ landscape work: its copies keep equal gradients forever (they never separate).
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
@@ -48,7 +49,9 @@ __all__ = [
     "RandomPad",
     "Scheme",
     "Split",
+    "UnitRules",
     "plan",
+    "plan_units",
     "resolve_widths",
 ]
 
@@ -57,6 +60,7 @@ Select: TypeAlias = (
     | Sequence[int]
     | Sequence[Sequence[int]]
     | Mapping[int, Sequence[int]]
+    | Mapping[str, Sequence[int]]
 )
 _SELECT_NAMES = ("random", "cyclic", "norm")
 
@@ -79,7 +83,8 @@ class Split:
             habit), ``"norm"`` (largest fan-out column norm first; norms equal within
             ``sqrt(eps)`` of the largest, as copies' are, in index order), or explicit indices:
             a sequence (when one hidden layer is widened), one sequence per hidden
-            layer, or a ``{hidden_layer: indices}`` mapping.
+            layer, or a ``{hidden_layer: indices}`` mapping (traced models: a sequence
+            when one group grows, or ``{group name or alias: indices}``).
 
     Example:
         >>> Split(alpha=0.5, select="norm")
@@ -138,16 +143,21 @@ class General:
 
     Args:
         sources: One entry per hidden layer: ``None`` (unchanged) or a sequence giving,
-            for each wide neuron, the narrow neuron it copies or ``-1`` for null.
+            for each wide neuron, the narrow neuron it copies or ``-1`` for null. For a
+            traced model: ``{group name or alias: sequence}`` (the group's rules apply).
         coefficients: ``None`` (equal split over each neuron's copies) or, per hidden
             layer, ``None``, a sequence/1-D tensor with one fan-out coefficient per wide
-            neuron, or a ``(wide_next, wide)`` tensor (one per wide connection).
-        null_bias: The null neurons' bias: one float for all, or one per hidden layer.
+            neuron, or a ``(wide_next, wide)`` tensor (one per wide connection). For a
+            traced model: ``{group name or alias: one coefficient per wide unit}``.
+        null_bias: The null neurons' bias: one float for all, or one per hidden layer
+            (traced model: ``{group name or alias: float}``).
     """
 
-    sources: Sequence[Sequence[int] | None]
-    coefficients: Sequence[Sequence[float] | Tensor | None] | None = None
-    null_bias: float | Sequence[float] = 0.0
+    sources: Sequence[Sequence[int] | None] | Mapping[str, Sequence[int]]
+    coefficients: (
+        Sequence[Sequence[float] | Tensor | None] | Mapping[str, Sequence[float] | Tensor] | None
+    ) = None
+    null_bias: float | Sequence[float] | Mapping[str, float] = 0.0
 
 
 @dataclass(frozen=True)
@@ -360,7 +370,8 @@ def _weight_data(module: nn.Module, name: str, what: str, instead: str) -> Tenso
     return w
 
 
-def _fan_out_norms(module: nn.Module, layout: Layout, layer: int) -> Tensor:
+def _fan_out_norms(module: nn.Module, layout: Layout, layer: int) -> tuple[Tensor, torch.dtype]:
+    """The fan-out column norms of hidden layer ``layer`` and the weight's dtype."""
     w = _weight_data(
         module,
         layout.linears[layer + 1].name,
@@ -368,7 +379,7 @@ def _fan_out_norms(module: nn.Module, layout: Layout, layer: int) -> Tensor:
         "use select='random', 'cyclic' or explicit indices",
     )
     norms: Tensor = w.to(torch.float64).norm(dim=0).cpu()
-    return norms
+    return norms, w.dtype
 
 
 def _rand(n: int, generator: torch.Generator | None) -> Tensor:
@@ -397,7 +408,7 @@ def _explicit(select: Select, widened: list[int], n_hidden: int) -> dict[int, li
     if isinstance(select, Mapping):
         out = {}
         for k, v in select.items():
-            if not _is_int(k) or not 0 <= k < n_hidden:
+            if not _is_int(k) or not 0 <= int(k) < n_hidden:
                 raise ValueError(
                     f"select key {k!r} is not a hidden-layer index (0..{n_hidden - 1})"
                 )
@@ -426,38 +437,291 @@ def _explicit(select: Select, widened: list[int], n_hidden: int) -> dict[int, li
     return {l: _index_list(v, f"[{l}]") for l, v in enumerate(items) if v is not None}
 
 
-def _choose(
-    select: Select,
-    module: nn.Module,
-    layout: Layout,
-    layer: int,
-    count: int,
-    explicit: dict[int, list[int]] | None,
-    generator: torch.Generator | None,
-) -> list[int]:
-    """Pick ``count`` narrow neurons of hidden layer ``layer`` to copy."""
-    m = layout.hidden_widths[layer]
-    if explicit is not None:
-        chosen = explicit.get(layer, [])
-        if len(chosen) != count:
+# ------------------------------------------------------------------- one unit planner
+@dataclass(frozen=True)
+class UnitRules:
+    """What the readers of one hidden layer or width group allow (GROWTH.md §2).
+
+    The MLP planner gives every hidden layer the default (no rule); the traced planner
+    (:mod:`torch_embed.graph.plan`) reads them off a width group's constraints.
+
+    Attributes:
+        where: How messages name the layer (``"hidden layer 0"``, ``"width group 'c1'"``).
+        unit: What messages call one of its units (``"neuron"``, ``"unit"``).
+        uniform: Why every unit must be copied the same number of times (``"LayerNorm
+            at `ln`"``); empty when nothing requires it.
+        segments: Copies stay in their source's segment (``segments`` contiguous equal
+            parts), every segment grows by the same amount (GroupNorm, grouped conv).
+        segmented: Why (``"grouped conv at `c` (groups=4)"``).
+        no_copies: Why copies are refused (a sum over the units); empty: allowed.
+        no_null: Why null units are refused (a max over the units); empty: allowed.
+    """
+
+    where: str
+    unit: str = "neuron"
+    uniform: str = ""
+    segments: int = 1
+    segmented: str = ""
+    no_copies: str = ""
+    no_null: str = ""
+
+
+def _kway(alpha: object) -> list[float] | None:
+    """Check ``Split.alpha``; the k-way coefficients, or ``None`` for a two-way split."""
+    if isinstance(alpha, str):
+        if alpha != "random":
+            raise ValueError(f"alpha={alpha!r}: use a number, a sequence or 'random'")
+        return None
+    if isinstance(alpha, Sequence):
+        kway = [float(a) for a in alpha]
+        if not all(math.isfinite(a) for a in kway):
+            raise ValueError(f"a k-way alpha needs finite coefficients, got {kway}")
+        if len(kway) < 2 or abs(sum(kway) - 1.0) > 1e-12:
             raise ValueError(
-                f"select gives {len(chosen)} neurons for hidden layer {layer}, but it gains "
-                f"{count} new neurons (with a k-way alpha, one index per group of k-1)"
+                f"a k-way alpha needs at least 2 coefficients summing to 1, got {kway}"
             )
-        for i in chosen:
+        return kway
+    if not isinstance(alpha, numbers.Real) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise ValueError(
+            f"alpha must be a finite real number, a sequence or 'random'; got {alpha!r}"
+        )
+    return None
+
+
+def _copies_per_unit(cfg: Scheme) -> int:
+    """New units per selected unit: ``k - 1`` for a k-way split, else 1."""
+    kway = _kway(cfg.alpha) if isinstance(cfg, Split) else None
+    return len(kway) - 1 if kway is not None else 1
+
+
+def plan_units(
+    cfg: Scheme,
+    m: int,
+    w: int,
+    rules: UnitRules,
+    *,
+    select: Sequence[int] | None = None,
+    norms: Callable[[], tuple[Tensor, torch.dtype]] | None = None,
+    sources: Tensor | None = None,
+    coefficients: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The units of one hidden layer or width group: who copies whom, with which share.
+
+    The one planner of both paths: :func:`plan` calls it per hidden layer of an MLP,
+    :func:`torch_embed.graph.plan.plan_groups` per grown width group. What a scheme
+    adds beyond the map of units (Net2Net's fan-out noise, random fan-ins, null biases)
+    is tensor-level and stays with each path.
+
+    Args:
+        cfg: The scheme.
+        m: The narrow width.
+        w: The new width (``>= m``).
+        rules: What the readers allow; refusals name ``rules.where`` and the rule.
+        select: Explicit indices of the units to copy (one per selected unit, so one per
+            ``k - 1`` copies of a k-way split), overriding ``cfg.select``.
+        norms: For ``select="norm"``: returns the fan-out norm of every narrow unit and
+            the dtype of the weights they come from (for the tie tolerance).
+        sources: :class:`General`: the narrow unit of every wide unit (``-1``: null).
+        coefficients: :class:`General`: per-unit (or ``(wide_next, wide)``)
+            coefficients; ``None`` gives each copy an equal share.
+        generator: For the random choices (units, then ``α``).
+
+    Returns:
+        ``(source, coef)``: ``int64`` ``(w,)`` and ``float64`` ``(w,)`` (or the given
+        matrix). Wide units are ordered segment by segment: its own units, then the new
+        ones; null units have coefficient 0.
+
+    Raises:
+        ValueError: A width, selection or scheme the rules or the scheme forbid.
+
+    Example:
+        >>> src, coef = plan_units(Split(alpha=0.25, select="cyclic"), 3, 5,
+        ...                        UnitRules("hidden layer 0"))
+        >>> src.tolist(), coef.tolist()
+        ([0, 1, 2, 0, 1], [0.75, 0.75, 1.0, 0.25, 0.25])
+    """
+    if isinstance(cfg, General):
+        assert sources is not None  # the callers parse General.sources
+        return _general_units(sources, coefficients, m, rules)
+    extra = w - m
+    null = isinstance(cfg, (Null, RandomPad))
+    copies = 1 if null else _copies_per_unit(cfg)
+    seg_count = rules.segments
+    if extra and not null and rules.no_copies:
+        raise ValueError(f"{rules.no_copies}; use Null")
+    if extra and null and rules.no_null:
+        raise ValueError(f"{rules.no_null}; use Split")
+    if extra and null and rules.uniform:
+        raise ValueError(
+            f"{rules.uniform}: uniform copies or mean-fill (every unit copied the same number "
+            f"of times); null units change its statistics ({rules.where})"
+        )
+    if rules.uniform and w % m:
+        raise ValueError(
+            f"{rules.uniform}: uniform copies or mean-fill (every unit copied the same number "
+            f"of times): {rules.where} of {m} units cannot become {w}, which is not a "
+            f"multiple of {m}"
+        )
+    if seg_count > 1 and (m % seg_count or extra % seg_count):
+        raise ValueError(
+            f"{rules.segmented}: every group must grow by the same amount, copies staying in "
+            f"their source's group: {rules.where} of {m} units in {seg_count} groups cannot "
+            f"gain {extra} (use a multiple of {seg_count})"
+        )
+    if extra % copies:
+        raise ValueError(
+            f"{rules.where} gains {extra} {rules.unit}s, not a multiple of {copies} (a "
+            f"{copies + 1}-way split adds {copies} copies per {rules.unit})"
+        )
+    seg = m // seg_count
+    count = extra // seg_count // copies  # selected units per segment
+    if null:
+        chosen: list[list[int]] = []
+    elif rules.uniform:
+        k = w // m
+        if (k - 1) % copies:
+            raise ValueError(
+                f"{rules.uniform}: uniform copies: a {copies + 1}-way split cannot copy every "
+                f"unit of {rules.where} {k} times"
+            )
+        if select is not None:
+            raise ValueError(
+                f"{rules.uniform}: uniform copies or mean-fill (every unit copied the same "
+                f"number of times): explicit select indices cannot be used for {rules.where}"
+            )
+        chosen = [
+            [u for _ in range((k - 1) // copies) for u in range(q * seg, (q + 1) * seg)]
+            for q in range(seg_count)
+        ]
+    else:
+        picker = cfg.select if isinstance(cfg, (Split, Net2Net)) else "random"
+        chosen = _choose(picker, select, m, count, rules, norms, generator)
+    # the source of each new unit, segment by segment; k - 1 in a row per k-way split
+    picked = [s for units in chosen for s in units]
+    if null:
+        new_src = torch.full((extra,), -1, dtype=torch.int64)
+    else:
+        new_src = torch.tensor(picked, dtype=torch.int64).repeat_interleave(copies)
+    own = torch.ones(m, dtype=torch.float64)
+    new_coef = torch.zeros(extra, dtype=torch.float64)  # null units: 0
+    if isinstance(cfg, Split):
+        kway = _kway(cfg.alpha)
+        coef = [1.0] * m  # Python floats: the same float64 arithmetic, without per-op overhead
+        extra_coef = [0.0] * extra
+        if kway is None:
+            alphas = (
+                _rand(len(picked), generator).tolist()
+                if isinstance(cfg.alpha, str)
+                else [float(cfg.alpha)] * len(picked)  # type: ignore[arg-type]
+            )
+        for t, s in enumerate(picked):
+            share = coef[s]  # a unit chosen again splits its current share
+            if kway is not None:
+                coef[s] = share * kway[0]
+                for r in range(copies):
+                    extra_coef[t * copies + r] = kway[r + 1] * share
+            else:
+                a = alphas[t]
+                coef[s] = (1 - a) * share
+                extra_coef[t] = a * share
+        own = torch.tensor(coef, dtype=torch.float64)
+        new_coef = torch.tensor(extra_coef, dtype=torch.float64)
+    elif isinstance(cfg, Net2Net):  # every copy 1/count
+        counts = torch.bincount(new_src, minlength=m).to(torch.float64) + 1
+        own, new_coef = 1.0 / counts, 1.0 / counts[new_src]
+    if seg_count == 1:  # own units, then the new ones
+        return torch.cat([torch.arange(m), new_src]), torch.cat([own, new_coef])
+    per = extra // seg_count  # segment by segment: its own units, then its new ones
+    src_parts, coef_parts = [], []
+    for q in range(seg_count):
+        src_parts += [torch.arange(q * seg, (q + 1) * seg), new_src[q * per : (q + 1) * per]]
+        coef_parts += [own[q * seg : (q + 1) * seg], new_coef[q * per : (q + 1) * per]]
+    return torch.cat(src_parts), torch.cat(coef_parts)
+
+
+def _choose(
+    picker: Select,
+    select: Sequence[int] | None,
+    m: int,
+    count: int,
+    rules: UnitRules,
+    norms: Callable[[], tuple[Tensor, torch.dtype]] | None,
+    generator: torch.Generator | None,
+) -> list[list[int]]:
+    """Per segment, the ``count`` narrow units to copy."""
+    seg_count = rules.segments
+    seg = m // seg_count
+    if select is not None:
+        wanted = count * seg_count
+        if len(select) != wanted:
+            raise ValueError(
+                f"select gives {len(select)} {rules.unit}s for {rules.where}, but it gains "
+                f"{wanted} new {rules.unit}s (with a k-way alpha, one index per group of k-1)"
+            )
+        for i in select:
             if not 0 <= i < m:
-                raise ValueError(
-                    f"select index {i} is out of range for hidden layer {layer} (width {m})"
-                )
-        return chosen
-    if select == "cyclic":
-        return _pick_units(m, count, "cyclic", generator)
-    if select == "norm":  # equal norms (copies, mirror images) up to rounding: lower index
-        norms = _fan_out_norms(module, layout, layer).tolist()
-        dtype = _linear(module, layout.linears[layer + 1].name).weight.dtype
-        order = ranked(norms, tol=tie_tolerance(norms, dtype), descending=True)
-        return [order[i % m] for i in range(count)]
-    return _pick_units(m, count, "random", generator)
+                raise ValueError(f"select index {i} is out of range for {rules.where} (width {m})")
+        by_seg = [[int(i) for i in select if i // seg == q] for q in range(seg_count)]
+        if any(len(units) != count for units in by_seg):
+            raise ValueError(
+                f"{rules.segmented}: every group must grow by the same amount, copies staying "
+                f"in their source's group: select must give {count} indices in each group of "
+                f"{seg} units of {rules.where}, got {[len(u) for u in by_seg]}"
+            )
+        return by_seg
+    if picker == "norm":  # equal norms (copies, mirror images) up to rounding: lower index
+        if norms is None:
+            raise ValueError(f"select='norm' needs the fan-out norms of {rules.where}")
+        values, dtype = norms()
+        out = []
+        for q in range(seg_count):
+            part = values[q * seg : (q + 1) * seg].tolist()
+            order = ranked(part, tol=tie_tolerance(part, dtype), descending=True)
+            out.append([q * seg + order[i % seg] for i in range(count)])
+        return out
+    if picker not in ("cyclic", "random"):
+        raise ValueError(f"select={picker!r} is not one of {_SELECT_NAMES} or explicit indices")
+    return [
+        [q * seg + i for i in _pick_units(seg, count, picker, generator)] for q in range(seg_count)
+    ]
+
+
+def _general_units(
+    src: Tensor, coefficients: Tensor | None, m: int, rules: UnitRules
+) -> tuple[Tensor, Tensor]:
+    """Check a :class:`General` map against ``rules``; default coefficients: equal shares."""
+    w = src.numel()
+    valid = src >= 0
+    counts = torch.bincount(src[valid], minlength=m)
+    if rules.no_copies and bool((counts > 1).any()):
+        raise ValueError(f"{rules.no_copies}; General.sources may only add null units (-1)")
+    if rules.no_null and bool((~valid).any()):
+        raise ValueError(f"{rules.no_null}; General.sources may only add copies")
+    if rules.uniform and w > m:
+        if bool((~valid).any()) or bool((counts != counts[0]).any()):
+            raise ValueError(
+                f"{rules.uniform}: uniform copies or mean-fill (every unit copied the same "
+                f"number of times): General.sources for {rules.where} copies its units "
+                f"{sorted(set(counts.tolist()))} times"
+                + (" and adds null units" if bool((~valid).any()) else "")
+            )
+    if rules.segments > 1:
+        seg, wide_seg = m // rules.segments, w // rules.segments
+        pos = torch.arange(w) // max(wide_seg, 1)
+        if w % rules.segments or bool((valid & (src // seg != pos)).any()):
+            raise ValueError(
+                f"{rules.segmented}: every group must grow by the same amount, copies staying "
+                f"in their source's group: General.sources for {rules.where} must list "
+                f"{rules.segments} equal parts of {wide_seg} units, each of copies of its "
+                f"own group's {seg} units (or null units)"
+            )
+    if coefficients is not None:
+        return src, coefficients
+    c = counts.to(torch.float64)
+    coef = torch.zeros(w, dtype=torch.float64)
+    coef[valid] = 1.0 / c.clamp(min=1)[src[valid]]
+    return src, coef
 
 
 def _pick_units(
@@ -528,11 +792,37 @@ def _can_store_bias(module: nn.Module, layout: Layout, layer: int) -> bool:
     return layout.linears[layer].has_bias
 
 
-def _identity_plus(m: int, extra: list[int]) -> Tensor:
-    return torch.cat([torch.arange(m), torch.tensor(extra, dtype=torch.int64)])
-
-
 # ---------------------------------------------------------------------------- planners
+# ---------------------------------------------------------------------------- planners
+def _mlp_units(
+    cfg: Scheme,
+    module: nn.Module,
+    layout: Layout,
+    widths: tuple[int, ...],
+    generator: torch.Generator | None,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Sources and coefficients of every hidden layer (Split, Net2Net, Null, RandomPad)."""
+    current = layout.hidden_widths
+    explicit = None
+    if isinstance(cfg, (Split, Net2Net)):
+        widened = [l for l, (a, b) in enumerate(zip(current, widths)) if b > a]
+        explicit = _explicit(cfg.select, widened, len(current))
+    sources, coefs = [], []
+    for l, (m, w) in enumerate(zip(current, widths)):
+        src, coef = plan_units(
+            cfg,
+            m,
+            w,
+            UnitRules(f"hidden layer {l}"),
+            select=explicit.get(l, []) if explicit is not None else None,
+            norms=functools.partial(_fan_out_norms, module, layout, l),
+            generator=generator,
+        )
+        sources.append(src)
+        coefs.append(coef)
+    return sources, coefs
+
+
 def _plan_split(
     cfg: Split,
     module: nn.Module,
@@ -540,61 +830,9 @@ def _plan_split(
     widths: tuple[int, ...],
     generator: torch.Generator | None,
 ) -> Embedding:
-    alpha = cfg.alpha
-    kway: list[float] | None = None
-    if isinstance(alpha, str):
-        if alpha != "random":
-            raise ValueError(f"alpha={alpha!r}: use a number, a sequence or 'random'")
-    elif isinstance(alpha, Sequence):
-        kway = [float(a) for a in alpha]
-        if not all(math.isfinite(a) for a in kway):
-            raise ValueError(f"a k-way alpha needs finite coefficients, got {kway}")
-        if len(kway) < 2 or abs(sum(kway) - 1.0) > 1e-12:
-            raise ValueError(
-                f"a k-way alpha needs at least 2 coefficients summing to 1, got {kway}"
-            )
-    elif not isinstance(alpha, numbers.Real) or isinstance(alpha, bool) or not math.isfinite(alpha):
-        raise ValueError(
-            f"alpha must be a finite real number, a sequence or 'random'; got {alpha!r}"
-        )
-    current = layout.hidden_widths
-    widened = [l for l, (a, b) in enumerate(zip(current, widths)) if b > a]
-    explicit = _explicit(cfg.select, widened, len(current))
-    sources, coefs, nbs = [], [], []
-    for l, (m, w) in enumerate(zip(current, widths)):
-        k = w - m
-        coef = [1.0] * w  # Python floats: the same float64 arithmetic, without per-op overhead
-        if kway is not None:
-            if k % (len(kway) - 1):
-                raise ValueError(
-                    f"hidden layer {l} gains {k} neurons, not a multiple of {len(kway) - 1} "
-                    f"(a {len(kway)}-way split adds {len(kway) - 1} copies per neuron)"
-                )
-            chosen = _choose(
-                cfg.select, module, layout, l, k // (len(kway) - 1), explicit, generator
-            )
-            extra = [s for s in chosen for _ in range(len(kway) - 1)]
-            src = _identity_plus(m, extra)
-            for g, s in enumerate(chosen):
-                share = coef[s]  # a neuron chosen again splits its current share
-                coef[s] = share * kway[0]
-                for t in range(len(kway) - 1):
-                    coef[m + g * (len(kway) - 1) + t] = kway[t + 1] * share
-        else:
-            chosen = _choose(cfg.select, module, layout, l, k, explicit, generator)
-            src = _identity_plus(m, chosen)
-            alphas = (
-                _rand(k, generator)
-                if isinstance(alpha, str)
-                else torch.full((k,), float(alpha), dtype=torch.float64)  # type: ignore[arg-type]
-            ).tolist()
-            for t, s in enumerate(chosen):
-                share = coef[s]
-                coef[m + t] = alphas[t] * share
-                coef[s] = (1 - alphas[t]) * share
-        sources.append(src)
-        coefs.append(torch.tensor(coef, dtype=torch.float64))
-        nbs.append(torch.zeros(w, dtype=torch.float64))
+    _kway(cfg.alpha)
+    sources, coefs = _mlp_units(cfg, module, layout, widths, generator)
+    nbs = [torch.zeros(w, dtype=torch.float64) for w in widths]
     return _finish(module, layout, sources, coefs, nbs)
 
 
@@ -609,14 +847,10 @@ def _plan_null(
     _real(cfg.bias, "Null.bias")
     current = layout.hidden_widths
     wide = layout.widths[:1] + widths
-    sources, coefs, nbs = [], [], []
+    sources, coefs = _mlp_units(cfg, module, layout, widths, generator)
+    nbs = [torch.full((w,), float(cfg.bias), dtype=torch.float64) for w in widths]
     fan_in: list[Tensor | None] = []
     for l, (m, w) in enumerate(zip(current, widths)):
-        src = _identity_plus(m, [-1] * (w - m))
-        coef = (src >= 0).to(torch.float64)
-        sources.append(src)
-        coefs.append(coef)
-        nbs.append(torch.full((w,), float(cfg.bias), dtype=torch.float64))
         if cfg.fan_in_std > 0 and w > m:
             f = torch.zeros(w, wide[l], dtype=torch.float64)
             f[m:] = cfg.fan_in_std * torch.randn(
@@ -637,16 +871,8 @@ def _plan_net2net(
 ) -> Embedding:
     _real(cfg.noise, "Net2Net.noise", nonnegative=True)
     current = layout.hidden_widths
-    widened = [l for l, (a, b) in enumerate(zip(current, widths)) if b > a]
-    explicit = _explicit(cfg.select, widened, len(current))
-    sources, coefs, nbs = [], [], []
-    for l, (m, w) in enumerate(zip(current, widths)):
-        chosen = _choose(cfg.select, module, layout, l, w - m, explicit, generator)
-        src = _identity_plus(m, chosen)
-        counts = torch.bincount(src, minlength=m).to(torch.float64)
-        sources.append(src)
-        coefs.append(1.0 / counts[src])
-        nbs.append(torch.zeros(w, dtype=torch.float64))
+    sources, coefs = _mlp_units(cfg, module, layout, widths, generator)
+    nbs = [torch.zeros(w, dtype=torch.float64) for w in widths]
     offsets: list[Tensor | None] = []
     for l, src in enumerate(sources):
         if cfg.noise == 0:
@@ -686,6 +912,12 @@ def _plan_general(
 ) -> Embedding:
     current = layout.hidden_widths
     n = len(current)
+    if any(isinstance(v, Mapping) for v in (cfg.sources, cfg.coefficients, cfg.null_bias)):
+        raise ValueError(
+            "General given by group name (a mapping) is for traced models: widen with "
+            "widths by group name and example_inputs, or give an nn.Sequential MLP one "
+            f"entry per hidden layer ({n})"
+        )
     if len(cfg.sources) != n:
         raise ValueError(
             f"General.sources needs one entry per hidden layer ({n}), got {len(cfg.sources)}"
@@ -713,20 +945,24 @@ def _plan_general(
                 f"hidden layer {l}: new_widths says {w} but General.sources gives "
                 f"{src.numel()} neurons"
             )
-    coef_in = cfg.coefficients if cfg.coefficients is not None else [None] * n
+    coef_in: Any = cfg.coefficients if cfg.coefficients is not None else [None] * n
     if len(coef_in) != n:
         raise ValueError(f"General.coefficients needs one entry per hidden layer ({n})")
     coefs = []
     for l, (src, c) in enumerate(zip(sources, coef_in)):
-        if c is None:
-            valid = src >= 0
-            counts = torch.bincount(src[valid], minlength=current[l]).to(torch.float64)
-            coef = torch.zeros(src.numel(), dtype=torch.float64)
-            coef[valid] = 1.0 / counts.clamp(min=1)[src[valid]]
-        else:
-            coef = torch.as_tensor(c, dtype=torch.float64).detach().clone().cpu()
+        given = (
+            None if c is None else torch.as_tensor(c, dtype=torch.float64).detach().clone().cpu()
+        )
+        _, coef = plan_units(
+            cfg,
+            current[l],
+            src.numel(),
+            UnitRules(f"hidden layer {l}"),
+            sources=src,
+            coefficients=given,
+        )
         coefs.append(coef)
-    nb_in = cfg.null_bias
+    nb_in: Any = cfg.null_bias
     per_layer = list(nb_in) if isinstance(nb_in, Sequence) else [nb_in] * n
     if len(per_layer) != n or not all(math.isfinite(float(b)) for b in per_layer):
         raise ValueError(
@@ -750,13 +986,11 @@ def _plan_random_pad(
     _real(cfg.scale, "RandomPad.scale")
     current = layout.hidden_widths
     wide = layout.widths[:1] + widths + layout.widths[-1:]
-    sources, coefs, nbs = [], [], []
+    sources, coefs = _mlp_units(cfg, module, layout, widths, generator)
+    nbs = []
     fan_in: list[Tensor | None] = []
     offsets: list[Tensor | None] = []
     for l, (m, w) in enumerate(zip(current, widths)):
-        src = _identity_plus(m, [-1] * (w - m))
-        sources.append(src)
-        coefs.append((src >= 0).to(torch.float64))
         bound_in = cfg.scale / math.sqrt(wide[l])
         f = torch.zeros(w, wide[l], dtype=torch.float64)
         f[m:] = (

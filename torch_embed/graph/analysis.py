@@ -225,6 +225,17 @@ def then(first: GroupEmbedding, second: GroupEmbedding) -> GroupEmbedding:
     """
     for emb in (first, second):
         _gathers_only(emb, "then")
+        if any(a.null_init for a in emb.axes):
+            raise ValueError(
+                f"cannot compose an embedding whose null units get random values (scheme "
+                f"{emb.scheme!r}: a random fan-in or RandomPad): they are no gather"
+            )
+        if emb.null_values:
+            raise ValueError(
+                f"cannot compose an embedding whose null units feed their readers a nonzero "
+                f"value σ(β) (scheme {emb.scheme!r}, readers {sorted(emb.null_values)}); "
+                f"compose with Null(bias=0.0)"
+            )
         if emb.noise:
             raise ValueError(
                 f"cannot compose an embedding with Net2Net noise ({emb.noise:g}, scheme "
@@ -257,6 +268,7 @@ def then(first: GroupEmbedding, second: GroupEmbedding) -> GroupEmbedding:
         tuple(axes),
         f"{first.scheme} then {second.scheme}",
         tuple(dict.fromkeys(first.reasons_ + second.reasons_)),
+        preserves_output=first.preserves_output and second.preserves_output,
     )
 
 
@@ -287,7 +299,13 @@ def _compose_axis(a: AxisMap, b: AxisMap) -> AxisMap:
     null = (b.source < 0) | (a.source[sb] < 0)
     source = torch.where(null, -1, a.source[sb])
     coef = torch.where(null, 0.0, a.coef[sb] * b.coef)
-    return dataclasses.replace(a, source=source, coef=coef)
+    fill = None
+    if a.null_fill is not None or b.null_fill is not None:  # what each null entry holds
+        zeros = torch.zeros(b.source.numel(), dtype=torch.float64)
+        fb = zeros if b.null_fill is None else b.null_fill
+        fa = zeros if a.null_fill is None else a.null_fill[sb]
+        fill = torch.where(b.source < 0, fb, torch.where(null, fa, 0.0))
+    return dataclasses.replace(a, source=source, coef=coef, null_fill=fill)
 
 
 # --------------------------------------------------------------------------- steps
@@ -363,7 +381,9 @@ def steps(embedding: GroupEmbedding, groups: WidthGroups) -> list[GroupEmbedding
             layouts={k: v.resized(widths) for k, v in groups.layouts.items()},
         )
         sizes = {n: (widths[n], lm.wide) for n, lm in maps.items()}
-        return GroupEmbedding(maps, sizes, _axes(current, maps, {}), "one step")
+        return GroupEmbedding(
+            maps, sizes, _axes(current, maps, {}, {}, "", 0.0, consumers=False), "one step"
+        )
 
     out: list[GroupEmbedding] = []
     final: dict[str, list[int]] = {}

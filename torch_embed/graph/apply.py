@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, TypeVar
 
 import torch
@@ -59,7 +59,15 @@ def widen_graph(
     args = check_model(model, example_inputs, "widen")
     _check_normal_tensors(model)
     groups = width_groups(model, args)
-    embedding = plan_groups(groups, new_widths, scheme, generator=generator)
+    tensors = {
+        n: t.detach()
+        for n, t in [
+            *model.named_parameters(remove_duplicate=False),
+            *model.named_buffers(remove_duplicate=False),
+        ]
+    }
+    embedding = plan_groups(groups, new_widths, scheme, generator=generator, tensors=tensors)
+    _warn_dead_units(model, groups, embedding)
     before = _outputs(model, args)
     named_params = _one_name_each(model.named_parameters(remove_duplicate=False), embedding)
     named_buffers = _one_name_each(model.named_buffers(remove_duplicate=False), embedding)
@@ -74,7 +82,12 @@ def widen_graph(
     with torch.no_grad():
         state = {n: every[n].detach() for n in embedding.tensors}
         new_state = embedding.apply(state)
-        grads = {n: p.grad for n in embedding.tensors if (p := named_params.get(n)) is not None}
+        readers = [f"{t.rpartition('.')[0]}.bias" for t in _readers(model, embedding)]
+        grads = {
+            n: p.grad
+            for n in (*embedding.tensors, *readers)
+            if (p := named_params.get(n)) is not None
+        }
         new_grads = embedding.map_gradients({n: g for n, g in grads.items() if g is not None})
         new_opt: dict[nn.Parameter, dict[str, Any]] = {}
         if optimizer is not None:
@@ -97,7 +110,7 @@ def widen_graph(
     try:
         probes.extend(_null_probes(model, embedding))
         after = _outputs(model, args)
-        _compare(before, after)
+        _compare(before, after, values=embedding.preserves_output)
     except BaseException as error:
         undo()
         if isinstance(error, Exception):
@@ -114,12 +127,28 @@ def widen_graph(
     finally:
         for probe in probes:
             probe.handle.remove()
-    caveats = tuple(r for probe in probes for r in probe.caveats())
+    values = {p.tensor: v for p in probes if (v := p.exact_values(named_params)) is not None}
+    if values:  # σ(β) != 0 into Linear readers with a bias: map their columns as for MLPs
+        embedding = dataclasses.replace(embedding, null_values=values)
+        try:
+            with torch.no_grad():
+                narrow_grads = {n: g for n, g in grads.items() if g is not None}
+                remapped = embedding.map_gradients(narrow_grads)
+                if optimizer is not None:
+                    new_opt = map_optimizer_state(optimizer, named_params, embedding)
+                for name in values:
+                    if name in remapped and name in named_params:
+                        named_params[name].grad = remapped[name].to(named_params[name].dtype)
+        except BaseException:
+            undo()
+            raise
+    caveats = tuple(r for probe in probes if probe.tensor not in values for r in probe.caveats())
     if caveats:
         embedding = dataclasses.replace(embedding, reasons_=embedding.reasons_ + caveats)
-    # Net2Net's noise is a documented perturbation of a critical map (no warning, as for
-    # MLPs); a norm shared by unequal copies or a null unit's nonzero value is not
-    caveats = tuple(r for r in embedding.reasons if not r.startswith("Net2Net noise"))
+    # Net2Net's noise and Null's random fan-in are documented perturbations of a critical
+    # map (no warning, as for MLPs); a norm shared by unequal copies, a null unit's
+    # nonzero value or RandomPad's random units are not
+    caveats = tuple(r for r in embedding.reasons if not r.startswith(_DOCUMENTED))
     if caveats:
         if new_grads or new_opt:
             warnings.warn(
@@ -142,6 +171,30 @@ _MEAN_FILL_HINT = (
     "(pre-norm); grow a post-norm model's residual by uniform copies (Split, a multiple "
     "of the width)"
 )
+_DOCUMENTED = ("Net2Net noise", "Null fan-in std")
+
+
+def _warn_dead_units(model: nn.Module, groups: WidthGroups, embedding: GroupEmbedding) -> None:
+    """Warn, as the MLP path does, about null units that can never learn.
+
+    A null unit with zero fan-in and a bias ``β <= 0`` feeds a ReLU the value ``β``:
+    output and gradient 0 forever.
+    """
+    if embedding.scheme not in ("Null", "General") or any(a.null_init for a in embedding.axes):
+        return
+    for g in groups:
+        lm = embedding.maps.get(g.name)
+        if lm is None or not bool(lm.null_mask.any()):
+            continue
+        relu = [n for n in g.through if isinstance(model.get_submodule(n), (nn.ReLU, nn.ReLU6))]
+        if relu and bool((lm.null_bias[lm.null_mask] <= 0).any()):
+            warnings.warn(
+                f"width group {g.name!r}: null units with zero fan-in and bias <= 0 under "
+                f"ReLU (`{relu[0]}`) have zero output and zero gradient forever (they never "
+                f"learn). Use Null(bias>0), Null(fan_in_std>0) or a splitting scheme.",
+                UserWarning,
+                stacklevel=4,
+            )
 
 
 class _Probe:
@@ -156,6 +209,10 @@ class _Probe:
         self.tensor, self.index, self.dim = tensor, index, dim
         self.cls = type(module).__name__
         self.largest = 0.0
+        self.linear = isinstance(module, nn.Linear) and module.bias is not None
+        self.wide = 0
+        self.values: Tensor | None = None  # the constant each null unit feeds, if constant
+        self.constant = True
         self.handle = module.register_forward_pre_hook(self.record)
 
     def record(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
@@ -165,6 +222,21 @@ class _Probe:
         values = x.detach().index_select(self.dim, self.index.to(x.device))
         if values.numel():
             self.largest = max(self.largest, float(values.abs().max()))
+            rows = values.movedim(self.dim, -1).reshape(-1, self.index.numel()).double().cpu()
+            if self.values is None:
+                self.values, self.wide = rows[0], x.shape[self.dim]
+            self.constant = self.constant and bool((rows == self.values).all())
+
+    def exact_values(self, params: Mapping[str, nn.Parameter]) -> Tensor | None:
+        """``(wide_in,)`` values of a Linear reader whose bias maps the null columns."""
+        bias = f"{self.tensor.rpartition('.')[0]}.bias"
+        if not (self.linear and self.constant and self.largest != 0.0 and bias in params):
+            return None
+        if self.values is None:
+            return None
+        out = torch.zeros(self.wide, dtype=torch.float64)
+        out[self.index] = self.values
+        return out
 
     def caveats(self) -> list[str]:
         where = f"the null units read by `{self.tensor}` ({self.cls})"
@@ -179,6 +251,17 @@ class _Probe:
                 f"σ(0) != 0): their fan-out columns get gradients the map sets to 0"
             ]
         return []
+
+
+def _readers(model: nn.Module, embedding: GroupEmbedding) -> list[str]:
+    """The Linear weights that read null units (their biases map the null columns)."""
+    out = []
+    for a in embedding.axes:
+        if a.role == "split" and a.axis == 1 and bool((a.source < 0).any()):
+            owner = a.tensor.rpartition(".")[0]
+            if isinstance(model.get_submodule(owner), nn.Linear):
+                out.append(a.tensor)
+    return out
 
 
 def _null_probes(model: nn.Module, embedding: GroupEmbedding) -> list[_Probe]:
@@ -382,13 +465,14 @@ def _outputs(model: nn.Module, args: tuple[Any, ...]) -> list[Tensor]:
     return [t for t in tree_leaves(out) if isinstance(t, Tensor)]
 
 
-def _compare(before: list[Tensor], after: list[Tensor]) -> None:
+def _compare(before: list[Tensor], after: list[Tensor], *, values: bool = True) -> None:
+    """Refuse other outputs; ``values=False`` (the function may change): shapes only."""
     if len(before) != len(after):
         raise ValueError(f"returns {len(after)} tensors instead of {len(before)}")
     for k, (a, b) in enumerate(zip(before, after)):
         if a.shape != b.shape:
             raise ValueError(f"output {k} has shape {tuple(b.shape)} instead of {tuple(a.shape)}")
-        if not a.is_floating_point() or a.numel() == 0:
+        if not values or not a.is_floating_point() or a.numel() == 0:
             continue
         u = unit_roundoff(a.dtype)
         scale = float(a.abs().max())

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from torch_embed.embedding import EmbeddingKind, LayerMap, _identity_prefix
+from torch_embed.embedding import EmbeddingKind, LayerMap, _identity_prefix, _in_dtype, _put
 from torch_embed.graph.layout import AxisLayout
 
 if TYPE_CHECKING:
@@ -61,6 +61,14 @@ class AxisMap:
             by the inverse factors, second moments by their squares.
         mean: ``apply`` sets the null entries to the mean of the narrow entries along
             the axis (a LayerNorm's mean-fill, :mod:`torch_embed.graph.fill`).
+        null_fill: ``float64`` ``(wide,)`` or ``None``: what :meth:`GroupEmbedding.apply`
+            writes at null entries (``None``: 0), e.g. the null units' bias ``β``.
+        null_init: ``""`` (none), ``"normal"`` (``init_scale·N(0, 1)``) or
+            ``"uniform"`` (``U(-b, b)``, ``b = init_scale/sqrt(fan_in)``, ``fan_in`` the
+            wide tensor's entries per index of axis 0, as ``nn.Linear`` and ``nn.Conv``
+            initialise): random values :meth:`GroupEmbedding.apply` writes at the null
+            entries of a weight (a tensor of 2 or more axes, whole axis only).
+        init_scale: The scale of ``null_init``.
     """
 
     tensor: str
@@ -71,6 +79,9 @@ class AxisMap:
     groups: int = 1
     gain: Tensor | None = None
     mean: bool = False
+    null_fill: Tensor | None = None
+    null_init: str = ""
+    init_scale: float = 0.0
 
     def scale(self, what: str) -> Tensor:
         """The factor of each wide entry for ``what`` in apply/grad/second."""
@@ -159,6 +170,14 @@ class GroupEmbedding:
             ``scaling`` or ``softmax_scale`` of that module holding ``old`` to ``new``.
         eps: ``(module FQN, traced eps or None, factor)`` per LayerNorm/RMSNorm over a
             filled group: the apply step multiplies its eps attribute by ``factor``.
+        seed: The seed of that noise and of random null entries (``AxisMap.null_init``).
+        preserves_output: ``False`` when the embedding changes the function
+            (:class:`~torch_embed.RandomPad`): ``kind`` is then ``none``.
+        null_values: ``{Linear weight FQN: float64 (wide_in,)}``: the constant value
+            ``σ(β)`` each null unit feeds that reader (0 elsewhere), measured by
+            ``widen``. Its fan-out column then has the gradient ``σ(β)·∂R/∂b`` of the
+            reader's bias ``b`` (as for MLPs): :meth:`map_gradients` writes it when the
+            bias is among the mapped tensors.
     """
 
     maps: Mapping[str, LayerMap]
@@ -170,10 +189,14 @@ class GroupEmbedding:
     seed: int = 0
     scales: tuple[tuple[str, float, float], ...] = ()
     eps: tuple[tuple[str, float | None, float], ...] = ()
+    preserves_output: bool = True
+    null_values: Mapping[str, Tensor] = field(default_factory=dict)
 
     @property
     def kind(self) -> EmbeddingKind:
-        """Critical when gradients map linearly (every scheme the graph path plans)."""
+        """Critical when gradients map linearly; ``none`` when the output changes."""
+        if not self.preserves_output:
+            return EmbeddingKind.NONE
         return EmbeddingKind.OUTPUT_PRESERVING if self.reasons_ else EmbeddingKind.CRITICAL
 
     @property
@@ -205,7 +228,13 @@ class GroupEmbedding:
                     t = t.index_copy(a.axis, null, fill.contiguous())
                 if what == "apply" and self.noise and a.role == "split":
                     t = _add_noise(t, a, self.noise, self.seed)
+                if what == "apply" and (a.null_fill is not None or a.null_init):
+                    t = _fill_null(t, a, self.seed)
             out[name] = t
+        if what != "apply":
+            for name, value in self.null_values.items():
+                if name in out and (bias := f"{name.rpartition('.')[0]}.bias") in out:
+                    out[name] = _null_columns(out[name], out[bias], value, what)
         return out
 
     def apply(self, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -316,19 +345,77 @@ def _add_noise(t: Tensor, a: AxisMap, noise: float, seed: int) -> Tensor:
     return t
 
 
+def _null_columns(w: Tensor, bias: Tensor, value: Tensor, what: str) -> Tensor:
+    """A reader's null columns: ``σ(β)`` times its bias gradient.
+
+    ``σ(β)²`` times its second moment, as :meth:`torch_embed.Embedding.map_gradients`
+    maps them for MLPs.
+    """
+    cols = value.nonzero().flatten()
+    v = value[cols].to(device=w.device)
+    b = bias.to(torch.float64)
+    fill = b[:, None] * (v if what == "grad" else v * v)[None, :]
+    w = w.clone()
+    w.index_copy_(1, cols.to(w.device), fill.to(w.dtype))
+    return w
+
+
+def _fill_null(t: Tensor, a: AxisMap, seed: int) -> Tensor:
+    """Write ``a.null_fill`` or random ``a.null_init`` values at the null entries."""
+    null = (a.source < 0).nonzero().flatten()
+    if not null.numel() or a.groups > 1:
+        return t
+    idx = null.to(t.device)
+    if a.null_fill is not None:
+        fill = a.null_fill[null].to(device=t.device, dtype=t.dtype)
+        shape = [1] * t.dim()
+        shape[a.axis] = -1
+        size = list(t.shape)
+        size[a.axis] = null.numel()
+        t.index_copy_(a.axis, idx, fill.view(shape).expand(size).contiguous())
+    if a.null_init and t.dim() >= 2:
+        gen = torch.Generator().manual_seed(
+            (seed ^ zlib.crc32(f"{a.tensor}:{a.axis}:init".encode())) % 2**63
+        )
+        size = list(t.shape)
+        size[a.axis] = null.numel()
+        if a.null_init == "normal":
+            values = a.init_scale * torch.randn(size, generator=gen, dtype=torch.float64)
+        else:
+            bound = a.init_scale / math.sqrt(max(t.numel() // max(t.shape[0], 1), 1))
+            values = (2 * torch.rand(size, generator=gen, dtype=torch.float64) - 1) * bound
+        t.index_copy_(a.axis, idx, values.to(device=t.device, dtype=t.dtype))
+    return t
+
+
+def _scale_axis(out: Tensor, axis: int, scale: Tensor) -> None:
+    """``out *= scale`` along ``axis``, with the MLP path's arithmetic.
+
+    The float64 factor is used as it is unless it is exact in ``out``'s dtype, and each
+    product is rounded once (:func:`torch_embed.embedding._put`), so a traced model
+    gets the same bits as :meth:`torch_embed.Embedding.apply` (for float32 and α = 1/3
+    too). ``out`` is viewed as ``(outer, size·inner)`` with the factor repeated over
+    ``inner``; it is contiguous (fresh from the gather).
+    """
+    factor = _in_dtype(scale.cpu(), out.dtype, out.device)
+    inner = math.prod(out.shape[axis + 1 :])
+    if inner > 1:
+        factor = factor.repeat_interleave(inner)
+    view = out.view(math.prod(out.shape[:axis]), -1)
+    _put(view, view, factor)
+
+
 def _gather(t: Tensor, a: AxisMap, scale: Tensor) -> Tensor:
     src = a.source.to(t.device)
-    scale = scale.to(device=t.device, dtype=t.dtype if t.is_floating_point() else torch.float64)
     if a.groups == 1:
         keep = _identity_prefix(src)  # narrow units that stay in place: a plain copy
         tail = t.index_select(a.axis, src[keep:].clamp(min=0))
         out = torch.cat([t.narrow(a.axis, 0, keep), tail], a.axis) if keep else tail
         if out.is_floating_point() and not bool((scale == 1).all()):
-            shape = [1] * t.dim()
-            shape[a.axis] = -1
-            out.mul_(scale.view(shape).to(out.dtype))  # ``out`` is fresh: scale in place
+            _scale_axis(out, a.axis, scale)  # ``out`` is fresh: scale in place
         return out
     # the in-axis of a grouped conv weight (out, in/g, *kernel): rows in g segments
+    scale = _in_dtype(scale.cpu(), t.dtype, t.device)  # as above: rounded once
     g = a.groups
     rows, share = t.shape[0], t.shape[1]
     wide_share = src.numel() // g

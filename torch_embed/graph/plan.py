@@ -20,23 +20,33 @@ consumer coefficients, and the order of the wide units, under the group's constr
   a batch-like axis: copies and null units as for channels.
 * Depthwise convolutions are per-channel: copies need no rule (``groups`` follows).
 
-Schemes: :class:`~torch_embed.Split` (any α, ``"random"`` α, k-way; ``select`` random
-or cyclic), :class:`~torch_embed.Net2Net` (each copy ``1/count``; with ``noise > 0``, exact
-symmetric noise on the copies' fan-out: the default scheme) and
-:class:`~torch_embed.Null` with ``bias=0`` and ``fan_in_std=0``. Others are refused.
+The units of each group come from :func:`torch_embed.schemes.plan_units`, the planner
+of the MLP path, given the group's rules (:func:`group_rules`); this module keeps the
+constraint logic and the per-axis maps. Every scheme plans where its rules allow:
+:class:`~torch_embed.Split` and :class:`~torch_embed.Net2Net` (``select`` random,
+cyclic, ``"norm"``: the largest fan-out norm over every consumer of the group, or
+explicit indices: a list when one group grows, else ``{group name or alias:
+indices}``), :class:`~torch_embed.Null` (a bias ``β`` needs one place to store it: a
+BatchNorm's bias, else the producer's bias; a random fan-in goes into the producers'
+weights), :class:`~torch_embed.General` (``sources`` and ``coefficients`` keyed by
+group name or alias, per-unit coefficients) and :class:`~torch_embed.RandomPad`
+(random producer weights and consumer columns for the new units; their biases stay 0).
+A null channel's BatchNorm gets ``γ = 1`` and running variance 1, as on the MLP path.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from torch import Tensor
 
-from torch_embed.embedding import LayerMap
+from torch_embed.embedding import LayerMap, check_shares, check_sources
 from torch_embed.graph.attention import temperature, zero_extended
 from torch_embed.graph.embedding import AxisMap, GroupEmbedding, axis_map
 from torch_embed.graph.fill import fill_kind, plan_fill
@@ -44,16 +54,23 @@ from torch_embed.graph.groups import WidthGroup, WidthGroups
 from torch_embed.graph.layout import AxisLayout
 from torch_embed.schemes import (
     DEFAULT_SCHEME,
+    General,
     Net2Net,
     Null,
+    RandomPad,
     Scheme,
     Split,
+    UnitRules,
     _as_scheme,
-    _pick_units,
-    _rand,
+    _copies_per_unit,
+    _index_list,
+    _is_int,
+    _kway,
+    _real,
+    plan_units,
 )
 
-__all__ = ["plan_groups", "resolve_group_widths"]
+__all__ = ["group_rules", "plan_groups", "resolve_group_widths"]
 
 _UNIFORM = ("layer_norm", "rms_norm", "mean", "var", "norm", "group_norm")
 _SEGMENTED = ("group_norm", "grouped_conv")
@@ -61,16 +78,15 @@ _REFUSED = ("softmax",)
 _NORM_NAMES = {"layer_norm": "LayerNorm", "rms_norm": "RMSNorm", "group_norm": "GroupNorm"}
 
 
-def _copies_per_split(scheme: Scheme) -> int:
-    alpha = scheme.alpha if isinstance(scheme, Split) else 0.5
-    if isinstance(alpha, Sequence) and not isinstance(alpha, str):
-        return len(alpha) - 1
-    return 1
+def group_rules(group: WidthGroup) -> UnitRules:
+    """The rules ``group``'s constraints put on its units (GROWTH.md §2).
 
-
-def _rules(group: WidthGroup) -> tuple[bool, int, str]:
-    """(uniform copies required, segments, what requires it) for ``group``."""
+    Raises:
+        ValueError: A constraint with no rule yet (a softmax, a contraction between two
+            activations over the group), naming the op.
+    """
     uniform, segments, why = False, 1, ""
+    no_copies = no_null = ""
     for c in group.constraints:
         if c.kind in _REFUSED:
             raise ValueError(
@@ -84,7 +100,19 @@ def _rules(group: WidthGroup) -> tuple[bool, int, str]:
             segments = math.lcm(segments, c.groups)
             if not why:
                 why = f"{c.kind.replace('_', ' ')} at `{c.module}` (groups={c.groups})"
-    return uniform, segments, why
+        if c.kind == "sum" and not no_copies:
+            no_copies = f"{c.op} over width group {group.name!r}: {c.rule}"
+        if c.kind == "max" and not no_null:
+            no_null = f"{c.op} over width group {group.name!r}: {c.rule}"
+    return UnitRules(
+        f"width group {group.name!r}",
+        "unit",
+        why if uniform else "",
+        segments,
+        why,
+        no_copies,
+        no_null,
+    )
 
 
 def _fillable(group: WidthGroup) -> bool:
@@ -94,19 +122,41 @@ def _fillable(group: WidthGroup) -> bool:
         return False
 
 
+def _group_plan_rules(group: WidthGroup, cfg: Scheme) -> tuple[UnitRules, Scheme]:
+    """The rules and the scheme ``plan_units`` plans ``group`` with.
+
+    A head_dim contracted between two activations (attention's q·k) takes only null
+    (zero-extended) units, whatever the scheme; under the ``Null`` scheme a group only
+    LayerNorms or only RMSNorms read is mean- or zero-filled (:mod:`torch_embed.graph.fill`):
+    null units at any width, so its uniform-copies rule is lifted.
+    """
+    rules = group_rules(group)
+    if zero_extended(group):
+        if rules.uniform:
+            raise ValueError(
+                f"{rules.uniform}: uniform copies or mean-fill; width group {group.name!r} is "
+                f"also contracted between two activations (attention head_dim), which takes "
+                f"only null (zero-extended) units: no rule keeps both"
+            )
+        return rules, Null()
+    if rules.uniform and isinstance(cfg, Null) and fill_kind(group) is not None:
+        return dataclasses.replace(rules, uniform=""), cfg
+    return rules, cfg
+
+
 def _allowed(size: int, width: int, group: WidthGroup, scheme: Scheme) -> int:
     """The smallest width >= ``width`` the group's rules and the scheme allow."""
-    uniform, segments, _ = _rules(group)
+    rules = group_rules(group)
     null = isinstance(scheme, Null) or zero_extended(group)
-    step = (1 if null else _copies_per_split(scheme)) * segments
-    if uniform and isinstance(scheme, Null) and fill_kind(group) is not None:
+    c = 1 if null else _copies_per_unit(scheme)
+    if rules.uniform and isinstance(scheme, Null) and fill_kind(group) is not None:
         return width  # zero-fill / mean-fill: any width
-    if uniform:
+    if rules.uniform:
         k = max(1, math.ceil(width / size))
-        c = _copies_per_split(scheme)
         while (k - 1) % c:
             k += 1
         return k * size
+    step = c * rules.segments
     extra = width - size
     return size + math.ceil(extra / step) * step
 
@@ -170,159 +220,168 @@ def _names(groups: WidthGroups) -> str:
     return f"the growable groups are {growable} (every producing module's FQN is an alias)"
 
 
-def _choose(
-    units: list[int], count: int, select: Any, generator: torch.Generator | None
-) -> list[int]:
-    if select not in ("cyclic", "random"):
+def _by_group(value: object, groups: WidthGroups, what: str) -> dict[str, Any]:
+    """``{group name: value}`` from a mapping keyed by group names or aliases."""
+    if not isinstance(value, Mapping):
         raise ValueError(
-            f"select={select!r} is not supported for traced models yet; use 'random' or 'cyclic'"
+            f"{what} for a traced model must be a mapping {{group name or alias: ...}}, got "
+            f"{type(value).__name__} {value!r:.80}; {_names(groups)}"
         )
-    return [units[i] for i in _pick_units(len(units), count, select, generator)]
+    out: dict[str, Any] = {}
+    for key, v in value.items():
+        if not isinstance(key, str):
+            raise ValueError(f"{what}: width group names are str, got {key!r}; {_names(groups)}")
+        try:
+            g = groups.find(key)
+        except KeyError:
+            raise ValueError(f"{what}: no width group named {key!r}; {_names(groups)}") from None
+        if g.name in out:
+            raise ValueError(f"{what}: width group {g.name!r} is given twice")
+        out[g.name] = v
+    return out
 
 
-def _plan_one(
-    group: WidthGroup, width: int, scheme: Scheme, generator: torch.Generator | None
-) -> LayerMap:
-    n = group.size
-    uniform, segments, why = _rules(group)
-    extra = width - n
-    null = isinstance(scheme, Null) or zero_extended(group)
-    copies = 1 if null else _copies_per_split(scheme)
-    kinds = {c.kind: c for c in group.constraints}
-    if "sum" in kinds and not null:
-        c = kinds["sum"]
-        raise ValueError(f"{c.op} over width group {group.name!r}: {c.rule}; use Null")
-    if "max" in kinds and null:
-        c = kinds["max"]
-        raise ValueError(f"{c.op} over width group {group.name!r}: {c.rule}; use Split")
-    if null and uniform and zero_extended(group):
-        raise ValueError(
-            f"{why}: uniform copies or mean-fill; width group {group.name!r} is also "
-            f"contracted between two activations (attention head_dim), which takes only "
-            f"null (zero-extended) units: no rule keeps both"
-        )
-    filled = null and uniform and isinstance(scheme, Null) and fill_kind(group) is not None
-    if filled:
-        uniform = False  # zero-fill / mean-fill (graph/fill.py): null units at any width
-    if null and uniform:
-        raise ValueError(
-            f"{why}: uniform copies or mean-fill (every unit copied the same number of times); "
-            f"null units change its statistics (group {group.name!r})"
-        )
-    if uniform and width % n:
-        raise ValueError(
-            f"{why}: uniform copies or mean-fill (every unit copied the same number of "
-            f"times): width group {group.name!r} of {n} units cannot become {width}, which "
-            f"is not a multiple of {n}"
-            + (
-                "; for any width use the Null scheme (zero-fill under RMSNorm, mean-fill "
-                "under LayerNorm)"
-                if _fillable(group)
-                else ""
+def _explicit(
+    cfg: Scheme, groups: WidthGroups, widths: Mapping[str, int]
+) -> dict[str, list[int]] | None:
+    """Explicit ``select`` indices per grown group (``None``: select by name)."""
+    select = getattr(cfg, "select", "random")
+    if isinstance(select, str):
+        return None
+    if isinstance(select, Mapping):
+        return {
+            n: _index_list(v, f"[{n!r}]") for n, v in _by_group(select, groups, "select").items()
+        }
+    items: list[Any] = select.tolist() if hasattr(select, "tolist") else list(select)
+    if items and all(_is_int(i) for i in items):
+        if len(widths) != 1:
+            raise ValueError(
+                f"select is a flat list of indices but {len(widths)} width groups grow "
+                f"({sorted(widths)}); give a {{group name or alias: indices}} mapping"
             )
-        )
-    if segments > 1 and (n % segments or extra % segments):
-        raise ValueError(
-            f"{why}: every group must grow by the same amount, copies staying in their "
-            f"source's group: width group {group.name!r} of {n} units in {segments} groups "
-            f"cannot gain {extra} (use a multiple of {segments})"
-        )
-    if extra % copies:
-        raise ValueError(
-            f"width group {group.name!r} gains {extra} units, not a multiple of {copies} "
-            f"(a {copies + 1}-way split adds {copies} copies per unit)"
-        )
-    seg = n // segments
-    chosen_by_seg: list[list[int]] = []
-    for q in range(segments):
-        units = list(range(q * seg, (q + 1) * seg))
-        count = extra // segments // copies
-        if null:
-            chosen_by_seg.append([-1] * count)
-        elif uniform:
-            k = width // n
-            if (k - 1) % copies:
-                raise ValueError(
-                    f"{why}: uniform copies: a {copies + 1}-way split cannot copy every unit "
-                    f"of group {group.name!r} {k} times"
-                )
-            chosen_by_seg.append([u for _ in range((k - 1) // copies) for u in units])
-        else:
-            select = getattr(scheme, "select", "random")
-            chosen_by_seg.append(_choose(units, count, select, generator))
-    coef = [1.0] * n
-    source: list[int] = []
-    new_coef: list[float] = []
-    appended: list[tuple[int, int]] = []  # (segment, source) per appended unit
-    for q, chosen in enumerate(chosen_by_seg):
-        for s in chosen:
-            appended.extend([(q, s)] * copies)
-    # coefficients, split by split (a unit chosen again splits its current share)
-    extra_coef = [0.0] * len(appended)
-    if null:  # null units (also a zero-extended head_dim under any scheme): no split
-        pass
-    elif isinstance(scheme, Split):
-        alphas = _alphas(scheme, len(appended) // copies, generator)
-        for t in range(0, len(appended), copies):
-            s = appended[t][1]
-            share = coef[s]
-            a = alphas[t // copies]
-            if isinstance(a, list):
-                coef[s] = share * a[0]
-                for r in range(copies):
-                    extra_coef[t + r] = share * a[r + 1]
-            else:
-                coef[s] = (1 - a) * share
-                extra_coef[t] = a * share
-    elif isinstance(scheme, Net2Net):
-        counts = [1] * n
-        for _, s in appended:
-            counts[s] += 1
-        coef = [1.0 / c for c in counts]
-        extra_coef = [1.0 / counts[s] for _, s in appended]
-    # order: segment by segment, the segment's own units, then its appended units
-    for q in range(segments):
-        for u in range(q * seg, (q + 1) * seg):
-            source.append(u)
-            new_coef.append(coef[u])
-        for t, (qq, s) in enumerate(appended):
-            if qq == q:
-                source.append(s)
-                new_coef.append(extra_coef[t] if s >= 0 else 0.0)
-    src = torch.tensor(source, dtype=torch.int64)
-    zeros = torch.zeros(width, dtype=torch.float64)
-    return LayerMap(src, torch.tensor(new_coef, dtype=torch.float64), zeros, zeros.clone())
-
-
-def _alphas(scheme: Split, count: int, generator: torch.Generator | None) -> list[Any]:
-    alpha = scheme.alpha
-    if isinstance(alpha, str):
-        if alpha != "random":
-            raise ValueError(f"alpha={alpha!r}: use a number, a sequence or 'random'")
-        return [float(a) for a in _rand(count, generator).tolist()]
-    if isinstance(alpha, numbers.Real) and not isinstance(alpha, bool):
-        if not math.isfinite(float(alpha)):
-            raise ValueError(f"alpha must be finite, got {alpha!r}")
-        return [float(alpha)] * count
-    kway = [float(a) for a in alpha]  # type: ignore[union-attr]
-    if len(kway) < 2 or not all(math.isfinite(a) for a in kway) or abs(sum(kway) - 1) > 1e-12:
-        raise ValueError(
-            f"a k-way alpha needs at least 2 finite coefficients summing to 1, got {kway}"
-        )
-    return [kway] * count
-
-
-def _check_scheme(scheme: Scheme) -> None:
-    if isinstance(scheme, Split):
-        return
-    if isinstance(scheme, Net2Net) and math.isfinite(scheme.noise) and scheme.noise >= 0:
-        return
-    if isinstance(scheme, Null) and scheme.bias == 0 and scheme.fan_in_std == 0:
-        return
+        return {next(iter(widths)): [int(i) for i in items]}
     raise ValueError(
-        f"{scheme!r} is not supported for traced models yet; use Split (any alpha, k-way), "
-        f"Net2Net (noise >= 0) or Null(bias=0.0, fan_in_std=0.0)"
+        f"select for a traced model must be 'random', 'cyclic', 'norm', a list of unit "
+        f"indices (one group grows) or a {{group name or alias: indices}} mapping; got "
+        f"{select!r:.80}"
     )
+
+
+def _fan_out_norms(
+    group: WidthGroup, tensors: Mapping[str, Tensor] | None
+) -> tuple[Tensor, torch.dtype]:
+    """The norm of every unit's fan-out, over every consumer entry that reads it."""
+    if tensors is None or not group.consumers:
+        raise ValueError(
+            f"select='norm' reads the consumers of width group {group.name!r}, which the "
+            f"planner was not given; use select='random', 'cyclic' or explicit indices"
+        )
+    sq = torch.zeros(group.size, dtype=torch.float64)
+    dtype = torch.float64
+    for u in group.consumers:
+        t = tensors[u.tensor].detach()
+        if t.is_meta:
+            raise ValueError(
+                f"select='norm' reads the values of `{u.tensor}`, but it is on the 'meta' "
+                f"device and has none; use select='random', 'cyclic' or explicit indices, "
+                f"or materialize the module first"
+            )
+        dtype = t.dtype
+        if (
+            u.groups > 1
+        ):  # a grouped conv's in-axis: unit i is column i mod share of group i div share
+            share = group.size // u.groups
+            w = t.to(torch.float64).reshape(u.groups, t.shape[0] // u.groups, share, -1)
+            sq += w.square().sum(dim=(1, 3)).reshape(-1).cpu()
+            continue
+        per_entry = t.to(torch.float64).movedim(u.axis, 0).reshape(t.shape[u.axis], -1)
+        per_entry = per_entry.square().sum(dim=1).cpu()
+        idx = u.offset + torch.arange(group.size) * u.stride
+        for count, step in u.repeats:
+            idx = (idx[:, None] + torch.arange(count) * step).reshape(group.size, -1)
+        sq += per_entry[idx.reshape(group.size, -1)].sum(dim=1)
+    return sq.sqrt(), dtype
+
+
+def _general(cfg: General, groups: WidthGroups) -> dict[str, tuple[Tensor, Tensor | None, float]]:
+    """``{group: (sources, coefficients or None, null bias)}`` from a General scheme."""
+    sources = _by_group(cfg.sources, groups, "General.sources")
+    coefs = (
+        _by_group(cfg.coefficients, groups, "General.coefficients")
+        if cfg.coefficients is not None
+        else {}
+    )
+    nb_in = cfg.null_bias
+    biases = (
+        _by_group(nb_in, groups, "General.null_bias")
+        if isinstance(nb_in, Mapping)
+        else {n: nb_in for n in sources}
+    )
+    out = {}
+    for name, src in sources.items():
+        values = src.tolist() if hasattr(src, "tolist") else src
+        if (
+            isinstance(values, (str, bytes))
+            or not isinstance(values, Sequence)
+            or not all(_is_int(i) for i in values)
+        ):
+            raise ValueError(
+                f"General.sources[{name!r}] must be a list of ints (for each wide unit, the "
+                f"narrow unit it copies or -1 for a null unit), got {src!r:.80}"
+            )
+        c = coefs.get(name)
+        coef = None
+        if c is not None:
+            coef = torch.as_tensor(c, dtype=torch.float64).detach().clone().cpu()
+            if coef.dim() != 1:
+                raise ValueError(
+                    f"General.coefficients[{name!r}] must hold one coefficient per wide unit; "
+                    f"a matrix (one per connection) is for nn.Sequential MLPs only"
+                )
+        bias = _real(biases.get(name, 0.0), f"General.null_bias[{name!r}]")
+        out[name] = (torch.tensor(values, dtype=torch.int64), coef, bias)
+    for c_name in coefs:
+        if c_name not in out:
+            raise ValueError(
+                f"General.coefficients names width group {c_name!r}, which has no sources"
+            )
+    return out
+
+
+def _check_scheme(cfg: Scheme) -> None:
+    """Refuse scheme arguments that are not finite numbers (as the MLP planner does)."""
+    if isinstance(cfg, Split):
+        _kway(cfg.alpha)
+    elif isinstance(cfg, Net2Net):
+        _real(cfg.noise, "Net2Net.noise", nonnegative=True)
+    elif isinstance(cfg, Null):
+        _real(cfg.fan_in_std, "Null.fan_in_std", nonnegative=True)
+        _real(cfg.bias, "Null.bias")
+    elif isinstance(cfg, RandomPad):
+        _real(cfg.scale, "RandomPad.scale")
+
+
+def _bias_home(group: WidthGroup) -> str:
+    """The tensor that stores null units' bias ``β``.
+
+    A BatchNorm's bias, else the producer's bias; a group with several (a residual
+    stream) or none is refused.
+    """
+    biases = [
+        u
+        for u in group.producers
+        if u.role in ("producer", "per-channel") and u.tensor.rpartition(".")[2] == "bias"
+    ]
+    norms = [u for u in biases if "batch_norm" in u.op]
+    homes = norms or biases
+    if len(homes) != 1:
+        found = [u.tensor for u in homes] or "none"
+        raise ValueError(
+            f"width group {group.name!r}: null units with a bias β != 0 need one place for β "
+            f"(a BatchNorm's bias, else the producing layer's bias), found {found}; use a "
+            f"null bias of 0.0"
+        )
+    return homes[0].tensor
 
 
 def plan_groups(
@@ -331,39 +390,120 @@ def plan_groups(
     scheme: Scheme | str = DEFAULT_SCHEME,
     *,
     generator: torch.Generator | None = None,
+    tensors: Mapping[str, Tensor] | None = None,
 ) -> GroupEmbedding:
     """Plan the embedding of a traced model's groups to ``new_widths``.
 
     Args:
         groups: The model's :func:`~torch_embed.graph.groups.width_groups`.
         new_widths: ``{group name or alias: width}``, or a factor ``f > 1`` (every
-            growable hidden group × f, rounded up to a width its rules allow).
+            growable hidden group × f, rounded up to a width its rules allow); ``None``
+            with a :class:`~torch_embed.General` scheme (widths from its sources).
         scheme: See the module docstring.
         generator: For the random choices.
+        tensors: The model's parameters and buffers by FQN; read by ``select="norm"``.
 
     Raises:
         ValueError: Unknown or rigid groups, widths the group's rules forbid (the
-            message names the norm or conv and the rule), unsupported schemes.
+            message names the norm or conv and the rule), schemes or selections the
+            rules forbid.
     """
     cfg = _as_scheme(scheme)
     _check_scheme(cfg)
-    widths = resolve_group_widths(groups, new_widths, cfg)
+    general = _general(cfg, groups) if isinstance(cfg, General) else None
+    if general is not None:
+        given = {} if new_widths is None else resolve_group_widths(groups, new_widths, cfg)
+        widths = {}
+        for name, (src, _, _) in general.items():
+            g = groups.find(name)
+            if given.get(name, src.numel()) != src.numel():
+                raise ValueError(
+                    f"width group {name!r}: new_widths says {given[name]} but General.sources "
+                    f"gives {src.numel()} units"
+                )
+            if src.numel() > g.size or not torch.equal(src, torch.arange(g.size)):
+                resolve_group_widths(groups, {name: max(src.numel(), g.size)}, cfg)  # growable?
+                widths[name] = src.numel()
+        extra = sorted(set(given) - set(general))
+        if extra:
+            raise ValueError(f"new_widths names {extra}, which General.sources does not map")
+    else:
+        widths = resolve_group_widths(groups, new_widths, cfg)
+    explicit = _explicit(cfg, groups, widths)
     maps: dict[str, LayerMap] = {}
     sizes: dict[str, tuple[int, int]] = {}
     reasons: list[str] = []
+    fills: dict[str, float] = {}
     gains: dict[str, float] = {}
     scales: list[tuple[str, float, float]] = []
     for g in groups:
-        if g.name in widths:
-            maps[g.name] = _plan_one(g, widths[g.name], cfg, generator)
-            sizes[g.name] = (g.size, widths[g.name])
-            reasons.extend(_gradient_caveats(g, maps[g.name]))
-            gain, patch = temperature(g, widths[g.name])
-            if gain != 1.0:
-                gains[g.name] = gain
-            scales.extend(patch)
+        if g.name not in widths:
+            continue
+        rules, unit_cfg = _group_plan_rules(g, cfg)
+        src_in, coef_in, bias = general[g.name] if general is not None else (None, None, 0.0)
+        if src_in is not None:
+            check_sources(src_in, g.size, rules.where)
+        try:
+            source, coef = plan_units(
+                unit_cfg,
+                g.size,
+                widths[g.name],
+                rules,
+                select=explicit.get(g.name, []) if explicit is not None else None,
+                norms=functools.partial(_fan_out_norms, g, tensors),
+                sources=src_in,
+                coefficients=coef_in,
+                generator=generator,
+            )
+        except ValueError as error:
+            if rules.uniform and _fillable(g) and "not a multiple" in str(error):
+                raise ValueError(
+                    f"{error}; for any width use the Null scheme (zero-fill under RMSNorm, "
+                    f"mean-fill under LayerNorm)"
+                ) from None
+            raise
+        check_shares(source, coef, g.size, rules.where)
+        if isinstance(unit_cfg, Null):
+            bias = float(unit_cfg.bias)
+        null = source < 0
+        null_bias = torch.where(null, bias, 0.0).to(torch.float64)
+        if bias != 0 and bool(null.any()):
+            home = _bias_home(g)
+            if fills.setdefault(home, bias) != bias:
+                raise ValueError(
+                    f"`{home}` holds the null units' bias of several width groups, which "
+                    f"are given different biases ({fills[home]}, {bias})"
+                )
+        maps[g.name] = LayerMap(source, coef, null_bias, torch.zeros_like(null_bias))
+        sizes[g.name] = (g.size, widths[g.name])
+        reasons.extend(_gradient_caveats(g, maps[g.name]))
+        gain, patch = temperature(g, widths[g.name])
+        if gain != 1.0:
+            gains[g.name] = gain
+        scales.extend(patch)
     fill = plan_fill(groups, widths) if isinstance(cfg, Null) else None
-    axes = _axes(groups, maps, gains)
+    noise, seed = 0.0, 0
+    init, scale = "", 0.0
+    if isinstance(cfg, Net2Net) and cfg.noise > 0:
+        noise = float(cfg.noise)
+        reasons.append(
+            f"Net2Net noise {noise:g} on the copies' fan-out: the function is kept, the "
+            f"copies' symmetry is broken (output-preserving, not critical)"
+        )
+    if isinstance(cfg, Null) and cfg.fan_in_std > 0:
+        init, scale = "normal", float(cfg.fan_in_std)
+        reasons.append(
+            f"Null fan-in std {scale:g}: null units with a random fan-in are not constant, "
+            f"so their fan-out gradient is not mapped (output-preserving, not critical)"
+        )
+    if isinstance(cfg, RandomPad):
+        init, scale = "uniform", float(cfg.scale)
+        reasons.append(
+            "RandomPad: the new units get random fan-in and fan-out, so the function changes"
+        )
+    if noise or init:
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    axes = _axes(groups, maps, gains, fills, init, scale, consumers=isinstance(cfg, RandomPad))
     if fill is not None:
         axes = tuple(
             dataclasses.replace(
@@ -376,14 +516,6 @@ def plan_groups(
             for a in axes
         )
         reasons.extend(fill.reasons)
-    noise, seed = 0.0, 0
-    if isinstance(cfg, Net2Net) and cfg.noise > 0:
-        noise = float(cfg.noise)
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        reasons.append(
-            f"Net2Net noise {noise:g} on the copies' fan-out: the function is kept, the "
-            f"copies' symmetry is broken (output-preserving, not critical)"
-        )
     return GroupEmbedding(
         maps,
         sizes,
@@ -392,8 +524,9 @@ def plan_groups(
         tuple(reasons),
         noise,
         seed,
-        tuple(dict.fromkeys(scales)),
-        tuple(fill.eps) if fill is not None else (),
+        scales=tuple(dict.fromkeys(scales)),
+        eps=tuple(fill.eps) if fill is not None else (),
+        preserves_output=not isinstance(cfg, RandomPad),
     )
 
 
@@ -442,14 +575,38 @@ def _gain(layout: AxisLayout, maps: Mapping[str, LayerMap], gains: Mapping[str, 
 
 
 def _axes(
-    groups: WidthGroups, maps: Mapping[str, LayerMap], gains: Mapping[str, float]
+    groups: WidthGroups,
+    maps: Mapping[str, LayerMap],
+    gains: Mapping[str, float],
+    fills: Mapping[str, float],
+    init: str,
+    scale: float,
+    *,
+    consumers: bool,
 ) -> tuple[AxisMap, ...]:
+    """One :class:`AxisMap` per tensor axis that carries a grown group.
+
+    ``gains``: a temperature gain per group (attention head_dim, see :class:`AxisMap`);
+    ``fills``: the null entries' values of some tensors (the null bias ``β``);
+    ``init``/``scale``: random null entries of producer weights (and of consumer
+    weights when ``consumers``), see :class:`AxisMap`.
+    """
     roles: dict[tuple[str, int], str] = {}
+    producers: set[tuple[str, int]] = set()
+    fills = dict(fills)
+    for g in groups:  # a null channel's BatchNorm: γ = 1, running variance 1, as for MLPs
+        lm = maps.get(g.name)
+        for u in g.producers if lm is not None and bool(lm.null_mask.any()) else ():
+            local = u.tensor.rpartition(".")[2]
+            if "batch_norm" in u.op and local in ("weight", "running_var"):
+                fills[u.tensor] = 1.0
     grouped: list[tuple[str, int, str, int]] = []
     for g in groups:
         for u in (*g.producers, *g.consumers):
             key = (u.tensor, u.axis)
             role = "copy" if u.role in ("producer", "per-channel") else "split"
+            if u.role == "producer":
+                producers.add(key)
             if roles.setdefault(key, role) != role and g.name in maps:
                 raise ValueError(
                     f"`{u.tensor}` axis {u.axis} both writes and reads the features of width "
@@ -471,7 +628,23 @@ def _axes(
             continue
         src, coef = axis_map(layout, maps)
         role = roles.get((tensor, axis), "copy")
-        out.append(AxisMap(tensor, axis, role, src, coef, gain=_gain(layout, maps, gains)))
+        value = fills.get(tensor) if axis == 0 else None
+        fill = None if value is None else torch.full((src.numel(),), value, dtype=torch.float64)
+        random = init if ((tensor, axis) in producers or (consumers and role == "split")) else ""
+        gain = _gain(layout, maps, gains)
+        out.append(
+            AxisMap(
+                tensor,
+                axis,
+                role,
+                src,
+                coef,
+                gain=gain,
+                null_fill=fill,
+                null_init=random,
+                init_scale=scale,
+            )
+        )
     for tensor, axis, name, n_groups in grouped:
         lm = maps[name]
         out.append(AxisMap(tensor, axis, "split", lm.source.clone(), lm.coef.clone(), n_groups))
