@@ -101,6 +101,10 @@ def plan_fill(groups: WidthGroups, widths: dict[str, int]) -> Fill:
                 )
             if norm.weight is not None:
                 out.gains[(norm.weight, 0)] = math.sqrt(d / wide)
+            else:  # written out (x * rsqrt(mean(x²) + eps) * w): its module's scale
+                for u in g.producers:
+                    if u.module == norm.module and u.op == "mul" and u.role == "per-channel":
+                        out.gains[(u.tensor, u.axis)] = math.sqrt(d / wide)
             out.eps.append((norm.module, norm.eps, d / wide))
         if kind == "mean":
             first = next(n.module for n in groups.norms if g.name in n.groups)
