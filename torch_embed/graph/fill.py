@@ -23,7 +23,9 @@ width ``D → D'`` the new units are *filled* (GROWTH.md §2), with ``Null`` as 
   only (not critical), and a mapped ``.grad``/optimizer state is approximate.
 
 The eps is a module attribute (``eps``, ``variance_epsilon``, ``epsilon``) the apply
-step rescales; a norm whose eps is written into ``forward`` is refused there.
+step rescales; a norm whose eps is written into ``forward`` is refused there. An
+RMSNorm written out (``w * x * rsqrt(mean(x²) + eps)``, Hugging Face's) counts as one:
+its scale is the parameter its module multiplies the stream by.
 """
 
 from __future__ import annotations
