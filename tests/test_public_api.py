@@ -29,6 +29,7 @@ def test_submodules_expose_all() -> None:
         "inertia",
         "hessian",
         "spectrum",
+        "distributed",
     ):
         module = importlib.import_module(f"torch_embed.{mod}")
         for name in module.__all__:

@@ -7,11 +7,12 @@ into width groups (:func:`width_groups`), in place by such embeddings, deepens
 residual models by null blocks (:func:`deepen`), and computes
 Hessian inertia before and after, including its exact change.
 
-``torch_embed.testing`` (assertion helpers) and ``torch_embed.landscape`` are
-submodules; the most used landscape tools are also exported here.
+``torch_embed.testing`` (assertion helpers), ``torch_embed.landscape`` and
+``torch_embed.distributed`` (widening under DDP and FSDP2) are submodules; the most
+used landscape tools are also exported here.
 """
 
-from torch_embed import landscape, testing
+from torch_embed import distributed, landscape, testing
 from torch_embed._sequential import register_elementwise
 from torch_embed.critical import CriticalPointResult, critical_point
 from torch_embed.deepen import deepen
@@ -70,6 +71,7 @@ __all__ = [
     "critical_point",
     "deepen",
     "default_tolerance",
+    "distributed",
     "effective_widths",
     "eigenvalues",
     "embed_",

@@ -80,6 +80,7 @@ from torch_embed._blocks import (
 from torch_embed._data import BatchSource, batch_source
 from torch_embed._sequential import Layout, read_sequential
 from torch_embed.embedding import Embedding
+from torch_embed.graph.embedding import GroupEmbedding
 from torch_embed.hessian import HessianOperator, _flat_loss
 from torch_embed.inertia import (
     DEFAULT_MIN_GAP,
@@ -548,7 +549,7 @@ def _scale_estimate(
 
 
 def inertia_change(
-    embedding: Embedding,
+    embedding: Embedding | GroupEmbedding,
     model: nn.Module,
     loss_fn: LossFn,
     inputs: Tensor | None = None,
@@ -567,7 +568,9 @@ def inertia_change(
     ``after = before + inertia_change(...)`` without forming the wide Hessian.
 
     Args:
-        embedding: A critical embedding.
+        embedding: A critical embedding; a traced model's
+            :class:`~torch_embed.graph.embedding.GroupEmbedding` goes to
+            :func:`torch_embed.graph.analysis.inertia_change` (Hessian-vector products).
         model: The WIDENED model, at the embedded point.
         loss_fn: ``loss_fn(output, targets) -> scalar``.
         inputs: The batch of inputs (omit with ``data``).
@@ -613,6 +616,22 @@ def inertia_change(
         >>> sum(change)
         3
     """
+    if isinstance(embedding, GroupEmbedding):  # a traced model: the HVP path of graph/
+        from torch_embed.graph.analysis import inertia_change as group_change
+
+        return group_change(
+            embedding,
+            model,
+            loss_fn,
+            inputs,
+            targets,
+            data=data,
+            reduction=reduction,
+            process_group=process_group,
+            tol=tol,
+            method=method,
+            min_gap=min_gap,
+        )
     if tol is not None and (not math.isfinite(tol) or tol < 0):
         raise ValueError(f"tol must be a finite number >= 0, got {tol}")
     source = batch_source(

@@ -440,7 +440,8 @@ _DDP = (
     "gradient hooks and buckets of the narrow shapes). Widen the bare module after "
     "dropping the wrapper, then wrap it again: `module = ddp.module; del ddp; "
     "widen(module, ...); ddp = DistributedDataParallel(module, ...)` (the optimizer "
-    "can stay; pass optimizer= to widen). Otherwise, "
+    "can stay; pass optimizer= to widen), or call torch_embed.distributed.widen_ddp(ddp, "
+    "...), which does this on every rank with the same random draws. Otherwise, "
 )
 
 
@@ -527,13 +528,16 @@ def _swap_in(
     _install(named_params, named_buffers, new_state, changed, new_grads, updates)
 
 
+_ABSENT = object()  # an attribute _install adds (removed again on undo)
+
+
 def _install(
     named_params: Mapping[str, nn.Parameter],
     named_buffers: Mapping[str, Tensor],
     new_state: Mapping[str, Tensor],
     changed: Sequence[str],
     new_grads: Mapping[str, Tensor],
-    updates: Sequence[tuple[nn.Module, Mapping[str, object]]],
+    updates: Sequence[tuple[object, Mapping[str, object]]],
 ) -> Callable[[], None]:
     """Swap the new tensors and ``.grad`` in, set the attributes; return the undo.
 
@@ -542,11 +546,14 @@ def _install(
     graph path calls it when the widened model's output differs).
     """
     done: list[tuple[Tensor, tuple[Tensor, bool], Tensor | None]] = []  # target, undo, grad
-    attrs: list[tuple[nn.Module, str, Any]] = []
+    attrs: list[tuple[object, str, Any]] = []  # modules, or a model's config
 
     def undo() -> None:
         for m, attr, value in reversed(attrs):
-            setattr(m, attr, value)
+            if value is _ABSENT:  # a config field the model reads with a default
+                delattr(m, attr)
+            else:
+                setattr(m, attr, value)
         for target, (old, swapped), old_grad in reversed(done):
             _unswap(target, old, swapped)
             if isinstance(target, nn.Parameter):
@@ -568,7 +575,7 @@ def _install(
                 done.append((b, _swap(b, _like(new_state[name], b)), None))
         for m, values in updates:
             for attr, value in values.items():
-                attrs.append((m, attr, getattr(m, attr)))  # restored on failure
+                attrs.append((m, attr, getattr(m, attr, _ABSENT)))  # restored on failure
                 setattr(m, attr, value)
     except BaseException:
         undo()

@@ -28,6 +28,7 @@ from torch_embed.graph.embedding import GroupEmbedding
 from torch_embed.graph.fill import EPS_ATTRIBUTES
 from torch_embed.graph.groups import WidthGroups, width_groups
 from torch_embed.graph.handlers import Resize, attribute_updates
+from torch_embed.graph.hf import transformers_updates
 from torch_embed.graph.layout import AxisLayout
 from torch_embed.graph.plan import plan_groups
 from torch_embed.graph.trace import check_model
@@ -78,11 +79,18 @@ def widen_graph(
         new_opt: dict[nn.Parameter, dict[str, Any]] = {}
         if optimizer is not None:
             new_opt = map_optimizer_state(optimizer, named_params, embedding)
+    aliases = _aliases(model)
     heads = _head_counts(model, groups, embedding)
-    updates = _attribute_updates(model, new_state, embedding, _aliases(model), heads)
+    updates: list[tuple[object, dict[str, object]]] = []
+    updates.extend(_attribute_updates(model, new_state, embedding, aliases, heads))
     updates.extend(_scale_updates(model, embedding))
     updates.extend(_eps_updates(model, embedding))
     updates.extend(_head_attribute_updates(model, groups, embedding))
+    new_shapes = {
+        a: tuple(new_state[n].shape) for n in embedding.tensors for a in aliases.get(n, [n])
+    }
+    hf_updates, config_caveats = transformers_updates(model, new_shapes, updates)
+    updates.extend(hf_updates)
     changed = list(embedding.tensors)
     undo = _install(named_params, named_buffers, new_state, changed, new_grads, updates)
     probes: list[_Probe] = []
@@ -120,6 +128,8 @@ def widen_graph(
                 ApproximateStateWarning,
                 stacklevel=3,
             )
+    for caveat in config_caveats:
+        warnings.warn(f"widen: {caveat}", UserWarning, stacklevel=3)
     if optimizer is not None:
         for p, st in new_opt.items():
             optimizer.state[p] = st

@@ -27,12 +27,16 @@ import math
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from torch_embed.embedding import EmbeddingKind, LayerMap, _identity_prefix
 from torch_embed.graph.layout import AxisLayout
+
+if TYPE_CHECKING:
+    from torch_embed.inertia import Inertia
 
 __all__ = ["AxisMap", "GroupEmbedding", "axis_map"]
 
@@ -215,6 +219,64 @@ class GroupEmbedding:
     def map_second_moments(self, moments: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Narrow second moments (``exp_avg_sq``) mapped: producer rows ``× α_j²``."""
         return self._map(moments, "second")
+
+    # the landscape side lives in torch_embed.graph.analysis; these delegate to it
+    def restrict(self, wide_state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The narrow state a wide one embeds; see :func:`torch_embed.graph.analysis.restrict`."""
+        from torch_embed.graph.analysis import restrict
+
+        return restrict(self, wide_state)
+
+    def then(self, other: GroupEmbedding) -> GroupEmbedding:
+        """``self``, then ``other``; see :func:`torch_embed.graph.analysis.then`."""
+        from torch_embed.graph.analysis import then
+
+        return then(self, other)
+
+    def steps(self, groups: Any) -> list[GroupEmbedding]:
+        """One-step pieces; see :func:`torch_embed.graph.analysis.steps`."""
+        from torch_embed.graph.analysis import steps
+
+        return steps(self, groups)
+
+    def inertia_change(
+        self,
+        model: Any,
+        loss_fn: Any,
+        inputs: Any = None,
+        targets: Any = None,
+        *,
+        data: Any = None,
+        reduction: str | None = None,
+        process_group: Any = None,
+        tol: float | None = None,
+        method: str = "auto",
+        min_gap: float | None = None,
+        allow_train_mode: bool = False,
+        chunk_size: int | None = None,
+    ) -> Inertia:
+        """The exact inertia change at the WIDENED ``model``.
+
+        See :func:`torch_embed.graph.analysis.inertia_change` (same arguments).
+        """
+        from torch_embed.graph.analysis import inertia_change
+        from torch_embed.inertia import DEFAULT_MIN_GAP
+
+        return inertia_change(
+            self,
+            model,
+            loss_fn,
+            inputs,
+            targets,
+            data=data,
+            reduction=reduction,
+            process_group=process_group,
+            tol=tol,
+            method=method,
+            min_gap=DEFAULT_MIN_GAP if min_gap is None else min_gap,
+            allow_train_mode=allow_train_mode,
+            chunk_size=chunk_size,
+        )
 
 
 def _add_noise(t: Tensor, a: AxisMap, noise: float, seed: int) -> Tensor:

@@ -15,7 +15,10 @@ which returns the old values to set back if anything later fails.
 
 Built in: ``Linear``, ``Bilinear``, ``Conv``/``ConvTranspose`` 1d-3d, ``BatchNorm``/
 ``InstanceNorm``/``SyncBatchNorm``, ``GroupNorm``, ``LayerNorm``, ``RMSNorm``,
-``MultiheadAttention``, ``Embedding``, ``EmbeddingBag``, ``PReLU``. A module of any other
+``MultiheadAttention``, ``Embedding``, ``EmbeddingBag``, ``PReLU``; ``transformers``'
+``Conv1D`` and LLaMA/Qwen2/Mistral RMSNorms are registered by
+:mod:`torch_embed.graph.hf` when the first module of that package is looked up (so
+``import torch_embed`` does not import ``transformers``). A module of any other
 class whose own tensors change shape is accepted with nothing to patch when none of its
 plain attributes holds one of the sizes that change (timm's ``LayerScale``, a model's own
 position embedding or cls token: their tensors' shapes are all there is to their width),
@@ -34,6 +37,7 @@ Example: a depthwise convolution grows from 8 to 11 channels (``groups`` follows
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -183,8 +187,17 @@ def register_handler(cls: type[nn.Module], handler: Handler) -> None:
     _HANDLERS[cls] = handler
 
 
+#: Packages whose module classes get handlers on first sight: ``{package: module}``,
+#: where ``module.register_handlers()`` registers them (imports the package itself, so
+#: ``import torch_embed`` does not).
+_LAZY = {"transformers": "torch_embed.graph.hf"}
+
+
 def handler_for(module: nn.Module) -> Handler | None:
     """The handler registered for ``type(module)`` or its nearest base class, if any."""
+    package = type(module).__module__.partition(".")[0]
+    if package in _LAZY:
+        importlib.import_module(_LAZY.pop(package)).register_handlers()
     for klass in type(module).__mro__:
         handler = _HANDLERS.get(klass)
         if handler is not None:

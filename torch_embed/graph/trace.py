@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from torch_embed._sequential import elementwise_info
+from torch_embed.graph.hf import tracing
 
 __all__ = ["Ref", "Traced", "TracedNode", "Tracer", "check_model", "trace"]
 
@@ -493,7 +494,7 @@ def trace(model: nn.Module, args: tuple[Any, ...], tracer: Tracer = "auto") -> T
             # the forward runs on fake tensors (export) or once more (fx): its warnings
             # are the tracer's business, and a warning turned into an error by a filter
             # must not make the trace fail over to the other tracer
-            with _untouched(model), warnings.catch_warnings():
+            with _untouched(model), tracing(model), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 return _TRACERS[name](model, args)
         except Exception as exc:  # any tracer failure: try the next, report all

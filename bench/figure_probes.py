@@ -1,0 +1,237 @@
+"""Probes behind the settings of the reproductions (docs/reproduction.md), not benchmarks.
+
+Each probe is a short, seeded run that was used to choose (or to rule out) a setting the
+papers leave open; the numbers docs/reproduction.md quotes from them come from these
+commands. Nothing is written to RESULTS.md: the output is printed.
+
+``fig1-targets``: 1D targets for Fig. 1, each a sum of ``tanh`` steps
+``h·tanh((x - c)/s)`` on 50 points of ``[-15, 15]``. All targets are trained at once as a
+:class:`~torch_embed.experiments.training.BatchedMLP` (each run gets exactly its own
+gradient) from the papers' small initialisation ``N(0, 1/m³)`` with full-batch gradient
+descent; the plateaus of each loss curve are found as ``fig1`` finds them. A target is
+worth a full ``fig1`` run only if it shows at least three plateaus.
+
+``fig3b-width``: Fig. 3(b) at another width: trains the 4-W-3 sigmoid net on Iris as
+``fig3b`` does (Adam lr 0.02, init ``N(0, 1/m⁶)``), Newton-polishes snapshots of its
+plateaus and counts the Hessian's eigenvalues with the figure's pinned tolerance.
+
+``fig5-synthetic``: two synthetic stand-ins for Fig. 5's data (1000 samples, 10
+one-hot classes, 16 inputs): ``mixture``, Gaussian classes whose means lie on
+orthogonal axes with lengths falling geometrically (3, 1.5, 0.75, ...; noise 0.5), so
+that classes could be learned one after another; ``xor``, five pairs of classes told
+apart by a mean shift of 3 along their own axis and, within a pair, by the XOR of the
+signs of the first two inputs. A 16-400-10 ReLU net from ``N(0, 1/m⁶)`` is trained with
+Adam as ``fig5`` does; the loss (over the class-frequency loss) and the direction
+groups are printed at every record, and the plateaus found with ``fig5``'s criterion.
+
+Usage::
+
+    python bench/figure_probes.py fig1-targets --set A --lr 0.05 --steps 30000 --width 500
+    python bench/figure_probes.py fig1-targets --set B --lr 0.02 --steps 75000 --width 200
+    python bench/figure_probes.py fig3b-width --width 3 --steps 20000
+    python bench/figure_probes.py fig5-synthetic --kind xor --lr 3e-4 --steps 1500
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+TARGETS: dict[str, list[list[tuple[float, float, float]]]] = {
+    # (height, centre, scale) of each tanh step
+    "A": [
+        [(1.0, -7.5, 1), (0.5, 0, 1), (0.25, 7.5, 1)],  # the staircase of fig3a/fig4
+        [(1.0, -7.5, 1), (0.25, 0, 1), (0.06, 7.5, 1)],
+        [(1.0, -5, 1), (0.3, 5, 1), (0.1, 0, 1), (0.03, 10, 1)],
+        [(1.0, 0, 3), (0.3, -8, 1), (0.1, 8, 1)],
+        [(1.0, -7.5, 2), (0.3, 0, 1), (0.1, 7.5, 0.5)],
+        [(1.0, 0, 1), (0.3, -7.5, 1), (0.1, 7.5, 1), (0.03, -12, 1)],
+    ],
+    "B": [
+        [(1.0, -10, 1), (0.5, -5, 1), (0.25, 0, 1), (0.125, 5, 1), (0.0625, 10, 1)],
+        [(1.0, -7.5, 1), (0.2, 0, 1), (0.04, 7.5, 1)],
+        [(1.0, -5, 3), (0.3, 5, 1.5), (0.1, 0, 0.7), (0.03, 10, 0.5)],
+        [(1.0, 0, 5), (0.5, -8, 1), (0.25, 8, 1), (0.12, -12, 0.5)],
+        [(1.0, 0, 2), (0.3, -10, 0.5), (0.1, 10, 0.5), (0.03, -5, 0.5)],
+        [(1.0, -7.5, 2), (0.5, 0, 2), (0.25, 7.5, 2), (0.125, 12, 2)],
+    ],
+}
+
+
+def fig1_targets(name: str, lr: float, steps: int, width: int, xmax: float = 15.0) -> None:
+    """Train every target of set ``name``; print its plateaus and loss curve.
+
+    ``xmax`` rescales the input interval to ``[-xmax, xmax]`` (centres and scales with
+    it), so the same shapes are seen by a net whose input weights start at the same size.
+    """
+    import torch
+
+    from torch_embed.experiments.fig1 import _merge
+    from torch_embed.experiments.training import BatchedMLP, find_plateaus, log_grid, train
+
+    torch.set_num_threads(1)
+    targets = TARGETS[name]
+    x = torch.linspace(-xmax, xmax, 50, dtype=torch.float64)[:, None]
+    ys = []
+    for steps_k in targets:
+        y = torch.zeros_like(x)
+        for h, c, s in steps_k:
+            y += h * torch.tanh((x - c * xmax / 15) / (s * xmax / 15))
+        ys.append(y)
+    y_all = torch.stack(ys)
+    nets = BatchedMLP(
+        len(targets),
+        (1, width, 1),
+        "tanh",
+        generator=torch.Generator().manual_seed(0),
+        std=width**-1.5,
+    )
+    losses: list[list[float]] = []
+
+    def record(_step: int, _loss: float) -> None:
+        with torch.no_grad():
+            losses.append(((nets(x) - y_all) ** 2).mean(dim=(1, 2)).tolist())
+
+    def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return ((out - target) ** 2).mean(dim=(1, 2)).sum()
+
+    hist = train(
+        nets,
+        loss_fn,
+        x,
+        y_all,
+        steps=steps,
+        lr=lr,
+        method="gd",
+        record_at=log_grid(steps, 400),
+        callback=record,
+    )
+    print(
+        f"set {name} on [-{xmax:g}, {xmax:g}]: width {width}, GD lr {lr}, {steps} steps, "
+        "init N(0, 1/m^3), seed 0"
+    )
+    for k, target in enumerate(targets):
+        curve = [row[k] for row in losses]
+        found = _merge(find_plateaus(hist.steps, curve, start=max(1, steps // 1000)), curve)
+        plateaus = ", ".join(f"{hist.steps[i]}-{hist.steps[j]} at {curve[i]:.3g}" for i, j in found)
+        print(f"{k}: {target}")
+        print(f"   {len(found)} plateau(s): {plateaus or '-'}; final loss {curve[-1]:.3g}")
+
+
+def fig3b_width(width: int, steps: int, seed: int = 0) -> None:
+    """Train 4-``width``-3 on Iris as fig3b does; polish and count plateau snapshots."""
+    import torch
+    from torch import nn
+
+    from torch_embed.critical import critical_point
+    from torch_embed.experiments.counts import count
+    from torch_embed.experiments.data import iris
+    from torch_embed.experiments.fig3b import FLAT
+    from torch_embed.experiments.training import find_plateaus, log_grid, mlp, small_init_, train
+    from torch_embed.hessian import gradient, hessian
+
+    torch.set_num_threads(1)
+    x, y = iris()
+    loss_fn = nn.MSELoss()
+    net = mlp([4, width, 3], "sigmoid")
+    small_init_(net, exponent=6, generator=torch.Generator().manual_seed(seed))
+    snapshots: dict[int, dict[str, torch.Tensor]] = {}
+
+    def snapshot(step: int, _loss: float) -> None:
+        snapshots[step] = copy.deepcopy(net.state_dict())
+
+    hist = train(
+        net, loss_fn, x, y, steps=steps, lr=0.02, record_at=log_grid(steps, 120), callback=snapshot
+    )
+    found = find_plateaus(hist.steps, hist.losses, start=10)
+    print(f"4-{width}-3 sigmoid on Iris, Adam lr 0.02, {steps} steps, seed {seed}")
+    print("plateaus:", ", ".join(f"{hist.steps[i]}-{hist.steps[j]}" for i, j in found))
+    picked = [hist.steps[k] for i, j in found for k in range(i, j + 1) if hist.steps[k] >= 40]
+    for step in picked[::4]:
+        probe = mlp([4, width, 3], "sigmoid")
+        probe.load_state_dict(snapshots[step])
+        res = critical_point(probe, loss_fn, x, y, max_iter=0, max_newton_iter=200)
+        g = float(gradient(probe, loss_fn, x, y).norm())
+        c = count(hessian(probe, loss_fn, x, y), g, floor=FLAT)
+        print(
+            f"step {step}: polished loss {res.loss:.6f}, |grad R| {g:.1e}, -/0/+ "
+            f"{c.as_tuple()}, gap {c.gap:.1e}{' (ambiguous)' if c.ambiguous else ''}"
+        )
+
+
+def fig5_synthetic(kind: str, lr: float, steps: int) -> None:
+    """Train the Fig. 5 network on a synthetic set; print loss, groups and plateaus."""
+    import torch
+    from torch import nn
+
+    from torch_embed.experiments.data import one_hot
+    from torch_embed.experiments.fig5 import direction_groups
+    from torch_embed.experiments.training import find_plateaus, log_grid, mlp, small_init_, train
+
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(1)
+    n, d = 1000, 16
+    labels = torch.arange(n) % 10
+    if kind == "mixture":
+        means = torch.zeros(10, d)
+        means[torch.arange(10), torch.arange(10)] = 3.0 * 2.0 ** -torch.arange(10.0)
+        x = means[labels] + 0.5 * torch.randn(n, d, generator=gen)
+    else:
+        x = torch.randn(n, d, generator=gen)
+        means = torch.zeros(5, d)
+        means[torch.arange(5), 2 + torch.arange(5)] = 3.0
+        x += means[labels // 2]
+        sign = torch.where(labels % 2 == 1, 1.0, -1.0)
+        x[:, 1] = x[:, 1].abs() * torch.sign(x[:, 0]) * sign
+    x = x.float()
+    y = one_hot(labels, 10).float()
+    baseline = float(((y - y.mean(0)) ** 2).mean())
+    net = mlp([d, 400, 10], "relu", dtype=torch.float32)
+    small_init_(net, exponent=6, generator=torch.Generator().manual_seed(0))
+    print(f"{kind}: 16-400-10 ReLU, Adam lr {lr}, {steps} steps; step, loss / baseline, groups")
+
+    def record(step: int, loss: float) -> None:
+        print(f"{step} {loss / baseline:.4f} {direction_groups(net)[1]}", flush=True)
+
+    hist = train(
+        net, nn.MSELoss(), x, y, steps=steps, lr=lr, record_at=log_grid(steps, 100), callback=record
+    )
+    found = find_plateaus(hist.steps, hist.losses, slope=0.0, noise=0.01, decades=0.15)
+    print(
+        "plateaus (fig5's criterion):",
+        ", ".join(
+            f"{hist.steps[i]}-{hist.steps[j]} at {hist.losses[i] / baseline:.3f} x baseline"
+            for i, j in found
+        )
+        or "-",
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="probe", required=True)
+    p1 = sub.add_parser("fig1-targets", help="1D targets for Fig. 1: plateaus of each")
+    p1.add_argument("--set", choices=sorted(TARGETS), default="A")
+    p1.add_argument("--lr", type=float, default=0.05)
+    p1.add_argument("--steps", type=int, default=30_000)
+    p1.add_argument("--width", type=int, default=500)
+    p1.add_argument("--xmax", type=float, default=15.0)
+    p3 = sub.add_parser("fig3b-width", help="Fig. 3(b) at another width")
+    p3.add_argument("--width", type=int, default=3)
+    p3.add_argument("--steps", type=int, default=20_000)
+    p3.add_argument("--seed", type=int, default=0)
+    p5 = sub.add_parser("fig5-synthetic", help="Fig. 5 on a synthetic data set")
+    p5.add_argument("--kind", choices=["mixture", "xor"], default="xor")
+    p5.add_argument("--lr", type=float, default=3e-4)
+    p5.add_argument("--steps", type=int, default=1500)
+    args = parser.parse_args()
+    if args.probe == "fig1-targets":
+        fig1_targets(args.set, args.lr, args.steps, args.width, args.xmax)
+    elif args.probe == "fig3b-width":
+        fig3b_width(args.width, args.steps, args.seed)
+    else:
+        fig5_synthetic(args.kind, args.lr, args.steps)
+
+
+if __name__ == "__main__":
+    main()
