@@ -396,10 +396,20 @@ def test_deepcopy_unaffected() -> None:
 
 
 # ----------------------------------------------------------------- residual: fills
-@pytest.mark.parametrize("width", [9, 13])
-def test_rmsnorm_zero_fill_any_width(width: int) -> None:
-    """RMSNorm: null residual units, γ × √(D/D'), eps × D/D': exact and critical."""
-    model = LLAMA()
+LLAMA_WRITTEN = _seeded(lambda: Llama(written_norm=True))
+
+
+@pytest.mark.parametrize(
+    ("make", "width"), [(LLAMA, 9), (LLAMA, 13), (LLAMA_WRITTEN, 11)],
+    ids=["rms_norm-9", "rms_norm-13", "written-out-11"],
+)  # fmt: skip
+def test_rmsnorm_zero_fill_any_width(make: Factory, width: int) -> None:
+    """RMSNorm: null residual units, γ × √(D/D'), eps × D/D': exact and critical.
+
+    Also for an RMSNorm written out as ``x * rsqrt(mean(x²) + eps)`` (Hugging Face's
+    LlamaRMSNorm, eps in ``variance_epsilon``).
+    """
+    model = make()
     idx = _idx()
     prompt = _idx(4, seed=5)[:1]
     with torch.no_grad():
@@ -420,8 +430,9 @@ def test_rmsnorm_zero_fill_any_width(width: int) -> None:
         assert torch.allclose(wide[:8], g * (8 / width) ** 0.5, rtol=1e-15, atol=0)
         assert bool((wide[8:] == 0).all())
     for m in (model.norm, model.layers[1].input_layernorm):
-        assert m.eps == pytest.approx(1e-6 * 8 / width, rel=1e-15)
-        assert m.normalized_shape == (width,)
+        eps = m.variance_epsilon if make is LLAMA_WRITTEN else m.eps
+        assert eps == pytest.approx(1e-6 * 8 / width, rel=1e-15)
+        assert m.weight.shape == (width,)
     assert bool((model.embed_tokens.weight[:, 8:] == 0).all())
     # the wide gradient is the narrow one mapped (new units: zero)
     mapped = {n: p.grad for n, p in model.named_parameters()}

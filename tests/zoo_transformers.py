@@ -24,7 +24,7 @@ def _random_norms(model: nn.Module) -> None:
     """Non-trivial norms (the default init is γ = 1, β = 0, under which more maps pass)."""
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
+            if isinstance(m, (nn.LayerNorm, nn.RMSNorm, WrittenRMSNorm)):
                 m.weight.uniform_(0.5, 1.5)
                 if getattr(m, "bias", None) is not None:
                     m.bias.normal_(0, 0.1)
@@ -160,14 +160,31 @@ class LlamaAttention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
+class WrittenRMSNorm(nn.Module):
+    """Hugging Face's LlamaRMSNorm: ``w * x * rsqrt(mean(x²) + variance_epsilon)``."""
+
+    def __init__(self, d: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.variance_epsilon = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        variance = x.pow(2).mean(-1, keepdim=True)
+        return self.weight * (x * torch.rsqrt(variance + self.variance_epsilon))
+
+
+def _rms_norm(d: int, written: bool) -> nn.Module:
+    return WrittenRMSNorm(d) if written else nn.RMSNorm(d, eps=1e-6)
+
+
 class LlamaBlock(nn.Module):
     def __init__(
-        self, d: int, n_head: int, n_kv_head: int, head_dim: int, ffn: int, kv: str
+        self, d: int, n_head: int, n_kv_head: int, head_dim: int, ffn: int, kv: str, written: bool
     ) -> None:
         super().__init__()
-        self.input_layernorm = nn.RMSNorm(d, eps=1e-6)
+        self.input_layernorm = _rms_norm(d, written)
         self.self_attn = LlamaAttention(d, n_head, n_kv_head, head_dim, kv)
-        self.post_attention_layernorm = nn.RMSNorm(d, eps=1e-6)
+        self.post_attention_layernorm = _rms_norm(d, written)
         self.gate_proj = nn.Linear(d, ffn, bias=False)
         self.up_proj = nn.Linear(d, ffn, bias=False)
         self.down_proj = nn.Linear(ffn, d, bias=False)
@@ -179,7 +196,10 @@ class LlamaBlock(nn.Module):
 
 
 class Llama(nn.Module):
-    """A LLaMA-like causal LM: RMSNorm, RoPE, GQA (4 query heads on 2 kv heads), SwiGLU."""
+    """A LLaMA-like causal LM: RMSNorm, RoPE, GQA (4 query heads on 2 kv heads), SwiGLU.
+
+    ``written_norm``: the RMSNorms written out as Hugging Face does (no ``rms_norm`` op).
+    """
 
     def __init__(
         self,
@@ -191,13 +211,14 @@ class Llama(nn.Module):
         ffn: int = 12,
         layers: int = 2,
         kv: str = "expand",
+        written_norm: bool = False,
     ) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(vocab, d)
         self.layers = nn.ModuleList(
-            LlamaBlock(d, n_head, n_kv_head, head_dim, ffn, kv) for _ in range(layers)
+            LlamaBlock(d, n_head, n_kv_head, head_dim, ffn, kv, written_norm) for _ in range(layers)
         )
-        self.norm = nn.RMSNorm(d, eps=1e-6)
+        self.norm = _rms_norm(d, written_norm)
         self.lm_head = nn.Linear(d, vocab, bias=False)
         _random_norms(self)
 

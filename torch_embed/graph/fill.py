@@ -23,7 +23,9 @@ width ``D → D'`` the new units are *filled* (GROWTH.md §2), with ``Null`` as 
   only (not critical), and a mapped ``.grad``/optimizer state is approximate.
 
 The eps is a module attribute (``eps``, ``variance_epsilon``, ``epsilon``) the apply
-step rescales; a norm whose eps is written into ``forward`` is refused there.
+step rescales; a norm whose eps is written into ``forward`` is refused there. An
+RMSNorm written out (``w * x * rsqrt(mean(x²) + eps)``, Hugging Face's) counts as one:
+its scale is the parameter its module multiplies the stream by.
 """
 
 from __future__ import annotations
@@ -101,6 +103,10 @@ def plan_fill(groups: WidthGroups, widths: dict[str, int]) -> Fill:
                 )
             if norm.weight is not None:
                 out.gains[(norm.weight, 0)] = math.sqrt(d / wide)
+            else:  # written out (x * rsqrt(mean(x²) + eps) * w): its module's scale
+                for u in g.producers:
+                    if u.module == norm.module and u.op == "mul" and u.role == "per-channel":
+                        out.gains[(u.tensor, u.axis)] = math.sqrt(d / wide)
             out.eps.append((norm.module, norm.eps, d / wide))
         if kind == "mean":
             first = next(n.module for n in groups.norms if g.name in n.groups)

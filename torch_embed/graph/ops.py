@@ -133,6 +133,9 @@ class Interpretation:
     norms: list[tuple[str, str, Axes, str | None, float | None]] = field(default_factory=list)
     # head_dim axes of nn.MultiheadAttention (embed_dim = num_heads × head_dim = its input)
     packed: list[int] = field(default_factory=list)
+    # squares x² (pow 2, x * x) and means of squares awaiting their eps (index in norms)
+    squares: set[str] = field(default_factory=set)
+    pending_rms: dict[str, int] = field(default_factory=dict)
     # part of a split parameter axis -> the whole axis (see ``use``)
     part_of: dict[int, int] = field(default_factory=dict)
     # axes made by repeating entries (expand of a size-1 axis, repeat_interleave): GQA's n_rep
@@ -415,8 +418,24 @@ _SCORE_PASS = frozenset(
 )  # fmt: skip
 
 
+def _track_rms(it: Interpretation, node: TracedNode) -> None:
+    """Squares, and the eps added to a mean of squares (an RMSNorm written out)."""
+    args = node.args
+    binary = len(args) > 1 and isinstance(args[0], Ref)
+    if binary and (
+        (node.op == "pow" and args[1] == 2) or (node.op == "mul" and args[0] == args[1])
+    ):
+        it.squares.add(node.name)
+    elif node.op == "add" and len(args) > 1 and isinstance(args[0], Ref):
+        k = it.pending_rms.pop(args[0].name, None)
+        if k is not None and isinstance(args[1], (int, float)) and not isinstance(args[1], bool):
+            module, kind, axes, weight, _ = it.norms[k]
+            it.norms[k] = (module, kind, axes, weight, float(args[1]))
+
+
 def _track_scores(it: Interpretation, node: TracedNode) -> None:
     """Follow ``q @ k^T`` through its scaling and masking to a softmax (explicit attention)."""
+    _track_rms(it, node)
     refs = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, Ref)]
     if not refs or not any(r.name in it.scores for r in refs):
         return
@@ -590,8 +609,14 @@ def _reduce(it: Interpretation, node: TracedNode) -> Any:
     if isinstance(dims, int):
         dims = [dims]
     reduced = set(range(len(x))) if not dims else {_dim(int(d), len(x)) for d in dims}
+    src = node.args[0]
+    # mean(x²) over the feature axes: an RMSNorm written out (Hugging Face's LlamaRMSNorm)
+    rms = node.op == "mean" and isinstance(src, Ref) and src.name in it.squares
     for d in reduced:
-        it.constrain(x[d], _REDUCE_KIND[node.op], node)
+        it.constrain(x[d], "rms_norm" if rms else _REDUCE_KIND[node.op], node)
+    if rms:
+        it.pending_rms[node.name] = len(it.norms)
+        it.norms.append((node.module, "rms_norm", tuple(x[d] for d in sorted(reduced)), None, None))
     out: list[int] = []
     for d, a in enumerate(x):
         if d not in reduced:
