@@ -13,8 +13,10 @@ Model: a pre-LayerNorm GPT-style encoder written here (token and position embedd
 Each *variant* grows one dimension of the narrow model (``d = 32``, 4 heads, FFN 64,
 8 per head, one layer) at step ``--grow-at`` with :func:`torch_embed.widen` (widths, by group) or
 :func:`torch_embed.deepen` (a block), the Adam state mapped by the same call, then keeps
-training the same optimizer. Its baseline is the *target* shape trained from scratch for
-the same total number of steps, from the same seed. Printed per variant (means over
+training the same optimizer. Widths grow by ``widen``'s default scheme (Net2Net with
+symmetric noise), except the residual stream to a non-multiple width: under LayerNorm
+only a mean-fill (the ``Null`` scheme) keeps the function there. Its baseline is the
+*target* shape trained from scratch for the same total number of steps, from the same seed. Printed per variant (means over
 seeds; ratios are geometric means):
 
 * ``Δ grow``: training loss just after growing minus just before (continuity; the
@@ -71,7 +73,7 @@ class Attention(nn.Module):
 
     def __init__(self, d: int, heads: int, head_dim: int) -> None:
         super().__init__()
-        self.heads = heads
+        self.num_heads = heads
         self.head_dim = head_dim
         self.q = nn.Linear(d, heads * head_dim)
         self.k = nn.Linear(d, heads * head_dim)
@@ -82,10 +84,10 @@ class Attention(nn.Module):
         b, t, _ = x.shape
 
         def split(y: Tensor) -> Tensor:
-            return y.view(b, t, self.heads, self.head_dim).transpose(1, 2)
+            return y.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
 
         y = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)))
-        return self.o(y.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+        return self.o(y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
 
 class Block(nn.Module):
@@ -146,13 +148,18 @@ def group_of(model: nn.Module, example: Tensor, producer: str, size: int) -> str
     raise ValueError(f"no width group of size {size} produced by {producer!r}")
 
 
-def widen_by(producer: str, old: Callable[[Config], int], new: int) -> Grow:
+def widen_by(
+    producer: str,
+    old: Callable[[Config], int],
+    new: int,
+    scheme: torch_embed.Scheme | str = torch_embed.schemes.DEFAULT_SCHEME,
+) -> Grow:
     """Grow the group that ``producer`` writes (of the size ``old(cfg)``) to ``new``."""
 
     def grow(m: TinyGPT, opt: torch.optim.Optimizer, x: Tensor, g: torch.Generator) -> None:
         cfg = config_of(m)
         name = group_of(m, x, producer, old(cfg))
-        torch_embed.widen(m, {name: new}, example_inputs=(x,), optimizer=opt, generator=g)
+        torch_embed.widen(m, {name: new}, scheme, example_inputs=(x,), optimizer=opt, generator=g)
 
     return grow
 
@@ -176,7 +183,7 @@ def config_of(m: TinyGPT) -> Config:
         raise TypeError(f"blocks[0] is a {type(block).__name__}, not a Block")
     return Config(
         d=m.tok.weight.shape[1],
-        heads=block.attn.heads,
+        heads=block.attn.num_heads,
         head_dim=block.attn.head_dim,
         ffn=block.fc1.out_features,
         layers=len(m.blocks),
@@ -195,7 +202,12 @@ def variants(base: Config) -> list[tuple[str, Grow, Config]]:
         ("heads ×2", widen_by(q, lambda c: c.heads, heads_x2), replace(base, heads=heads_x2)),
         ("heads ×1.5", widen_by(q, lambda c: c.heads, heads_odd), replace(base, heads=heads_odd)),
         ("residual ×2", widen_by("tok", lambda c: c.d, d_x2), replace(base, d=d_x2)),
-        ("residual ×1.5", widen_by("tok", lambda c: c.d, d_odd), replace(base, d=d_odd)),
+        # a LayerNorm'd stream grows to a non-multiple width only by mean-fill (Null)
+        (
+            "residual ×1.5 (mean-fill)",
+            widen_by("tok", lambda c: c.d, d_odd, torch_embed.Null()),
+            replace(base, d=d_odd),
+        ),
         ("depth +1 (null)", deepen_after(0, "null"), replace(base, layers=base.layers + 1)),
         ("depth +1 (zero_out)", deepen_after(0, "zero_out"), replace(base, layers=base.layers + 1)),
     ]
