@@ -16,8 +16,8 @@ Each *variant* grows one dimension of the narrow model (``d = 32``, 4 heads, FFN
 training the same optimizer. Widths grow by ``widen``'s default scheme (Net2Net with
 symmetric noise), except the residual stream to a non-multiple width: under LayerNorm
 only a mean-fill (the ``Null`` scheme) keeps the function there. Its baseline is the
-*target* shape trained from scratch for the same total number of steps, from the same seed. Printed per variant (means over
-seeds; ratios are geometric means):
+*target* shape trained from scratch for the same total number of steps, from the same
+seed. Printed per variant (means over seeds; ratios are geometric means):
 
 * ``Δ grow``: training loss just after growing minus just before (continuity; the
   function is kept, so this is rounding).
