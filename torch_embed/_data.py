@@ -168,26 +168,19 @@ class BatchSource:
         dist.all_reduce(t, op=kind, group=self.group)
         return float(t[0])
 
-    def gather_rows(self, tensor: Tensor) -> Tensor:
-        """The rows of ``tensor`` of every rank, concatenated in rank order.
+    def owns(self, index: int) -> bool:
+        """Whether this rank does item ``index`` of work dealt round-robin over the group.
 
-        Every rank must pass tensors of the same trailing shape and dtype; row counts
-        may differ (zero included). Without a group, ``tensor`` itself.
+        For work that is not a sum over samples but must not be repeated on every rank
+        (e.g. one eigendecomposition per block): the owner computes the item, the other
+        ranks contribute zeros, and one :meth:`all_reduce_` shares it (adding zeros is
+        exact, so every rank gets the owner's bits). Every item without a group.
         """
         if self.group is None:
-            return tensor
+            return True
         import torch.distributed as dist
 
-        size = dist.get_world_size(self.group)
-        rows = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=tensor.device)
-        counts = [torch.zeros_like(rows) for _ in range(size)]
-        dist.all_gather(counts, rows, group=self.group)
-        most = max(int(c) for c in counts)
-        padded = tensor.new_zeros((most, *tensor.shape[1:]))
-        padded[: tensor.shape[0]] = tensor
-        parts = [torch.empty_like(padded) for _ in range(size)]
-        dist.all_gather(parts, padded.contiguous(), group=self.group)
-        return torch.cat([p[: int(c)] for p, c in zip(parts, counts, strict=True)])
+        return index % dist.get_world_size(self.group) == dist.get_rank(self.group)
 
 
 def _comm_device(group: Any, like: Tensor | None) -> torch.device:
