@@ -391,7 +391,12 @@ def part2(args: argparse.Namespace) -> str:
                 row += " — | — | — | — | — |"
             rows.append(row)
             print(rows[-1], flush=True)
+    end_load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     rows.append("")
+    rows.append(
+        f"1-min load average at the end: {end_load:.1f} on {cores} cores (above the cores, "
+        f"other work competes with the ranks: wall times then say little, CPU times more)."
+    )
     if library_inertia_change_parallel():
         rows.append(
             "inertia_change: a Split of 2 neurons per hidden layer, default tolerance, "
