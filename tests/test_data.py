@@ -17,7 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, TensorDataset
+from torch.utils.data.distributed import DistributedSampler
 
 import torch_embed
 from torch_embed.critical import critical_point
@@ -327,3 +328,45 @@ def test_means_that_do_not_divide_by_the_sample_count_are_refused() -> None:
     s = nn.CrossEntropyLoss(weight=weighted.weight, reduction="sum")
     g_ref = _reference(net, s, x, y)[1]
     assert _rel(gradient(net, s, data=_batches(x, y, 3)), g_ref) <= 1e-12  # type: ignore[arg-type]
+
+
+def test_a_distributed_sampler_that_pads_its_shards_is_refused() -> None:
+    # 23 samples over 3 replicas: DistributedSampler(drop_last=False) gives every rank 8
+    # indices, repeating one sample, which would count twice in the data set's loss
+    net, (x, y) = _net(), _xy()
+    dataset = TensorDataset(x, y)
+    mse, total = nn.MSELoss(), nn.MSELoss(reduction="sum")
+    message = (
+        r"gradient: data is a DataLoader whose sampler, a DistributedSampler with "
+        r"drop_last=False, splits 23 samples over num_replicas=3: it pads the shards to 8 "
+        r"samples each by repeating 1, .* drop_last=True"
+    )
+    for rank in range(3):
+        sampler = DistributedSampler(dataset, num_replicas=3, rank=rank, shuffle=False)
+        with pytest.raises(ValueError, match=message):
+            gradient(net, mse, data=DataLoader(dataset, batch_size=5, sampler=sampler))
+    # a BatchSampler around one, another tool, a sum
+    batches = BatchSampler(DistributedSampler(dataset, num_replicas=2, rank=1), 4, False)
+    with pytest.raises(ValueError, match=r"inertia_change: .* over num_replicas=2"):
+        inertia_change(*_widened()[1:], total, data=DataLoader(dataset, batch_sampler=batches))
+    # what the message proposes is accepted: drop_last=True (the shards hold samples
+    # 0..20, interleaved), or a data set whose size num_replicas divides; the shards'
+    # sums add up to the sum over the samples they hold
+    for kept, drop_last in ((x[:21], True), (x[:21], False)):
+        data = dataset if drop_last else TensorDataset(kept, y[:21])
+        parts = [
+            gradient(
+                net,
+                total,
+                data=DataLoader(
+                    data,
+                    batch_size=3,
+                    sampler=DistributedSampler(
+                        data, num_replicas=3, rank=r, shuffle=False, drop_last=drop_last
+                    ),
+                ),
+            )
+            for r in range(3)
+        ]
+        g_ref = _reference(net, total, kept, y[:21])[1]
+        assert _rel(sum(parts[1:], parts[0]), g_ref) <= 1e-12

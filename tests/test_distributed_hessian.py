@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import importlib
 import multiprocessing
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,14 @@ import torch.multiprocessing as mp
 from torch import Tensor, nn
 
 import torch_embed
+from torch_embed._blocks import (
+    data_signals,
+    layer_signals,
+    null_coupling,
+    split_coupling,
+    splitting_matrix,
+)
+from torch_embed._data import batch_source
 from torch_embed.critical import critical_point
 from torch_embed.hessian import gradient, hessian, hvp
 from torch_embed.inertia import hessian_inertia
@@ -74,6 +83,44 @@ def _results(loss: Any, main: dict[str, Any], fit: dict[str, Any]) -> dict[str, 
     }
 
 
+def _sums(signals: Any) -> dict[str, Tensor]:
+    """The closed forms' sums over samples (layer 0, neuron 1, a null slope of 0.7)."""
+    return {
+        "S": splitting_matrix(signals, 1),
+        "G": split_coupling(signals, 1),
+        "G_null": null_coupling(signals, 0.7),
+    }
+
+
+def _shared_work(loss: nn.Module, shard: list[Any], group: Any) -> dict[str, Any]:
+    """What one rank holds and computes of the closed forms and of inertia_change's spectra.
+
+    The rows of the layer's signals (this rank's samples only: nothing is gathered),
+    the sums built from them (all-reduced), and how many eigendecompositions this rank
+    ran (each block's on one rank only).
+    """
+    net, wide, emb, _, _, _ = _problem()
+    signals = data_signals(net, loss, batch_source("t", loss, data=shard, process_group=group), 0)
+    module = importlib.import_module("torch_embed.inertia_change")
+    original, calls = module.eigenvalues, []
+
+    def counted(matrix: Tensor) -> Tensor:
+        calls.append(matrix.shape[0])
+        return original(matrix)
+
+    module.eigenvalues = counted
+    try:
+        change = inertia_change(emb, wide, loss, data=shard, process_group=group)
+    finally:
+        module.eigenvalues = original
+    return {
+        "rows": int(signals.h.shape[0]),
+        "sums": _sums(signals),
+        "eigen_calls": len(calls),
+        "change_tol_gap": (change.tol, change.gap),
+    }
+
+
 def _worker(rank: int, world: int, store: str, out: str) -> None:
     import torch.distributed as dist
 
@@ -103,6 +150,7 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
             {"data": shard, "process_group": group},
             {"data": fit_shard, "process_group": group},
         )
+        results["shared"] = _shared_work(loss, shard, group)
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -135,6 +183,19 @@ def test_ranks_agree_with_one_process_on_the_concatenated_data(world: int, tmp_p
         assert float((got[key] - ref[key]).abs().max()) <= 1e-12 * float(ref[key].abs().max())
     for key in ("inertia", "change", "change_hvp"):
         assert got[key] == ref[key], key
+    # the closed forms: each rank holds only its own samples' rows and sums them; the
+    # all-reduced sums equal the one-process sums on the concatenated data, bit-equal
+    # on every rank; each block's eigendecomposition runs on one rank only
+    for r, result in enumerate(ranks):
+        assert result["shared"]["rows"] == sum(SHARDS[world][r])
+    one = _sums(layer_signals(_problem()[0], loss, x, y, 0))
+    for key, want in one.items():
+        for r in ranks[1:]:
+            assert torch.equal(r["shared"]["sums"][key], got["shared"]["sums"][key]), key
+        err = float((got["shared"]["sums"][key] - want).abs().max())
+        assert err <= 1e-12 * float(want.abs().max()), key
+    assert sum(r["shared"]["eigen_calls"] for r in ranks) == 2  # two added neurons
+    assert all(r["shared"]["change_tol_gap"] == got["shared"]["change_tol_gap"] for r in ranks)
     scale = max(abs(c[3]) for c in ref["certificates"])
     want = {c[:3]: c[3] for c in ref["certificates"]}
     assert len(got["certificates"]) == len(want)

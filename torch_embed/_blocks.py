@@ -78,6 +78,13 @@ _TRAIN_MODE_TYPES: tuple[type[nn.Module], ...] = (
 class LayerSignals:
     """Per-sample signals of one hidden layer, from one forward and one backward pass.
 
+    The rows are the samples of this process (all of them without a process group).
+    The closed forms are sums over samples (:func:`splitting_matrix`,
+    :func:`split_coupling`, :func:`null_coupling`): with a ``source`` that has a process
+    group, each process sums its own rows and the partial sums are all-reduced, so every
+    rank gets the same sums, those of the concatenated data, without holding the other
+    ranks' samples.
+
     Attributes:
         h: ``(N, fan_in + 1)`` (or ``(N, fan_in)`` without a bias) augmented inputs
             ``h̃_i = [f[l-1](x_i); 1]`` of the hidden layer's Linear.
@@ -91,6 +98,8 @@ class LayerSignals:
             of ones).
         next_has_bias: Whether the next Linear has a bias (null neurons with
             ``σ(β) ≠ 0`` need it).
+        source: The batches the rows come from, whose process group completes every
+            sum over samples (``None``: the rows are all the samples).
     """
 
     h: Tensor
@@ -101,11 +110,20 @@ class LayerSignals:
     fan_out: Tensor
     has_bias: bool
     next_has_bias: bool = True
+    source: BatchSource | None = None
 
     @property
     def width(self) -> int:
         """Number of neurons ``m`` of the hidden layer."""
         return int(self.z.shape[1])
+
+    def summed(self, partial: Tensor) -> Tensor:
+        """A sum over this process's samples completed over the process group (in place).
+
+        Without a group (or without a ``source``), ``partial`` itself: the rows are
+        all the samples.
+        """
+        return partial if self.source is None else self.source.all_reduce_(partial)
 
 
 def _check_layer(layout: Layout, layer: int) -> None:
@@ -319,14 +337,18 @@ def data_signals(
     dtype: torch.dtype = torch.float64,
     state: Mapping[str, Tensor] | None = None,
 ) -> LayerSignals:
-    """:func:`layer_signals` of a whole data set: every batch's samples, in order.
+    """:func:`layer_signals` of a whole data set: this process's samples, in order.
 
     The closed forms are sums over samples of terms linear in ``δ``, so the signals of
-    each batch (its ``δ`` scaled by the batch's weight, :mod:`torch_embed._data`) are
-    concatenated, and over a process group gathered from every rank in rank order: the
-    signals of the concatenated data set, the same on every rank. They hold
-    ``N·(fan_in + 1 + 3·width + m_next)`` numbers for ``N`` samples in all: the
-    closed forms need the samples of the layer, not the activations of the network.
+    each batch of this process (its ``δ`` scaled by the batch's weight,
+    :mod:`torch_embed._data`) are concatenated, and the result keeps ``source``: over a
+    process group, :func:`splitting_matrix`, :func:`split_coupling` and
+    :func:`null_coupling` sum this rank's rows and all-reduce the partial sums (see
+    :meth:`LayerSignals.summed`), so every rank gets the sums of the concatenated data
+    set while computing only its share of them. The rows hold
+    ``N_r·(fan_in + 1 + 3·width + m_next)`` numbers for the ``N_r`` samples of this
+    process: the closed forms need the samples of the layer, not the activations of the
+    network.
 
     Args:
         model: As in :func:`layer_signals`.
@@ -357,8 +379,7 @@ def data_signals(
     first = parts[0] if parts else _no_signals(model, layer, dtype, state)
 
     def joined(field: str) -> Tensor:
-        local = torch.cat([getattr(p, field) for p in parts]) if parts else getattr(first, field)
-        return source.gather_rows(local)
+        return torch.cat([getattr(p, field) for p in parts]) if parts else getattr(first, field)
 
     return LayerSignals(
         h=joined("h"),
@@ -369,6 +390,7 @@ def data_signals(
         fan_out=first.fan_out,
         has_bias=first.has_bias,
         next_has_bias=first.next_has_bias,
+        source=source if source.group is not None else None,
     )
 
 
@@ -426,7 +448,7 @@ def splitting_matrix(signals: LayerSignals, neuron: int) -> Tensor:
     """
     _check_neuron(signals, neuron)
     weight = (signals.delta @ signals.fan_out[:, neuron]) * signals.d2[:, neuron]
-    s = signals.h.T @ (weight[:, None] * signals.h)
+    s = signals.summed(signals.h.T @ (weight[:, None] * signals.h))
     return (s + s.T) / 2
 
 
@@ -452,7 +474,7 @@ def split_coupling(signals: LayerSignals, neuron: int) -> Tensor:
         True
     """
     _check_neuron(signals, neuron)
-    return signals.h.T @ (signals.d1[:, neuron, None] * signals.delta)
+    return signals.summed(signals.h.T @ (signals.d1[:, neuron, None] * signals.delta))
 
 
 def split_block(signals: LayerSignals, neuron: int, alpha: float) -> Tensor:
@@ -502,7 +524,7 @@ def null_coupling(signals: LayerSignals, bias_slope: float) -> Tensor:
         >>> null_coupling(layer_signals(net, nn.MSELoss(), x, y, 0), 1.0).shape
         torch.Size([3, 1])
     """
-    return float(bias_slope) * (signals.h.T @ signals.delta)
+    return float(bias_slope) * signals.summed(signals.h.T @ signals.delta)
 
 
 def null_block(signals: LayerSignals, bias_slope: float) -> Tensor:

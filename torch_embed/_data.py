@@ -53,12 +53,18 @@ kind of device; ``critical_point`` also broadcasts each eigendecomposition that 
 its Newton steps from the first rank. Its time checks (``max_time``, the L-BFGS stall
 window) use the slowest rank's clock.
 
+A :class:`~torch.utils.data.distributed.DistributedSampler` with ``drop_last=False``
+pads the shards to equal length by repeating samples when ``num_replicas`` does not
+divide the data set's size; those samples would count twice, so a ``DataLoader`` with
+such a sampler is refused (a :class:`ValueError` that says how to shard instead).
+
 A train-mode BatchNorm (``allow_train_mode=True``) normalises each batch by its own
 statistics: the sum over batches is then not the loss of the concatenated data.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -168,26 +174,19 @@ class BatchSource:
         dist.all_reduce(t, op=kind, group=self.group)
         return float(t[0])
 
-    def gather_rows(self, tensor: Tensor) -> Tensor:
-        """The rows of ``tensor`` of every rank, concatenated in rank order.
+    def owns(self, index: int) -> bool:
+        """Whether this rank does item ``index`` of work dealt round-robin over the group.
 
-        Every rank must pass tensors of the same trailing shape and dtype; row counts
-        may differ (zero included). Without a group, ``tensor`` itself.
+        For work that is not a sum over samples but must not be repeated on every rank
+        (e.g. one eigendecomposition per block): the owner computes the item, the other
+        ranks contribute zeros, and one :meth:`all_reduce_` shares it (adding zeros is
+        exact, so every rank gets the owner's bits). Every item without a group.
         """
         if self.group is None:
-            return tensor
+            return True
         import torch.distributed as dist
 
-        size = dist.get_world_size(self.group)
-        rows = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=tensor.device)
-        counts = [torch.zeros_like(rows) for _ in range(size)]
-        dist.all_gather(counts, rows, group=self.group)
-        most = max(int(c) for c in counts)
-        padded = tensor.new_zeros((most, *tensor.shape[1:]))
-        padded[: tensor.shape[0]] = tensor
-        parts = [torch.empty_like(padded) for _ in range(size)]
-        dist.all_gather(parts, padded.contiguous(), group=self.group)
-        return torch.cat([p[: int(c)] for p, c in zip(parts, counts, strict=True)])
+        return index % dist.get_world_size(self.group) == dist.get_rank(self.group)
 
 
 def _comm_device(group: Any, like: Tensor | None) -> torch.device:
@@ -300,7 +299,9 @@ def batch_source(
             samples cannot be counted; ``process_group`` not a process group.
         ValueError: No batch at all (on any rank); an unknown or contradictory
             reduction; a mean over samples of different sizes or a class-weighted /
-            ``ignore_index`` mean.
+            ``ignore_index`` mean; a ``DataLoader`` whose ``DistributedSampler`` pads
+            its shards with repeated samples (``drop_last=False`` and a data set size
+            that ``num_replicas`` does not divide).
 
     Example:
         >>> x, y = torch.ones(10, 2), torch.zeros(10, 1)
@@ -329,6 +330,7 @@ def batch_source(
                 f"{caller}: data must be an iterable of (inputs, targets) batches (a "
                 f"DataLoader, a list of pairs), got {type(data).__name__}"
             )
+        _check_sampler(caller, data)
         pairs = [_as_pair(caller, i, b) for i, b in enumerate(data)]
     red = _detect_reduction(caller, loss_fn, reduction)
     weighted = data is not None or group is not None
@@ -377,6 +379,38 @@ def batch_source(
         for (x, y), n in zip(pairs, counts, strict=True)
     )
     return BatchSource(batches, group, total, red)
+
+
+def _check_sampler(caller: str, data: Iterable[Any]) -> None:
+    """Refuse a DataLoader whose DistributedSampler pads its shards with repeated samples.
+
+    A :class:`~torch.utils.data.distributed.DistributedSampler` with ``drop_last=False``
+    over ``n`` samples for ``k`` replicas gives every rank ``ceil(n / k)`` indices,
+    repeating ``k·ceil(n / k) - n`` samples when ``k`` does not divide ``n``: they would
+    count twice in the data set's loss, silently. Checked on the loader's ``sampler``
+    and on its ``batch_sampler``'s (a ``BatchSampler`` around a ``DistributedSampler``).
+    """
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+
+    if not isinstance(data, DataLoader):
+        return
+    for sampler in (data.sampler, getattr(data.batch_sampler, "sampler", None)):
+        if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
+            continue
+        n, k = len(sampler.dataset), int(sampler.num_replicas)  # type: ignore[arg-type]
+        if n % k == 0:
+            continue
+        repeated = k * math.ceil(n / k) - n
+        raise ValueError(
+            f"{caller}: data is a DataLoader whose sampler, a {type(sampler).__name__} "
+            f"with drop_last=False, splits {n} samples over num_replicas={k}: it pads the "
+            f"shards to {math.ceil(n / k)} samples each by repeating {repeated}, which "
+            f"would count twice in the data set's loss. Use DistributedSampler(..., "
+            f"drop_last=True) (it leaves out {n % k} samples), a data set whose size "
+            f"num_replicas divides, or a sampler that does not pad (e.g. each rank's own "
+            f"slice of the indices)"
+        )
 
 
 def _count(inputs: Any, targets: Any) -> int:

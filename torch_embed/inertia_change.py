@@ -85,6 +85,7 @@ from torch_embed.hessian import HessianOperator, _flat_loss
 from torch_embed.inertia import (
     DEFAULT_MIN_GAP,
     Inertia,
+    _check_symmetric,
     _tolerance_and_gap,
     default_tolerance,
     eigenvalues,
@@ -415,8 +416,9 @@ def step_blocks(
             ``"batchmean"``); needed with ``data``/``process_group`` for a plain
             function, read from a ``torch.nn`` loss otherwise.
         process_group: A :mod:`torch.distributed` process group: each rank passes its
-            shard of the data and gets the same result (closed forms gather the layer's
-            per-sample signals from every rank; products are all-reduced).
+            shard of the data and gets the same result (each rank sums the closed forms
+            over its own samples and the partial sums are all-reduced, as are the
+            products).
         method: ``"auto"``, ``"closed-form"`` or ``"hvp"`` (see the module docstring).
 
     Returns:
@@ -482,8 +484,9 @@ def complement_blocks(
             ``"batchmean"``); needed with ``data``/``process_group`` for a plain
             function, read from a ``torch.nn`` loss otherwise.
         process_group: A :mod:`torch.distributed` process group: each rank passes its
-            shard of the data and gets the same result (closed forms gather the layer's
-            per-sample signals from every rank; products are all-reduced).
+            shard of the data and gets the same result (each rank sums the closed forms
+            over its own samples and the partial sums are all-reduced, as are the
+            products).
         method: ``"auto"``, ``"closed-form"`` or ``"hvp"`` (see the module docstring).
 
     Returns:
@@ -517,6 +520,40 @@ def complement_blocks(
     )
     blocks = _blocks(embedding, model, loss_fn, source, method)[0]
     return [b.matrix for b in blocks]
+
+
+def _spectra(blocks: list[ComplementBlock], source: BatchSource) -> list[Tensor]:
+    """The eigenvalues of every block's normalized matrix, each computed on one rank.
+
+    Over a process group the blocks are dealt round-robin (:meth:`BatchSource.owns
+    <torch_embed._data.BatchSource.owns>`): each rank decomposes its share, and one
+    all-reduce of the spectra (zeros where a rank does not own a block) gives every
+    rank the owners' bits. Every rank checks every block (finite, symmetric), so a
+    refusal happens on all ranks; a failed decomposition is raised on all ranks too.
+    Without a group, every block here.
+    """
+    if source.group is None:
+        return [eigenvalues(b.normalized) for b in blocks]
+    sizes = [int(b.matrix.shape[0]) for b in blocks]
+    device = blocks[0].matrix.device if blocks else torch.device("cpu")
+    flat = torch.zeros(sum(sizes), dtype=torch.float64, device=device)
+    start = 0
+    for i, (b, n) in enumerate(zip(blocks, sizes, strict=True)):
+        mat = b.normalized
+        _check_symmetric(mat.to(torch.float64), mat.dtype)  # the same on every rank
+        if source.owns(i):
+            try:
+                flat[start : start + n] = eigenvalues(mat)
+            except RuntimeError:  # torch.linalg.LinAlgError: raised on every rank below
+                flat[start : start + n] = math.nan
+        start += n
+    source.all_reduce_(flat)
+    if not bool(torch.isfinite(flat).all()):
+        raise ValueError(
+            "inertia_change: the eigendecomposition of a complement block did not "
+            "converge (on the rank that owned it)"
+        )
+    return list(flat.split(sizes))
 
 
 def _scale_estimate(
@@ -582,8 +619,9 @@ def inertia_change(
             ``"batchmean"``); needed with ``data``/``process_group`` for a plain
             function, read from a ``torch.nn`` loss otherwise.
         process_group: A :mod:`torch.distributed` process group: each rank passes its
-            shard of the data and gets the same result (closed forms gather the layer's
-            per-sample signals from every rank; products are all-reduced).
+            shard of the data and gets the same result (each rank sums the closed forms
+            over its own samples and the partial sums are all-reduced, as are the
+            products; each block's eigenvalues are computed on one rank and shared).
         tol: Eigenvalue threshold for the zero count; the result records it. Pass the
             ``tol`` of the "before" :class:`~torch_embed.inertia.Inertia` to count
             consistently with it (and to skip the estimate of ``‖H_wide‖``): then
@@ -644,7 +682,7 @@ def inertia_change(
         process_group=process_group,
     )
     blocks, wide_state = _blocks(embedding, model, loss_fn, source, method)
-    spectra = [eigenvalues(b.normalized) for b in blocks]
+    spectra = _spectra(blocks, source)
     dtype = torch.float64
     mags = torch.cat([torch.zeros(0, dtype=dtype)] + [lam.abs().cpu() for lam in spectra])
     mags = mags.sort().values

@@ -395,8 +395,9 @@ def saddle_certificates(
             ``"batchmean"``); needed with ``data``/``process_group`` for a plain
             function, read from a ``torch.nn`` loss otherwise.
         process_group: A :mod:`torch.distributed` process group: each rank passes its
-            shard of the data; the layer's signals are gathered from every rank, so
-            every rank gets the same certificates.
+            shard of the data; each rank sums the closed forms over its own samples
+            and the partial sums are all-reduced, so every rank gets the same
+            certificates.
         alpha_bound: ``B ≥ ½``: splits use ``α ∈ [1 - B, B]``, so each copy's share of
             the fan-out has magnitude at most ``B``. ``B = 1`` excludes signed splits.
         null_biases: Candidate null biases ``β`` (the best one is reported; only those
