@@ -48,7 +48,6 @@ def deepen(
     *,
     example_inputs: Tensor | tuple[Any, ...],
     optimizer: torch.optim.Optimizer | None = None,
-    generator: torch.Generator | None = None,
 ) -> DepthEmbedding:
     """Insert blocks into ``nn.ModuleList`` / ``nn.Sequential`` containers, keeping the function.
 
@@ -95,8 +94,6 @@ def deepen(
             parameter it was copied from (``"identity"``: of the preceding Linear's), so
             it gets that group's hyper-parameters; its state starts empty. The state of
             the existing parameters is not touched.
-        generator: Unused (no mode is random); accepted for symmetry with
-            :func:`torch_embed.widen`.
 
     Returns:
         The :class:`~torch_embed.depth.DepthEmbedding` that was applied.
@@ -139,10 +136,6 @@ def deepen(
         raise TypeError(
             f"deepen: optimizer must be a torch.optim.Optimizer or None, got "
             f"{type(optimizer).__name__}"
-        )
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(
-            f"deepen: generator must be a torch.Generator, got {type(generator).__name__}"
         )
     args = check_model(model, example_inputs, "deepen")
     requests = _requests(model, where)
