@@ -24,6 +24,7 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_leaves
 
 from torch_embed.exactness import unit_roundoff
+from torch_embed.graph.attention import HEAD_DIM_ATTRIBUTES, check_shared_head_dim
 from torch_embed.graph.embedding import GroupEmbedding
 from torch_embed.graph.fill import EPS_ATTRIBUTES
 from torch_embed.graph.groups import WidthGroups, width_groups
@@ -67,6 +68,7 @@ def widen_graph(
         ]
     }
     embedding = plan_groups(groups, new_widths, scheme, generator=generator, tensors=tensors)
+    check_shared_head_dim(model, groups, embedding.sizes)
     _warn_dead_units(model, groups, embedding)
     before = _outputs(model, args)
     named_params = _one_name_each(model.named_parameters(remove_duplicate=False), embedding)
@@ -366,7 +368,7 @@ _HEAD_ATTRIBUTES = {
     "q_heads": ("n_head", "n_heads", "num_heads", "num_attention_heads"),
     "kv_heads": ("n_kv_head", "n_kv_heads", "num_kv_heads", "num_key_value_heads"),
     "rep": ("n_rep", "num_key_value_groups"),
-    "head_dim": ("head_dim", "head_size", "d_head", "d_k"),
+    "head_dim": HEAD_DIM_ATTRIBUTES,
 }
 
 

@@ -140,6 +140,8 @@ class Attention:
         packed: ``True`` for ``nn.MultiheadAttention``, whose ``embed_dim`` is both its
             input width and ``num_heads × head_dim``: a factor ``f`` grows its heads
             only (``widen(model, f)``), so the two stay equal.
+        value_dim: The groups of the value head_dim (``()`` where the trace does not
+            show the product with the values).
     """
 
     module: str
@@ -147,6 +149,7 @@ class Attention:
     kv_heads: tuple[str, ...]
     head_dim: tuple[str, ...]
     packed: bool = False
+    value_dim: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -414,8 +417,9 @@ def _collect(it: Interpretation, inputs: tuple[tuple[str, Any], ...]) -> WidthGr
             named_leaves(kh, repeated),
             named_leaves(dim),
             bool(set(atoms.leaves(dim)) & packed),
+            named_leaves(vdim),
         )
-        for module, qh, kh, dim in it.attentions
+        for module, qh, kh, dim, vdim in it.attentions
     )
     return WidthGroups(
         named,

@@ -127,8 +127,13 @@ class Interpretation:
     index: int = -1  # the node being interpreted
     # scores q @ k^T between activations: name -> (qk atom, scale so far, head axes)
     scores: dict[str, tuple[int, float, int | None, int | None]] = field(default_factory=dict)
-    # (module, q head axis, kv head axis, qk head_dim axis) of every attention found
-    attentions: list[tuple[str, int | None, int | None, int]] = field(default_factory=list)
+    # (module, q head axis, kv head axis, qk head_dim axis, value head_dim axis or None)
+    # of every attention found
+    attentions: list[tuple[str, int | None, int | None, int, int | None]] = field(
+        default_factory=list
+    )
+    # attention weights softmax(q @ k^T) awaiting their ``@ v``: name -> index in attentions
+    probs: dict[str, int] = field(default_factory=dict)
     # (module, kind, normalised axes, weight FQN or None, eps) of every LayerNorm/RMSNorm
     norms: list[tuple[str, str, Axes, str | None, float | None]] = field(default_factory=list)
     # head_dim axes of nn.MultiheadAttention (embed_dim = num_heads × head_dim = its input)
@@ -367,7 +372,7 @@ def _sdpa(it: Interpretation, node: TracedNode) -> Any:
     it.constrain(k[-2], "softmax", node)
     it.constrain(q[-1], "attention", node, scale=None if scale is None else float(scale))
     heads = (q[-3], k[-3]) if len(q) >= 3 and len(k) >= 3 else (None, None)
-    it.attentions.append((node.module, *heads, q[-1]))
+    it.attentions.append((node.module, *heads, q[-1], v[-1]))
     if node.module_type == "MultiheadAttention":
         it.packed.append(q[-1])
     for pos in range(3, len(q) + 1):
@@ -437,7 +442,18 @@ def _track_scores(it: Interpretation, node: TracedNode) -> None:
     """Follow ``q @ k^T`` through its scaling and masking to a softmax (explicit attention)."""
     _track_rms(it, node)
     refs = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, Ref)]
-    if not refs or not any(r.name in it.scores for r in refs):
+    if not refs:
+        return
+    if node.op in ("matmul", "bmm") and isinstance(node.args[0], Ref):
+        k = it.probs.get(node.args[0].name)
+        v = it.axes(node.args[1]) if len(node.args) > 1 else None
+        if k is not None and v is not None and len(v) >= 2:  # softmax(...) @ v
+            module, qh, kh, dim, _ = it.attentions[k]
+            it.attentions[k] = (module, qh, kh, dim, v[-1])
+    for r in refs:
+        if r.name in it.probs and node.op in _SCORE_PASS:  # dropout, casts
+            it.probs[node.name] = it.probs[r.name]
+    if not any(r.name in it.scores for r in refs):
         return
     src = next(r.name for r in refs if r.name in it.scores)
     atom, scale, qh, kh = it.scores[src]
@@ -449,7 +465,8 @@ def _track_scores(it: Interpretation, node: TracedNode) -> None:
         return
     if node.op in ("softmax", "_softmax", "log_softmax", "_log_softmax"):
         it.constrain(atom, "attention", node, scale=scale)
-        it.attentions.append((node.module, qh, kh, atom))
+        it.probs[node.name] = len(it.attentions)
+        it.attentions.append((node.module, qh, kh, atom, None))
         return
     if node.op in _SCORE_PASS:
         it.scores[node.name] = (atom, scale, qh, kh)
