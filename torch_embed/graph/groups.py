@@ -162,6 +162,11 @@ class Norm:
         groups: The groups of its normalised axes (one, for a norm over the residual).
         weight: FQN of its γ (``None`` without one).
         eps: The eps the trace shows (``None``: the op's default).
+        bias: FQN of its β (``None`` without one, or for an RMSNorm).
+        head: FQN of the weight of the one ``linear`` that alone reads its output (an LM
+            head after the final norm), else ``None``. Where that weight also embeds
+            the tokens (a tied head), growing the stream by copies folds the head's
+            split into this norm's γ and β (:mod:`torch_embed.graph.plan`).
     """
 
     module: str
@@ -169,6 +174,8 @@ class Norm:
     groups: tuple[str, ...]
     weight: str | None
     eps: float | None
+    bias: str | None = None
+    head: str | None = None
 
 
 class WidthGroups(list[WidthGroup]):
@@ -426,8 +433,16 @@ def _collect(it: Interpretation, inputs: tuple[tuple[str, Any], ...]) -> WidthGr
         layouts={key: lay.rename(names, fixed) for key, lay in layouts.items()},
         attentions=attentions,
         norms=[
-            Norm(module, kind, tuple(n for a in axes for n in named_leaves(a)), weight, eps)
-            for module, kind, axes, weight, eps in it.norms
+            Norm(
+                module,
+                kind,
+                tuple(n for a in axes for n in named_leaves(a)),
+                weight,
+                eps,
+                it.norm_nodes.get(k, ("", None))[1],
+                it.norm_heads.get(k),
+            )
+            for k, (module, kind, axes, weight, eps) in enumerate(it.norms)
         ],
     )
 

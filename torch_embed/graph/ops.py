@@ -136,6 +136,11 @@ class Interpretation:
     probs: dict[str, int] = field(default_factory=dict)
     # (module, kind, normalised axes, weight FQN or None, eps) of every LayerNorm/RMSNorm
     norms: list[tuple[str, str, Axes, str | None, float | None]] = field(default_factory=list)
+    # index in norms -> (output node, bias FQN or None) of a layer_norm/rms_norm op
+    norm_nodes: dict[int, tuple[str, str | None]] = field(default_factory=dict)
+    # index in norms -> FQN of the weight of the one linear that reads its output (the
+    # LM head after the final norm), where one linear alone reads it
+    norm_heads: dict[int, str] = field(default_factory=dict)
     # head_dim axes of nn.MultiheadAttention (embed_dim = num_heads × head_dim = its input)
     packed: list[int] = field(default_factory=list)
     # squares x² (pow 2, x * x) and means of squares awaiting their eps (index in norms)
@@ -570,8 +575,11 @@ def _norm(it: Interpretation, node: TracedNode) -> Any:
                 it.use(xa, pa, "per-channel", node)
     w = it.axes(node.arg(2, "weight"))
     weight = it.origin[w[0]][0] if w and w[0] in it.origin else None
+    bb = it.axes(node.arg(3, "bias")) if kind == "layer_norm" else None
+    bias = it.origin[bb[0]][0] if bb and bb[0] in it.origin else None
     eps = node.arg(4 if kind == "layer_norm" else 3, "eps")
     eps = float(eps) if isinstance(eps, (int, float)) else None
+    it.norm_nodes[len(it.norms)] = (node.name, bias)
     it.norms.append((node.module, kind, x[len(x) - k :], weight, eps))
     return _with_extras(it, node, x)
 
@@ -1034,6 +1042,60 @@ def known_ops() -> frozenset[str]:
     return frozenset(_VOCABULARY)
 
 
+def _refs(x: Any) -> list[str]:
+    if isinstance(x, Ref):
+        return [x.name]
+    if isinstance(x, (list, tuple)):
+        return [n for v in x for n in _refs(v)]
+    if isinstance(x, dict):
+        return [n for v in x.values() for n in _refs(v)]
+    return []
+
+
+_TO_HEAD = frozenset(
+    {
+        "getitem", "view", "reshape", "_unsafe_view", "slice", "alias", "contiguous", "clone",
+        "to", "_to_copy", "dropout", "type_as",
+    }
+)  # fmt: skip
+
+
+def _norm_heads(it: Interpretation, traced: Traced) -> None:
+    """Record the linear that alone reads a norm's output (a tied LM head's fold point).
+
+    The output may pass through ops that keep its last axis (``view``, a ``slice`` of
+    the positions, casts, dropout) on its way; every value on the way has one reader
+    and none is a model output.
+    """
+    readers: dict[str, list[int]] = {}
+    for k, node in enumerate(traced.nodes):
+        for name in dict.fromkeys(_refs((node.args, node.kwargs))):
+            readers.setdefault(name, []).append(k)
+    outputs = set(_refs(traced.outputs))
+    for index, (name, _) in it.norm_nodes.items():
+        width = it.atoms.size(it.norms[index][2][-1])
+        while name not in outputs and len(readers.get(name, [])) == 1:
+            k = readers[name][0]
+            node = traced.nodes[k]
+            if node.op == "linear":
+                heads = {u.tensor for u in it.uses if u.node == k and u.role == "consumer"}
+                first = node.args[0]
+                if isinstance(first, Ref) and first.name == name and len(heads) == 1:
+                    it.norm_heads[index] = heads.pop()
+                break
+            shape = node.shape
+            if (
+                node.op not in _TO_HEAD
+                or (node.op == "getitem" and node.args[1:2] != (0,))
+                or not isinstance(shape, tuple)
+                or not shape
+                or shape[-1] != width
+                or (node.op == "slice" and node.arg(1, "dim", 0) in (-1, len(shape) - 1))
+            ):
+                break
+            name = node.name
+
+
 def interpret(traced: Traced) -> Interpretation:
     """Give every axis of ``traced`` its atoms and record uses, pins and constraints."""
     it = Interpretation()
@@ -1080,6 +1142,7 @@ def interpret(traced: Traced) -> Interpretation:
 
     for k, out in enumerate(traced.outputs):
         pin_output(out, k)
+    _norm_heads(it, traced)
     for atom, why in it.atoms.conflicts:
         it.pin(atom, why)
     return it
