@@ -79,7 +79,9 @@ def test_tests_gpt_one_head_dim_alone_is_refused(explicit: bool, alone: str) -> 
     model = _shared_gpt(explicit)
     idx = torch.randint(0, 11, (2, 6), generator=torch.Generator().manual_seed(1))
     groups = torch_embed.width_groups(model, idx)
-    assert groups.attentions[0].value_dim == ("h.0.attn.v",)
+    assert groups.attentions[0].value_dim == ("h.0.attn.v",)  # sdpa's v, or softmax(...) @ v
+    row = {line.split()[0]: line for line in str(groups).splitlines()[1:]}
+    assert "value head_dim of `h.0.attn`" in row["h.0.attn.v"]
     params = _params(model)
     with pytest.raises(ValueError) as err:
         torch_embed.widen(model, {alone: 6}, "split", example_inputs=idx)

@@ -226,8 +226,8 @@ def format_groups(groups: Iterable[WidthGroup]) -> str:
     """A table of ``groups``: name, size, growable, producers, consumers, notes.
 
     Notes start with an attention role where the group has one (``heads of `attn```,
-    ``kv heads``, ``query heads per kv head``, ``head_dim``), then the constraint kinds
-    (or the reason a group is rigid).
+    ``kv heads``, ``query heads per kv head``, ``head_dim``, ``value head_dim``), then the
+    constraint kinds (or the reason a group is rigid).
     """
     roles = _attention_roles(groups.attentions) if isinstance(groups, WidthGroups) else {}
     rows = [("group", "size", "growable", "producers", "consumers", "notes")]
@@ -264,6 +264,8 @@ def _attention_roles(attentions: Iterable[Attention]) -> dict[str, str]:
             roles.setdefault(name, f"{kind} of {where}")
         for name in a.head_dim:
             roles.setdefault(name, f"head_dim of {where}")
+        for name in a.value_dim:
+            roles.setdefault(name, f"value head_dim of {where}")
     return roles
 
 
