@@ -15,7 +15,7 @@ import pytest
 import torch
 import transformers
 from torch import Tensor, nn
-from zoo_transformers import GPT, greedy
+from zoo_transformers import GPT, Llama, greedy
 
 import torch_embed
 from torch_embed.embedding import EmbeddingKind
@@ -125,6 +125,34 @@ def test_tied_gpt_gradients_and_adam_map() -> None:
             assert err <= 1e-12 * max(float(want[key].abs().max()), 1e-12), (n, key, err)
 
 
+def _tied_llama(written: bool) -> Llama:
+    torch.manual_seed(0)
+    model = Llama(written_norm=written).double()
+    model.lm_head.weight = model.embed_tokens.weight
+    return model
+
+
+@pytest.mark.parametrize(
+    ("written", "scheme", "width"),
+    [(False, "split", 16), (False, "null", 11), (True, "null", 11)],
+    ids=["rmsnorm-split-x2", "rmsnorm-zero-fill-11", "written-rmsnorm-zero-fill-11"],
+)
+def test_tied_llama_residual_grows_exactly(written: bool, scheme: str, width: int) -> None:
+    """RMSNorm: copies fold into γ (no β); zero-filled units need no fold at all."""
+    model = _tied_llama(written)
+    idx = _idx()
+    with torch.no_grad():
+        before = model(idx)
+    tokens = greedy(model, idx[:1, :3])
+    emb = torch_embed.widen(model, {"embed_tokens": width}, scheme, example_inputs=idx)
+    assert model.lm_head.weight is model.embed_tokens.weight
+    assert model.embed_tokens.weight.shape == (11, width)
+    with torch.no_grad():
+        assert _rel(model(idx), before) <= 1e-10
+    assert greedy(model, idx[:1, :3]) == tokens
+    assert emb.kind is EmbeddingKind.CRITICAL
+
+
 def _state(model: nn.Module) -> dict[str, Tensor]:
     return {n: t.detach().clone() for n, t in model.state_dict().items()}
 
@@ -163,6 +191,17 @@ def test_tied_copies_refused_without_a_norm_to_fold_into(make: type[GPT], match:
     before = _state(model)
     with pytest.raises(ValueError, match=match) as err:
         torch_embed.widen(model, {"wte": 16}, "split", example_inputs=_idx())
+    assert "untie it" in str(err.value)
+    after = _state(model)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_tied_copies_refused_under_a_written_rmsnorm() -> None:
+    """An RMSNorm written out (HF's form in user code) is not a foldable norm op."""
+    model = _tied_llama(written=True)
+    before = _state(model)
+    with pytest.raises(ValueError, match="the split can be folded into") as err:
+        torch_embed.widen(model, {"embed_tokens": 16}, "split", example_inputs=_idx())
     assert "untie it" in str(err.value)
     after = _state(model)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

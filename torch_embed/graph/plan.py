@@ -658,8 +658,9 @@ def fold_tied_head(
     LayerNorm/RMSNorm over ``name`` (the final norm), ``E`` is copied and the norm's
     ``γ`` and ``β`` take the head's split instead: copy ``j`` of unit ``i`` reads
     ``α_j (γ_i n_i + β_i)``, so ``Σ_j E[:, i] α_j (γ_i n_i + β_i)`` is the narrow logit
-    (the norm's statistics are unchanged under uniform copies). Null units need no fold
-    (every reader sees 0 from them: zero-fill, or mean-fill with ``γ_new = β_new = 0``).
+    (the norm's statistics are unchanged under uniform copies). Null units need no fold:
+    zero-filled ones are 0 in both uses; mean-filled ones are read through the norm,
+    whose ``γ_new = β_new = 0``.
 
     Returns:
         ``{(tensor, axis): role}`` to set.
@@ -674,6 +675,10 @@ def fold_tied_head(
         f"untie it (give the head its own Parameter: `lm_head.weight = "
         f"nn.Parameter(lm_head.weight.clone())`) or leave {name!r} as it is"
     )
+    known = lm.source >= 0
+    copies = bool(known.any()) and bool((lm.coef[known] != 1).any())
+    if not copies and fill_kind(groups.find(name)) != "mean":
+        return {key: "copy"}  # old units kept, new ones null (zero) in both uses
     norm = next((n for n in groups.norms if n.head == tensor and n.groups == (name,)), None)
     if norm is None:
         raise ValueError(
@@ -684,8 +689,7 @@ def fold_tied_head(
             f"LayerNorm/RMSNorm's γ and β only when one linear with `{tensor}` alone reads "
             f"that norm's output, which the trace does not show here; {untie}"
         )
-    copies = bool((lm.source >= 0).any()) and bool((lm.coef[lm.source >= 0] != 1).any())
-    if not copies:
+    if not copies:  # mean-fill: E's new columns are means, the norm's γ_new = β_new = 0
         return {key: "copy"}
     if norm.weight is None:
         raise ValueError(
