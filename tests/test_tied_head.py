@@ -237,3 +237,27 @@ def test_hf_gpt2_tied_residual_grows_exactly() -> None:
         assert _rel(model(ids).logits, before) <= 1e-10
     after = model.generate(ids, max_new_tokens=20, min_new_tokens=20, do_sample=False)
     assert torch.equal(after, tokens)
+
+
+def test_hf_bert_tied_decoder_folds_into_the_transform_norm() -> None:
+    """BERT's tied decoder reads `cls.predictions.transform.LayerNorm` (post-LN model)."""
+    config = transformers.BertConfig(
+        vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=24, max_position_embeddings=16, initializer_range=0.3,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.BertForMaskedLM(config).double().eval()
+    decoder = model.cls.predictions.decoder
+    assert decoder.weight is model.bert.embeddings.word_embeddings.weight
+    ids = torch.randint(1, 40, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(ids).logits
+    with pytest.warns(UserWarning, match="cannot describe"):  # heads × head_dim = hidden_size
+        emb = torch_embed.widen(
+            model, {"bert.embeddings.word_embeddings": 32}, torch_embed.Split(alpha=0.5),
+            example_inputs=(ids,),
+        )  # fmt: skip
+    assert emb.kind is EmbeddingKind.CRITICAL
+    assert decoder.weight is model.bert.embeddings.word_embeddings.weight
+    with torch.no_grad():
+        assert _rel(model(ids).logits, before) <= 1e-10
