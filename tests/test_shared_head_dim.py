@@ -189,3 +189,29 @@ def test_hf_llama_value_head_dim_refused() -> None:
     assert "`model.layers.0.self_attn.head_dim` (LlamaAttention) sizes both" in msg
     assert "'model.layers.0.self_attn.v_proj'" in msg and "rotary embedding" in msg
     assert _unchanged(model, params) and model.model.layers[0].self_attn.head_dim == 4
+
+
+class OwnValueHeadDim(CausalSelfAttention):
+    """v viewed by its own ``v_head_dim`` (MLA-like): the two head_dims are independent."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(b, t, -1, self.v_head_dim).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(b, t, -1))
+
+
+def test_own_value_head_dim_attribute_grows_alone() -> None:
+    torch.manual_seed(0)
+    model = GPT(layers=1).double()
+    model.h[0].attn.__class__ = OwnValueHeadDim
+    model.h[0].attn.v_head_dim = 4
+    idx = torch.randint(0, 11, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(idx)
+    torch_embed.widen(model, {"h.0.attn.v": 6}, "split", example_inputs=idx)
+    assert model.h[0].attn.head_dim == 4 and model.h[0].attn.v_head_dim == 6
+    with torch.no_grad():
+        assert _rel(model(idx), before) <= 1e-10

@@ -24,7 +24,11 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_leaves
 
 from torch_embed.exactness import unit_roundoff
-from torch_embed.graph.attention import HEAD_DIM_ATTRIBUTES, check_shared_head_dim
+from torch_embed.graph.attention import (
+    HEAD_DIM_ATTRIBUTES,
+    VALUE_HEAD_DIM_ATTRIBUTES,
+    check_shared_head_dim,
+)
 from torch_embed.graph.embedding import GroupEmbedding
 from torch_embed.graph.fill import EPS_ATTRIBUTES
 from torch_embed.graph.groups import WidthGroups, width_groups
@@ -369,6 +373,7 @@ _HEAD_ATTRIBUTES = {
     "kv_heads": ("n_kv_head", "n_kv_heads", "num_kv_heads", "num_key_value_heads"),
     "rep": ("n_rep", "num_key_value_groups"),
     "head_dim": HEAD_DIM_ATTRIBUTES,
+    "value_dim": VALUE_HEAD_DIM_ATTRIBUTES,
 }
 
 
@@ -379,7 +384,8 @@ def _head_attribute_updates(
 
     For a module other than ``nn.MultiheadAttention`` (its handler does it) that runs an
     attention: an int attribute named as in ``_HEAD_ATTRIBUTES`` holding the old number
-    of query heads, kv heads, query heads per kv head or head_dim is set to the new one.
+    of query heads, kv heads, query heads per kv head, head_dim or value head_dim
+    (``v_head_dim``) is set to the new one.
     The re-check after widening confirms the forward computes with them.
     """
     widths = {name: wide for name, (_, wide) in embedding.sizes.items()}
@@ -397,6 +403,7 @@ def _head_attribute_updates(
             sizes(att.q_heads), sizes(att.kv_heads), sizes(att.head_dim)
         )  # fmt: skip
         counts = {"q_heads": (qo, qn), "kv_heads": (ko, kn), "head_dim": (do, dn)}
+        counts["value_dim"] = sizes(att.value_dim)
         if att.kv_heads and qo % ko == 0 and qn % kn == 0:
             counts["rep"] = (qo // ko, qn // kn)
         for what, (old, new) in counts.items():

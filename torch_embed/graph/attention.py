@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "HEAD_DIM_ATTRIBUTES",
+    "VALUE_HEAD_DIM_ATTRIBUTES",
     "check_shared_head_dim",
     "rotary_reason",
     "temperature",
@@ -46,6 +47,7 @@ __all__ = [
 ]
 
 HEAD_DIM_ATTRIBUTES = ("head_dim", "head_size", "d_head", "d_k")
+VALUE_HEAD_DIM_ATTRIBUTES = ("v_head_dim", "value_head_dim", "head_dim_v", "d_v")
 
 _ZERO_EXTENDED = ("attention", "contraction")
 _ATTRIBUTES = ("scale", "scaling", "softmax_scale")
@@ -108,7 +110,9 @@ def check_shared_head_dim(
     query/key head_dim and value head_dim are distinct groups, both written as a size
     in a ``view``/``reshape`` (a ``"reshape"`` constraint: ``-1`` there computes it
     from the tensor instead), and whose module holds an int attribute named as in
-    ``HEAD_DIM_ATTRIBUTES`` equal to both sizes: the two must reach the same width. A
+    ``HEAD_DIM_ATTRIBUTES`` equal to both sizes, and no attribute of the value head_dim
+    of its own (``v_head_dim``, ``value_head_dim``, ``head_dim_v``, ``d_v``): the two
+    must reach the same width. A
     rigid query/key head_dim (rotary embeddings) keeps the value head_dim as it is.
 
     Args:
@@ -144,6 +148,8 @@ def check_shared_head_dim(
             module = model.get_submodule(att.module)
         except AttributeError:
             continue
+        if any(hasattr(module, a) for a in VALUE_HEAD_DIM_ATTRIBUTES):
+            continue  # a value head_dim of its own (MLA's v_head_dim): the re-check decides
         for attr in HEAD_DIM_ATTRIBUTES:
             value = getattr(module, attr, None)
             if isinstance(value, int) and not isinstance(value, bool) and value == old_q:
