@@ -268,11 +268,18 @@ def test_residual_and_heads_under_layernorm(
     assert _rel(_logits(again, ids), before) <= 1e-10
 
 
-def test_tied_gpt2_refuses_only_the_residual() -> None:
+def test_tied_gpt2_residual_folds_into_the_final_norm() -> None:
+    """The tied head's split goes into `ln_f`'s γ, β (tests/test_tied_head.py: the rest)."""
     model, ids = _build("gpt2"), _ids()
-    with pytest.raises(ValueError, match="tied embedding / LM head"):
+    with torch.no_grad():
+        before = model(ids).logits
+    with pytest.warns(UserWarning, match="cannot describe"):  # heads × head_dim = n_embd
         torch_embed.widen(model, {"transformer.ln_f": 32}, "split", example_inputs=(ids,))
-    assert model.transformer.wte.weight.shape == (VOCAB, 16)  # type: ignore[union-attr]
+    assert model.lm_head.weight is model.transformer.wte.weight  # type: ignore[union-attr]
+    assert model.transformer.wte.weight.shape == (VOCAB, 32)  # type: ignore[union-attr]
+    with torch.no_grad():
+        after = model(ids).logits
+    assert float((after - before).abs().max() / before.abs().max()) <= 1e-10
 
 
 class _Logits(nn.Module):

@@ -360,10 +360,9 @@ def _state(model: nn.Module) -> dict[str, Tensor]:
          r"head_dim: rotary embedding at `layers\.0\.self_attn"),
         (GPT_SDPA, {"wte": 13}, r"LayerNorm at `h\.0\.ln_1`: uniform copies"),
         (LLAMA, {"embed_tokens": 12}, r"RMSNorm at `layers\.0\.input_layernorm`: uniform copies"),
-        (_seeded(lambda: GPT(tied=True)), {"wte": 16}, r"tied embedding / LM head"),
         (ENC_POST, {"layers.0.self_attn[1]": 3}, r"embed_dim is both the width"),
     ],
-    ids=["rope-head_dim", "layernorm-partial", "rmsnorm-partial", "tied", "mha-heads-alone"],
+    ids=["rope-head_dim", "layernorm-partial", "rmsnorm-partial", "mha-heads-alone"],
 )  # fmt: skip
 def test_refusals_name_the_rule(make: Factory, widths: dict[str, int], match: str) -> None:
     model = make()

@@ -24,6 +24,11 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_leaves
 
 from torch_embed.exactness import unit_roundoff
+from torch_embed.graph.attention import (
+    HEAD_DIM_ATTRIBUTES,
+    VALUE_HEAD_DIM_ATTRIBUTES,
+    check_shared_head_dim,
+)
 from torch_embed.graph.embedding import GroupEmbedding
 from torch_embed.graph.fill import EPS_ATTRIBUTES
 from torch_embed.graph.groups import WidthGroups, width_groups
@@ -67,6 +72,7 @@ def widen_graph(
         ]
     }
     embedding = plan_groups(groups, new_widths, scheme, generator=generator, tensors=tensors)
+    check_shared_head_dim(model, groups, embedding.sizes)
     _warn_dead_units(model, groups, embedding)
     before = _outputs(model, args)
     named_params = _one_name_each(model.named_parameters(remove_duplicate=False), embedding)
@@ -366,7 +372,8 @@ _HEAD_ATTRIBUTES = {
     "q_heads": ("n_head", "n_heads", "num_heads", "num_attention_heads"),
     "kv_heads": ("n_kv_head", "n_kv_heads", "num_kv_heads", "num_key_value_heads"),
     "rep": ("n_rep", "num_key_value_groups"),
-    "head_dim": ("head_dim", "head_size", "d_head", "d_k"),
+    "head_dim": HEAD_DIM_ATTRIBUTES,
+    "value_dim": VALUE_HEAD_DIM_ATTRIBUTES,
 }
 
 
@@ -377,7 +384,8 @@ def _head_attribute_updates(
 
     For a module other than ``nn.MultiheadAttention`` (its handler does it) that runs an
     attention: an int attribute named as in ``_HEAD_ATTRIBUTES`` holding the old number
-    of query heads, kv heads, query heads per kv head or head_dim is set to the new one.
+    of query heads, kv heads, query heads per kv head, head_dim or value head_dim
+    (``v_head_dim``) is set to the new one.
     The re-check after widening confirms the forward computes with them.
     """
     widths = {name: wide for name, (_, wide) in embedding.sizes.items()}
@@ -395,6 +403,7 @@ def _head_attribute_updates(
             sizes(att.q_heads), sizes(att.kv_heads), sizes(att.head_dim)
         )  # fmt: skip
         counts = {"q_heads": (qo, qn), "kv_heads": (ko, kn), "head_dim": (do, dn)}
+        counts["value_dim"] = sizes(att.value_dim)
         if att.kv_heads and qo % ko == 0 and qn % kn == 0:
             counts["rep"] = (qo // ko, qn // kn)
         for what, (old, new) in counts.items():

@@ -140,6 +140,8 @@ class Attention:
         packed: ``True`` for ``nn.MultiheadAttention``, whose ``embed_dim`` is both its
             input width and ``num_heads × head_dim``: a factor ``f`` grows its heads
             only (``widen(model, f)``), so the two stay equal.
+        value_dim: The groups of the value head_dim (``()`` where the trace does not
+            show the product with the values).
     """
 
     module: str
@@ -147,6 +149,7 @@ class Attention:
     kv_heads: tuple[str, ...]
     head_dim: tuple[str, ...]
     packed: bool = False
+    value_dim: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,11 @@ class Norm:
         groups: The groups of its normalised axes (one, for a norm over the residual).
         weight: FQN of its γ (``None`` without one).
         eps: The eps the trace shows (``None``: the op's default).
+        bias: FQN of its β (``None`` without one, or for an RMSNorm).
+        head: FQN of the weight of the one ``linear`` that alone reads its output (an LM
+            head after the final norm), else ``None``. Where that weight also embeds
+            the tokens (a tied head), growing the stream by copies folds the head's
+            split into this norm's γ and β (:mod:`torch_embed.graph.plan`).
     """
 
     module: str
@@ -166,6 +174,8 @@ class Norm:
     groups: tuple[str, ...]
     weight: str | None
     eps: float | None
+    bias: str | None = None
+    head: str | None = None
 
 
 class WidthGroups(list[WidthGroup]):
@@ -216,8 +226,8 @@ def format_groups(groups: Iterable[WidthGroup]) -> str:
     """A table of ``groups``: name, size, growable, producers, consumers, notes.
 
     Notes start with an attention role where the group has one (``heads of `attn```,
-    ``kv heads``, ``query heads per kv head``, ``head_dim``), then the constraint kinds
-    (or the reason a group is rigid).
+    ``kv heads``, ``query heads per kv head``, ``head_dim``, ``value head_dim``), then the
+    constraint kinds (or the reason a group is rigid).
     """
     roles = _attention_roles(groups.attentions) if isinstance(groups, WidthGroups) else {}
     rows = [("group", "size", "growable", "producers", "consumers", "notes")]
@@ -254,6 +264,8 @@ def _attention_roles(attentions: Iterable[Attention]) -> dict[str, str]:
             roles.setdefault(name, f"{kind} of {where}")
         for name in a.head_dim:
             roles.setdefault(name, f"head_dim of {where}")
+        for name in a.value_dim:
+            roles.setdefault(name, f"value head_dim of {where}")
     return roles
 
 
@@ -414,16 +426,25 @@ def _collect(it: Interpretation, inputs: tuple[tuple[str, Any], ...]) -> WidthGr
             named_leaves(kh, repeated),
             named_leaves(dim),
             bool(set(atoms.leaves(dim)) & packed),
+            named_leaves(vdim),
         )
-        for module, qh, kh, dim in it.attentions
+        for module, qh, kh, dim, vdim in it.attentions
     )
     return WidthGroups(
         named,
         layouts={key: lay.rename(names, fixed) for key, lay in layouts.items()},
         attentions=attentions,
         norms=[
-            Norm(module, kind, tuple(n for a in axes for n in named_leaves(a)), weight, eps)
-            for module, kind, axes, weight, eps in it.norms
+            Norm(
+                module,
+                kind,
+                tuple(n for a in axes for n in named_leaves(a)),
+                weight,
+                eps,
+                it.norm_nodes.get(k, ("", None))[1],
+                it.norm_heads.get(k),
+            )
+            for k, (module, kind, axes, weight, eps) in enumerate(it.norms)
         ],
     )
 

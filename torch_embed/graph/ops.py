@@ -127,10 +127,20 @@ class Interpretation:
     index: int = -1  # the node being interpreted
     # scores q @ k^T between activations: name -> (qk atom, scale so far, head axes)
     scores: dict[str, tuple[int, float, int | None, int | None]] = field(default_factory=dict)
-    # (module, q head axis, kv head axis, qk head_dim axis) of every attention found
-    attentions: list[tuple[str, int | None, int | None, int]] = field(default_factory=list)
+    # (module, q head axis, kv head axis, qk head_dim axis, value head_dim axis or None)
+    # of every attention found
+    attentions: list[tuple[str, int | None, int | None, int, int | None]] = field(
+        default_factory=list
+    )
+    # attention weights softmax(q @ k^T) awaiting their ``@ v``: name -> index in attentions
+    probs: dict[str, int] = field(default_factory=dict)
     # (module, kind, normalised axes, weight FQN or None, eps) of every LayerNorm/RMSNorm
     norms: list[tuple[str, str, Axes, str | None, float | None]] = field(default_factory=list)
+    # index in norms -> (output node, bias FQN or None) of a layer_norm/rms_norm op
+    norm_nodes: dict[int, tuple[str, str | None]] = field(default_factory=dict)
+    # index in norms -> FQN of the weight of the one linear that reads its output (the
+    # LM head after the final norm), where one linear alone reads it
+    norm_heads: dict[int, str] = field(default_factory=dict)
     # head_dim axes of nn.MultiheadAttention (embed_dim = num_heads × head_dim = its input)
     packed: list[int] = field(default_factory=list)
     # squares x² (pow 2, x * x) and means of squares awaiting their eps (index in norms)
@@ -367,7 +377,7 @@ def _sdpa(it: Interpretation, node: TracedNode) -> Any:
     it.constrain(k[-2], "softmax", node)
     it.constrain(q[-1], "attention", node, scale=None if scale is None else float(scale))
     heads = (q[-3], k[-3]) if len(q) >= 3 and len(k) >= 3 else (None, None)
-    it.attentions.append((node.module, *heads, q[-1]))
+    it.attentions.append((node.module, *heads, q[-1], v[-1]))
     if node.module_type == "MultiheadAttention":
         it.packed.append(q[-1])
     for pos in range(3, len(q) + 1):
@@ -437,7 +447,18 @@ def _track_scores(it: Interpretation, node: TracedNode) -> None:
     """Follow ``q @ k^T`` through its scaling and masking to a softmax (explicit attention)."""
     _track_rms(it, node)
     refs = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, Ref)]
-    if not refs or not any(r.name in it.scores for r in refs):
+    if not refs:
+        return
+    if node.op in ("matmul", "bmm") and isinstance(node.args[0], Ref):
+        k = it.probs.get(node.args[0].name)
+        v = it.axes(node.args[1]) if len(node.args) > 1 else None
+        if k is not None and v is not None and len(v) >= 2:  # softmax(...) @ v
+            module, qh, kh, dim, _ = it.attentions[k]
+            it.attentions[k] = (module, qh, kh, dim, v[-1])
+    for r in refs:
+        if r.name in it.probs and node.op in _SCORE_PASS:  # dropout, casts
+            it.probs[node.name] = it.probs[r.name]
+    if not any(r.name in it.scores for r in refs):
         return
     src = next(r.name for r in refs if r.name in it.scores)
     atom, scale, qh, kh = it.scores[src]
@@ -449,7 +470,8 @@ def _track_scores(it: Interpretation, node: TracedNode) -> None:
         return
     if node.op in ("softmax", "_softmax", "log_softmax", "_log_softmax"):
         it.constrain(atom, "attention", node, scale=scale)
-        it.attentions.append((node.module, qh, kh, atom))
+        it.probs[node.name] = len(it.attentions)
+        it.attentions.append((node.module, qh, kh, atom, None))
         return
     if node.op in _SCORE_PASS:
         it.scores[node.name] = (atom, scale, qh, kh)
@@ -553,8 +575,11 @@ def _norm(it: Interpretation, node: TracedNode) -> Any:
                 it.use(xa, pa, "per-channel", node)
     w = it.axes(node.arg(2, "weight"))
     weight = it.origin[w[0]][0] if w and w[0] in it.origin else None
+    bb = it.axes(node.arg(3, "bias")) if kind == "layer_norm" else None
+    bias = it.origin[bb[0]][0] if bb and bb[0] in it.origin else None
     eps = node.arg(4 if kind == "layer_norm" else 3, "eps")
     eps = float(eps) if isinstance(eps, (int, float)) else None
+    it.norm_nodes[len(it.norms)] = (node.name, bias)
     it.norms.append((node.module, kind, x[len(x) - k :], weight, eps))
     return _with_extras(it, node, x)
 
@@ -1017,6 +1042,60 @@ def known_ops() -> frozenset[str]:
     return frozenset(_VOCABULARY)
 
 
+def _refs(x: Any) -> list[str]:
+    if isinstance(x, Ref):
+        return [x.name]
+    if isinstance(x, (list, tuple)):
+        return [n for v in x for n in _refs(v)]
+    if isinstance(x, dict):
+        return [n for v in x.values() for n in _refs(v)]
+    return []
+
+
+_TO_HEAD = frozenset(
+    {
+        "getitem", "view", "reshape", "_unsafe_view", "slice", "alias", "contiguous", "clone",
+        "to", "_to_copy", "dropout", "type_as",
+    }
+)  # fmt: skip
+
+
+def _norm_heads(it: Interpretation, traced: Traced) -> None:
+    """Record the linear that alone reads a norm's output (a tied LM head's fold point).
+
+    The output may pass through ops that keep its last axis (``view``, a ``slice`` of
+    the positions, casts, dropout) on its way; every value on the way has one reader
+    and none is a model output.
+    """
+    readers: dict[str, list[int]] = {}
+    for k, node in enumerate(traced.nodes):
+        for name in dict.fromkeys(_refs((node.args, node.kwargs))):
+            readers.setdefault(name, []).append(k)
+    outputs = set(_refs(traced.outputs))
+    for index, (name, _) in it.norm_nodes.items():
+        width = it.atoms.size(it.norms[index][2][-1])
+        while name not in outputs and len(readers.get(name, [])) == 1:
+            k = readers[name][0]
+            node = traced.nodes[k]
+            if node.op == "linear":
+                heads = {u.tensor for u in it.uses if u.node == k and u.role == "consumer"}
+                first = node.args[0]
+                if isinstance(first, Ref) and first.name == name and len(heads) == 1:
+                    it.norm_heads[index] = heads.pop()
+                break
+            shape = node.shape
+            if (
+                node.op not in _TO_HEAD
+                or (node.op == "getitem" and node.args[1:2] != (0,))
+                or not isinstance(shape, tuple)
+                or not shape
+                or shape[-1] != width
+                or (node.op == "slice" and node.arg(1, "dim", 0) in (-1, len(shape) - 1))
+            ):
+                break
+            name = node.name
+
+
 def interpret(traced: Traced) -> Interpretation:
     """Give every axis of ``traced`` its atoms and record uses, pins and constraints."""
     it = Interpretation()
@@ -1063,6 +1142,7 @@ def interpret(traced: Traced) -> Interpretation:
 
     for k, out in enumerate(traced.outputs):
         pin_output(out, k)
+    _norm_heads(it, traced)
     for atom, why in it.atoms.conflicts:
         it.pin(atom, why)
     return it

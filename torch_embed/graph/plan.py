@@ -601,6 +601,7 @@ def _axes(
             if "batch_norm" in u.op and local in ("weight", "running_var"):
                 fills[u.tensor] = 1.0
     grouped: list[tuple[str, int, str, int]] = []
+    tied: list[tuple[tuple[str, int], str]] = []
     for g in groups:
         for u in (*g.producers, *g.consumers):
             key = (u.tensor, u.axis)
@@ -608,13 +609,7 @@ def _axes(
             if u.role == "producer":
                 producers.add(key)
             if roles.setdefault(key, role) != role and g.name in maps:
-                raise ValueError(
-                    f"`{u.tensor}` axis {u.axis} both writes and reads the features of width "
-                    f"group {g.name!r} (a tied embedding / LM head: the same matrix embeds "
-                    f"the tokens and reads the last hidden state): growing the group would "
-                    f"need the tied matrix copied in one use and split in the other; untie "
-                    f"it (give the head its own Parameter) or leave {g.name!r} as it is"
-                )
+                tied.append((key, g.name))
             if u.role == "consumer" and u.groups > 1 and g.name in maps:
                 if u.offset or u.stride != 1 or u.repeats:
                     raise ValueError(
@@ -622,6 +617,8 @@ def _axes(
                         f"flatten of width group {g.name!r} is not supported yet"
                     )
                 grouped.append((u.tensor, u.axis, g.name, u.groups))
+    for key, name in tied:
+        roles.update(fold_tied_head(groups, key, name, maps[name]))
     out: list[AxisMap] = []
     for (tensor, axis), layout in groups.layouts.items():
         if not set(layout.groups()) & set(maps):
@@ -649,3 +646,59 @@ def _axes(
         lm = maps[name]
         out.append(AxisMap(tensor, axis, "split", lm.source.clone(), lm.coef.clone(), n_groups))
     return tuple(out)
+
+
+def fold_tied_head(
+    groups: WidthGroups, key: tuple[str, int], name: str, lm: LayerMap
+) -> dict[tuple[str, int], str]:
+    """The roles that grow a tied embedding / LM head exactly: the split folded into a norm.
+
+    The tied matrix ``E`` (``key``) embeds the tokens (a producer: copies) and reads the
+    last hidden state (a consumer: split). When one ``linear`` with ``E`` alone reads a
+    LayerNorm/RMSNorm over ``name`` (the final norm), ``E`` is copied and the norm's
+    ``γ`` and ``β`` take the head's split instead: copy ``j`` of unit ``i`` reads
+    ``α_j (γ_i n_i + β_i)``, so ``Σ_j E[:, i] α_j (γ_i n_i + β_i)`` is the narrow logit
+    (the norm's statistics are unchanged under uniform copies). Null units need no fold:
+    zero-filled ones are 0 in both uses; mean-filled ones are read through the norm,
+    whose ``γ_new = β_new = 0``.
+
+    Returns:
+        ``{(tensor, axis): role}`` to set.
+
+    Raises:
+        ValueError: No norm over the group alone is read by that linear alone, or (with
+            copies) the norm has no ``γ`` to take the split; the message says why and
+            to untie the head.
+    """
+    tensor, axis = key
+    untie = (
+        f"untie it (give the head its own Parameter: `lm_head.weight = "
+        f"nn.Parameter(lm_head.weight.clone())`) or leave {name!r} as it is"
+    )
+    known = lm.source >= 0
+    copies = bool(known.any()) and bool((lm.coef[known] != 1).any())
+    if not copies and fill_kind(groups.find(name)) != "mean":
+        return {key: "copy"}  # old units kept, new ones null (zero) in both uses
+    norm = next((n for n in groups.norms if n.head == tensor and n.groups == (name,)), None)
+    if norm is None:
+        raise ValueError(
+            f"`{tensor}` axis {axis} both writes and reads the features of width group "
+            f"{name!r} (a tied embedding / LM head: the same matrix embeds the tokens and "
+            f"reads the last hidden state): copies need it copied in one use and split in "
+            f"the other, which one tensor cannot be; the split can be folded into a "
+            f"LayerNorm/RMSNorm's γ and β only when one linear with `{tensor}` alone reads "
+            f"that norm's output, which the trace does not show here; {untie}"
+        )
+    if not copies:  # mean-fill: E's new columns are means, the norm's γ_new = β_new = 0
+        return {key: "copy"}
+    if norm.weight is None:
+        raise ValueError(
+            f"`{tensor}` is a tied embedding / LM head reading `{norm.module}`, which has no "
+            f"affine γ to fold the head's split into (copies of width group {name!r} need "
+            f"the tied matrix split as a head); use a norm with elementwise_affine, grow "
+            f"{name!r} with Null (zero-/mean-fill), or {untie}"
+        )
+    out = {key: "copy", (norm.weight, 0): "split"}
+    if norm.bias is not None:
+        out[(norm.bias, 0)] = "split"
+    return out
