@@ -676,10 +676,13 @@ def test_steps_inertia_changes_add_up_to_the_whole(polished_cnn) -> None:
     scheme = torch_embed.Split(alpha=(0.2, -0.3, 1.1))
     emb = torch_embed.widen(wide, {"conv1": 4, "conv2": 4}, scheme, example_inputs=x)
     pieces = emb.steps(width_groups(wide, x))
-    tol = 1e-9  # the spectra of the blocks are clear of it (|∇R| <= 1e-12), checked below
+    # the spectra of the blocks are clear of it (|∇R| <= 1e-12), checked below: nothing
+    # in (tol/5, 100·tol). (A block eigenvalue sits at ~1e-6 = 1000·tol, on either side of
+    # it depending on where the polish stops: a 1000x margin made the check flaky.)
+    tol = 1e-9
     total = emb.inertia_change(wide, loss, x, y, tol=tol)
     lam = torch.linalg.eigvalsh(complement_block(emb, wide, loss, x, y).matrix)
-    assert ((lam.abs() <= tol / 5) | (lam.abs() >= tol * 1e3)).all()
+    assert ((lam.abs() <= tol / 5) | (lam.abs() >= tol * 1e2)).all()
     state = {k: v.clone() for k, v in net.state_dict().items()}
     summed = (0, 0, 0)
     for piece in pieces:
@@ -689,7 +692,7 @@ def test_steps_inertia_changes_add_up_to_the_whole(polished_cnn) -> None:
             t.data = state[name].clone()
         if any(n != w for n, w in piece.sizes.values()):
             lam = torch.linalg.eigvalsh(complement_block(piece, between, loss, x, y).matrix)
-            assert ((lam.abs() <= tol / 5) | (lam.abs() >= tol * 1e3)).all()
+            assert ((lam.abs() <= tol / 5) | (lam.abs() >= tol * 1e2)).all()
             change = piece.inertia_change(between, loss, x, y, tol=tol)
             summed = tuple(a + b for a, b in zip(summed, change))
     assert summed == total.as_tuple()
