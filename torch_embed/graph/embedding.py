@@ -41,6 +41,10 @@ if TYPE_CHECKING:
 __all__ = ["AxisMap", "GroupEmbedding", "axis_map"]
 
 _COPY_ROLES = ("producer", "per-channel")
+# elements of a gather's temporary block (256 KiB of float32): small enough to be reused
+# from the allocator's cache instead of paged in afresh, large enough that the number
+# of ops stays low (ResNet-50-shaped, python bench/widen_graph.py)
+_TEMP = 1 << 16
 
 
 @dataclass(frozen=True, eq=False)
@@ -82,6 +86,44 @@ class AxisMap:
     null_fill: Tensor | None = None
     null_init: str = ""
     init_scale: float = 0.0
+    _cache: dict[Any, Any] = field(default_factory=dict, init=False, repr=False)
+
+    def _index(self, device: torch.device) -> tuple[int, Tensor]:
+        """``(keep, tail)``: the identity prefix's length and the other sources on ``device``.
+
+        Decided on the CPU map and moved to ``device`` once (cached per device), so that
+        ``apply`` reads no device data to the host (no sync; "meta" tensors work).
+        """
+        key = ("index", device)
+        if key not in self._cache:
+            keep = _identity_prefix(self.source)
+            tail = self.source[keep:].clamp(min=0).to(device)
+            self._cache[key] = (keep, tail)
+        return self._cache[key]  # type: ignore[no-any-return]
+
+    def _factor(self, what: str, dtype: torch.dtype, device: torch.device) -> Tensor | None:
+        """:meth:`scale` in ``dtype`` when exact, on ``device`` (cached); ``None``: all 1."""
+        key = ("factor", what, dtype, device)
+        if key not in self._cache:
+            s = self.scale(what)
+            self._cache[key] = None if bool((s == 1).all()) else _in_dtype(s, dtype, device)
+        return self._cache[key]  # type: ignore[no-any-return]
+
+    def _null(self, device: torch.device) -> Tensor:
+        """The null entries' positions on ``device`` (cached)."""
+        key = ("null", device)
+        if key not in self._cache:
+            self._cache[key] = (self.source < 0).nonzero().flatten().to(device)
+        return self._cache[key]  # type: ignore[no-any-return]
+
+    def _extras(self, what: str, noise: float) -> bool:
+        """Whether ``apply`` writes more than the scaled gather on this axis."""
+        return what == "apply" and (
+            self.mean
+            or bool(noise and self.role == "split")
+            or self.null_fill is not None
+            or bool(self.null_init)
+        )
 
     def scale(self, what: str) -> Tensor:
         """The factor of each wide entry for ``what`` in apply/grad/second."""
@@ -219,11 +261,25 @@ class GroupEmbedding:
                 continue
             t = tensors[name]
             # plain axes first: a grouped in-axis reads the (new) output segments
-            for a in sorted(axes, key=lambda a: a.groups > 1):
+            todo = sorted(axes, key=lambda a: a.groups > 1)
+            while todo:
+                # plain axes up to one with more to write are gathered in one pass into
+                # one allocation: the same bits as one gather per axis (gathers copy;
+                # each axis's factor is then applied in turn, rounded as before)
+                run = [todo.pop(0)]
+                while (
+                    run[-1].groups == 1
+                    and not run[-1]._extras(what, self.noise)
+                    and todo
+                    and todo[0].groups == 1
+                    and not todo[0].mean
+                ):
+                    run.append(todo.pop(0))
+                a = run[-1]
                 narrow = t
-                t = _gather(t, a, a.scale(what))
+                t = _gather(t, run, what)
                 if what == "apply" and a.mean:
-                    null = (a.source < 0).nonzero().flatten().to(t.device)
+                    null = a._null(t.device)
                     fill = narrow.mean(a.axis, keepdim=True).expand_as(t.index_select(a.axis, null))
                     t = t.index_copy(a.axis, null, fill.contiguous())
                 if what == "apply" and self.noise and a.role == "split":
@@ -362,10 +418,12 @@ def _null_columns(w: Tensor, bias: Tensor, value: Tensor, what: str) -> Tensor:
 
 def _fill_null(t: Tensor, a: AxisMap, seed: int) -> Tensor:
     """Write ``a.null_fill`` or random ``a.null_init`` values at the null entries."""
-    null = (a.source < 0).nonzero().flatten()
-    if not null.numel() or a.groups > 1:
+    if a.groups > 1:
         return t
-    idx = null.to(t.device)
+    null = (a.source < 0).nonzero().flatten()
+    if not null.numel():
+        return t
+    idx = a._null(t.device)
     if a.null_fill is not None:
         fill = a.null_fill[null].to(device=t.device, dtype=t.dtype)
         shape = [1] * t.dim()
@@ -388,16 +446,15 @@ def _fill_null(t: Tensor, a: AxisMap, seed: int) -> Tensor:
     return t
 
 
-def _scale_axis(out: Tensor, axis: int, scale: Tensor) -> None:
-    """``out *= scale`` along ``axis``, with the MLP path's arithmetic.
+def _scale_axis(out: Tensor, axis: int, factor: Tensor) -> None:
+    """``out *= factor`` along ``axis``, with the MLP path's arithmetic.
 
-    The float64 factor is used as it is unless it is exact in ``out``'s dtype, and each
-    product is rounded once (:func:`torch_embed.embedding._put`), so a traced model
-    gets the same bits as :meth:`torch_embed.Embedding.apply` (for float32 and α = 1/3
-    too). ``out`` is viewed as ``(outer, size·inner)`` with the factor repeated over
-    ``inner``; it is contiguous (fresh from the gather).
+    ``factor`` comes from :meth:`AxisMap._factor`: float64 unless exact in ``out``'s
+    dtype, and each product is rounded once (:func:`torch_embed.embedding._put`), so a
+    traced model gets the same bits as :meth:`torch_embed.Embedding.apply` (for float32
+    and α = 1/3 too). ``out`` is viewed as ``(outer, size·inner)`` with the factor
+    repeated over ``inner``; it is contiguous (fresh from the gather).
     """
-    factor = _in_dtype(scale.cpu(), out.dtype, out.device)
     inner = math.prod(out.shape[axis + 1 :])
     if inner > 1:
         factor = factor.repeat_interleave(inner)
@@ -405,17 +462,64 @@ def _scale_axis(out: Tensor, axis: int, scale: Tensor) -> None:
     _put(view, view, factor)
 
 
-def _gather(t: Tensor, a: AxisMap, scale: Tensor) -> Tensor:
-    src = a.source.to(t.device)
+def _gather_into(dst: Tensor, src: Tensor, index: list[tuple[int, int, Tensor]]) -> None:
+    """``dst = src`` gathered along every ``(axis, keep, tail)`` of ``index`` (by axis).
+
+    The first ``keep`` entries of ``axis`` stay in place (sliced, not gathered), the
+    others read ``tail``; every entry of ``dst`` is written once. Gathers that cannot
+    write into ``dst`` directly go through temporaries of at most :data:`_TEMP`
+    elements, so that no large block is allocated (and paged in) besides ``dst``.
+    """
+    if not index:
+        dst.copy_(src)
+        return
+    (axis, keep, tail), rest = index[0], index[1:]
+    if keep:
+        _gather_into(dst.narrow(axis, 0, keep), src.narrow(axis, 0, keep), rest)
+    n = tail.numel()
+    if not n:
+        return
+    part = dst.narrow(axis, keep, n)
+    if not rest and part.is_contiguous():
+        torch.index_select(src, axis, tail, out=part)
+        return
+    # (index_select into a strided block is several times slower than a copy)
+    if axis == 0:  # blocks of gathered rows; the later axes gather within each
+        step = max(1, _TEMP // max(part[0].numel(), 1))
+        for i in range(0, n, step):
+            m = min(step, n - i)
+            _gather_into(part.narrow(0, i, m), src.index_select(0, tail[i : i + m]), rest)
+        return
+    step = max(1, _TEMP // max(part[0].numel(), 1))  # blocks of axis 0 (never gathered)
+    for i in range(0, part.shape[0], step):
+        m = min(step, part.shape[0] - i)
+        block = src.narrow(0, i, m).index_select(axis, tail)
+        _gather_into(part.narrow(0, i, m), block, rest)
+
+
+def _gather(t: Tensor, run: list[AxisMap], what: str) -> Tensor:
+    """``t`` gathered along every axis of ``run`` and scaled for ``what``.
+
+    ``run`` is plain axes (one allocation, one write per entry) or one grouped in-axis.
+    """
+    dev = t.device
+    a = run[0]
     if a.groups == 1:
-        keep = _identity_prefix(src)  # narrow units that stay in place: a plain copy
-        tail = t.index_select(a.axis, src[keep:].clamp(min=0))
-        out = torch.cat([t.narrow(a.axis, 0, keep), tail], a.axis) if keep else tail
-        if out.is_floating_point() and not bool((scale == 1).all()):
-            _scale_axis(out, a.axis, scale)  # ``out`` is fresh: scale in place
+        index = sorted(((b.axis, *b._index(dev)) for b in run), key=lambda i: i[0])
+        shape = list(t.shape)
+        for b in run:
+            shape[b.axis] = b.source.numel()
+        out = torch.empty(shape, dtype=t.dtype, device=dev)
+        _gather_into(out, t, index)
+        if out.is_floating_point():
+            for b in run:
+                factor = b._factor(what, t.dtype, dev)
+                if factor is not None:
+                    _scale_axis(out, b.axis, factor)  # ``out`` is fresh: scale in place
         return out
     # the in-axis of a grouped conv weight (out, in/g, *kernel): rows in g segments
-    scale = _in_dtype(scale.cpu(), t.dtype, t.device)  # as above: rounded once
+    scale = _in_dtype(a.scale(what), t.dtype, dev)  # as above: rounded once
+    src = a.source.to(dev)
     g = a.groups
     rows, share = t.shape[0], t.shape[1]
     wide_share = src.numel() // g
