@@ -32,7 +32,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from torch_embed.embedding import EmbeddingKind, LayerMap, _identity_prefix, _in_dtype, _put
+from torch_embed.embedding import (
+    _CPU,
+    EmbeddingKind,
+    LayerMap,
+    _identity_prefix,
+    _in_dtype,
+    _Moved,
+    _put,
+)
 from torch_embed.graph.layout import AxisLayout
 
 if TYPE_CHECKING:
@@ -88,33 +96,45 @@ class AxisMap:
     init_scale: float = 0.0
     _cache: dict[Any, Any] = field(default_factory=dict, init=False, repr=False)
 
-    def _index(self, device: torch.device) -> tuple[int, Tensor]:
-        """``(keep, tail)``: the identity prefix's length and the other sources on ``device``.
+    def _index(self) -> tuple[int, Tensor]:
+        """``(keep, tail)``: the identity prefix's length and the other sources (cached).
 
-        Decided on the CPU map and moved to ``device`` once (cached per device), so that
-        ``apply`` reads no device data to the host (no sync; "meta" tensors work).
+        Decided on the CPU map, so that ``apply`` reads no device data to the host (no
+        sync; "meta" tensors work); ``tail`` moves to the device through the call's
+        :class:`~torch_embed.embedding._Moved`.
         """
-        key = ("index", device)
-        if key not in self._cache:
+        if "index" not in self._cache:
             keep = _identity_prefix(self.source)
-            tail = self.source[keep:].clamp(min=0).to(device)
-            self._cache[key] = (keep, tail)
-        return self._cache[key]  # type: ignore[no-any-return]
+            self._cache["index"] = (keep, self.source[keep:].clamp(min=0))
+        return self._cache["index"]  # type: ignore[no-any-return]
 
-    def _factor(self, what: str, dtype: torch.dtype, device: torch.device) -> Tensor | None:
-        """:meth:`scale` in ``dtype`` when exact, on ``device`` (cached); ``None``: all 1."""
-        key = ("factor", what, dtype, device)
+    def _factor(self, what: str, dtype: torch.dtype) -> Tensor | None:
+        """:meth:`scale` in ``dtype`` when exact (CPU, cached); ``None``: all 1."""
+        key = ("factor", what, dtype)
         if key not in self._cache:
             s = self.scale(what)
-            self._cache[key] = None if bool((s == 1).all()) else _in_dtype(s, dtype, device)
+            self._cache[key] = None if bool((s == 1).all()) else _in_dtype(s, dtype, _CPU)
         return self._cache[key]  # type: ignore[no-any-return]
 
-    def _null(self, device: torch.device) -> Tensor:
-        """The null entries' positions on ``device`` (cached)."""
-        key = ("null", device)
+    def _grouped(self, what: str, dtype: torch.dtype, share: int) -> tuple[Tensor, Tensor]:
+        """A grouped in-axis's ``(g, wide share)`` in-segment sources and its factors.
+
+        ``share`` is the narrow tensor's in-axis size (CPU, cached).
+        """
+        key = ("grouped", what, dtype, share)
         if key not in self._cache:
-            self._cache[key] = (self.source < 0).nonzero().flatten().to(device)
+            g = self.groups
+            src = self.source.view(g, -1)
+            local = torch.where(src < 0, 0, src - torch.arange(g).view(g, 1) * share)
+            scale = _in_dtype(self.scale(what), dtype, _CPU)  # rounded once, as below
+            self._cache[key] = (local, scale)
         return self._cache[key]  # type: ignore[no-any-return]
+
+    def _null(self) -> Tensor:
+        """The null entries' positions (CPU, cached)."""
+        if "null" not in self._cache:
+            self._cache["null"] = (self.source < 0).nonzero().flatten()
+        return self._cache["null"]  # type: ignore[no-any-return]
 
     def _extras(self, what: str, noise: float) -> bool:
         """Whether ``apply`` writes more than the scaled gather on this axis."""
@@ -253,6 +273,7 @@ class GroupEmbedding:
 
     def _map(self, tensors: Mapping[str, Tensor], what: str) -> dict[str, Tensor]:
         out = dict(tensors)
+        moved = _Moved()
         by_tensor: dict[str, list[AxisMap]] = {}
         for a in self.axes:
             by_tensor.setdefault(a.tensor, []).append(a)
@@ -277,20 +298,20 @@ class GroupEmbedding:
                     run.append(todo.pop(0))
                 a = run[-1]
                 narrow = t
-                t = _gather(t, run, what)
+                t = _gather(t, run, what, moved)
                 if what == "apply" and a.mean:
-                    null = a._null(t.device)
+                    null = moved(a._null(), t.device)
                     fill = narrow.mean(a.axis, keepdim=True).expand_as(t.index_select(a.axis, null))
                     t = t.index_copy(a.axis, null, fill.contiguous())
                 if what == "apply" and self.noise and a.role == "split":
                     t = _add_noise(t, a, self.noise, self.seed)
                 if what == "apply" and (a.null_fill is not None or a.null_init):
-                    t = _fill_null(t, a, self.seed)
+                    t = _fill_null(t, a, self.seed, moved)
             out[name] = t
         if what != "apply":
             for name, value in self.null_values.items():
                 if name in out and (bias := f"{name.rpartition('.')[0]}.bias") in out:
-                    out[name] = _null_columns(out[name], out[bias], value, what)
+                    out[name] = _null_columns(out[name], out[bias], value, what, moved)
         return out
 
     def apply(self, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -401,31 +422,31 @@ def _add_noise(t: Tensor, a: AxisMap, noise: float, seed: int) -> Tensor:
     return t
 
 
-def _null_columns(w: Tensor, bias: Tensor, value: Tensor, what: str) -> Tensor:
+def _null_columns(w: Tensor, bias: Tensor, value: Tensor, what: str, moved: _Moved) -> Tensor:
     """A reader's null columns: ``σ(β)`` times its bias gradient.
 
     ``σ(β)²`` times its second moment, as :meth:`torch_embed.Embedding.map_gradients`
     maps them for MLPs.
     """
     cols = value.nonzero().flatten()
-    v = value[cols].to(device=w.device)
+    v = moved(value[cols], w.device)
     b = bias.to(torch.float64)
     fill = b[:, None] * (v if what == "grad" else v * v)[None, :]
     w = w.clone()
-    w.index_copy_(1, cols.to(w.device), fill.to(w.dtype))
+    w.index_copy_(1, moved(cols, w.device), fill.to(w.dtype))
     return w
 
 
-def _fill_null(t: Tensor, a: AxisMap, seed: int) -> Tensor:
+def _fill_null(t: Tensor, a: AxisMap, seed: int, moved: _Moved) -> Tensor:
     """Write ``a.null_fill`` or random ``a.null_init`` values at the null entries."""
     if a.groups > 1:
         return t
-    null = (a.source < 0).nonzero().flatten()
+    null = a._null()
     if not null.numel():
         return t
-    idx = a._null(t.device)
+    idx = moved(null, t.device)
     if a.null_fill is not None:
-        fill = a.null_fill[null].to(device=t.device, dtype=t.dtype)
+        fill = moved(a.null_fill[null], t.device).to(t.dtype)
         shape = [1] * t.dim()
         shape[a.axis] = -1
         size = list(t.shape)
@@ -442,7 +463,7 @@ def _fill_null(t: Tensor, a: AxisMap, seed: int) -> Tensor:
         else:
             bound = a.init_scale / math.sqrt(max(t.numel() // max(t.shape[0], 1), 1))
             values = (2 * torch.rand(size, generator=gen, dtype=torch.float64) - 1) * bound
-        t.index_copy_(a.axis, idx, values.to(device=t.device, dtype=t.dtype))
+        t.index_copy_(a.axis, idx, values.to(device=t.device, dtype=t.dtype))  # one use
     return t
 
 
@@ -497,7 +518,7 @@ def _gather_into(dst: Tensor, src: Tensor, index: list[tuple[int, int, Tensor]])
         _gather_into(part.narrow(0, i, m), block, rest)
 
 
-def _gather(t: Tensor, run: list[AxisMap], what: str) -> Tensor:
+def _gather(t: Tensor, run: list[AxisMap], what: str, moved: _Moved) -> Tensor:
     """``t`` gathered along every axis of ``run`` and scaled for ``what``.
 
     ``run`` is plain axes (one allocation, one write per entry) or one grouped in-axis.
@@ -505,7 +526,10 @@ def _gather(t: Tensor, run: list[AxisMap], what: str) -> Tensor:
     dev = t.device
     a = run[0]
     if a.groups == 1:
-        index = sorted(((b.axis, *b._index(dev)) for b in run), key=lambda i: i[0])
+        index = []
+        for b in sorted(run, key=lambda b: b.axis):
+            keep, tail = b._index()
+            index.append((b.axis, keep, moved(tail, dev)))
         shape = list(t.shape)
         for b in run:
             shape[b.axis] = b.source.numel()
@@ -513,18 +537,15 @@ def _gather(t: Tensor, run: list[AxisMap], what: str) -> Tensor:
         _gather_into(out, t, index)
         if out.is_floating_point():
             for b in run:
-                factor = b._factor(what, t.dtype, dev)
+                factor = b._factor(what, t.dtype)
                 if factor is not None:
-                    _scale_axis(out, b.axis, factor)  # ``out`` is fresh: scale in place
+                    _scale_axis(out, b.axis, moved(factor, dev))  # ``out`` is fresh: scale in place
         return out
     # the in-axis of a grouped conv weight (out, in/g, *kernel): rows in g segments
-    scale = _in_dtype(a.scale(what), t.dtype, dev)  # as above: rounded once
-    src = a.source.to(dev)
     g = a.groups
     rows, share = t.shape[0], t.shape[1]
-    wide_share = src.numel() // g
-    local = src.view(g, wide_share) - torch.arange(g, device=t.device).view(g, 1) * share
-    local = torch.where(src.view(g, wide_share) < 0, 0, local)
+    local, scale = (moved(x, dev) for x in a._grouped(what, t.dtype, share))
+    wide_share = local.shape[1]
     w = t.reshape(g, rows // g, share, *t.shape[2:])
     idx = local.view(g, 1, wide_share, *([1] * (t.dim() - 2)))
     idx = idx.expand(g, rows // g, wide_share, *t.shape[2:])

@@ -1,0 +1,119 @@
+"""The apply paths read no device data to the host and move each index map once.
+
+On an accelerator, ``.item()``/``bool(t)``/``tolist()`` of a device tensor (the ATen op
+``aten._local_scalar_dense``) waits for the device, and so does a blocking host-to-device
+copy. Both apply paths decide everything on the CPU index maps, so the same code runs on
+"meta" tensors (which have no data) and the dispatch log of a meta run shows every
+host read and every host-to-device copy the path would make on a GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from torch_embed.graph.groups import width_groups
+from torch_embed.graph.plan import plan_groups
+from torch_embed.schemes import Null, Split, plan
+
+META = torch.device("meta")
+
+
+class _Log(TorchDispatchMode):
+    """Counts host reads of non-CPU tensors and host-to-device copies."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+        self.uploads: list[tuple[str, tuple[int, ...], bytes]] = []  # dtype, shape, bytes
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        tensors = [a for a in args if isinstance(a, Tensor)]
+        if func is torch.ops.aten._local_scalar_dense.default:
+            if any(t.device.type != "cpu" for t in tensors):
+                self.reads.append(str(func))
+                raise RuntimeError("host read of a device tensor")  # as a GPU would wait
+        src = None
+        if func is torch.ops.aten._to_copy.default and tensors[0].device.type == "cpu":
+            if kwargs.get("device") is not None and torch.device(kwargs["device"]) == META:
+                src = tensors[0]
+        if func is torch.ops.aten.copy_.default and args[0].device == META:
+            src = args[1] if args[1].device.type == "cpu" else None
+        if src is not None:
+            value = src.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+            self.uploads.append((str(src.dtype), tuple(src.shape), value))
+        return func(*args, **kwargs)
+
+
+def _run(fn: Callable[[], dict[str, Tensor]]) -> tuple[dict[str, Tensor], _Log]:
+    log = _Log()
+    with torch.no_grad(), log:
+        out = fn()
+    return out, log
+
+
+def _meta(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: torch.empty_like(v, device=META) for k, v in state.items()}
+
+
+class _CNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.conv3 = nn.Conv2d(8, 6, 1)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.bn1(self.conv1(x)))
+        h = torch.relu(self.conv3(torch.relu(self.conv2(h))))
+        return self.fc(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("what", ["apply", "map_gradients", "map_second_moments"])
+def test_traced_apply_is_sync_free_and_uploads_maps_once(what: str) -> None:
+    """The traced path on meta tensors: no host read, the shapes of the CPU run, and
+    each distinct index map or factor moves to the device once per call (a group's map
+    serves a conv's rows, its BatchNorm's entries and the next conv's columns)."""
+    gen = torch.Generator().manual_seed(0)
+    model = _CNN().eval()
+    x = torch.randn(1, 3, 8, 8, generator=gen)
+    emb = plan_groups(width_groups(model, x), 1.5, "split", generator=gen)
+    state = {n: t.detach() for n, t in model.state_dict().items() if n in emb.tensors}
+    cpu = getattr(emb, what)(state)
+    meta = _meta(state)
+    out, log = _run(lambda: getattr(emb, what)(meta))
+    assert log.reads == []
+    assert {k: v.shape for k, v in out.items()} == {k: v.shape for k, v in cpu.items()}
+    assert all(v.device == META for v in out.values())
+    _, again = _run(lambda: getattr(emb, what)(meta))
+    assert log.uploads and len(set(log.uploads)) == len(log.uploads)
+    assert again.reads == [] and sorted(again.uploads) == sorted(log.uploads)
+
+
+@pytest.mark.parametrize("scheme", [Split(alpha=1 / 3), Null(bias=0.5)], ids=["split", "null"])
+@pytest.mark.parametrize("what", ["apply", "map_gradients", "map_second_moments"])
+def test_mlp_apply_is_sync_free_and_uploads_each_map_once(scheme: Any, what: str) -> None:
+    """The MLP path on meta tensors: no host read, and each index map or factor moves
+    to the device once per call (not once per tensor that uses it: a layer's sources
+    serve its weight rows, bias, BatchNorm entries and the next weight's columns)."""
+    gen = torch.Generator().manual_seed(0)
+    net = nn.Sequential(
+        nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)
+    )
+    emb = plan(net, [8, 9], scheme, generator=gen)
+    state = dict(net.state_dict())
+    cpu = getattr(emb, what)(state)
+    out, log = _run(lambda: getattr(emb, what)(_meta(state)))
+    assert log.reads == []
+    assert {k: v.shape for k, v in out.items()} == {k: v.shape for k, v in cpu.items()}
+    assert log.uploads and len(set(log.uploads)) == len(log.uploads)
