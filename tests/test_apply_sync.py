@@ -16,10 +16,12 @@ import pytest
 import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from torch_embed.graph.groups import width_groups
 from torch_embed.graph.plan import plan_groups
 from torch_embed.schemes import Null, Split, plan
+from torch_embed.widen import widen
 
 META = torch.device("meta")
 
@@ -117,3 +119,62 @@ def test_mlp_apply_is_sync_free_and_uploads_each_map_once(scheme: Any, what: str
     assert log.reads == []
     assert {k: v.shape for k, v in out.items()} == {k: v.shape for k, v in cpu.items()}
     assert log.uploads and len(set(log.uploads)) == len(log.uploads)
+
+
+class _Tainted(TorchDispatchMode):
+    """Counts per-value host reads (``aten._local_scalar_dense``: ``.item()``,
+    ``float(t)``, ``bool(t)``) of anything computed from the given tensors.
+
+    A CPU stand-in for a device: the model's tensors and all results of ops that read
+    them are "on the device". (A batched ``tolist()`` of a CPU tensor does not dispatch
+    and is not seen: this guards against reads per layer or per value.)
+    """
+
+    def __init__(self, roots: list[Tensor]) -> None:
+        super().__init__()
+        self.keep: list[Tensor] = []  # alive, so that storage addresses are not reused
+        self.storages: set[int] = set()
+        self.reads = 0
+        for t in roots:
+            self._mark(t)
+
+    def _mark(self, t: Tensor) -> None:
+        self.keep.append(t)
+        self.storages.add(t.untyped_storage().data_ptr())
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        flat = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, Tensor)]
+        hot = any(a.untyped_storage().data_ptr() in self.storages for a in flat)
+        self.reads += int(hot and func is torch.ops.aten._local_scalar_dense.default)
+        out = func(*args, **kwargs)
+        if hot:
+            for o in tree_flatten(out)[0]:
+                if isinstance(o, Tensor):
+                    self._mark(o)
+        return out
+
+
+def test_mlp_widen_with_adam_reads_no_value_of_the_model() -> None:
+    """The whole MLP widen with Adam state reads no single value of the model or its
+    state to the host (it did one ``float(max|W|)`` per hidden layer for the overflow
+    check; now one batched read per device)."""
+    gen = torch.Generator().manual_seed(0)
+    layers: list[nn.Module] = []
+    for k in range(5):
+        layers += [nn.Linear(8, 8)] + ([nn.Tanh()] if k < 4 else [])
+    net = nn.Sequential(*layers)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    opt = torch.optim.Adam(net.parameters())
+    net(torch.randn(3, 8, generator=gen)).sum().backward()
+    opt.step()
+    state = [v for s in opt.state.values() for v in s.values() if v.dim() > 0]
+    mode = _Tainted([p.detach() for p in net.parameters()] + state)
+    with mode:
+        widen(net, [12] * 4, Split(), optimizer=opt, generator=gen)
+    assert net[0].out_features == 12
+    assert mode.reads == 0
