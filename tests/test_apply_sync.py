@@ -132,14 +132,14 @@ class _Tainted(TorchDispatchMode):
 
     def __init__(self, roots: list[Tensor]) -> None:
         super().__init__()
-        self.keep: list[Tensor] = []  # alive, so that storage addresses are not reused
+        self.keep: list[Any] = []  # storages alive, so that their addresses are not reused
         self.storages: set[int] = set()
         self.reads = 0
         for t in roots:
             self._mark(t)
 
     def _mark(self, t: Tensor) -> None:
-        self.keep.append(t)
+        self.keep.append(t.untyped_storage())  # not ``t``: no autograd graph kept alive
         self.storages.add(t.untyped_storage().data_ptr())
 
     def __torch_dispatch__(
