@@ -9,6 +9,8 @@ host read and every host-to-device copy the path would make on a GPU.
 
 from __future__ import annotations
 
+import dataclasses
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +22,7 @@ from torch.utils._pytree import tree_flatten
 
 from torch_embed.graph.groups import width_groups
 from torch_embed.graph.plan import plan_groups
-from torch_embed.schemes import Null, Split, plan
+from torch_embed.schemes import DEFAULT_SCHEME, Null, Split, plan
 from torch_embed.widen import widen
 
 META = torch.device("meta")
@@ -81,15 +83,17 @@ class _CNN(nn.Module):
         return self.fc(h.mean((2, 3)))
 
 
+@pytest.mark.parametrize("scheme", ["split", DEFAULT_SCHEME], ids=["split", "net2net-noise"])
 @pytest.mark.parametrize("what", ["apply", "map_gradients", "map_second_moments"])
-def test_traced_apply_is_sync_free_and_uploads_maps_once(what: str) -> None:
+def test_traced_apply_is_sync_free_and_uploads_maps_once(what: str, scheme: Any) -> None:
     """The traced path on meta tensors: no host read, the shapes of the CPU run, and
     each distinct index map or factor moves to the device once per call (a group's map
-    serves a conv's rows, its BatchNorm's entries and the next conv's columns)."""
+    serves a conv's rows, its BatchNorm's entries and the next conv's columns). Net2Net's
+    noise (drawn on the host) is added on the tensors' device, a grouped conv's too."""
     gen = torch.Generator().manual_seed(0)
     model = _CNN().eval()
     x = torch.randn(1, 3, 8, 8, generator=gen)
-    emb = plan_groups(width_groups(model, x), 1.5, "split", generator=gen)
+    emb = plan_groups(width_groups(model, x), 1.5, scheme, generator=gen)
     state = {n: t.detach() for n, t in model.state_dict().items() if n in emb.tensors}
     cpu = getattr(emb, what)(state)
     meta = _meta(state)
@@ -178,3 +182,59 @@ def test_mlp_widen_with_adam_reads_no_value_of_the_model() -> None:
         widen(net, [12] * 4, Split(), optimizer=opt, generator=gen)
     assert net[0].out_features == 12
     assert mode.reads == 0
+
+
+def _noise_by_pairs(t: Tensor, source: Tensor, axis: int, groups: int, seed: int) -> Tensor:
+    """Net2Net's noise added pair by pair, as GroupEmbedding documents it: the copies
+    of each narrow unit in order, paired (j, k); ε drawn per pair from the tensor's
+    generator; column j gets +noise·w_j·ε and column k the same subtracted."""
+    t = t.clone()
+    gen = torch.Generator().manual_seed(seed)
+    pairs = []
+    for unit in range(int(source.max()) + 1):
+        copies = (source == unit).nonzero().flatten().tolist()
+        pairs += [(copies[i], copies[i + 1]) for i in range(0, len(copies) - 1, 2)]
+    pairs.sort(key=lambda p: (int(source[p[0]]), p[0]))
+    share = source.numel() // groups
+    for j, k in pairs:
+        if groups == 1:
+            col_j, col_k = t.select(axis, j), t.select(axis, k)
+        else:
+            w = t.view(groups, t.shape[0] // groups, share, *t.shape[2:])
+            col_j, col_k = w[j // share, :, j % share], w[k // share, :, k % share]
+        eps = torch.randn(col_j.shape, generator=gen, dtype=torch.float64)
+        offset = (4.0 * col_j.to(torch.float64) * eps).to(t.dtype)
+        col_j += offset
+        col_k -= offset
+    return t
+
+
+def test_traced_noise_is_the_pair_by_pair_definition_bit_for_bit() -> None:
+    """The batched noise (one gather and two index writes per tensor) gives the bits
+    of the per-pair definition, for plain and grouped convolutions. The reference maps
+    each tensor axis by axis in the embedding's order (plain axes, then a grouped
+    in-axis) with noise-free one-axis embeddings, adding the noise pair by pair after
+    each consumer axis."""
+    gen = torch.Generator().manual_seed(1)
+    model = _CNN().eval()
+    x = torch.randn(1, 3, 8, 8, generator=gen)
+    emb = plan_groups(width_groups(model, x), 2.0, DEFAULT_SCHEME, generator=gen)
+    assert emb.noise == 4.0
+    state = {n: t.detach() for n, t in model.state_dict().items() if n in emb.tensors}
+    with torch.no_grad():
+        noisy = emb.apply(state)
+    split = {a.tensor for a in emb.axes if a.role == "split" and a.tensor.endswith("weight")}
+    assert {a.groups for a in emb.axes if a.tensor in split and a.role == "split"} == {1, 2}
+    for name in split:
+        want = state[name]
+        axes = [a for a in emb.axes if a.tensor == name]
+        for a in sorted(axes, key=lambda a: a.groups > 1):
+            one = dataclasses.replace(emb, axes=(a,), noise=0.0)
+            with torch.no_grad():
+                want = one.apply({name: want})[name]
+            if a.role == "split":
+                key = (emb.seed ^ zlib.crc32(f"{a.tensor}:{a.axis}".encode())) % 2**63
+                want = _noise_by_pairs(want, a.source, a.axis, a.groups, key)
+        assert torch.equal(noisy[name], want), name
+    plain = dataclasses.replace(emb, noise=0.0).apply(state)
+    assert all(not torch.equal(noisy[n], plain[n]) for n in split)

@@ -304,7 +304,7 @@ class GroupEmbedding:
                     fill = narrow.mean(a.axis, keepdim=True).expand_as(t.index_select(a.axis, null))
                     t = t.index_copy(a.axis, null, fill.contiguous())
                 if what == "apply" and self.noise and a.role == "split":
-                    t = _add_noise(t, a, self.noise, self.seed)
+                    t = _add_noise(t, a, self.noise, self.seed, moved)
                 if what == "apply" and (a.null_fill is not None or a.null_init):
                     t = _fill_null(t, a, self.seed, moved)
             out[name] = t
@@ -385,8 +385,14 @@ class GroupEmbedding:
         )
 
 
-def _add_noise(t: Tensor, a: AxisMap, noise: float, seed: int) -> Tensor:
-    """Add ``±noise · column · ε`` to pairs of consumer columns that read copies."""
+def _add_noise(t: Tensor, a: AxisMap, noise: float, seed: int, moved: _Moved) -> Tensor:
+    """Add ``±noise · column · ε`` to pairs of consumer columns that read copies.
+
+    The pairs and ``ε`` (one draw per pair, in pair order, from a CPU generator: the
+    same numbers on every device) are made on the host; the columns are updated in
+    one batch on ``t``'s device (the pairs are disjoint, so the bits are those of one
+    update per pair).
+    """
     order = torch.argsort(a.source, stable=True)
     src = a.source[order]
     firsts, counts = torch.unique_consecutive(src, return_counts=True)
@@ -402,23 +408,25 @@ def _add_noise(t: Tensor, a: AxisMap, noise: float, seed: int) -> Tensor:
         start += c
     if not pairs:
         return t
+    first = torch.tensor([j for j, _ in pairs])
+    second = torch.tensor([k for _, k in pairs])
     if a.groups == 1:
-        view = t.movedim(a.axis, 0)
-        for j, k in pairs:
-            eps = torch.randn(view[j].shape, generator=gen, dtype=torch.float64)
-            offset = (noise * view[j].to(torch.float64) * eps).to(t.dtype)
-            view[j] += offset
-            view[k] -= offset
-        return t
-    g = a.groups  # a grouped conv's in-axis: column j sits in segment j // share
-    share = a.source.numel() // g
-    w = t.view(g, t.shape[0] // g, share, *t.shape[2:])
-    for j, k in pairs:
-        col_j, col_k = w[j // share, :, j % share], w[k // share, :, k % share]
-        eps = torch.randn(col_j.shape, generator=gen, dtype=torch.float64)
-        offset = (noise * col_j.to(torch.float64) * eps).to(t.dtype)
-        col_j += offset
-        col_k -= offset
+        view = t.movedim(a.axis, 0)  # column j is view[j]
+        at_j: tuple[Tensor | slice, ...] = (moved(first, t.device),)
+        at_k: tuple[Tensor | slice, ...] = (moved(second, t.device),)
+    else:  # a grouped conv's in-axis: column j is w[j // share, :, j % share]
+        share = a.source.numel() // a.groups
+        view = t.view(a.groups, t.shape[0] // a.groups, share, *t.shape[2:])
+        full = slice(None)
+        at_j = (moved(first // share, t.device), full, moved(first % share, t.device))
+        at_k = (moved(second // share, t.device), full, moved(second % share, t.device))
+    cols = view[at_j]  # (pairs, *column shape)
+    eps = torch.stack(
+        [torch.randn(cols.shape[1:], generator=gen, dtype=torch.float64) for _ in pairs]
+    )
+    offset = (noise * cols.to(torch.float64) * eps.to(t.device)).to(t.dtype)
+    view[at_j] = cols + offset
+    view[at_k] = view[at_k] - offset
     return t
 
 
