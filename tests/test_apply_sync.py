@@ -143,6 +143,8 @@ class _Tainted(TorchDispatchMode):
             self._mark(t)
 
     def _mark(self, t: Tensor) -> None:
+        if t.untyped_storage().data_ptr() == 0:
+            return  # an empty tensor: no data to read, and the address is shared
         self.keep.append(t.untyped_storage())  # not ``t``: no autograd graph kept alive
         self.storages.add(t.untyped_storage().data_ptr())
 
