@@ -144,11 +144,37 @@ def _columns(factor: Tensor | None, cols: slice) -> Tensor | None:
     return factor[cols] if factor.dim() == 1 else factor[:, cols]
 
 
-def _null_index(lm: LayerMap | None, device: torch.device) -> Tensor | None:
-    """Positions of the null neurons of ``lm`` on ``device`` (``None`` when there are none)."""
-    if lm is None or not bool(lm.null_mask.any()):
-        return None
-    return lm.null_mask.nonzero().flatten().to(device)
+_CPU = torch.device("cpu")
+
+
+class _Moved:
+    """CPU-side map tensors on the state's devices, each distinct one moved once per call.
+
+    A blocking host-to-device copy waits for the device, and one map serves several
+    tensors (a layer's weight rows, bias and BatchNorm entries, the next weight's
+    columns; on a traced model every tensor of a width group): the apply paths move
+    their index maps and factors through one of these per call, which keys them by
+    value (host work only).
+    """
+
+    def __init__(self) -> None:
+        self._done: dict[tuple[torch.device, torch.dtype, tuple[int, ...], bytes], Tensor] = {}
+
+    def __call__(self, t: Tensor, device: torch.device) -> Tensor:
+        """``t`` (a CPU tensor) on ``device``."""
+        if t.device == device:
+            return t
+        value = t.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
+        key = (device, t.dtype, tuple(t.shape), value)
+        if key not in self._done:
+            self._done[key] = t.to(device)
+        return self._done[key]
+
+    def null(self, lm: LayerMap | None, device: torch.device) -> Tensor | None:
+        """Positions of the null neurons of ``lm`` on ``device`` (``None``: there are none)."""
+        if lm is None or not bool(lm.null_mask.any()):
+            return None
+        return self(lm.null_mask.nonzero().flatten(), device)
 
 
 def _warn_missing_bias(name: str, cols: LayerMap | None) -> None:
@@ -611,6 +637,7 @@ class Embedding:
             )
         L = len(self.layout.linears)
         widths = self.wide_widths
+        moved = _Moved()
         for k, lin in enumerate(self.layout.linears):
             rows = self.layers[k] if k < L - 1 else None
             cols = self.layers[k - 1] if k > 0 else None
@@ -626,6 +653,7 @@ class Embedding:
                     row_scales[k] if (row_scales is not None and rows is not None) else None,
                     state.get(f"{lin.name}.bias"),
                     widths[k],
+                    moved,
                 )
             bkey = f"{lin.name}.bias"
             if rows is not None and bkey in state:
@@ -637,6 +665,7 @@ class Embedding:
                     mode,
                     row_scales[k] if row_scales is not None else None,
                     null_fill,
+                    moved,
                 )
             if rows is not None and self.layout.hidden[k].batchnorm is not None:
                 bn = self.layout.hidden[k].batchnorm
@@ -653,26 +682,32 @@ class Embedding:
                         continue
                     if suffix.startswith("running"):
                         # buffers are statistics, not parameters: always copied
-                        out[key] = self._map_vector(state[key], rows, "param", None, fill)
+                        out[key] = self._map_vector(state[key], rows, "param", None, fill, moved)
                     else:
                         out[key] = self._map_vector(
-                            state[key], rows, mode, scale, fill if mode == "param" else 0.0
+                            state[key], rows, mode, scale, fill if mode == "param" else 0.0, moved
                         )
         return out
 
     @staticmethod
     def _map_vector(
-        v: Tensor, rows: LayerMap, mode: _Mode, scale: Tensor | None, null_fill: float | None
+        v: Tensor,
+        rows: LayerMap,
+        mode: _Mode,
+        scale: Tensor | None,
+        null_fill: float | None,
+        moved: _Moved,
     ) -> Tensor:
-        src = rows.source.to(v.device)
-        out = v.index_select(0, src.clamp(min=0))
+        dev = v.device
+        out = v.index_select(0, moved(rows.source.clamp(min=0), dev))
         if mode != "param" and scale is not None:
-            s = scale if mode == "grad" else scale**2
-            out = (out.to(torch.float64) * s.to(v.device)).to(v.dtype)
-        null = _null_index(rows, v.device)
+            s = moved(scale if mode == "grad" else scale**2, dev)
+            out = (out.to(torch.float64) * s).to(v.dtype)
+        null = moved.null(rows, dev)
         if null is not None:
             if null_fill is None:
-                fill = rows.null_bias[rows.null_mask].to(device=v.device, dtype=v.dtype)
+                bias = moved(rows.null_bias[rows.null_mask], dev)
+                fill = bias.to(v.dtype)
                 out.index_copy_(0, null, fill)
             else:
                 out.index_fill_(0, null, null_fill)
@@ -687,10 +722,14 @@ class Embedding:
         row_scale: Tensor | None,
         bias: Tensor | None,
         wide_in: int,
+        moved: _Moved,
     ) -> Tensor:
         dev, dt = w.device, w.dtype
-        r = rows.source.to(dev).clamp(min=0) if rows is not None else None
-        c = cols.source.to(dev).clamp(min=0) if cols is not None else None
+        r = c = None
+        if rows is not None:
+            r = moved(rows.source.clamp(min=0), dev)
+        if cols is not None:
+            c = moved(cols.source.clamp(min=0), dev)
         # Factors are float64; an in-place op of a lower-precision tensor with a float64
         # one computes in float64 and rounds once, so no float64 copy is needed.
         col_factor: Tensor | None = None  # (wide_in,) or (rows, wide_in) coefficients
@@ -700,11 +739,13 @@ class Embedding:
             if not cols.is_vector or bool((cols.coef != 1).any()):
                 col_factor = cols.coef
             if cols.fan_out_offset is not None:
-                offset = cols.fan_out_offset.to(dev)
+                offset = moved(cols.fan_out_offset, dev)
         if mode != "param" and row_scale is not None:
             row_factor = row_scale if mode == "grad" else row_scale**2
-        col_factor = _in_dtype(col_factor, dt, dev) if col_factor is not None else None
-        row_factor = _in_dtype(row_factor, dt, dev) if row_factor is not None else None
+        if col_factor is not None:
+            col_factor = moved(_in_dtype(col_factor, dt, _CPU), dev)
+        if row_factor is not None:
+            row_factor = moved(_in_dtype(row_factor, dt, _CPU), dev)
         n_rows = int(r.numel()) if r is not None else w.shape[0]
         n_cols = int(c.numel()) if c is not None else w.shape[1]
         out = torch.empty(n_rows, n_cols, dtype=dt, device=dev)
@@ -759,31 +800,33 @@ class Embedding:
                 block.add_(offset[i:j])
         # null neurons are addressed by index lists made on the CPU (a boolean mask on
         # the tensors' device would need data: "meta" tensors have none)
-        null_rows = _null_index(rows, dev)
+        null_rows = moved.null(rows, dev)
         if mode == "param":
             if null_rows is not None:
                 assert rows is not None
                 if rows.null_fan_in is not None:
-                    fan_in = rows.null_fan_in[rows.null_mask].to(device=dev, dtype=dt)
+                    fan_in = moved(rows.null_fan_in[rows.null_mask], dev).to(dt)
                     out.index_copy_(0, null_rows, fan_in)
                 else:
                     out.index_fill_(0, null_rows, 0)
         else:
-            null_cols = _null_index(cols, dev)
+            null_cols = moved.null(cols, dev)
             if null_cols is not None:
                 assert cols is not None
-                nv = cols.null_value[cols.null_mask].to(dev)
+                nv = moved(cols.null_value[cols.null_mask], dev)
                 if bias is not None:
                     b = bias.index_select(0, r) if r is not None else bias
                     b = b.to(torch.float64)
+                    scale = None
                     if row_scale is not None:
-                        b = b * row_scale.to(dev)
+                        scale = moved(row_scale, dev)
+                        b = b * scale
                     if mode == "grad":
                         fill = b[:, None] * nv[None, :]
                     else:  # second moments of a product: scale² times the bias moment
                         fill = b[:, None] * nv[None, :] ** 2
-                        if row_scale is not None:
-                            fill = fill * row_scale.to(dev)[:, None]
+                        if scale is not None:
+                            fill = fill * scale[:, None]
                     if null_rows is not None:
                         fill.index_fill_(0, null_rows, 0)
                     out.index_copy_(1, null_cols, fill.to(dt))

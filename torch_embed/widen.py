@@ -365,8 +365,13 @@ def _check_coefficients(module: nn.Module, embedding: Embedding) -> None:
     biases) beyond the dtype's largest finite number.
     """
     widths = embedding.layout.hidden_widths
+    nexts = [
+        module.get_submodule(embedding.layout.linears[l + 1].name).get_parameter("weight")
+        for l in range(len(embedding.layers))
+    ]
+    w_maxima = _abs_maxima(nexts)
     for l, lm in enumerate(embedding.layers):
-        nxt = module.get_submodule(embedding.layout.linears[l + 1].name).get_parameter("weight")
+        nxt = nexts[l]
         dtype = nxt.dtype
         u = unit_roundoff(dtype)
         src = lm.source
@@ -385,7 +390,7 @@ def _check_coefficients(module: nn.Module, embedding: Embedding) -> None:
         if nxt.is_meta:
             continue
         big = float(torch.finfo(dtype).max)
-        w_max = float(nxt.detach().abs().max()) if nxt.numel() else 0.0
+        w_max = w_maxima[l]
         written = float(lm.coef.abs().max()) * w_max
         for extra in (lm.fan_out_offset, lm.null_fan_in, lm.null_bias):
             if extra is not None and extra.numel():
@@ -396,6 +401,24 @@ def _check_coefficients(module: nn.Module, embedding: Embedding) -> None:
                 f"into {dtype} weights, whose largest finite number is {big:.3g}; use "
                 f"smaller coefficients or a wider dtype"
             )
+
+
+def _abs_maxima(tensors: Sequence[Tensor]) -> list[float]:
+    """``max |t|`` of each tensor (0 when empty or "meta"), one host read per device.
+
+    Reading a device tensor's value waits for the device; the per-layer checks read
+    all their maxima at once.
+    """
+    out = [0.0] * len(tensors)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        if t.numel() and not t.is_meta:
+            by_device.setdefault(t.device, []).append(i)
+    for idx in by_device.values():
+        maxima = torch.stack([tensors[i].detach().abs().max().double() for i in idx])
+        for i, v in zip(idx, maxima.tolist()):
+            out[i] = v
+    return out
 
 
 def _warn_dead_units(module: nn.Module, embedding: Embedding) -> None:
