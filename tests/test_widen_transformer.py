@@ -621,3 +621,43 @@ def test_inertia_change_of_a_transformer_widening_equals_a_full_recount(group: s
     assert not change.ambiguous and not after.ambiguous
     assert (before + change).as_tuple() == after.as_tuple()
     assert change.total == sum(p.numel() for p in net.parameters()) - before.total
+
+
+class FusedSwiGLU(nn.Module):
+    """A residual gated MLP with one fused gate/up projection (``chunk(2)``: Phi-3 style)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc_in = nn.Linear(3, 4)
+        self.gate_up = nn.Linear(4, 2 * 5)
+        self.down = nn.Linear(5, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc_in(x)
+        gate, up = self.gate_up(h).chunk(2, dim=-1)
+        return self.head(h + self.down(F.silu(gate) * up))
+
+
+@pytest.mark.parametrize("scheme", ["split", "null", "net2net"])
+def test_fused_gate_up_grows_as_a_pair_at_a_non_multiple_width(scheme: str) -> None:
+    """gate and up rows move as a pair inside the fused matrix (both halves grow by the
+    same units): exact outputs at 5 -> 8, and the critical schemes' wide gradient is the
+    mapped narrow one (autograd on both sides)."""
+    torch.manual_seed(4)
+    net = FusedSwiGLU().double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    y = torch.randn(6, 2, dtype=torch.float64)
+    before = net(x).detach()
+    F.mse_loss(net(x), y).backward()
+    narrow_grads = {n: p.grad.clone() for n, p in net.named_parameters()}
+    net.zero_grad()
+    emb = torch_embed.widen(net, {"gate_up": 8}, scheme, example_inputs=x)
+    assert net.gate_up.weight.shape == (16, 4) and net.down.weight.shape == (4, 8)
+    with torch.no_grad():
+        assert float((net(x) - before).abs().max()) <= 1e-12 * float(before.abs().max())
+    if emb.kind is EmbeddingKind.CRITICAL:
+        F.mse_loss(net(x), y).backward()
+        mapped = emb.map_gradients(narrow_grads)
+        for n, p in net.named_parameters():
+            assert torch.allclose(p.grad, mapped[n], rtol=1e-10, atol=1e-13), n
