@@ -204,8 +204,8 @@ def test_residual_width_under_rmsnorm_and_config(
 ) -> None:
     """The residual stream by uniform copies or zero-fill (RMSNorm's rules), in float32.
 
-    The HF RMSNorm writes its norm out (``pow``, ``mean``, ``rsqrt``): traced as
-    ``aten.rms_norm``, so zero-fill applies, with ``variance_epsilon`` and the config's
+    The HF RMSNorm writes its norm out (``pow``, ``mean``, ``rsqrt``): read as an
+    RMSNorm by the op rules, so zero-fill applies, with ``variance_epsilon`` and the config's
     ``rms_norm_eps`` × D/D'. It computes in float32 whatever the model's dtype, and its
     mean over D' features rounds differently from the mean over D: float32-exact, not
     float64. Qwen2Config has no ``head_dim`` field (Qwen2Attention reads it with a

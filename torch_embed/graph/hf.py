@@ -32,7 +32,6 @@ from __future__ import annotations
 import copy
 import re
 import sys
-import types
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -60,51 +59,26 @@ def is_transformers_model(model: object) -> bool:
     return isinstance(model, transformers.PreTrainedModel)
 
 
-def _rms_norm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    """What an HF RMSNorm computes, as the one op the tracer knows (``aten.rms_norm``).
-
-    ``LlamaRMSNorm`` writes it out (``pow``, ``mean``, ``rsqrt``, ``mul``, in float32):
-    traced as it is, its mean is a plain reduction, and the zero-fill rule for RMSNorm
-    (new units null, γ and ``variance_epsilon`` rescaled) would not apply. Used for the
-    trace only: outputs are always computed by the module's own forward.
-    """
-    weight: Any = self.weight
-    eps: Any = self.variance_epsilon
-    return torch.nn.functional.rms_norm(hidden_states, (weight.shape[0],), weight, float(eps))
-
-
 @contextmanager
 def tracing(model: nn.Module) -> Iterator[None]:
-    """Trace a ``transformers`` model as its own ops plus what the tracer must know.
+    """Trace a ``transformers`` model with ``config.use_cache`` off, then put it back.
 
-    ``config.use_cache`` is off (the cache is a second output ``torch.export`` cannot
-    flatten; the logits do not depend on it), and each registered HF RMSNorm
-    (:data:`_RMS_NORMS`) runs as ``aten.rms_norm`` (see :func:`_rms_norm_forward`).
-    Both are put back afterwards; the norms are swapped inside any model (an HF model
-    wrapped in your own module too), the cache only for a ``PreTrainedModel`` itself.
+    The cache is a second output ``torch.export`` cannot flatten, and the logits do not
+    depend on it; only a ``PreTrainedModel`` itself has the config to switch. The HF
+    RMSNorms, written out in their forward (``pow``, ``mean``, ``rsqrt``, ``mul`` around
+    float32 casts), are recognised as RMSNorm by the op rules (graph/ops.py) like any
+    hand-written RMSNorm.
     """
     if "transformers" not in sys.modules:
         yield
         return
     config = getattr(model, "config", None) if is_transformers_model(model) else None
     cache = config is not None and getattr(config, "use_cache", False)
-    names = {name for _, name in _RMS_NORMS}
-    norms = [
-        m
-        for m in model.modules()
-        if type(m).__name__ in names
-        and type(m).__module__.startswith("transformers.")
-        and "forward" not in vars(m)
-    ]
     try:
         if cache:
             config.use_cache = False  # type: ignore[union-attr]
-        for m in norms:
-            m.forward = types.MethodType(_rms_norm_forward, m)  # type: ignore[method-assign]
         yield
     finally:
-        for m in norms:
-            vars(m).pop("forward", None)
         if cache:
             config.use_cache = True  # type: ignore[union-attr]
 
