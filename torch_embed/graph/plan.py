@@ -193,12 +193,7 @@ def resolve_group_widths(groups: WidthGroups, new_widths: object, scheme: Scheme
         )
     out = {}
     for key, width in new_widths.items():
-        if not isinstance(key, str):
-            raise ValueError(f"width group names are str, got {key!r}; {_names(groups)}")
-        try:
-            g = groups.find(key)
-        except KeyError:
-            raise ValueError(f"no width group named {key!r}; {_names(groups)}") from None
+        g = _find(groups, key, "")
         if not g.growable:
             raise ValueError(f"width group {g.name!r} cannot grow: {g.reason}")
         if not g.hidden:
@@ -220,6 +215,16 @@ def _names(groups: WidthGroups) -> str:
     return f"the growable groups are {growable} (every producing module's FQN is an alias)"
 
 
+def _find(groups: WidthGroups, key: object, prefix: str) -> WidthGroup:
+    """The group named ``key`` (a name or an alias); messages start with ``prefix``."""
+    if not isinstance(key, str):
+        raise ValueError(f"{prefix}width group names are str, got {key!r}; {_names(groups)}")
+    try:
+        return groups.find(key)
+    except KeyError:
+        raise ValueError(f"{prefix}no width group named {key!r}; {_names(groups)}") from None
+
+
 def _by_group(value: object, groups: WidthGroups, what: str) -> dict[str, Any]:
     """``{group name: value}`` from a mapping keyed by group names or aliases."""
     if not isinstance(value, Mapping):
@@ -229,12 +234,7 @@ def _by_group(value: object, groups: WidthGroups, what: str) -> dict[str, Any]:
         )
     out: dict[str, Any] = {}
     for key, v in value.items():
-        if not isinstance(key, str):
-            raise ValueError(f"{what}: width group names are str, got {key!r}; {_names(groups)}")
-        try:
-            g = groups.find(key)
-        except KeyError:
-            raise ValueError(f"{what}: no width group named {key!r}; {_names(groups)}") from None
+        g = _find(groups, key, f"{what}: ")
         if g.name in out:
             raise ValueError(f"{what}: width group {g.name!r} is given twice")
         out[g.name] = v
