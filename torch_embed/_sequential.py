@@ -13,9 +13,13 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from torch_embed.graph.groups import WidthGroups
 
 __all__ = [
     "ElementwiseInfo",
@@ -270,14 +274,50 @@ def _check_own_tensors(name: str, child: nn.Module) -> None:
 def read_sequential(module: nn.Module) -> Layout:
     """Read an ``nn.Sequential`` MLP into a :class:`Layout`, refusing what cannot be widened.
 
+    The Layout is the MLP view of the model's width groups: the Sequential is traced by
+    the tracer every model goes through (:func:`torch_embed.width_groups`), and each
+    hidden group must be a link of a chain (one Linear writes it, optionally one
+    BatchNorm1d scales it, element-wise modules pass it on, one Linear reads it). Before
+    tracing, every module is checked on its own (its type, its tensors, its place), so
+    that a refusal names the layer.
+
+    The result is cached per structure (the names, types and tensor shapes of the
+    modules, for ``torch.nn`` modules whose forward is the class's own), so repeated
+    calls cost a walk over the modules, not a trace.
+
     Raises:
         TypeError: ``module`` is not an ``nn.Sequential``, or contains a module of a
             type that is not accepted.
         ValueError: The structure is wrong although the types are accepted (fewer than
             two Linear layers, mismatched features, a module or parameter that appears
             twice, a parametrized or lazy module, a Linear or BatchNorm1d holding other
-            tensors than its own, BatchNorm1d not right after a Linear).
+            tensors than its own, BatchNorm1d not right after a Linear), or a hidden
+            width group is pinned or constrained by an op (the reason names it).
     """
+    return _read(module)[0]
+
+
+def _read(module: nn.Module) -> tuple[Layout, WidthGroups]:
+    """:func:`read_sequential`'s Layout and the width groups it was derived from."""
+    _check_container(module)
+    assert isinstance(module, nn.Sequential)  # _check_container refuses the rest
+    # not named_children(): it drops repeated modules, which Sequential.forward still runs
+    children = [(n, c) for n, c in module._modules.items() if c is not None]
+    _check_children(module, children)
+    key = _fingerprint(children)
+    cached = _CACHE.get(key) if key is not None else None
+    if cached is not None:
+        return cached
+    result = _from_groups(module, children)
+    if key is not None:
+        if len(_CACHE) >= _CACHE_SIZE:
+            _CACHE.clear()
+        _CACHE[key] = result
+    return result
+
+
+def _check_container(module: nn.Module) -> None:
+    """Refuse wrappers, non-Sequentials and Sequentials with their own forward."""
     if not isinstance(module, nn.Sequential) and isinstance(
         getattr(module, "_orig_mod", None), nn.Sequential
     ):
@@ -307,15 +347,19 @@ def read_sequential(module: nn.Module) -> Layout:
             f"does (a skip connection, a reused layer). torch_embed.width_groups(model, "
             f"example_inputs) traces its real forward"
         )
+
+
+def _check_children(module: nn.Sequential, children: list[tuple[str, nn.Module]]) -> None:
+    """The checks one module at a time (or against its neighbour), before any trace.
+
+    Types, tensors and identities are the module's own business: a refusal here names
+    the layer, its type and what is accepted. Features that do not chain would make
+    the trace fail with a shape error; they are refused here with both layers named.
+    """
     seen_modules: dict[int, str] = {}
     seen_params: dict[int, str] = {}
-    linears: list[LinearLayer] = []
-    hidden: list[HiddenLayer] = []
-    batchnorm: str | None = None
-    activations: list[str] = []
     previous: str | None = None  # kind of the previous module: "linear", "bn", "elementwise"
-    # not named_children(): it drops repeated modules, which Sequential.forward still runs
-    children = [(n, c) for n, c in module._modules.items() if c is not None]
+    last: tuple[str, nn.Linear] | None = None  # the last Linear so far
     for pos, (name, child) in enumerate(children):
         if id(child) in seen_modules:
             raise ValueError(
@@ -357,36 +401,27 @@ def read_sequential(module: nn.Module) -> Layout:
                     f"copy or connect; widen accepts Linear layers of width >= 1 (rebuild the "
                     f"layer with out_features >= 1)"
                 )
-            if linears and linears[-1].out_features != child.in_features:
+            if last is not None and last[1].out_features != child.in_features:
                 raise ValueError(
                     f"layer {name} (Linear) has in_features={child.in_features} but the "
-                    f"previous Linear (layer {linears[-1].name}) has "
-                    f"out_features={linears[-1].out_features}"
+                    f"previous Linear (layer {last[0]}) has "
+                    f"out_features={last[1].out_features}"
                 )
-            if linears:
-                types = tuple(type(module._modules[a]) for a in activations)
-                hidden.append(HiddenLayer(linears[-1].name, batchnorm, tuple(activations), types))
-            linears.append(
-                LinearLayer(name, child.in_features, child.out_features, child.bias is not None)
-            )
-            batchnorm, activations, previous = None, [], "linear"
+            last, previous = (name, child), "linear"
         elif type(child) is nn.BatchNorm1d:
-            if linears and previous != "linear":
+            if last is not None and previous != "linear":
                 raise ValueError(
                     f"layer {name} (BatchNorm1d) must come right after a Linear layer "
                     f"(it follows a {previous} module); only one BatchNorm1d per hidden "
                     f"layer, between the Linear and its activation, is accepted"
                 )
-            if linears and child.num_features != linears[-1].out_features:
+            if last is not None and child.num_features != last[1].out_features:
                 raise ValueError(
                     f"layer {name} (BatchNorm1d) has num_features={child.num_features} but "
-                    f"the Linear before it has out_features={linears[-1].out_features}"
+                    f"the Linear before it has out_features={last[1].out_features}"
                 )
-            if linears:
-                batchnorm = name
             previous = "bn"
         elif elementwise_info(child) is not None:
-            activations.append(name)
             previous = "elementwise"
         elif isinstance(child, nn.PReLU):
             raise _refuse(
@@ -407,7 +442,7 @@ def read_sequential(module: nn.Module) -> Layout:
             )
         else:
             why = "it is not a known element-wise module"
-            if not linears:
+            if last is None:
                 why += (
                     f" (it comes before the first Linear: `widen(module[{pos + 1}:], ...)` "
                     f"widens the rest in place, the slice shares its modules)"
@@ -418,12 +453,115 @@ def read_sequential(module: nn.Module) -> Layout:
                     f"the rest in place, the slice shares its modules)"
                 )
             raise _refuse(name, child, why)
-    if len(linears) < 2:
+    count = sum(type(c) is nn.Linear for _, c in children)
+    if count < 2:
         raise ValueError(
             f"widen needs at least two nn.Linear layers (one hidden layer), found "
-            f"{len(linears)} in a Sequential of {len(module)} modules"
+            f"{count} in a Sequential of {len(module)} modules"
         )
-    return Layout(tuple(linears), tuple(hidden))
+
+
+# Layouts (and the groups they come from) by structure; see _fingerprint
+_CACHE: dict[tuple[Any, ...], tuple[Layout, WidthGroups]] = {}
+_CACHE_SIZE = 512
+
+
+def _fingerprint(children: list[tuple[str, nn.Module]]) -> tuple[Any, ...] | None:
+    """What the trace of ``children`` depends on, or ``None`` where that is not known.
+
+    A ``torch.nn`` module whose forward is its class's own computes the same ops for
+    the same tensor shapes, so names, types and the shapes of every parameter and
+    buffer determine the groups. A module of another type (a registered element-wise
+    module) or with a forward set on the instance may branch on anything: not cached.
+    """
+    key: list[Any] = []
+    for name, child in children:
+        if not type(child).__module__.startswith("torch.nn") or "forward" in vars(child):
+            return None
+        tensors = (*child._parameters.items(), *child._buffers.items())
+        shapes = tuple((k, None if t is None else tuple(t.shape)) for k, t in tensors)
+        key.append((name, type(child), shapes))
+    return tuple(key)
+
+
+def _from_groups(
+    module: nn.Sequential, children: list[tuple[str, nn.Module]]
+) -> tuple[Layout, WidthGroups]:
+    """Trace ``module`` and read each hidden width group as a link of the MLP chain."""
+    from torch_embed.graph.groups import traced_groups
+
+    first = next(c for _, c in children if type(c) is nn.Linear)
+    weight = first.weight
+    # two rows: BatchNorm1d in train mode needs more than one value per channel; the
+    # fx tracer (exact for Sequential.forward, which has no control flow) is the cheap one
+    x = torch.zeros(2, first.in_features, dtype=weight.dtype, device=weight.device)
+    groups = traced_groups(module, (x,), "fx")
+    position = {name: pos for pos, (name, _) in enumerate(children)}
+    kinds = {name: type(c) for name, c in children}
+    hidden_groups = [
+        g for g in groups if g.hidden and any(u.role == "producer" for u in g.producers)
+    ]
+    linears: list[LinearLayer] = []
+    hidden: list[HiddenLayer] = []
+    reader: str | None = None  # the Linear that reads the previous hidden layer
+    for k, g in enumerate(hidden_groups):
+        where = f"hidden layer {k} (fed by layer {g.name})"
+        if not g.growable:
+            raise ValueError(f"{where} cannot be widened: {g.reason}")
+        if g.constraints:
+            c = g.constraints[0]
+            raise ValueError(
+                f"{where} cannot be widened as an MLP layer: {c.op} constrains it "
+                f"({c.rule}); between two Linear layers only element-wise modules and "
+                f"one BatchNorm1d are accepted"
+            )
+        writers = {u.module for u in g.producers if u.role == "producer"}
+        scalers = {u.module for u in g.producers if u.role == "per-channel"}
+        readers = [(u.module, u.tensor, u.axis) for u in g.consumers]
+        nxt = readers[0][0] if len(readers) == 1 else None
+        bn = next(iter(scalers)) if len(scalers) == 1 else None
+        if (
+            writers != {g.name}
+            or kinds.get(g.name) is not nn.Linear
+            or nxt is None
+            or kinds.get(nxt) is not nn.Linear
+            or readers[0][1:] != (f"{nxt}.weight", 1)
+            or len(scalers) > 1
+            or (bn is not None and kinds.get(bn) is not nn.BatchNorm1d)
+        ):
+            raise ValueError(
+                f"{where} is not one link of an MLP chain: written by {sorted(writers)}, "
+                f"scaled by {sorted(scalers)}, read by {[r[1] for r in readers]}; widen "
+                f"accepts one Linear writing it, optionally one BatchNorm1d right after, "
+                f"and one Linear reading it"
+            )
+        start = position[bn if bn is not None else g.name] + 1
+        between = tuple(name for name, _ in children[start : position[nxt]])
+        if bn is None and between and kinds[between[0]] is nn.BatchNorm1d:
+            # without affine parameters and running statistics it shows no tensor in the
+            # trace; it still has a num_features to update
+            bn, between = between[0], between[1:]
+        outside = [m for m in g.through if m not in between]
+        if outside:
+            raise ValueError(
+                f"{where} flows through {outside}, which do not lie between its Linear "
+                f"and the next one"
+            )
+        if reader is not None and reader != g.name:
+            raise ValueError(f"{where}: the previous hidden layer is read by layer {reader}")
+        reader = nxt
+        types = tuple(kinds[a] for a in between)
+        linears.append(_linear_layer(module, g.name))
+        hidden.append(HiddenLayer(g.name, bn, between, types))
+        if k == len(hidden_groups) - 1:
+            linears.append(_linear_layer(module, nxt))
+    return Layout(tuple(linears), tuple(hidden)), groups
+
+
+def _linear_layer(module: nn.Sequential, name: str) -> LinearLayer:
+    lin = module._modules[name]
+    assert isinstance(lin, nn.Linear)  # checked by _from_groups
+    return LinearLayer(name, lin.in_features, lin.out_features, lin.bias is not None)
 
 
 def _device_memory(device: torch.device) -> int | None:

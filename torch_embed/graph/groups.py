@@ -28,6 +28,7 @@ __all__ = [
     "Norm",
     "WidthGroup",
     "WidthGroups",
+    "traced_groups",
     "width_groups",
 ]
 
@@ -311,6 +312,15 @@ def width_groups(model: nn.Module, example_inputs: Any, *, tracer: Tracer = "aut
         2              2     no        2          -          model output
     """
     args = check_model(model, example_inputs, "width_groups")
+    return traced_groups(model, args, tracer)
+
+
+def traced_groups(model: nn.Module, args: tuple[Any, ...], tracer: Tracer = "auto") -> WidthGroups:
+    """:func:`width_groups` without its input checks: the caller made them.
+
+    :func:`torch_embed.read_sequential` checks an ``nn.Sequential`` module by module
+    (with messages that name each layer) and then reads its groups here.
+    """
     traced = trace(model, args, tracer)
     groups = _collect(interpret(traced), traced.inputs)
     groups.tracer = traced.tracer

@@ -198,6 +198,8 @@ def _untouched(model: nn.Module) -> Iterator[None]:
             for m, name, b, old in saved:
                 if m._buffers.get(name) is not b:
                     m._buffers[name] = b
+                if b.is_meta:  # no values to restore
+                    continue
                 if not torch.equal(b, old):  # NaN != NaN: copied back, same bits
                     b.copy_(old)
 
