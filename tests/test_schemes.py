@@ -523,7 +523,7 @@ def test_null_bias_without_a_place_to_store_it_is_refused() -> None:
     β (the unit output σ(0)) while the embedding recorded σ(β) (wrong kind, wrong
     gradient map)."""
     net = build_mlp(Arch(2, (3, 2), 1, bias=(False, True, True)))
-    with pytest.raises(ValueError, match=r"hidden layer 0: .*Linear \(layer 0\) has no bias"):
+    with pytest.raises(ValueError, match=r"hidden layer 0: .*layer `0` \(linear\) has no bias"):
         plan(net, [5, 2], Null(bias=0.3))
     with pytest.raises(ValueError, match=r"hidden layer 0"):
         plan(net, None, General([[0, 1, 2, -1], None], null_bias=0.3))
@@ -726,6 +726,6 @@ def test_null_bias_is_refused_before_a_non_affine_batchnorm() -> None:
     net = nn.Sequential(
         nn.Linear(2, 3), nn.BatchNorm1d(3, affine=False), nn.Tanh(), nn.Linear(3, 1)
     ).double()
-    with pytest.raises(ValueError, match=r"hidden layer 0: .*no affine BatchNorm1d"):
+    with pytest.raises(ValueError, match=r"hidden layer 0: .*BatchNorm `1` has no affine bias"):
         plan(net, [5], Null(bias=0.3))
     assert plan(net, [5], Null(bias=0.0)).kind is CRIT

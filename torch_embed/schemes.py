@@ -27,19 +27,21 @@ landscape work: its copies keep equal gradients forever (they never separate).
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import torch
 from torch import Tensor, nn
 
 from torch_embed._order import ranked, tie_tolerance
-from torch_embed._sequential import Layout, check_wide_size, read_sequential
+from torch_embed._sequential import Layout, _read, check_wide_size
 from torch_embed.embedding import Embedding, LayerMap
+
+if TYPE_CHECKING:
+    from torch_embed.graph.groups import WidthGroups
 
 __all__ = [
     "DEFAULT_SCHEME",
@@ -319,7 +321,7 @@ def plan(
         ValueError: Bad ``new_widths`` or scheme arguments (non-finite numbers, indices
             out of range, ...).
     """
-    layout = read_sequential(module)
+    layout, groups = _read(module)
     config = _as_scheme(scheme)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(
@@ -331,7 +333,7 @@ def plan(
     widths = resolve_widths(layout, new_widths)
     check_wide_size(module, layout, widths)
     planner = _PLANNERS[type(config)]
-    return planner(config, module, layout, widths, generator)
+    return planner(config, module, layout, groups, widths, generator)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -368,18 +370,6 @@ def _weight_data(module: nn.Module, name: str, what: str, instead: str) -> Tenso
             f"the 'meta' device and has none; {instead}, or materialize the module first"
         )
     return w
-
-
-def _fan_out_norms(module: nn.Module, layout: Layout, layer: int) -> tuple[Tensor, torch.dtype]:
-    """The fan-out column norms of hidden layer ``layer`` and the weight's dtype."""
-    w = _weight_data(
-        module,
-        layout.linears[layer + 1].name,
-        "select='norm'",
-        "use select='random', 'cyclic' or explicit indices",
-    )
-    norms: Tensor = w.to(torch.float64).norm(dim=0).cpu()
-    return norms, w.dtype
 
 
 def _rand(n: int, generator: torch.Generator | None) -> Tensor:
@@ -752,29 +742,28 @@ def _pick_units(
 def _finish(
     module: nn.Module,
     layout: Layout,
-    sources: list[Tensor],
-    coefs: list[Tensor],
-    null_bias: list[Tensor],
+    maps: Sequence[LayerMap],
     fan_in: Sequence[Tensor | None] | None = None,
     offsets: Sequence[Tensor | None] | None = None,
+    null_bias: Sequence[Tensor] | None = None,
 ) -> Embedding:
+    """The :class:`~torch_embed.Embedding` of the planned maps, with the MLP's tensors.
+
+    A null neuron's constant output ``σ(β)`` comes from running the hidden layer's
+    activations on ``β``; ``fan_in``, ``offsets`` and ``null_bias`` (RandomPad's random
+    biases) are the schemes' tensor-level draws, made after the maps.
+    """
     layers = []
-    for l in range(len(sources)):
-        nb = torch.where(sources[l] < 0, null_bias[l], 0.0)
+    for l, lm in enumerate(maps):
+        nb = lm.null_bias if null_bias is None else null_bias[l]
         nv = torch.zeros_like(nb)
-        null = sources[l] < 0
-        if bool((nb != 0).any()) and not _can_store_bias(module, layout, l):
-            raise ValueError(
-                f"hidden layer {l}: null neurons need a bias β != 0, but its Linear (layer "
-                f"{layout.hidden[l].linear}) has no bias and no affine BatchNorm1d follows "
-                f"it, so β cannot be stored (the neuron would output σ(0)); use bias=0.0"
-            )
+        null = lm.source < 0
         if bool(null.any()):
             nv[null] = _null_value(module, layout, l, nb[null])
         layers.append(
             LayerMap(
-                sources[l],
-                coefs[l],
+                lm.source,
+                lm.coef,
                 nb,
                 nv,
                 fan_in[l] if fan_in else None,
@@ -793,53 +782,62 @@ def _can_store_bias(module: nn.Module, layout: Layout, layer: int) -> bool:
 
 
 # ---------------------------------------------------------------------------- planners
-# ---------------------------------------------------------------------------- planners
-def _mlp_units(
+def _units(
     cfg: Scheme,
     module: nn.Module,
     layout: Layout,
+    groups: WidthGroups,
     widths: tuple[int, ...],
     generator: torch.Generator | None,
-) -> tuple[list[Tensor], list[Tensor]]:
-    """Sources and coefficients of every hidden layer (Split, Net2Net, Null, RandomPad)."""
-    current = layout.hidden_widths
-    explicit = None
+    general: Mapping[str, tuple[Tensor, Tensor | None, float]] | None = None,
+) -> list[LayerMap]:
+    """The map of every hidden layer, planned on its width group by the traced planner.
+
+    Hidden layer ``l`` is the width group named after its Linear; every hidden layer is
+    planned, widened or not, so the random choices are drawn layer by layer as they
+    always were on this path. Messages name ``"hidden layer l"``.
+    """
+    from torch_embed.graph.plan import plan_maps
+
+    names = [h.linear for h in layout.hidden]
+    explicit: dict[str, list[int]] | None = None
     if isinstance(cfg, (Split, Net2Net)):
+        current = layout.hidden_widths
         widened = [l for l, (a, b) in enumerate(zip(current, widths)) if b > a]
-        explicit = _explicit(cfg.select, widened, len(current))
-    sources, coefs = [], []
-    for l, (m, w) in enumerate(zip(current, widths)):
-        src, coef = plan_units(
-            cfg,
-            m,
-            w,
-            UnitRules(f"hidden layer {l}"),
-            select=explicit.get(l, []) if explicit is not None else None,
-            norms=functools.partial(_fan_out_norms, module, layout, l),
-            generator=generator,
-        )
-        sources.append(src)
-        coefs.append(coef)
-    return sources, coefs
+        by_layer = _explicit(cfg.select, widened, len(current))
+        if by_layer is not None:
+            explicit = {names[l]: by_layer.get(l, []) for l in range(len(names))}
+    maps, _ = plan_maps(
+        groups,
+        dict(zip(names, widths)),
+        cfg,
+        explicit=explicit,
+        general=general,
+        generator=generator,
+        tensors={**dict(module.named_parameters()), **dict(module.named_buffers())},
+        labels={n: f"hidden layer {l}" for l, n in enumerate(names)},
+    )
+    return [maps[n] for n in names]
 
 
 def _plan_split(
     cfg: Split,
     module: nn.Module,
     layout: Layout,
+    groups: WidthGroups,
     widths: tuple[int, ...],
     generator: torch.Generator | None,
 ) -> Embedding:
     _kway(cfg.alpha)
-    sources, coefs = _mlp_units(cfg, module, layout, widths, generator)
-    nbs = [torch.zeros(w, dtype=torch.float64) for w in widths]
-    return _finish(module, layout, sources, coefs, nbs)
+    maps = _units(cfg, module, layout, groups, widths, generator)
+    return _finish(module, layout, maps)
 
 
 def _plan_null(
     cfg: Null,
     module: nn.Module,
     layout: Layout,
+    groups: WidthGroups,
     widths: tuple[int, ...],
     generator: torch.Generator | None,
 ) -> Embedding:
@@ -847,8 +845,7 @@ def _plan_null(
     _real(cfg.bias, "Null.bias")
     current = layout.hidden_widths
     wide = layout.widths[:1] + widths
-    sources, coefs = _mlp_units(cfg, module, layout, widths, generator)
-    nbs = [torch.full((w,), float(cfg.bias), dtype=torch.float64) for w in widths]
+    maps = _units(cfg, module, layout, groups, widths, generator)
     fan_in: list[Tensor | None] = []
     for l, (m, w) in enumerate(zip(current, widths)):
         if cfg.fan_in_std > 0 and w > m:
@@ -859,20 +856,21 @@ def _plan_null(
             fan_in.append(f)
         else:
             fan_in.append(None)
-    return _finish(module, layout, sources, coefs, nbs, fan_in)
+    return _finish(module, layout, maps, fan_in)
 
 
 def _plan_net2net(
     cfg: Net2Net,
     module: nn.Module,
     layout: Layout,
+    groups: WidthGroups,
     widths: tuple[int, ...],
     generator: torch.Generator | None,
 ) -> Embedding:
     _real(cfg.noise, "Net2Net.noise", nonnegative=True)
     current = layout.hidden_widths
-    sources, coefs = _mlp_units(cfg, module, layout, widths, generator)
-    nbs = [torch.zeros(w, dtype=torch.float64) for w in widths]
+    maps = _units(cfg, module, layout, groups, widths, generator)
+    sources = [lm.source for lm in maps]
     offsets: list[Tensor | None] = []
     for l, src in enumerate(sources):
         if cfg.noise == 0:
@@ -900,16 +898,18 @@ def _plan_net2net(
         # no pair of copies (nothing added, or single copies): no offsets, so the
         # embedding stays critical and decomposes into steps like an equal split
         offsets.append(off if bool((off != 0).any()) else None)
-    return _finish(module, layout, sources, coefs, nbs, None, offsets)
+    return _finish(module, layout, maps, None, offsets)
 
 
 def _plan_general(
     cfg: General,
     module: nn.Module,
     layout: Layout,
+    groups: WidthGroups,
     widths: tuple[int, ...],
     generator: torch.Generator | None,
 ) -> Embedding:
+    """Parse the per-hidden-layer form of :class:`General` and plan it on the groups."""
     current = layout.hidden_widths
     n = len(current)
     if any(isinstance(v, Mapping) for v in (cfg.sources, cfg.coefficients, cfg.null_bias)):
@@ -948,20 +948,6 @@ def _plan_general(
     coef_in: Any = cfg.coefficients if cfg.coefficients is not None else [None] * n
     if len(coef_in) != n:
         raise ValueError(f"General.coefficients needs one entry per hidden layer ({n})")
-    coefs = []
-    for l, (src, c) in enumerate(zip(sources, coef_in)):
-        given = (
-            None if c is None else torch.as_tensor(c, dtype=torch.float64).detach().clone().cpu()
-        )
-        _, coef = plan_units(
-            cfg,
-            current[l],
-            src.numel(),
-            UnitRules(f"hidden layer {l}"),
-            sources=src,
-            coefficients=given,
-        )
-        coefs.append(coef)
     nb_in: Any = cfg.null_bias
     per_layer = list(nb_in) if isinstance(nb_in, Sequence) else [nb_in] * n
     if len(per_layer) != n or not all(math.isfinite(float(b)) for b in per_layer):
@@ -969,24 +955,29 @@ def _plan_general(
             f"General.null_bias must be one finite number, or one per hidden layer ({n}); "
             f"got {nb_in!r}"
         )
-    nbs = [
-        torch.full((src.numel(),), float(per_layer[l]), dtype=torch.float64)
-        for l, src in enumerate(sources)
-    ]
-    return _finish(module, layout, sources, coefs, nbs)
+    general = {}
+    for l, (h, src, c) in enumerate(zip(layout.hidden, sources, coef_in)):
+        given = (
+            None if c is None else torch.as_tensor(c, dtype=torch.float64).detach().clone().cpu()
+        )
+        general[h.linear] = (src, given, float(per_layer[l]))
+    wide = tuple(src.numel() for src in sources)
+    maps = _units(cfg, module, layout, groups, wide, generator, general)
+    return _finish(module, layout, maps)
 
 
 def _plan_random_pad(
     cfg: RandomPad,
     module: nn.Module,
     layout: Layout,
+    groups: WidthGroups,
     widths: tuple[int, ...],
     generator: torch.Generator | None,
 ) -> Embedding:
     _real(cfg.scale, "RandomPad.scale")
     current = layout.hidden_widths
     wide = layout.widths[:1] + widths + layout.widths[-1:]
-    sources, coefs = _mlp_units(cfg, module, layout, widths, generator)
+    maps = _units(cfg, module, layout, groups, widths, generator)
     nbs = []
     fan_in: list[Tensor | None] = []
     offsets: list[Tensor | None] = []
@@ -1008,7 +999,7 @@ def _plan_random_pad(
             2 * torch.rand(wide[l + 2], w - m, generator=generator, dtype=torch.float64) - 1
         ) * bound_out
         offsets.append(off)
-    return _finish(module, layout, sources, coefs, nbs, fan_in, offsets)
+    return _finish(module, layout, maps, fan_in, offsets, nbs)
 
 
 _PLANNERS: dict[type, Callable[..., Embedding]] = {

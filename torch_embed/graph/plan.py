@@ -70,7 +70,7 @@ from torch_embed.schemes import (
     plan_units,
 )
 
-__all__ = ["group_rules", "plan_groups", "resolve_group_widths"]
+__all__ = ["group_rules", "plan_groups", "plan_maps", "resolve_group_widths"]
 
 _UNIFORM = ("layer_norm", "rms_norm", "mean", "var", "norm", "group_norm")
 _SEGMENTED = ("group_norm", "grouped_conv")
@@ -361,27 +361,146 @@ def _check_scheme(cfg: Scheme) -> None:
         _real(cfg.scale, "RandomPad.scale")
 
 
-def _bias_home(group: WidthGroup) -> str:
+def _bias_home(group: WidthGroup, rules: UnitRules) -> str:
     """The tensor that stores null units' bias ``β``.
 
     A BatchNorm's bias, else the producer's bias; a group with several (a residual
-    stream) or none is refused.
+    stream) or none is refused. Behind a BatchNorm only its own bias can: it re-centres
+    whatever comes before it (its running mean, or the batch mean in train mode).
     """
     biases = [
         u
         for u in group.producers
         if u.role in ("producer", "per-channel") and u.tensor.rpartition(".")[2] == "bias"
     ]
-    norms = [u for u in biases if "batch_norm" in u.op]
-    homes = norms or biases
-    if len(homes) != 1:
-        found = [u.tensor for u in homes] or "none"
-        raise ValueError(
-            f"width group {group.name!r}: null units with a bias β != 0 need one place for β "
-            f"(a BatchNorm's bias, else the producing layer's bias), found {found}; use a "
-            f"null bias of 0.0"
+    norms = sorted({u.module for u in group.producers if "batch_norm" in u.op})
+    homes = [u for u in biases if "batch_norm" in u.op] if norms else biases
+    if len(homes) == 1:
+        return homes[0].tensor
+    if homes:
+        why = f"it has several ({[u.tensor for u in homes]})"
+    elif norms:
+        why = (
+            f"the BatchNorm {', '.join(f'`{n}`' for n in norms)} has no affine bias (no "
+            f"affine BatchNorm holds it) and re-centres the producing layer's bias"
         )
-    return homes[0].tensor
+    else:
+        producers = {u.module: u.op for u in group.producers if u.role == "producer"}
+        named = ", ".join(f"`{n}` ({op})" for n, op in producers.items())
+        why = f"its producing layer {named} has no bias and no affine BatchNorm follows it"
+    raise ValueError(
+        f"{rules.where}: null {rules.unit}s need a bias β != 0, stored in one place (a "
+        f"BatchNorm's bias, else the producing layer's bias), but {why}, so β cannot be "
+        f"stored (the {rules.unit} would output σ(0)); use a null bias of 0.0"
+    )
+
+
+def plan_maps(
+    groups: WidthGroups,
+    widths: Mapping[str, int],
+    cfg: Scheme,
+    *,
+    explicit: Mapping[str, Sequence[int]] | None = None,
+    general: Mapping[str, tuple[Tensor, Tensor | None, float]] | None = None,
+    generator: torch.Generator | None = None,
+    tensors: Mapping[str, Tensor] | None = None,
+    labels: Mapping[str, str] | None = None,
+) -> tuple[dict[str, LayerMap], dict[str, float]]:
+    """The :class:`~torch_embed.embedding.LayerMap` of every group in ``widths``.
+
+    The part of :func:`plan_groups` that decides the units: for each group in forward
+    order, its rules (:func:`group_rules`), the units :func:`~torch_embed.schemes.plan_units`
+    gives them, the shares checked, the null units' bias and where it is stored. Every
+    group named in ``widths`` is planned, also at its current width (an identity map;
+    a random selection still draws from ``generator``, as the MLP path always has).
+    The MLP path (:func:`torch_embed.schemes.plan`) calls it on a Sequential's hidden
+    groups and builds its :class:`~torch_embed.Embedding` from the maps;
+    :func:`plan_groups` builds the per-axis maps of a traced model from them.
+
+    Args:
+        groups: The model's width groups.
+        widths: ``{group name: new width}``, checked by the caller.
+        cfg: The scheme (checked by the caller).
+        explicit: Explicit ``select`` indices per group (``None``: by ``cfg.select``).
+        general: :class:`~torch_embed.General`: ``{group: (sources, coefficients or
+            None, null bias)}``, parsed by the caller. Coefficients are one per wide
+            unit, or a ``(wide_next, wide)`` matrix for a group that one Linear reads
+            (the MLP path; the :class:`~torch_embed.Embedding` checks its shares).
+        generator: For the random choices.
+        tensors: The model's parameters and buffers by FQN (``select="norm"``).
+        labels: How messages name each group (the MLP path: ``"hidden layer 0"``,
+            whose units are neurons); default: ``"width group 'name'"`` and units.
+
+    Returns:
+        ``(maps, fills)``: the maps by group name, and ``{tensor: β}`` for every
+        tensor that stores a null bias ``β != 0``.
+
+    Raises:
+        ValueError: Widths, selections or coefficients the groups' rules forbid; null
+            units with a bias ``β != 0`` and no one place to store it.
+    """
+    maps: dict[str, LayerMap] = {}
+    fills: dict[str, float] = {}
+    for g in groups:
+        if g.name not in widths:
+            continue
+        rules, unit_cfg = _group_plan_rules(g, cfg)
+        if labels is not None:
+            rules = dataclasses.replace(rules, where=labels[g.name], unit="neuron")
+        src_in, coef_in, bias = general[g.name] if general is not None else (None, None, 0.0)
+        if src_in is not None:
+            check_sources(src_in, g.size, rules.where)
+        try:
+            source, coef = plan_units(
+                unit_cfg,
+                g.size,
+                widths[g.name],
+                rules,
+                select=explicit.get(g.name, []) if explicit is not None else None,
+                norms=functools.partial(_fan_out_norms, g, tensors),
+                sources=src_in,
+                coefficients=coef_in,
+                generator=generator,
+            )
+        except ValueError as error:
+            if rules.uniform and _fillable(g) and "not a multiple" in str(error):
+                raise ValueError(
+                    f"{error}; for any width use the Null scheme (zero-fill under RMSNorm, "
+                    f"mean-fill under LayerNorm)"
+                ) from None
+            raise
+        if coef.dim() == 2:
+            _check_one_reader(g, rules)
+        else:
+            check_shares(source, coef, g.size, rules.where)
+        if isinstance(unit_cfg, Null):
+            bias = float(unit_cfg.bias)
+        null = source < 0
+        # not torch.where(null, bias, 0.0): two Python floats make a float32 tensor
+        null_bias = torch.zeros(source.numel(), dtype=torch.float64).masked_fill(null, bias)
+        if bias != 0 and bool(null.any()):
+            home = _bias_home(g, rules)
+            if fills.setdefault(home, bias) != bias:
+                raise ValueError(
+                    f"`{home}` holds the null units' bias of several width groups, which "
+                    f"are given different biases ({fills[home]}, {bias})"
+                )
+        maps[g.name] = LayerMap(source, coef, null_bias, torch.zeros_like(null_bias))
+    return maps, fills
+
+
+def _check_one_reader(group: WidthGroup, rules: UnitRules) -> None:
+    """A matrix of coefficients (one per connection) needs one Linear reading the group."""
+    readers = [u for u in group.consumers if u.role == "consumer"]
+    plain = all(
+        (u.axis, u.offset, u.stride, u.repeats, u.groups) == (1, 0, 1, (), 1) for u in readers
+    )
+    if len(group.consumers) != 1 or len(readers) != 1 or readers[0].op != "linear" or not plain:
+        raise ValueError(
+            f"{rules.where}: a matrix of coefficients (one per connection) needs exactly one "
+            f"Linear reading the group, found {[u.tensor for u in group.consumers]}; give "
+            f"one coefficient per wide {rules.unit}"
+        )
 
 
 def plan_groups(
@@ -430,51 +549,22 @@ def plan_groups(
     else:
         widths = resolve_group_widths(groups, new_widths, cfg)
     explicit = _explicit(cfg, groups, widths)
-    maps: dict[str, LayerMap] = {}
+    maps, fills = plan_maps(
+        groups,
+        widths,
+        cfg,
+        explicit=explicit,
+        general=general,
+        generator=generator,
+        tensors=tensors,
+    )
     sizes: dict[str, tuple[int, int]] = {}
     reasons: list[str] = []
-    fills: dict[str, float] = {}
     gains: dict[str, float] = {}
     scales: list[tuple[str, float, float]] = []
     for g in groups:
-        if g.name not in widths:
+        if g.name not in maps:
             continue
-        rules, unit_cfg = _group_plan_rules(g, cfg)
-        src_in, coef_in, bias = general[g.name] if general is not None else (None, None, 0.0)
-        if src_in is not None:
-            check_sources(src_in, g.size, rules.where)
-        try:
-            source, coef = plan_units(
-                unit_cfg,
-                g.size,
-                widths[g.name],
-                rules,
-                select=explicit.get(g.name, []) if explicit is not None else None,
-                norms=functools.partial(_fan_out_norms, g, tensors),
-                sources=src_in,
-                coefficients=coef_in,
-                generator=generator,
-            )
-        except ValueError as error:
-            if rules.uniform and _fillable(g) and "not a multiple" in str(error):
-                raise ValueError(
-                    f"{error}; for any width use the Null scheme (zero-fill under RMSNorm, "
-                    f"mean-fill under LayerNorm)"
-                ) from None
-            raise
-        check_shares(source, coef, g.size, rules.where)
-        if isinstance(unit_cfg, Null):
-            bias = float(unit_cfg.bias)
-        null = source < 0
-        null_bias = torch.where(null, bias, 0.0).to(torch.float64)
-        if bias != 0 and bool(null.any()):
-            home = _bias_home(g)
-            if fills.setdefault(home, bias) != bias:
-                raise ValueError(
-                    f"`{home}` holds the null units' bias of several width groups, which "
-                    f"are given different biases ({fills[home]}, {bias})"
-                )
-        maps[g.name] = LayerMap(source, coef, null_bias, torch.zeros_like(null_bias))
         sizes[g.name] = (g.size, widths[g.name])
         reasons.extend(_gradient_caveats(g, maps[g.name]))
         gain, patch = temperature(g, widths[g.name])
