@@ -670,8 +670,8 @@ def test_null_bias_on_bias_free_layer_refused() -> None:
     _refused(
         net,
         ValueError,
-        r"hidden layer 0: null neurons need a bias β != 0, .* but its producing layer `0` "
-        r"\(linear\) has no bias and no affine BatchNorm follows it",
+        r"hidden layer 0: null neurons with a bias β != 0 need one place for β .* found none: "
+        r"its producing layer `0` \(linear\) has no bias and no affine BatchNorm follows it",
         [6, 5],
         Null(bias=0.2),
     )

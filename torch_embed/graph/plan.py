@@ -377,21 +377,22 @@ def _bias_home(group: WidthGroup, rules: UnitRules) -> str:
     homes = [u for u in biases if "batch_norm" in u.op] if norms else biases
     if len(homes) == 1:
         return homes[0].tensor
-    if homes:
-        why = f"it has several ({[u.tensor for u in homes]})"
-    elif norms:
-        why = (
-            f"the BatchNorm {', '.join(f'`{n}`' for n in norms)} has no affine bias (no "
-            f"affine BatchNorm holds it) and re-centres the producing layer's bias"
+    found = f"found {[u.tensor for u in homes]}"
+    if not homes and norms:
+        found = (
+            f"found none: the BatchNorm {', '.join(f'`{n}`' for n in norms)} has no affine "
+            f"bias and re-centres the producing layer's bias"
         )
-    else:
+    elif not homes:
         producers = {u.module: u.op for u in group.producers if u.role == "producer"}
         named = ", ".join(f"`{n}` ({op})" for n, op in producers.items())
-        why = f"its producing layer {named} has no bias and no affine BatchNorm follows it"
+        found = (
+            f"found none: its producing layer {named} has no bias and no affine BatchNorm "
+            f"follows it, so β cannot be stored (the {rules.unit} would output σ(0))"
+        )
     raise ValueError(
-        f"{rules.where}: null {rules.unit}s need a bias β != 0, stored in one place (a "
-        f"BatchNorm's bias, else the producing layer's bias), but {why}, so β cannot be "
-        f"stored (the {rules.unit} would output σ(0)); use a null bias of 0.0"
+        f"{rules.where}: null {rules.unit}s with a bias β != 0 need one place for β (a "
+        f"BatchNorm's bias, else the producing layer's bias), {found}; use a null bias of 0.0"
     )
 
 
