@@ -25,6 +25,7 @@ from torch_embed._sequential import (
     register_elementwise,
 )
 from torch_embed.graph.embedding import GroupEmbedding
+from torch_embed.graph.plan import plan_maps
 from torch_embed.widen import widen
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -266,3 +267,33 @@ def test_null_bias_before_a_batchnorm_without_affine_is_refused_on_the_traced_pa
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     widen(model, {"a": 6}, torch_embed.Null(bias=0.0), example_inputs=x)
     assert model.a.out_features == 6
+
+
+def test_a_matrix_of_coefficients_needs_one_linear_reader() -> None:
+    """``plan_maps`` passes a ``(wide_next, wide)`` matrix through for a group one Linear
+    reads (an MLP's hidden layer) and refuses it for a group several tensors read."""
+
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = self.a(x)
+            return self.c(h + torch.tanh(self.b(h)))
+
+    src = torch.tensor([0, 1, 2, 3, 0])
+    matrix = torch.ones(2, 5, dtype=torch.float64)
+    matrix[:, 0], matrix[:, 4] = 0.25, 0.75
+    x = torch.randn(5, 3)
+    groups = torch_embed.width_groups(Residual(), x)
+    with pytest.raises(ValueError, match=r"a matrix of coefficients .* needs exactly one Linear"):
+        plan_maps(
+            groups, {"a": 5}, torch_embed.General({"a": src}), general={"a": (src, matrix, 0.0)}
+        )
+    mlp = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    groups = torch_embed.width_groups(mlp, x)
+    maps, _ = plan_maps(
+        groups, {"0": 5}, torch_embed.General([src]), general={"0": (src, matrix, 0.0)}
+    )
+    assert torch.equal(maps["0"].coef, matrix) and torch.equal(maps["0"].source, src)

@@ -5,6 +5,12 @@ between two of them, an optional ``nn.BatchNorm1d`` right after the first Linear
 any number of element-wise modules (activations, ``nn.Dropout``). Every module that is
 not of that form is refused here, with a message that names its index, its type and
 what would have been accepted; nothing is ever skipped silently.
+
+The :class:`Layout` is not read by a walk of its own: the Sequential is traced into
+width groups like any model (:mod:`torch_embed.graph.groups`), and each hidden group
+is read as one link of the MLP chain, so a Layout is a special case of the groups. A
+registered module whose forward turns out not to be element-wise pins or constrains
+its group, and is refused with the op and module.
 """
 
 from __future__ import annotations

@@ -432,8 +432,8 @@ def _explicit(select: Select, widened: list[int], n_hidden: int) -> dict[int, li
 class UnitRules:
     """What the readers of one hidden layer or width group allow (GROWTH.md §2).
 
-    The MLP planner gives every hidden layer the default (no rule); the traced planner
-    (:mod:`torch_embed.graph.plan`) reads them off a width group's constraints.
+    Read off a width group's constraints by :func:`torch_embed.graph.plan.group_rules`
+    (an MLP's hidden groups have none: the default).
 
     Attributes:
         where: How messages name the layer (``"hidden layer 0"``, ``"width group 'c1'"``).
@@ -498,10 +498,11 @@ def plan_units(
 ) -> tuple[Tensor, Tensor]:
     """The units of one hidden layer or width group: who copies whom, with which share.
 
-    The one planner of both paths: :func:`plan` calls it per hidden layer of an MLP,
-    :func:`torch_embed.graph.plan.plan_groups` per grown width group. What a scheme
-    adds beyond the map of units (Net2Net's fan-out noise, random fan-ins, null biases)
-    is tensor-level and stays with each path.
+    The one planner of both paths: :func:`torch_embed.graph.plan.plan_maps` calls it
+    per width group, for :func:`plan` (an MLP's hidden layers, every one) and
+    :func:`torch_embed.graph.plan.plan_groups` (the grown groups of a traced model).
+    What a scheme adds beyond the map of units (Net2Net's fan-out noise, random
+    fan-ins, random biases) is tensor-level and stays with each path.
 
     Args:
         cfg: The scheme.

@@ -20,9 +20,11 @@ consumer coefficients, and the order of the wide units, under the group's constr
   a batch-like axis: copies and null units as for channels.
 * Depthwise convolutions are per-channel: copies need no rule (``groups`` follows).
 
-The units of each group come from :func:`torch_embed.schemes.plan_units`, the planner
-of the MLP path, given the group's rules (:func:`group_rules`); this module keeps the
-constraint logic and the per-axis maps. Every scheme plans where its rules allow:
+The units of each group come from :func:`torch_embed.schemes.plan_units` given the
+group's rules (:func:`group_rules`), in :func:`plan_maps`; :func:`plan_groups` adds the
+per-axis maps. An ``nn.Sequential`` MLP is planned by :func:`plan_maps` too, on the
+groups of its hidden layers (:func:`torch_embed.schemes.plan` builds its
+:class:`~torch_embed.Embedding` from the maps). Every scheme plans where its rules allow:
 :class:`~torch_embed.Split` and :class:`~torch_embed.Net2Net` (``select`` random,
 cyclic, ``"norm"``: the largest fan-out norm over every consumer of the group, or
 explicit indices: a list when one group grows, else ``{group name or alias:
