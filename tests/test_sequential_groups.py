@@ -297,3 +297,16 @@ def test_a_matrix_of_coefficients_needs_one_linear_reader() -> None:
         groups, {"0": 5}, torch_embed.General([src]), general={"0": (src, matrix, 0.0)}
     )
     assert torch.equal(maps["0"].coef, matrix) and torch.equal(maps["0"].source, src)
+
+
+def test_a_module_built_under_inference_mode_is_read() -> None:
+    """Its train-mode BatchNorm cannot update inference tensors outside inference mode:
+    the trace runs inside it, the buffers are left as they were, and widen still refuses
+    the module with its own message."""
+    _CACHE.clear()
+    with torch.inference_mode():
+        net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+    assert read_sequential(net).hidden == (HiddenLayer("0", "1", ("2",)),)
+    assert int(net[1].num_batches_tracked) == 0 and float(net[1].running_var.min()) == 1.0
+    with pytest.raises(ValueError, match=r"'0.weight' of the Sequential is an inference tensor"):
+        widen(net, [6])

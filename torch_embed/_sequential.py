@@ -501,7 +501,12 @@ def _from_groups(
     # two rows: BatchNorm1d in train mode needs more than one value per channel; the
     # fx tracer (exact for Sequential.forward, which has no control flow) is the cheap one
     x = torch.zeros(2, first.in_features, dtype=weight.dtype, device=weight.device)
-    groups = traced_groups(module, (x,), "fx")
+    # a module built under torch.inference_mode() holds inference tensors, which a
+    # train-mode BatchNorm could not update (and restore) outside it; widen refuses such
+    # a module with its own message, other readers (Hessians, reports) accept it
+    inference = any(t.is_inference() for t in (*module.parameters(), *module.buffers()))
+    with torch.inference_mode(inference):
+        groups = traced_groups(module, (x,), "fx")
     position = {name: pos for pos, (name, _) in enumerate(children)}
     kinds = {name: type(c) for name, c in children}
     hidden_groups = [
