@@ -310,3 +310,18 @@ def test_a_module_built_under_inference_mode_is_read() -> None:
     assert int(net[1].num_batches_tracked) == 0 and float(net[1].running_var.min()) == 1.0
     with pytest.raises(ValueError, match=r"'0.weight' of the Sequential is an inference tensor"):
         widen(net, [6])
+
+
+@pytest.mark.parametrize("tracer", ["fx", "auto"])
+def test_reading_leaves_the_random_generator_as_it_was(tracer: str) -> None:
+    """Regression: the fx tracer runs the forward, and a train-mode Dropout drew from the
+    global generator, so `torch.manual_seed(0); widen(net, ...)` then changed the next
+    random numbers, depending on whether the structure had been read before."""
+    _CACHE.clear()
+    net = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.ReLU(), nn.Linear(4, 2)).train()
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    read_sequential(net)
+    torch_embed.width_groups(net, torch.zeros(2, 3), tracer=tracer)  # type: ignore[arg-type]
+    assert torch.equal(torch.rand(3), expected)

@@ -176,10 +176,12 @@ def check_model(model: object, example_inputs: object, caller: str) -> tuple[Any
 
 @contextmanager
 def _untouched(model: nn.Module) -> Iterator[None]:
-    """Run a block that may update buffers or flags; restore both bit for bit.
+    """Run a block that may update buffers, flags or the RNG; restore them bit for bit.
 
     A buffer updated in place (BatchNorm's running statistics in train mode) gets its
-    values back; one the forward replaced by another tensor is put back itself.
+    values back; one the forward replaced by another tensor is put back itself. A
+    forward that draws random numbers (train-mode dropout, run by the fx tracer) leaves
+    the CPU generator, and those of the CUDA devices the model is on, as they were.
     """
     modes = [(m, m.training) for m in model.modules()]
     saved = [
@@ -188,8 +190,10 @@ def _untouched(model: nn.Module) -> Iterator[None]:
         for name, b in m._buffers.items()
         if b is not None
     ]
+    tensors = (*model.parameters(), *model.buffers())
+    cuda = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
             yield
     finally:
         for m, mode in modes:
