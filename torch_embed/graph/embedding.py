@@ -237,11 +237,11 @@ class GroupEmbedding:
         seed: The seed of that noise and of random null entries (``AxisMap.null_init``).
         preserves_output: ``False`` when the embedding changes the function
             (:class:`~torch_embed.RandomPad`): ``kind`` is then ``none``.
-        null_values: ``{Linear weight FQN: float64 (wide_in,)}``: the constant value
+        null_values: ``{reader weight FQN: float64 (wide_in,)}``: the constant value
             ``σ(β)`` each null unit feeds that reader (0 elsewhere), measured by
-            ``widen``. Its fan-out column then has the gradient ``σ(β)·∂R/∂b`` of the
-            reader's bias ``b`` (as for MLPs): :meth:`map_gradients` writes it when the
-            bias is among the mapped tensors.
+            ``widen``. Its fan-out column (every tap of an unpadded conv reader's) then
+            has the gradient ``σ(β)·∂R/∂b`` of the reader's bias ``b`` (as for MLPs):
+            :meth:`map_gradients` writes it when the bias is among the mapped tensors.
     """
 
     maps: Mapping[str, LayerMap]
@@ -436,14 +436,20 @@ def _null_columns(w: Tensor, bias: Tensor, value: Tensor, what: str, moved: _Mov
     """A reader's null columns: ``σ(β)`` times its bias gradient.
 
     ``σ(β)²`` times its second moment, as :meth:`torch_embed.Embedding.map_gradients`
-    maps them for MLPs.
+    maps them for MLPs. A conv reader (``(out, in/g, *kernel)``, ``g`` groups, read off
+    ``value``'s wide size) gets it at every tap (unpadded: every tap reads the constant
+    at every output position), in the rows of the null channel's group only.
     """
     cols = value.nonzero().flatten()
-    v = moved(value[cols], w.device)
-    b = bias.to(torch.float64)
-    fill = b[:, None] * (v if what == "grad" else v * v)[None, :]
-    w = w.clone()
-    w.index_copy_(1, moved(cols, w.device), fill.to(w.dtype))
+    v = value[cols] if what == "grad" else value[cols] ** 2
+    g = value.numel() // w.shape[1]
+    b = bias.to(torch.float64).view(g, -1)  # the biases of each group's output channels
+    q, c = moved(cols // w.shape[1], w.device), moved(cols % w.shape[1], w.device)
+    fill = b[q] * moved(v, w.device)[:, None]  # (null columns, out/g), then every tap
+    fill = fill.view(*fill.shape, *[1] * (w.dim() - 2)).to(w.dtype)
+    w = w.clone(memory_format=torch.contiguous_format)
+    view = w.view(g, -1, *w.shape[1:])
+    view[q, :, c] = fill.expand(*fill.shape[:2], *w.shape[2:])
     return w
 
 
