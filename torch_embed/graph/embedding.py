@@ -80,8 +80,10 @@ class AxisMap:
         null_init: ``""`` (none), ``"normal"`` (``init_scale·N(0, 1)``) or
             ``"uniform"`` (``U(-b, b)``, ``b = init_scale/sqrt(fan_in)``, ``fan_in`` the
             wide tensor's entries per index of axis 0, as ``nn.Linear`` and ``nn.Conv``
-            initialise): random values :meth:`GroupEmbedding.apply` writes at the null
-            entries of a weight (a tensor of 2 or more axes, whole axis only).
+            initialise; ``U(-init_scale, init_scale)`` for a 1-d tensor, RandomPad's
+            biases): random values :meth:`GroupEmbedding.apply` writes at the null
+            entries of a weight (a tensor of 2 or more axes, whole axis only; a grouped
+            in-axis: the rows of each null channel's group) or, uniform only, a bias.
         init_scale: The scale of ``null_init``.
     """
 
@@ -455,31 +457,36 @@ def _null_columns(w: Tensor, bias: Tensor, value: Tensor, what: str, moved: _Mov
 
 def _fill_null(t: Tensor, a: AxisMap, seed: int, moved: _Moved) -> Tensor:
     """Write ``a.null_fill`` or random ``a.null_init`` values at the null entries."""
-    if a.groups > 1:
-        return t
     null = a._null()
     if not null.numel():
         return t
     idx = moved(null, t.device)
-    if a.null_fill is not None:
+    if a.null_fill is not None and a.groups == 1:
         fill = moved(a.null_fill[null], t.device).to(t.dtype)
         shape = [1] * t.dim()
         shape[a.axis] = -1
         size = list(t.shape)
         size[a.axis] = null.numel()
         t.index_copy_(a.axis, idx, fill.view(shape).expand(size).contiguous())
-    if a.null_init and t.dim() >= 2:
+    if a.null_init and (t.dim() >= 2 or a.null_init == "uniform"):  # 1-d: RandomPad's bias
         gen = torch.Generator().manual_seed(
             (seed ^ zlib.crc32(f"{a.tensor}:{a.axis}:init".encode())) % 2**63
         )
         size = list(t.shape)
         size[a.axis] = null.numel()
+        if a.groups > 1:  # wide channel j: column j % share of group j // share's rows
+            size = [null.numel(), t.shape[0] // a.groups, *t.shape[2:]]
         if a.null_init == "normal":
             values = a.init_scale * torch.randn(size, generator=gen, dtype=torch.float64)
         else:
             bound = a.init_scale / math.sqrt(max(t.numel() // max(t.shape[0], 1), 1))
             values = (2 * torch.rand(size, generator=gen, dtype=torch.float64) - 1) * bound
-        t.index_copy_(a.axis, idx, values.to(device=t.device, dtype=t.dtype))  # one use
+        values = values.to(device=t.device, dtype=t.dtype)  # one use
+        if a.groups > 1:
+            q, c = moved(null // t.shape[1], t.device), moved(null % t.shape[1], t.device)
+            t.view(a.groups, -1, *t.shape[1:])[q, :, c] = values
+        else:
+            t.index_copy_(a.axis, idx, values)
     return t
 
 
