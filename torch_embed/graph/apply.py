@@ -40,7 +40,7 @@ from torch_embed.graph.trace import check_model
 from torch_embed.optim_state import ApproximateStateWarning, map_optimizer_state
 from torch_embed.schemes import Scheme
 
-__all__ = ["widen_graph"]
+__all__ = ["check_tensors_held", "widen_graph"]
 
 _T = TypeVar("_T", bound=Tensor)
 
@@ -78,13 +78,13 @@ def widen_graph(
     named_params = _one_name_each(model.named_parameters(remove_duplicate=False), embedding)
     named_buffers = _one_name_each(model.named_buffers(remove_duplicate=False), embedding)
     every = {**named_params, **named_buffers}
-    missing = [t for t in embedding.tensors if t not in every]
-    if missing:
-        raise ValueError(
-            f"widen: the width groups reach {missing}, which are not parameters or buffers "
-            f"of the {type(model).__name__} (a tensor attribute or a constant); make them "
-            f"parameters or buffers"
-        )
+    check_tensors_held(
+        embedding,
+        every,
+        model,
+        "widen: the width groups reach",
+        " (a tensor attribute or a constant); make them parameters or buffers",
+    )
     with torch.no_grad():
         state = {n: every[n].detach() for n in embedding.tensors}
         new_state = embedding.apply(state)
@@ -169,6 +169,38 @@ def widen_graph(
         for p, st in new_opt.items():
             optimizer.state[p] = st
     return embedding
+
+
+def check_tensors_held(
+    embedding: GroupEmbedding,
+    held: Mapping[str, Tensor],
+    model: nn.Module,
+    lead: str,
+    advice: str,
+) -> None:
+    """Refuse an embedding that maps tensors the model does not hold.
+
+    Args:
+        embedding: The embedding.
+        held: The model's parameters and buffers by FQN.
+        model: The model (named in the message).
+        lead: The message's start, naming the caller (``"widen: the width groups reach"``).
+        advice: What follows the model's type (from ``"; "`` or ``" ("``): what to do.
+
+    Raises:
+        ValueError: Some of ``embedding.tensors`` are not in ``held``.
+
+    Example:
+        >>> from torch_embed.graph.embedding import GroupEmbedding
+        >>> emb = GroupEmbedding({}, {}, ())
+        >>> check_tensors_held(emb, {}, nn.Linear(1, 1), "x: maps", "; pass another")
+    """
+    missing = [t for t in embedding.tensors if t not in held]
+    if missing:
+        raise ValueError(
+            f"{lead} {missing}, which are not parameters or buffers of the "
+            f"{type(model).__name__}{advice}"
+        )
 
 
 _MEAN_FILL_HINT = (
