@@ -443,7 +443,7 @@ def _null_columns(w: Tensor, bias: Tensor, value: Tensor, what: str, moved: _Mov
     at every output position), in the rows of the null channel's group only.
     """
     cols = value.nonzero().flatten()
-    v = value[cols] if what == "grad" else value[cols] ** 2
+    v = value[cols] if what == "grad" else value[cols] * value[cols]
     g = value.numel() // w.shape[1]
     b = bias.to(torch.float64).view(g, -1)  # the biases of each group's output channels
     q, c = moved(cols // w.shape[1], w.device), moved(cols % w.shape[1], w.device)
