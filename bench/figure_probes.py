@@ -24,12 +24,22 @@ signs of the first two inputs. A 16-400-10 ReLU net from ``N(0, 1/m⁶)`` is tra
 Adam as ``fig5`` does; the loss (over the class-frequency loss) and the direction
 groups are printed at every record, and the plateaus found with ``fig5``'s criterion.
 
+``fig1-candidate``: Fig. 1's whole analysis (plateaus, narrow critical points, the three
+judged criteria) at the paper's size on a candidate target; ``range10``, the staircase
+with the inputs spread over ``[-150, 150]`` (the net sees ``10·x``); ``tall``, three
+wide steps (scale 8) ten times as high.
+
+``fig5-digits``: ``fig5``'s run on the digits with softmax cross-entropy instead of MSE
+(``--loss ce``), or on 16-pixel digits (each 2x2 block averaged, ``--pixels 16``).
+
 Usage::
 
     python bench/figure_probes.py fig1-targets --set A --lr 0.05 --steps 30000 --width 500
     python bench/figure_probes.py fig1-targets --set B --lr 0.02 --steps 75000 --width 200
     python bench/figure_probes.py fig3b-width --width 3 --steps 20000
     python bench/figure_probes.py fig5-synthetic --kind xor --lr 3e-4 --steps 1500
+    python bench/figure_probes.py fig1-candidate --name range10
+    python bench/figure_probes.py fig5-digits --loss ce --steps 20000
 """
 
 from __future__ import annotations
@@ -271,7 +281,7 @@ CANDIDATES: dict[str, tuple[float, list[tuple[float, float, float]]]] = {
 
 
 def fig1_candidate(name: str, width: int, lr: float, steps: int, runs: int) -> None:
-    """Fig. 1's full analysis (``fig1.analyse_plateaus``) on a candidate target.
+    """Fig. 1's full analysis (``fig1._analyse_plateaus``) on a candidate target.
 
     The candidate's target is a sum of ``tanh`` steps on the 50 points of ``[-15, 15]``;
     the wide net is trained by full-batch gradient descent from ``N(0, 1/m³)`` on the
@@ -286,7 +296,7 @@ def fig1_candidate(name: str, width: int, lr: float, steps: int, runs: int) -> N
     import torch
     from torch import nn
 
-    from torch_embed.experiments.fig1 import MATCH, PAPER_PLATEAUS, _merge, analyse_plateaus
+    from torch_embed.experiments.fig1 import MATCH, PAPER_PLATEAUS, _analyse_plateaus, _merge
     from torch_embed.experiments.training import find_plateaus, log_grid, mlp, small_init_, train
 
     torch.set_num_threads(1)
@@ -322,7 +332,7 @@ def fig1_candidate(name: str, width: int, lr: float, steps: int, runs: int) -> N
         ", ".join(f"{s} {v:.3g}" for s, v in list(zip(hist.steps, hist.losses))[::20]),
     )
     found = _merge(find_plateaus(hist.steps, hist.losses, start=max(1, steps // 1000)), hist.losses)
-    plateaus, _, _, narrow = analyse_plateaus(
+    plateaus, _, _, narrow = _analyse_plateaus(
         x, y, found, hist, snapshots, narrow_runs=runs, fallback=True, seed=0
     )
     print("narrow critical losses:", sorted({round(cp.loss, 5) for cp in narrow}))

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from torch_embed.experiments import FIGURES, FigureResult, Headline
 
-__all__ = ["analyse_plateaus", "direction_groups", "run"]
+__all__ = ["direction_groups", "run"]
 
 COS = 0.99
 CONTRIBUTION = 1e-2
@@ -245,7 +245,7 @@ def _plot(
     return save_figure(fig, path)
 
 
-def analyse_plateaus(
+def _analyse_plateaus(
     x: Tensor,
     y: Tensor,
     found: list[tuple[int, int]],
@@ -395,7 +395,7 @@ def run(*, quick: bool, out: Path, seed: int = 0, device: str = "cpu") -> Figure
     )
     # the first 0.1% of the steps is the start-up of the tiny network (loss ~ mean y²)
     found = _merge(find_plateaus(hist.steps, hist.losses, start=max(1, steps // 1000)), hist.losses)
-    plateaus, outputs, nearest, narrow = analyse_plateaus(
+    plateaus, outputs, nearest, narrow = _analyse_plateaus(
         x, y, found, hist, snapshots, narrow_runs=narrow_runs, fallback=not quick, seed=seed
     )
 
