@@ -352,6 +352,44 @@ def fig1_candidate(name: str, width: int, lr: float, steps: int, runs: int) -> N
     )
 
 
+def fig1_balance(steps: int) -> None:
+    """The wide net of ``fig1`` (paper's size) after ``steps`` steps: is its group balanced?
+
+    Trains the 1-500-1 tanh net on the staircase exactly as ``fig1`` does (GD lr 0.005,
+    ``N(0, 1/m³)``, seed 0) and prints, for the neurons that matter (``|a|·|[w; b]|``
+    above 1% of the largest, as ``fig1.direction_groups`` keeps them): their number, the
+    direction groups, the median and range of ``|a_j| / |[w_j; b_j]|``, the participation
+    ratio ``(Σ c_j)² / Σ c_j²`` of the contributions ``c_j = |a_j|·|[w_j; b_j]|`` and the
+    loss next to the best affine fit's.
+    """
+    import torch
+    from torch import nn
+
+    from torch_embed.experiments.data import staircase
+    from torch_embed.experiments.fig1 import CONTRIBUTION, direction_groups
+    from torch_embed.experiments.training import mlp, small_init_, train
+
+    torch.set_num_threads(1)
+    x, y = staircase(50)
+    net = mlp([1, 500, 1], "tanh")
+    small_init_(net, exponent=3, generator=torch.Generator().manual_seed(0))
+    hist = train(net, nn.MSELoss(), x, y, steps=steps, lr=0.005, method="gd")
+    u = torch.cat([net[0].weight, net[0].bias[:, None]], 1).detach().norm(dim=1)
+    a = net[2].weight.detach().abs().flatten()
+    c = a * u
+    keep = c > CONTRIBUTION * c.max()
+    ratio = (a / u)[keep]
+    design = torch.cat([x, torch.ones_like(x)], 1)
+    affine = design @ torch.linalg.lstsq(design, y).solution
+    print(
+        f"staircase, width 500, GD lr 0.005, {steps} steps, seed 0: loss {hist.final:.4g} "
+        f"(best affine fit {float(((affine - y) ** 2).mean()):.4g}); {int(keep.sum())} "
+        f"neurons matter, {direction_groups(net)} direction group(s); |a|/|[w; b]| median "
+        f"{float(ratio.median()):.3g} (range {float(ratio.min()):.3g}-{float(ratio.max()):.3g});"
+        f" participation ratio of the contributions {float(c.sum() ** 2 / (c**2).sum()):.0f}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="probe", required=True)
@@ -379,6 +417,8 @@ def main() -> None:
     p7.add_argument("--lr", type=float, default=0.005)
     p7.add_argument("--steps", type=int, default=300_000)
     p7.add_argument("--runs", type=int, default=20)
+    p8 = sub.add_parser("fig1-balance", help="Fig. 1's wide net: a balanced group?")
+    p8.add_argument("--steps", type=int, default=2000)
     args = parser.parse_args()
     if args.probe == "fig1-targets":
         fig1_targets(args.set, args.lr, args.steps, args.width, args.xmax)
@@ -386,6 +426,8 @@ def main() -> None:
         fig3b_width(args.width, args.steps, args.seed)
     elif args.probe == "fig1-candidate":
         fig1_candidate(args.name, args.width, args.lr, args.steps, args.runs)
+    elif args.probe == "fig1-balance":
+        fig1_balance(args.steps)
     elif args.probe == "fig5-digits":
         fig5_digits(args.loss, args.pixels, args.steps)
     else:
