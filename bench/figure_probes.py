@@ -27,7 +27,8 @@ groups are printed at every record, and the plateaus found with ``fig5``'s crite
 ``fig1-candidate``: Fig. 1's whole analysis (plateaus, narrow critical points, the three
 judged criteria) at the paper's size on a candidate target; ``range10``, the staircase
 with the inputs spread over ``[-150, 150]`` (the net sees ``10·x``); ``tall``, three
-wide steps (scale 8) ten times as high.
+wide steps (scale 8) ten times as high. ``fig1-balance``: how balanced and how spread
+out the first direction group of ``fig1``'s wide net is after a given number of steps.
 
 ``fig5-digits``: ``fig5``'s run on the digits with softmax cross-entropy instead of MSE
 (``--loss ce``), or on 16-pixel digits (each 2x2 block averaged, ``--pixels 16``).
