@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import itertools
+import time
 
 import pytest
 import torch
@@ -232,3 +234,34 @@ def test_lbfgs_moving_uphill_in_grad_norm_is_undone() -> None:
     norm, loss = _autograd_grad_norm(net, x, y)
     assert norm == norm0 and res.grad_norm == pytest.approx(norm, rel=1e-9, abs=0)
     assert res.loss == pytest.approx(loss, rel=1e-12)
+
+
+def test_lbfgs_stop_does_not_depend_on_the_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where L-BFGS stalls is counted in gradient evaluations, never timed.
+
+    The wall-clock stall window (before) stopped this run after 68 iterations at normal
+    speed, 510 on a machine where every timed interval lasts 1e6 s (the Newton step's
+    eigh looked free), and never (max_iter) where it lasts 1e-12 s (eigh looked dear).
+    """
+    x, y = _data()
+
+    def run() -> tuple[int, Tensor]:
+        g = torch.Generator().manual_seed(0)
+        net = nn.Sequential(nn.Linear(1, 2), nn.Tanh(), nn.Linear(2, 1)).double()
+        with torch.no_grad():
+            for p in net.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=F64))
+        # newton_at=0 and no Newton phase: only the stall can end L-BFGS before max_iter
+        res = critical_point(net, nn.MSELoss(), x, y, newton_at=0.0, max_newton_iter=0)
+        theta = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+        return res.lbfgs_iterations, theta
+
+    normal = run()
+    assert 0 < normal[0] < 2000  # the stall fired (max_iter is 2000)
+    for tick in (1e6, 1e-12):  # a very slow and a very fast machine
+        clock = itertools.count()  # each reading one tick later
+        monkeypatch.setattr(time, "perf_counter", lambda t=tick, c=clock: next(c) * t)
+        iters, theta = run()
+        monkeypatch.undo()
+        assert iters == normal[0]
+        assert torch.equal(theta, normal[1])

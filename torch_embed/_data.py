@@ -50,8 +50,9 @@ communicates, even when :mod:`torch.distributed` is initialised; pass
 decisions (tolerances, the steps of ``critical_point`` and ``escape``) each from the
 same all-reduced numbers, so they agree when they run the same PyTorch build on the same
 kind of device; ``critical_point`` also broadcasts each eigendecomposition that steers
-its Newton steps from the first rank. Its time checks (``max_time``, the L-BFGS stall
-window) use the slowest rank's clock.
+its Newton steps from the first rank. Its ``max_time`` check uses the slowest rank's
+clock; its L-BFGS stall window is counted in gradient evaluations, not timed, so it is
+the same on every rank.
 
 A :class:`~torch.utils.data.distributed.DistributedSampler` with ``drop_last=False``
 pads the shards to equal length by repeating samples when ``num_replicas`` does not

@@ -245,62 +245,44 @@ def _plot(
     return save_figure(fig, path)
 
 
-def run(*, quick: bool, out: Path, seed: int = 0, device: str = "cpu") -> FigureResult:
-    """Train the wide net, find its plateaus, compare each with narrow critical points.
+def _analyse_plateaus(
+    x: Tensor,
+    y: Tensor,
+    found: list[tuple[int, int]],
+    hist: Any,
+    snapshots: dict[int, dict[str, Tensor]],
+    *,
+    narrow_runs: int,
+    fallback: bool,
+    seed: int,
+) -> tuple[list[dict[str, Any]], list[Tensor], list[Tensor], list[Any]]:
+    """Compare the wide net at each plateau with narrow critical points (Fig. 1's analysis).
 
     Args:
-        quick: Width 50, lr 0.05, 4000 steps, 4 narrow runs per width instead of the
-            paper's width 500, lr 0.005, 300 000 steps (and 20 narrow runs per width).
-        out: Output folder for ``fig1.png``.
-        seed: Seed of the initialisation.
-        device: Torch device.
+        x: Training inputs ``(n, 1)``.
+        y: Training targets ``(n, 1)``.
+        found: The plateaus, as ``(i, j)`` index pairs into ``hist.steps``.
+        hist: The wide net's :class:`~torch_embed.experiments.training.History`.
+        snapshots: The wide 1-m-1 tanh net's ``state_dict`` at every recorded step.
+        narrow_runs: Random starts per narrow width (as in Fig. 4).
+        fallback: Let the polish of those starts fall back to L-BFGS.
+        seed: Seed of the narrow starts and fits.
 
     Returns:
-        The :class:`~torch_embed.experiments.FigureResult`; ``numbers["plateaus"]`` has
-        one entry per plateau.
+        One record per plateau (the entries of ``numbers["plateaus"]``), the wide output
+        at each, the nearest narrow critical output at each, and every narrow critical
+        point found (random starts, then each plateau's polished fits).
     """
-    from torch_embed.experiments.data import STAIRCASE_FORMULA, staircase
     from torch_embed.experiments.fig4 import critical_points
-    from torch_embed.experiments.training import (
-        find_plateaus,
-        log_grid,
-        mlp,
-        small_init_,
-        train,
-    )
+    from torch_embed.experiments.training import mlp
     from torch_embed.hessian import gradient
     from torch_embed.landscape.condense import effective_widths
 
-    dev = torch.device(device)
-    x, y = staircase(50, device=dev)
-    width = 50 if quick else 500
-    lr = 0.05 if quick else 0.005
-    steps = 4000 if quick else 300_000
-    narrow_runs = 4 if quick else 20
+    dev = x.device
     loss_fn = nn.MSELoss()
-    net = mlp([1, width, 1], "tanh", device=dev)
-    small_init_(net, exponent=3, generator=torch.Generator().manual_seed(seed))
-    snapshots: dict[int, dict[str, Tensor]] = {}
-
-    def snapshot(step: int, _loss: float) -> None:
-        snapshots[step] = {k: v.detach().clone() for k, v in net.state_dict().items()}
-
-    hist = train(
-        net,
-        loss_fn,
-        x,
-        y,
-        steps=steps,
-        lr=lr,
-        method="gd",
-        record_at=log_grid(steps, 400),
-        label=f"fig1: GD, width {width}",
-        callback=snapshot,
-    )
-    # the first 0.1% of the steps is the start-up of the tiny network (loss ~ mean y²)
-    found = _merge(find_plateaus(hist.steps, hist.losses, start=max(1, steps // 1000)), hist.losses)
+    width = int(snapshots[hist.steps[0]]["0.weight"].shape[0])
     narrow, _ = critical_points(
-        x, y, x, runs=narrow_runs, newton=20, fallback=not quick, seed=seed, label="fig1"
+        x, y, x, runs=narrow_runs, newton=20, fallback=fallback, seed=seed, label="fig1"
     )
     plateaus: list[dict[str, Any]] = []
     outputs: list[Tensor] = []
@@ -359,6 +341,63 @@ def run(*, quick: bool, out: Path, seed: int = 0, device: str = "cpu") -> Figure
         )
         outputs.append(f)
         nearest.append(narrow[best[near_w][1]].output if best else torch.full_like(f, math.nan))
+    return plateaus, outputs, nearest, narrow
+
+
+def run(*, quick: bool, out: Path, seed: int = 0, device: str = "cpu") -> FigureResult:
+    """Train the wide net, find its plateaus, compare each with narrow critical points.
+
+    Args:
+        quick: Width 50, lr 0.05, 4000 steps, 4 narrow runs per width instead of the
+            paper's width 500, lr 0.005, 300 000 steps (and 20 narrow runs per width).
+        out: Output folder for ``fig1.png``.
+        seed: Seed of the initialisation.
+        device: Torch device.
+
+    Returns:
+        The :class:`~torch_embed.experiments.FigureResult`; ``numbers["plateaus"]`` has
+        one entry per plateau.
+    """
+    from torch_embed.experiments.data import STAIRCASE_FORMULA, staircase
+    from torch_embed.experiments.training import (
+        find_plateaus,
+        log_grid,
+        mlp,
+        small_init_,
+        train,
+    )
+
+    dev = torch.device(device)
+    x, y = staircase(50, device=dev)
+    width = 50 if quick else 500
+    lr = 0.05 if quick else 0.005
+    steps = 4000 if quick else 300_000
+    narrow_runs = 4 if quick else 20
+    loss_fn = nn.MSELoss()
+    net = mlp([1, width, 1], "tanh", device=dev)
+    small_init_(net, exponent=3, generator=torch.Generator().manual_seed(seed))
+    snapshots: dict[int, dict[str, Tensor]] = {}
+
+    def snapshot(step: int, _loss: float) -> None:
+        snapshots[step] = {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+    hist = train(
+        net,
+        loss_fn,
+        x,
+        y,
+        steps=steps,
+        lr=lr,
+        method="gd",
+        record_at=log_grid(steps, 400),
+        label=f"fig1: GD, width {width}",
+        callback=snapshot,
+    )
+    # the first 0.1% of the steps is the start-up of the tiny network (loss ~ mean y²)
+    found = _merge(find_plateaus(hist.steps, hist.losses, start=max(1, steps // 1000)), hist.losses)
+    plateaus, outputs, nearest, narrow = _analyse_plateaus(
+        x, y, found, hist, snapshots, narrow_runs=narrow_runs, fallback=not quick, seed=seed
+    )
 
     numbers: dict[str, Any] = {
         "width": width,

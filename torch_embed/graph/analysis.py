@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from torch_embed.embedding import LayerMap
+from torch_embed.graph.apply import check_tensors_held
 from torch_embed.graph.embedding import AxisMap, GroupEmbedding
 from torch_embed.graph.groups import WidthGroups
 from torch_embed.hessian import HessianOperator
@@ -664,12 +665,9 @@ def _check_point(
         )
     params, buffers = _named(model, embedding)
     state = {**params, **buffers}
-    missing = [t for t in embedding.tensors if t not in state]
-    if missing:
-        raise ValueError(
-            f"the embedding maps {missing}, which are not parameters or buffers of the "
-            f"{type(model).__name__}; pass the model it widened"
-        )
+    check_tensors_held(
+        embedding, state, model, "inertia_change: the embedding maps", "; pass the model it widened"
+    )
     wide = {t: state[t].detach() for t in embedding.tensors}
     again = dataclasses.replace(embedding, noise=0.0).apply(restrict(embedding, wide))
     for t, target in wide.items():

@@ -40,7 +40,7 @@ from torch_embed.graph.trace import check_model
 from torch_embed.optim_state import ApproximateStateWarning, map_optimizer_state
 from torch_embed.schemes import Scheme
 
-__all__ = ["widen_graph"]
+__all__ = ["check_tensors_held", "widen_graph"]
 
 _T = TypeVar("_T", bound=Tensor)
 
@@ -78,13 +78,13 @@ def widen_graph(
     named_params = _one_name_each(model.named_parameters(remove_duplicate=False), embedding)
     named_buffers = _one_name_each(model.named_buffers(remove_duplicate=False), embedding)
     every = {**named_params, **named_buffers}
-    missing = [t for t in embedding.tensors if t not in every]
-    if missing:
-        raise ValueError(
-            f"widen: the width groups reach {missing}, which are not parameters or buffers "
-            f"of the {type(model).__name__} (a tensor attribute or a constant); make them "
-            f"parameters or buffers"
-        )
+    check_tensors_held(
+        embedding,
+        every,
+        model,
+        "widen: the width groups reach",
+        " (a tensor attribute or a constant); make them parameters or buffers",
+    )
     with torch.no_grad():
         state = {n: every[n].detach() for n in embedding.tensors}
         new_state = embedding.apply(state)
@@ -134,7 +134,7 @@ def widen_graph(
         for probe in probes:
             probe.handle.remove()
     values = {p.tensor: v for p in probes if (v := p.exact_values(named_params)) is not None}
-    if values:  # σ(β) != 0 into Linear readers with a bias: map their columns as for MLPs
+    if values:  # σ(β) != 0 into readers with a bias: map their columns as for MLPs
         embedding = dataclasses.replace(embedding, null_values=values)
         try:
             with torch.no_grad():
@@ -171,6 +171,38 @@ def widen_graph(
     return embedding
 
 
+def check_tensors_held(
+    embedding: GroupEmbedding,
+    held: Mapping[str, Tensor],
+    model: nn.Module,
+    lead: str,
+    advice: str,
+) -> None:
+    """Refuse an embedding that maps tensors the model does not hold.
+
+    Args:
+        embedding: The embedding.
+        held: The model's parameters and buffers by FQN.
+        model: The model (named in the message).
+        lead: The message's start, naming the caller (``"widen: the width groups reach"``).
+        advice: What follows the model's type (from ``"; "`` or ``" ("``): what to do.
+
+    Raises:
+        ValueError: Some of ``embedding.tensors`` are not in ``held``.
+
+    Example:
+        >>> from torch_embed.graph.embedding import GroupEmbedding
+        >>> emb = GroupEmbedding({}, {}, ())
+        >>> check_tensors_held(emb, {}, nn.Linear(1, 1), "x: maps", "; pass another")
+    """
+    missing = [t for t in embedding.tensors if t not in held]
+    if missing:
+        raise ValueError(
+            f"{lead} {missing}, which are not parameters or buffers of the "
+            f"{type(model).__name__}{advice}"
+        )
+
+
 _MEAN_FILL_HINT = (
     "; so can a mean-fill under a post-norm LayerNorm: mean-fill is exact only when every "
     "LayerNorm reads the residual stream without writing its output back into it "
@@ -203,19 +235,48 @@ def _warn_dead_units(model: nn.Module, groups: WidthGroups, embedding: GroupEmbe
             )
 
 
+def _padding(module: nn.Module) -> object | None:
+    """A conv reader's padding when nonzero (its border taps read it), else ``None``."""
+    if not isinstance(module, nn.modules.conv._ConvNd):
+        return None
+    pad = module.padding
+    if isinstance(pad, str):  # "valid", or "same": dilation·(kernel - 1) per side pair
+        taps = zip(module.dilation, module.kernel_size, strict=True)
+        return pad if pad == "same" and any(d * (k - 1) for d, k in taps) else None
+    return pad if any(pad) else None
+
+
+def _maps_null_columns(module: nn.Module) -> bool:
+    """Whether a constant input ``v`` on channel ``c`` makes ``∂R/∂w[:, c] = v·∂R/∂b``.
+
+    A Linear with a bias; an unpadded (any stride, dilation, groups), non-transposed
+    conv with a bias, at every tap: each reads the input at every output position.
+    """
+    if isinstance(module, nn.Linear):
+        return module.bias is not None
+    return (
+        isinstance(module, nn.modules.conv._ConvNd)
+        and not module.transposed
+        and module.bias is not None
+        and _padding(module) is None
+    )
+
+
 class _Probe:
     """Records the largest |value| that null units feed a reader module.
 
     A null unit has zero fan-in and zero fan-out: the output is kept whatever it holds,
     but its fan-out columns get the gradient ``δ·value``, which the gradient map takes
-    to be 0 (true for σ(0) = 0: ReLU, tanh, GELU, SiLU; not for a sigmoid).
+    to be 0 (true for σ(0) = 0: ReLU, tanh, GELU, SiLU; not for a sigmoid) unless the
+    value is a constant and the reader's bias carries it (:func:`_maps_null_columns`).
     """
 
     def __init__(self, module: nn.Module, tensor: str, index: Tensor, dim: int | None):
         self.tensor, self.index, self.dim = tensor, index, dim
         self.cls = type(module).__name__
         self.largest = 0.0
-        self.linear = isinstance(module, nn.Linear) and module.bias is not None
+        self.mappable = _maps_null_columns(module)
+        self.padding = _padding(module)
         self.wide = 0
         self.values: Tensor | None = None  # the constant each null unit feeds, if constant
         self.constant = True
@@ -234,9 +295,9 @@ class _Probe:
             self.constant = self.constant and bool((rows == self.values).all())
 
     def exact_values(self, params: Mapping[str, nn.Parameter]) -> Tensor | None:
-        """``(wide_in,)`` values of a Linear reader whose bias maps the null columns."""
+        """``(wide_in,)`` values of a reader whose bias maps the null columns."""
         bias = f"{self.tensor.rpartition('.')[0]}.bias"
-        if not (self.linear and self.constant and self.largest != 0.0 and bias in params):
+        if not (self.mappable and self.constant and self.largest != 0.0 and bias in params):
             return None
         if self.values is None:
             return None
@@ -252,20 +313,26 @@ class _Probe:
                 f"is not checked"
             ]
         if self.largest != 0.0:
+            why = ""
+            if self.padding is not None:
+                why = (
+                    f"; `{self.tensor.rpartition('.')[0]}` has padding {self.padding!r}: its "
+                    f"border taps read the padding, not σ(β), so no bias gradient gives them"
+                )
             return [
                 f"{where} hold {self.largest:.3g}, not 0 (an activation with "
-                f"σ(0) != 0): their fan-out columns get gradients the map sets to 0"
+                f"σ(0) != 0): their fan-out columns get gradients the map sets to 0{why}"
             ]
         return []
 
 
 def _readers(model: nn.Module, embedding: GroupEmbedding) -> list[str]:
-    """The Linear weights that read null units (their biases map the null columns)."""
+    """The weights that read null units and whose biases map the null columns."""
     out = []
     for a in embedding.axes:
         if a.role == "split" and a.axis == 1 and bool((a.source < 0).any()):
             owner = a.tensor.rpartition(".")[0]
-            if isinstance(model.get_submodule(owner), nn.Linear):
+            if _maps_null_columns(model.get_submodule(owner)):
                 out.append(a.tensor)
     return out
 

@@ -80,8 +80,10 @@ class AxisMap:
         null_init: ``""`` (none), ``"normal"`` (``init_scale·N(0, 1)``) or
             ``"uniform"`` (``U(-b, b)``, ``b = init_scale/sqrt(fan_in)``, ``fan_in`` the
             wide tensor's entries per index of axis 0, as ``nn.Linear`` and ``nn.Conv``
-            initialise): random values :meth:`GroupEmbedding.apply` writes at the null
-            entries of a weight (a tensor of 2 or more axes, whole axis only).
+            initialise; ``U(-init_scale, init_scale)`` for a 1-d tensor, RandomPad's
+            biases): random values :meth:`GroupEmbedding.apply` writes at the null
+            entries of a weight (a tensor of 2 or more axes, whole axis only; a grouped
+            in-axis: the rows of each null channel's group) or, uniform only, a bias.
         init_scale: The scale of ``null_init``.
     """
 
@@ -237,11 +239,11 @@ class GroupEmbedding:
         seed: The seed of that noise and of random null entries (``AxisMap.null_init``).
         preserves_output: ``False`` when the embedding changes the function
             (:class:`~torch_embed.RandomPad`): ``kind`` is then ``none``.
-        null_values: ``{Linear weight FQN: float64 (wide_in,)}``: the constant value
+        null_values: ``{reader weight FQN: float64 (wide_in,)}``: the constant value
             ``σ(β)`` each null unit feeds that reader (0 elsewhere), measured by
-            ``widen``. Its fan-out column then has the gradient ``σ(β)·∂R/∂b`` of the
-            reader's bias ``b`` (as for MLPs): :meth:`map_gradients` writes it when the
-            bias is among the mapped tensors.
+            ``widen``. Its fan-out column (every tap of an unpadded conv reader's) then
+            has the gradient ``σ(β)·∂R/∂b`` of the reader's bias ``b`` (as for MLPs):
+            :meth:`map_gradients` writes it when the bias is among the mapped tensors.
     """
 
     maps: Mapping[str, LayerMap]
@@ -436,44 +438,55 @@ def _null_columns(w: Tensor, bias: Tensor, value: Tensor, what: str, moved: _Mov
     """A reader's null columns: ``σ(β)`` times its bias gradient.
 
     ``σ(β)²`` times its second moment, as :meth:`torch_embed.Embedding.map_gradients`
-    maps them for MLPs.
+    maps them for MLPs. A conv reader (``(out, in/g, *kernel)``, ``g`` groups, read off
+    ``value``'s wide size) gets it at every tap (unpadded: every tap reads the constant
+    at every output position), in the rows of the null channel's group only.
     """
     cols = value.nonzero().flatten()
-    v = moved(value[cols], w.device)
-    b = bias.to(torch.float64)
-    fill = b[:, None] * (v if what == "grad" else v * v)[None, :]
-    w = w.clone()
-    w.index_copy_(1, moved(cols, w.device), fill.to(w.dtype))
+    v = value[cols] if what == "grad" else value[cols] * value[cols]
+    g = value.numel() // w.shape[1]
+    b = bias.to(torch.float64).view(g, -1)  # the biases of each group's output channels
+    q, c = moved(cols // w.shape[1], w.device), moved(cols % w.shape[1], w.device)
+    fill = b[q] * moved(v, w.device)[:, None]  # (null columns, out/g), then every tap
+    fill = fill.view(*fill.shape, *[1] * (w.dim() - 2)).to(w.dtype)
+    w = w.clone(memory_format=torch.contiguous_format)
+    view = w.view(g, -1, *w.shape[1:])
+    view[q, :, c] = fill.expand(*fill.shape[:2], *w.shape[2:])
     return w
 
 
 def _fill_null(t: Tensor, a: AxisMap, seed: int, moved: _Moved) -> Tensor:
     """Write ``a.null_fill`` or random ``a.null_init`` values at the null entries."""
-    if a.groups > 1:
-        return t
     null = a._null()
     if not null.numel():
         return t
     idx = moved(null, t.device)
-    if a.null_fill is not None:
+    if a.null_fill is not None and a.groups == 1:
         fill = moved(a.null_fill[null], t.device).to(t.dtype)
         shape = [1] * t.dim()
         shape[a.axis] = -1
         size = list(t.shape)
         size[a.axis] = null.numel()
         t.index_copy_(a.axis, idx, fill.view(shape).expand(size).contiguous())
-    if a.null_init and t.dim() >= 2:
+    if a.null_init and (t.dim() >= 2 or a.null_init == "uniform"):  # 1-d: RandomPad's bias
         gen = torch.Generator().manual_seed(
             (seed ^ zlib.crc32(f"{a.tensor}:{a.axis}:init".encode())) % 2**63
         )
         size = list(t.shape)
         size[a.axis] = null.numel()
+        if a.groups > 1:  # wide channel j: column j % share of group j // share's rows
+            size = [null.numel(), t.shape[0] // a.groups, *t.shape[2:]]
         if a.null_init == "normal":
             values = a.init_scale * torch.randn(size, generator=gen, dtype=torch.float64)
         else:
             bound = a.init_scale / math.sqrt(max(t.numel() // max(t.shape[0], 1), 1))
             values = (2 * torch.rand(size, generator=gen, dtype=torch.float64) - 1) * bound
-        t.index_copy_(a.axis, idx, values.to(device=t.device, dtype=t.dtype))  # one use
+        values = values.to(device=t.device, dtype=t.dtype)  # one use
+        if a.groups > 1:
+            q, c = moved(null // t.shape[1], t.device), moved(null % t.shape[1], t.device)
+            t.view(a.groups, -1, *t.shape[1:])[q, :, c] = values
+        else:
+            t.index_copy_(a.axis, idx, values)
     return t
 
 

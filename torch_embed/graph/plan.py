@@ -32,7 +32,8 @@ indices}``), :class:`~torch_embed.Null` (a bias ``β`` needs one place to store 
 BatchNorm's bias, else the producer's bias; a random fan-in goes into the producers'
 weights), :class:`~torch_embed.General` (``sources`` and ``coefficients`` keyed by
 group name or alias, per-unit coefficients) and :class:`~torch_embed.RandomPad`
-(random producer weights and consumer columns for the new units; their biases stay 0).
+(random producer weights, consumer columns, grouped convs' in-axis columns included, and
+biases for the new units, drawn as on the MLP path: see :func:`random_pad_biases`).
 A null channel's BatchNorm gets ``γ = 1`` and running variance 1, as on the MLP path.
 """
 
@@ -363,23 +364,34 @@ def _check_scheme(cfg: Scheme) -> None:
         _real(cfg.scale, "RandomPad.scale")
 
 
-def _bias_home(group: WidthGroup, rules: UnitRules) -> str:
-    """The tensor that stores null units' bias ``β``.
+def _bias_homes(group: WidthGroup) -> list[str]:
+    """The tensors that could store a new unit's bias: BatchNorm biases, else biases.
 
-    A BatchNorm's bias, else the producer's bias; a group with several (a residual
-    stream) or none is refused. Behind a BatchNorm only its own bias can: it re-centres
-    whatever comes before it (its running mean, or the batch mean in train mode).
+    Behind a BatchNorm only its own bias can: it re-centres whatever comes before it
+    (its running mean, or the batch mean in train mode), so a BatchNorm without affine
+    bias leaves none.
     """
     biases = [
         u
         for u in group.producers
         if u.role in ("producer", "per-channel") and u.tensor.rpartition(".")[2] == "bias"
     ]
-    norms = sorted({u.module for u in group.producers if "batch_norm" in u.op})
-    homes = [u for u in biases if "batch_norm" in u.op] if norms else biases
+    if any("batch_norm" in u.op for u in group.producers):
+        return [u.tensor for u in biases if "batch_norm" in u.op]
+    return [u.tensor for u in biases]
+
+
+def _bias_home(group: WidthGroup, rules: UnitRules) -> str:
+    """The tensor that stores null units' bias ``β``.
+
+    A BatchNorm's bias, else the producer's bias (:func:`_bias_homes`); a group with
+    several (a residual stream) or none is refused, naming ``rules.where``.
+    """
+    homes = _bias_homes(group)
     if len(homes) == 1:
-        return homes[0].tensor
-    found = f"found {[u.tensor for u in homes]}"
+        return homes[0]
+    found = f"found {homes}"
+    norms = sorted({u.module for u in group.producers if "batch_norm" in u.op})
     if not homes and norms:
         found = (
             f"found none: the BatchNorm {', '.join(f'`{n}`' for n in norms)} has no affine "
@@ -396,6 +408,59 @@ def _bias_home(group: WidthGroup, rules: UnitRules) -> str:
         f"{rules.where}: null {rules.unit}s with a bias β != 0 need one place for β (a "
         f"BatchNorm's bias, else the producing layer's bias), {found}; use a null bias of 0.0"
     )
+
+
+def random_pad_biases(
+    groups: WidthGroups,
+    maps: Mapping[str, LayerMap],
+    scale: float,
+    tensors: Mapping[str, Tensor],
+) -> dict[str, float]:
+    """RandomPad's new biases: ``{bias FQN: b}``, the new units' biases ``~ U(-b, b)``.
+
+    As on the MLP path (:class:`~torch_embed.RandomPad`, ``nn.Linear``'s and ``nn.Conv``'s
+    default initialisation): ``b = scale/sqrt(fan_in)``, ``fan_in`` the wide entries per
+    output unit of the one layer producing the group (``in/groups × kernel``), stored
+    where ``Null(bias=β)`` stores ``β`` (a BatchNorm's bias, else the layer's). A group
+    with several producing layers (a residual stream) or no bias keeps 0 for its new
+    units' biases, as a bias-free MLP layer does.
+    """
+    out: dict[str, float] = {}
+    for g in groups:
+        lm = maps.get(g.name)
+        if lm is None or not bool(lm.null_mask.any()):
+            continue
+        homes = _bias_homes(g)
+        weights = [
+            u.tensor
+            for u in g.producers
+            if u.role == "producer" and u.axis == 0 and _dim(tensors, u.tensor) >= 2
+        ]
+        if len(homes) == 1 and len(weights) == 1:
+            out[homes[0]] = scale / math.sqrt(_wide_fan_in(weights[0], groups, maps, tensors))
+    return out
+
+
+def _dim(tensors: Mapping[str, Tensor], name: str) -> int:
+    """The number of axes of a tensor; 2 for one not among ``tensors`` (refused later)."""
+    t = tensors.get(name)
+    return 2 if t is None else t.dim()
+
+
+def _wide_fan_in(
+    weight: str, groups: WidthGroups, maps: Mapping[str, LayerMap], tensors: Mapping[str, Tensor]
+) -> int:
+    """The entries per output unit of ``weight`` (``(out, in/groups, *kernel)``) once wide."""
+    shape = tensors[weight].shape
+    share = shape[1]
+    layout = groups.layouts.get((weight, 1))
+    if layout is not None and set(layout.groups()) & set(maps):
+        share = axis_map(layout, maps)[0].numel()
+    for g in groups:  # a grouped conv's in-axis: one group's share of the wide channels
+        for u in g.consumers:
+            if u.tensor == weight and u.axis == 1 and u.groups > 1 and g.name in maps:
+                share = maps[g.name].source.numel() // u.groups
+    return math.prod(shape[2:]) * share
 
 
 def plan_maps(
@@ -523,7 +588,9 @@ def plan_groups(
             with a :class:`~torch_embed.General` scheme (widths from its sources).
         scheme: See the module docstring.
         generator: For the random choices.
-        tensors: The model's parameters and buffers by FQN; read by ``select="norm"``.
+        tensors: The model's parameters and buffers by FQN; read by ``select="norm"``
+            and by :class:`~torch_embed.RandomPad` (the shapes: which tensors are
+            biases, and the fan-in that bounds them).
 
     Raises:
         ValueError: Unknown or rigid groups, widths the group's rules forbid (the
@@ -594,9 +661,20 @@ def plan_groups(
         reasons.append(
             "RandomPad: the new units get random fan-in and fan-out, so the function changes"
         )
+    biases: dict[str, float] = {}
+    if isinstance(cfg, RandomPad):
+        if tensors is None:
+            raise ValueError(
+                "RandomPad on a traced model needs the model's tensors (tensors=): their "
+                "shapes say which are biases and bound the new units' random values"
+            )
+        biases = random_pad_biases(groups, maps, scale, tensors)
     if noise or init:
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    axes = _axes(groups, maps, gains, fills, init, scale, consumers=isinstance(cfg, RandomPad))
+    axes = _axes(
+        groups, maps, gains, fills, init, scale, consumers=isinstance(cfg, RandomPad),
+        biases=biases, tensors=tensors,
+    )  # fmt: skip
     if fill is not None:
         axes = tuple(
             dataclasses.replace(
@@ -676,14 +754,19 @@ def _axes(
     scale: float,
     *,
     consumers: bool,
+    biases: Mapping[str, float] | None = None,
+    tensors: Mapping[str, Tensor] | None = None,
 ) -> tuple[AxisMap, ...]:
     """One :class:`AxisMap` per tensor axis that carries a grown group.
 
     ``gains``: a temperature gain per group (attention head_dim, see :class:`AxisMap`);
     ``fills``: the null entries' values of some tensors (the null bias ``β``);
     ``init``/``scale``: random null entries of producer weights (and of consumer
-    weights when ``consumers``), see :class:`AxisMap`.
+    weights, grouped in-axes included, when ``consumers``), see :class:`AxisMap`;
+    ``biases``: the 1-d tensors that get uniform random null entries, with their bound
+    (:func:`random_pad_biases`; no other 1-d tensor does).
     """
+    biases = biases or {}
     roles: dict[tuple[str, int], str] = {}
     producers: set[tuple[str, int]] = set()
     fills = dict(fills)
@@ -721,6 +804,11 @@ def _axes(
         value = fills.get(tensor) if axis == 0 else None
         fill = None if value is None else torch.full((src.numel(),), value, dtype=torch.float64)
         random = init if ((tensor, axis) in producers or (consumers and role == "split")) else ""
+        bound = biases.get(tensor, scale)
+        if tensor in biases:
+            random = "uniform"
+        elif random and tensors is not None and _dim(tensors, tensor) < 2:
+            random = ""  # a bias or per-channel vector: only those of ``biases``
         gain = _gain(layout, maps, gains)
         out.append(
             AxisMap(
@@ -732,12 +820,24 @@ def _axes(
                 gain=gain,
                 null_fill=fill,
                 null_init=random,
-                init_scale=scale,
+                init_scale=bound,
             )
         )
     for tensor, axis, name, n_groups in grouped:
         lm = maps[name]
-        out.append(AxisMap(tensor, axis, "split", lm.source.clone(), lm.coef.clone(), n_groups))
+        random = init if consumers else ""
+        out.append(
+            AxisMap(
+                tensor,
+                axis,
+                "split",
+                lm.source.clone(),
+                lm.coef.clone(),
+                n_groups,
+                null_init=random,
+                init_scale=scale,
+            )
+        )
     return tuple(out)
 
 
