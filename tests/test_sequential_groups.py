@@ -325,3 +325,16 @@ def test_reading_leaves_the_random_generator_as_it_was(tracer: str) -> None:
     read_sequential(net)
     torch_embed.width_groups(net, torch.zeros(2, 3), tracer=tracer)  # type: ignore[arg-type]
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_reading_runs_no_forward_hook() -> None:
+    """Regression: the fx tracer ran the leaf modules with their hooks, so a hook that
+    collects activations got a spurious call on the first read of a structure."""
+    _CACHE.clear()
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    calls: list[object] = []
+    net[1].register_forward_hook(lambda _m, _i, out: calls.append(out))
+    net[0].register_forward_pre_hook(lambda _m, args: calls.append(args))
+    read_sequential(net)
+    torch_embed.width_groups(net, torch.zeros(2, 3), tracer="fx")
+    assert calls == []

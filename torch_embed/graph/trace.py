@@ -403,6 +403,12 @@ def _trace_fx(model: nn.Module, args: tuple[Any, ...]) -> Traced:
             results[n.name] = out
             return out
 
+        def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+            # the leaf's own forward, as the graph records it: the user's forward hooks
+            # are not the trace's to run (a hook that collects activations would get a
+            # spurious call, and only on the first read of a structure)
+            return self.fetch_attr(target).forward(*args, **kwargs)
+
     _Recorder(gm).run(*args)
     tensor_fqns = {id(t): fqn for fqn, t in model.named_parameters(remove_duplicate=False)}
     tensor_fqns.update({id(t): fqn for fqn, t in model.named_buffers(remove_duplicate=False)})
