@@ -31,7 +31,7 @@ import functools
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeAlias
 
 import torch
@@ -870,37 +870,17 @@ def _plan_net2net(
     generator: torch.Generator | None,
 ) -> Embedding:
     _real(cfg.noise, "Net2Net.noise", nonnegative=True)
-    current = layout.hidden_widths
     sources, coefs = _mlp_units(cfg, module, layout, widths, generator)
     nbs = [torch.zeros(w, dtype=torch.float64) for w in widths]
-    offsets: list[Tensor | None] = []
-    for l, src in enumerate(sources):
-        if cfg.noise == 0:
-            offsets.append(None)
-            continue
-        w_next = _weight_data(
-            module,
-            layout.linears[l + 1].name,
-            f"Net2Net(noise={cfg.noise})"
-            + (" (the default scheme)" if cfg == DEFAULT_SCHEME else ""),
-            "use a scheme without noise (Net2Net(), 'split')",
-        ).to("cpu", torch.float64)
-        off = torch.zeros(w_next.shape[0], src.numel(), dtype=torch.float64)
-        for s in range(current[l]):
-            copies = (src == s).nonzero().flatten().tolist()
-            c = len(copies)
-            for a, b in zip(copies[0::2], copies[1::2]):
-                n = cfg.noise * w_next[:, s] / c
-                n = n * torch.randn(n.shape, generator=generator, dtype=torch.float64)
-                off[:, a], off[:, b] = n, -n
-        if l + 1 < len(sources):  # the next hidden layer is widened too: copy rows
-            nxt = sources[l + 1]
-            off = off[nxt.clamp(min=0)]
-            off[nxt < 0] = 0
-        # no pair of copies (nothing added, or single copies): no offsets, so the
-        # embedding stays critical and decomposes into steps like an equal split
-        offsets.append(off if bool((off != 0).any()) else None)
-    return _finish(module, layout, sources, coefs, nbs, None, offsets)
+    emb = _finish(module, layout, sources, coefs, nbs)
+    if cfg.noise == 0:
+        return emb
+    # the noise itself is drawn when the embedding is applied, from this seed, by the
+    # gather engine both paths share (torch_embed.graph.gather.map_tensors); no pair
+    # of copies (nothing added, or single copies): no noise, so the embedding stays
+    # critical and decomposes into steps like an equal split
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    return replace(emb, noise=float(cfg.noise), seed=seed) if emb._noisy() else emb
 
 
 def _plan_general(
