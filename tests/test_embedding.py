@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 import importlib
 import zlib
+from dataclasses import replace
 from functools import reduce
 
 import pytest
@@ -224,6 +224,8 @@ def _with_offsets(net: nn.Module, widths: list[int], g: torch.Generator) -> Embe
                 off[:, a], off[:, b] = n, -n
         layers.append(replace(lm, fan_out_offset=off))
     return Embedding(emb.layout, tuple(layers))
+
+
 SECONDS = {
     "split_kway": Split(alpha=(0.2, 0.3, 0.5)),
     "null": Null(bias=0.2),
