@@ -511,11 +511,8 @@ def _scale_axis(out: Tensor, axis: int, factor: Tensor) -> None:
     dtype, and each product is rounded once (:func:`_put`), for float32 and α = 1/3
     too. ``out`` is viewed as ``(outer, size·inner)`` with the factor repeated over
     ``inner``; it is contiguous (fresh from the gather). A ``(rows, columns)`` factor
-    (matrix coefficients) scales a 2-D ``out`` entry by entry.
+    (matrix coefficients, ``axis`` 1 of a 2-D ``out``) scales it entry by entry.
     """
-    if factor.dim() == 2:  # matrix coefficients: ``out`` is a (rows, columns) weight
-        _put(out, out, factor)
-        return
     inner = math.prod(out.shape[axis + 1 :])
     if inner > 1:
         factor = factor.repeat_interleave(inner)
