@@ -505,18 +505,28 @@ def _fill_null(t: Tensor, a: AxisMap, seed: int, moved: _Moved) -> Tensor:
 
 
 def _scale_axis(out: Tensor, axis: int, factor: Tensor) -> None:
-    """``out *= factor`` along ``axis``, with the MLP path's arithmetic.
+    """``out *= factor`` along ``axis``, each product rounded once.
 
     ``factor`` comes from :meth:`AxisMap._factor`: float64 unless exact in ``out``'s
     dtype, and each product is rounded once (:func:`_put`), for float32 and α = 1/3
-    too. ``out`` is viewed as ``(outer, size·inner)`` with the factor repeated over
-    ``inner``; it is contiguous (fresh from the gather). A ``(rows, columns)`` factor
-    (matrix coefficients, ``axis`` 1 of a 2-D ``out``) scales it entry by entry.
+    too. ``out`` (contiguous, fresh from the gather) is viewed as a matrix whose rows or
+    columns the factor scales, whichever needs the smaller expanded factor:
+    ``(outer, size·inner)`` with the factor repeated over ``inner`` (columns), or
+    ``(outer·size, inner)`` with one factor per row (rows: a weight's axis 0 needs only
+    ``size`` factors, not one per entry). A ``(rows, columns)`` factor (matrix
+    coefficients, ``axis`` 1 of a 2-D ``out``) scales it entry by entry.
     """
+    outer = math.prod(out.shape[:axis])
+    size = out.shape[axis]
     inner = math.prod(out.shape[axis + 1 :])
+    if factor.dim() == 1 and inner > 1 and outer < inner:
+        per_row = factor.repeat(outer) if outer > 1 else factor
+        view = out.view(outer * size, inner)
+        _put(view, view, per_row.view(-1, 1))
+        return
     if inner > 1:
         factor = factor.repeat_interleave(inner)
-    view = out.view(math.prod(out.shape[:axis]), -1)
+    view = out.view(outer, -1)
     _put(view, view, factor)
 
 
