@@ -508,7 +508,8 @@ def _noise_pairs(t: torch.Tensor, source: torch.Tensor, noise: float, seed: int)
 
 def _reference_apply(emb: Embedding, state: dict, dtype: torch.dtype) -> dict:
     """W'[i, j] = round(round(W[I(i), I(j)] · c) + offset), straight from the definition
-    (with Net2Net's noise on the rounded columns)."""
+    (with Net2Net's noise on the rounded columns of the narrow rows, which are then
+    copied: a copy of a next-layer neuron keeps its original's fan-in)."""
     out = dict(state)
     L = len(emb.layout.linears)
     for k, lin in enumerate(emb.layout.linears):
@@ -521,10 +522,10 @@ def _reference_apply(emb: Embedding, state: dict, dtype: torch.dtype) -> dict:
         if cols is not None:
             g = (g * cols.coef).to(dtype).double()
             if emb.noise:
-                g = g.to(dtype)
+                h = (w[:, c] * cols.coef).to(dtype)
                 key = (emb.seed ^ zlib.crc32(f"{lin.name}.weight:1".encode())) % 2**63
-                _noise_pairs(g, cols.source, emb.noise, key)
-                g = g.double()
+                _noise_pairs(h, cols.source, emb.noise, key)
+                g = h.double()[r]
             if cols.fan_out_offset is not None:
                 g = (g + cols.fan_out_offset).to(dtype).double()
         if rows is not None:

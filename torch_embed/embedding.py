@@ -267,7 +267,9 @@ class Embedding:
             next Linear's weight the pair's columns get ``+N`` and ``-N``,
             ``N = noise · (w/c) · ε`` (``w/c`` the copy's column), ``ε ~ N(0, 1)`` per
             entry drawn from ``seed`` and the weight's name, so ``apply`` is repeatable;
-            an odd copy stays noise-free. The copies carry equal values, so the output
+            an odd copy stays noise-free. The noise is drawn on the narrow rows of that
+            weight, before they are copied (a copy of a next-layer neuron keeps its
+            original's fan-in). The copies carry equal values, so the output
             is kept (to rounding); gradients map as without noise (the map of the
             embedding's critical part). The same noise as a traced model's
             (:class:`~torch_embed.graph.embedding.GroupEmbedding`), from the same code.
@@ -593,6 +595,17 @@ class Embedding:
         null_values: dict[str, Tensor] = {}
         for k, lin in enumerate(self.layout.linears):
             w = f"{lin.name}.weight"
+            if k:
+                # the columns first, as the traced planner orders a Linear's axes: Net2Net's
+                # noise is drawn on the narrow rows and copied with them, so a copy of a
+                # neuron of the next layer keeps its original's fan-in
+                cols = self.layers[k - 1]
+                axes.append(
+                    AxisMap(w, 1, "split", cols.source, cols.coef, offset=cols.fan_out_offset)
+                )
+                value = torch.where(cols.null_mask, cols.null_value, 0.0)
+                if bool((value != 0).any()):
+                    null_values[w] = value
             if k < len(self.layers):
                 lm = self.layers[k]
                 copy = {
@@ -619,14 +632,6 @@ class Embedding:
                                 buffer=suffix.startswith("running"),
                             )
                         )
-            if k:
-                cols = self.layers[k - 1]
-                axes.append(
-                    AxisMap(w, 1, "split", cols.source, cols.coef, offset=cols.fan_out_offset)
-                )
-                value = torch.where(cols.null_mask, cols.null_value, 0.0)
-                if bool((value != 0).any()):
-                    null_values[w] = value
         self._cache["axes"] = (tuple(axes), null_values)
         return self._cache["axes"]  # type: ignore[no-any-return]
 
