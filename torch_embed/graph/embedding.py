@@ -16,6 +16,9 @@ Gradients map the other way round (GROWTH.md §4): a producer row copied with co
 coefficient ``α_j`` has gradient ``α_j·g``, a consumer column reading a copy has the
 original column's gradient; second moments take ``α_j²`` on producer rows.
 
+The tensors are mapped by :func:`torch_embed.graph.gather.map_tensors`, the engine
+that applies an MLP's :class:`~torch_embed.Embedding` too.
+
 The in-axis of a grouped convolution (``groups = g > 1``) holds one group's share; its
 unit ``i'`` of output group ``q`` reads wide channel ``q·C'/g + i'``. The planner keeps
 every copy in its source's segment, so that channel's source is in segment ``q`` too.
