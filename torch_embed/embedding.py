@@ -450,10 +450,10 @@ class Embedding:
                     f"(layer {self.layout.linears[l + 1].name}) has no bias to absorb "
                     f"their gradient"
                 )
-        if self.noise and self._noisy():
+        for l in self._noisy_layers() if self.noise else ():
             preserving.append(
-                f"Net2Net noise {self.noise:g} on the copies' fan-out: the function is kept, "
-                f"the copies' symmetry is broken, so gradients do not map"
+                f"hidden layer {l}: fan-out offsets (symmetric noise, Net2Net noise "
+                f"{self.noise:g}) break the gradient map"
             )
         if not preserving and not broken and self._row_scales() is None:
             preserving.append(
@@ -466,13 +466,17 @@ class Embedding:
             return EmbeddingKind.OUTPUT_PRESERVING, tuple(preserving)
         return EmbeddingKind.CRITICAL, ()
 
+    def _noisy_layers(self) -> list[int]:
+        """The hidden layers where a narrow neuron has a pair of copies for ``noise``."""
+        return [
+            l
+            for l, lm in enumerate(self.layers)
+            if bool((torch.bincount(lm.source[lm.source >= 0]) > 1).any())
+        ]
+
     def _noisy(self) -> bool:
         """Whether some narrow neuron has a pair of copies (for ``noise`` to perturb)."""
-        for lm in self.layers:
-            src = lm.source[lm.source >= 0]
-            if bool((torch.bincount(src) > 1).any()):
-                return True
-        return False
+        return bool(self._noisy_layers())
 
     def _row_scales(self) -> list[Tensor] | None:
         """Error scalings β per hidden layer (wide,), or None if they do not exist (cached).
