@@ -510,8 +510,10 @@ def plan_units(
 
     The one planner of both paths: :func:`plan` calls it per hidden layer of an MLP,
     :func:`torch_embed.graph.plan.plan_groups` per grown width group. What a scheme
-    adds beyond the map of units (Net2Net's fan-out noise, random fan-ins, null biases)
-    is tensor-level and stays with each path.
+    adds beyond the map of units is tensor-level: random fan-ins and null biases stay
+    with each path; Net2Net's fan-out noise is one seed per embedding, drawn after the
+    units, and added when the embedding is applied by the engine both paths share
+    (:func:`torch_embed.graph.gather.map_tensors`).
 
     Args:
         cfg: The scheme.
