@@ -219,3 +219,21 @@ def test_axis_map_refuses_malformed_fields(kwargs: dict, match: str) -> None:
     fields.update(kwargs)
     with pytest.raises(ValueError, match=r"AxisMap of 'fc.weight' axis 1: " + match):
         AxisMap(**fields)
+
+
+def test_net2net_noise_is_repeatable_and_follows_the_generator() -> None:
+    """``apply`` of one embedding gives the same noise every time (the optimizer's
+    ``ax`` and the parameters get the same values); the generator decides the draws."""
+    from torch_embed.schemes import Net2Net
+
+    net = build_mlp(ARCH3, seed=4)
+    state = {k: v.detach() for k, v in net.state_dict().items()}
+    a = plan(net, [7, 8, 5], Net2Net(noise=1.0, select="cyclic"), generator=_g(1))
+    b = plan(net, [7, 8, 5], Net2Net(noise=1.0, select="cyclic"), generator=_g(1))
+    c = plan(net, [7, 8, 5], Net2Net(noise=1.0, select="cyclic"), generator=_g(2))
+    first, again = a.apply(state), a.apply(state)
+    plain = replace(a, noise=0.0).apply(state)
+    for k in state:
+        assert torch.equal(first[k], again[k]) and torch.equal(first[k], b.apply(state)[k]), k
+    assert not torch.equal(first["2.weight"], plain["2.weight"])
+    assert not torch.equal(first["2.weight"], c.apply(state)["2.weight"])
