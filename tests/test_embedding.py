@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import importlib
+import zlib
+from dataclasses import replace
 from functools import reduce
 
 import pytest
@@ -190,19 +192,40 @@ def test_steps_of_a_split_of_a_copy() -> None:
 @pytest.mark.parametrize("name", ["net2net_noise", "null_fan_in", "general_matrix"])
 def test_steps_refused_for_non_splitting_forms(name) -> None:
     net = build_mlp(ARCH, seed=2)
-    with pytest.raises(ValueError, match=r"hidden layer \d: only splitting-form embeddings"):
+    message = r"hidden layer \d: only splitting-form embeddings|Net2Net noise \(.*\) is not a chain"
+    with pytest.raises(ValueError, match=message):
         ALL[name](net, _g(2)).steps()
 
 
 # ----------------------------------------------------------------------------- then
 FIRSTS = {
     "split_signed": Split(alpha=-0.3),
-    "net2net_noise": Net2Net(noise=0.3),
-    # neuron 0 carries noise: a null neuron of the second embedding must not inherit
-    # its offset column (``then`` gathers columns with the null sources clamped to 0)
-    "net2net_noise_cyclic": Net2Net(noise=0.3, select="cyclic"),
+    "net2net_noise": Net2Net(noise=0.3),  # refused: noise is no gather
+    # neuron 0 carries fan-out offsets: a null neuron of the second embedding must not
+    # inherit its offset column (``then`` gathers columns with the null sources clamped
+    # to 0)
+    "offsets_cyclic": None,
     "null_fan_in": Null(bias=0.2, fan_in_std=0.4),
 }
+
+
+def _with_offsets(net: nn.Module, widths: list[int], g: torch.Generator) -> Embedding:
+    """A cyclic equal split plus symmetric fan-out offsets ``±0.3·ε`` on its pairs of
+    copies (what ``landscape.condense`` and the former planned Net2Net noise build)."""
+    emb = plan(net, widths, Net2Net(select="cyclic"), generator=g)
+    wide = emb.wide_widths
+    layers = []
+    for l, lm in enumerate(emb.layers):
+        off = torch.zeros(wide[l + 2], lm.wide, dtype=F64)
+        for s in range(int(lm.source.max()) + 1):
+            copies = (lm.source == s).nonzero().flatten().tolist()
+            for a, b in zip(copies[0::2], copies[1::2]):
+                n = 0.3 * torch.randn(wide[l + 2], generator=g, dtype=F64)
+                off[:, a], off[:, b] = n, -n
+        layers.append(replace(lm, fan_out_offset=off))
+    return Embedding(emb.layout, tuple(layers))
+
+
 SECONDS = {
     "split_kway": Split(alpha=(0.2, 0.3, 0.5)),
     "null": Null(bias=0.2),
@@ -216,7 +239,11 @@ SECONDS = {
 def test_then_equals_two_widen_calls(first, second) -> None:
     net = build_mlp(ARCH, seed=3)
     twice = copy.deepcopy(net)
-    e1 = widen(twice, [6, 7], FIRSTS[first], generator=_g(3))
+    if FIRSTS[first] is None:
+        e1 = _with_offsets(twice, [6, 7], _g(3))
+        embed_(twice, e1)
+    else:
+        e1 = widen(twice, [6, 7], FIRSTS[first], generator=_g(3))
     scheme = SECONDS[second]
     if scheme is None:
         e2 = general_vector(twice, [9, 10], _g(4), 0.1)
@@ -224,6 +251,10 @@ def test_then_equals_two_widen_calls(first, second) -> None:
     else:
         e2 = widen(twice, [8, 9], scheme, generator=_g(4))
     once = copy.deepcopy(net)
+    if e1.noise or e2.noise:  # Net2Net's noise scales the weights it is applied to
+        with pytest.raises(ValueError, match=r"cannot compose an embedding with Net2Net noise"):
+            e1.then(e2)
+        return
     both = e1.then(e2)
     embed_(once, both)
     _states_close(once.state_dict(), twice.state_dict(), atol=1e-15)
@@ -244,13 +275,14 @@ def test_then_with_matrix_coefficients() -> None:
     assert e1.then(e2).kind is EmbeddingKind.CRITICAL
 
 
-def test_then_noise_followed_by_matrix_coefficients_with_null_neurons() -> None:
+def test_then_offsets_followed_by_matrix_coefficients_with_null_neurons() -> None:
     """The first embedding's fan-out offsets are scaled by the second's matrix
     coefficients, like the weights (regression: ``then`` copied them unscaled to every
     copy, so the composition differed from applying the two in turn by ~3e-2)."""
     net = build_mlp(ARCH, seed=3)
     twice = copy.deepcopy(net)
-    e1 = widen(twice, [6, 7], Net2Net(noise=0.3, select="cyclic"), generator=_g(3))
+    e1 = _with_offsets(twice, [6, 7], _g(3))
+    embed_(twice, e1)
     c0 = torch.ones(10, 9, dtype=F64)
     c0[:, 0] = torch.linspace(0.2, 0.8, 10, dtype=F64)  # neuron 0: row-dependent split
     c0[:, 7] = 1 - c0[:, 0]
@@ -269,8 +301,8 @@ def test_then_noise_followed_by_matrix_coefficients_with_null_neurons() -> None:
 
 def test_then_refuses_mismatched_widths() -> None:
     net = build_mlp(ARCH)
-    a = plan(net, [6, 6], generator=_g())
-    b = plan(net, [7, 7], generator=_g())
+    a = plan(net, [6, 6], "split", generator=_g())
+    b = plan(net, [7, 7], "split", generator=_g())
     with pytest.raises(
         ValueError, match=r"cannot compose: the second embedding starts from widths"
     ):
@@ -447,7 +479,7 @@ def test_embedding_is_immutable() -> None:
 
 
 # ----------------------------------------------------------------------------- blocked apply
-embedding_module = importlib.import_module("torch_embed.embedding")
+gather_module = importlib.import_module("torch_embed.graph.gather")
 
 BLOCK_CASES = {
     "split_third": lambda n, g: plan(n, [20, 17], Split(alpha=1 / 3), generator=g),
@@ -460,8 +492,24 @@ BLOCK_CASES = {
 }
 
 
+def _noise_pairs(t: torch.Tensor, source: torch.Tensor, noise: float, seed: int) -> None:
+    """Net2Net's noise on the columns of ``t`` (in place), pair by pair as documented:
+    the copies of each narrow unit in index order paired (j, k), ε drawn per pair;
+    column j gets +round(noise·w_j·ε), column k the same subtracted."""
+    gen = torch.Generator().manual_seed(seed)
+    for unit in range(int(source.max()) + 1):
+        copies = (source == unit).nonzero().flatten().tolist()
+        for j, k in zip(copies[0::2], copies[1::2]):
+            eps = torch.randn(t.shape[0], generator=gen, dtype=F64)
+            offset = (noise * t[:, j].double() * eps).to(t.dtype)
+            t[:, j] += offset
+            t[:, k] -= offset
+
+
 def _reference_apply(emb: Embedding, state: dict, dtype: torch.dtype) -> dict:
-    """W'[i, j] = round(round(W[I(i), I(j)] · c) + offset), straight from the definition."""
+    """W'[i, j] = round(round(W[I(i), I(j)] · c) + offset), straight from the definition
+    (with Net2Net's noise on the rounded columns of the narrow rows, which are then
+    copied: a copy of a next-layer neuron keeps its original's fan-in)."""
     out = dict(state)
     L = len(emb.layout.linears)
     for k, lin in enumerate(emb.layout.linears):
@@ -473,6 +521,11 @@ def _reference_apply(emb: Embedding, state: dict, dtype: torch.dtype) -> dict:
         g = w[r][:, c]
         if cols is not None:
             g = (g * cols.coef).to(dtype).double()
+            if emb.noise:
+                h = (w[:, c] * cols.coef).to(dtype)
+                key = (emb.seed ^ zlib.crc32(f"{lin.name}.weight:1".encode())) % 2**63
+                _noise_pairs(h, cols.source, emb.noise, key)
+                g = h.double()[r]
             if cols.fan_out_offset is not None:
                 g = (g + cols.fan_out_offset).to(dtype).double()
         if rows is not None:
@@ -493,8 +546,8 @@ def _reference_apply(emb: Embedding, state: dict, dtype: torch.dtype) -> dict:
 def test_blocked_apply_matches_the_definition(monkeypatch, name, block, chunk, dtype) -> None:
     """Row blocks, sliced prefixes, float64 factors and the chunked float64 scratch give
     exactly the defined weights, each rounded once to the dtype (even for 1/3)."""
-    monkeypatch.setattr(embedding_module, "_BLOCK_CPU", block)
-    monkeypatch.setattr(embedding_module, "_CHUNK_MIXED", chunk)
+    monkeypatch.setattr(gather_module, "_TEMP", block)
+    monkeypatch.setattr(gather_module, "_CHUNK_MIXED", chunk)
     net = build_mlp(Arch(5, (13, 11), 3), seed=6, dtype=dtype)
     emb = BLOCK_CASES[name](net, _g(6))
     state = net.state_dict()
@@ -514,7 +567,7 @@ def test_blocked_gradient_maps_agree(monkeypatch, name) -> None:
     emb = BLOCK_CASES[name](net, _g(6))
     g = {k: torch.randn(v.shape, generator=_g(8), dtype=F64) for k, v in net.named_parameters()}
     whole = emb.map_gradients(g), emb.map_second_moments(g)
-    monkeypatch.setattr(embedding_module, "_BLOCK_CPU", 5)
+    monkeypatch.setattr(gather_module, "_TEMP", 5)
     blocked = emb.map_gradients(g), emb.map_second_moments(g)
     for a, b in zip(whole, blocked):
         for k in a:

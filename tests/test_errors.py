@@ -659,7 +659,7 @@ def test_non_finite_fan_out_offset_refused_on_construction() -> None:
     emb = plan(
         build_mlp(NET), [6, 5], Net2Net(noise=0.5), generator=torch.Generator().manual_seed(0)
     )
-    offset = emb.layers[0].fan_out_offset.clone()
+    offset = torch.zeros(5, 6, dtype=torch.float64)  # (next wide width, wide width)
     offset[0, 4] = float("inf")
     with pytest.raises(ValueError, match=r"hidden layer 0: fan_out_offset has non-finite entries"):
         Embedding(emb.layout, (replace(emb.layers[0], fan_out_offset=offset), emb.layers[1]))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -214,10 +215,18 @@ def test_net2net_noise_on_a_single_new_copy(gen) -> None:
     net = build_mlp(NET2, seed=0)
     emb = plan(net, [5, 5], Net2Net(noise=0.5, select=[[2], []]), generator=gen)
     assert emb.kind is OUT
-    off = emb.layers[0].fan_out_offset
-    assert off is not None
-    torch.testing.assert_close(off[:, 2], -off[:, 4], rtol=0, atol=0)
+    off = _noise_offset(net, emb, 0)
+    torch.testing.assert_close(off[:, 2], -off[:, 4], rtol=0, atol=1e-15)
     assert float(off[:, 2].abs().max()) > 0
+    assert float(off[:, [0, 1, 3]].abs().max()) == 0  # single copies: no noise
+
+
+def _noise_offset(net: nn.Module, emb: Embedding, layer: int) -> torch.Tensor:
+    """What Net2Net's noise adds to the weight after hidden layer ``layer`` (float64)."""
+    name = f"{emb.layout.linears[layer + 1].name}.weight"
+    state = net.state_dict()
+    noisy = emb.apply(state)[name].double()
+    return noisy - replace(emb, noise=0.0).apply(state)[name].double()
 
 
 def test_random_pad_kind_none_and_output_changes(gen) -> None:
@@ -549,8 +558,7 @@ def test_net2net_equal_shares_and_cancelling_noise() -> None:
     torch.testing.assert_close(
         lm.coef, torch.tensor([1 / 4, 1 / 2, 1 / 2, 1 / 4, 1 / 4, 1 / 4, 1 / 2, 1 / 2], dtype=F64)
     )
-    off = lm.fan_out_offset
-    assert off is not None
+    off = _noise_offset(net, emb, 0)
     sums = torch.zeros(3, 3, dtype=F64).index_add_(1, lm.source, off)
     assert float(sums.abs().max()) <= 1e-15
     # every copy is perturbed (an even number of copies each)
@@ -562,8 +570,7 @@ def test_net2net_odd_copies_keep_one_copy_noise_free() -> None:
     emb = plan(
         net, [5], Net2Net(noise=0.3, select=[0, 0]), generator=torch.Generator().manual_seed(0)
     )
-    off = emb.layers[0].fan_out_offset
-    assert off is not None
+    off = _noise_offset(net, emb, 0)
     zero_cols = [j for j in (0, 3, 4) if float(off[:, j].abs().max()) == 0]
     assert len(zero_cols) == 1
 
@@ -612,10 +619,11 @@ def test_net2net_noise_without_a_pair_of_copies_adds_no_offsets() -> None:
     net = build_mlp(Arch(2, (3, 3), 2))
     emb = plan(net, [3, 3], Net2Net(noise=4.0), generator=torch.Generator().manual_seed(0))
     assert emb.kind is CRIT and emb.steps() == []
-    assert all(lm.fan_out_offset is None for lm in emb.layers)
+    assert emb.noise == 0.0
     emb = plan(net, [5, 3], Net2Net(noise=4.0), generator=torch.Generator().manual_seed(0))
-    assert emb.layers[0].fan_out_offset is not None and emb.layers[1].fan_out_offset is None
-    assert emb.kind is OUT
+    assert emb.noise == 4.0 and emb.kind is OUT
+    assert float(_noise_offset(net, emb, 0).abs().max()) > 0
+    assert float(_noise_offset(net, emb, 1).abs().max()) == 0
 
 
 def test_schemes_are_frozen_configs() -> None:
@@ -672,8 +680,7 @@ def test_net2net_noise_scale_is_noise_times_share() -> None:
             Net2Net(noise=0.5, select=select),
             generator=torch.Generator().manual_seed(0),
         )
-        off = emb.layers[0].fan_out_offset
-        assert off is not None
+        off = _noise_offset(net, emb, 0)
         eps = off[:, 0] / (0.5 * w[:, 0] / c)
         assert abs(float(eps.mean())) < 0.1
         assert abs(float(eps.std()) - 1) < 0.05, (c, float(eps.std()))

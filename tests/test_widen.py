@@ -466,20 +466,22 @@ def test_widen_on_meta_device_plans_like_real_tensors(name: str) -> None:
         assert torch.equal(a.null_value, b.null_value)
 
 
-@pytest.mark.parametrize(
-    ("scheme", "match"),
-    [
-        (Net2Net(noise=0.1), r"Net2Net\(noise=0.1\) reads the values of the weight of layer '2'"),
-        (Split(select="norm"), r"select='norm' reads the values .* 'meta' device"),
-    ],
-    ids=["net2net_noise", "select_norm"],
-)
-def test_schemes_that_read_weights_refuse_meta_tensors(scheme, match) -> None:
+def test_schemes_that_read_weights_refuse_meta_tensors() -> None:
     with torch.device("meta"):
         net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    match = r"select='norm' reads the values .* 'meta' device"
     with pytest.raises(ValueError, match=match):
-        widen(net, [6], scheme, generator=torch.Generator().manual_seed(0))
+        widen(net, [6], Split(select="norm"), generator=torch.Generator().manual_seed(0))
     assert net[0].weight.shape == (4, 3)
+
+
+def test_net2net_noise_widens_meta_tensors() -> None:
+    # the noise is drawn when the embedding is applied, from a seed, proportional to the
+    # columns it perturbs: planning reads no weight, so "meta" models widen with it too
+    with torch.device("meta"):
+        net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    emb = widen(net, [6], Net2Net(noise=0.1), generator=torch.Generator().manual_seed(0))
+    assert emb.noise == 0.1 and net[2].weight.shape == (2, 6) and net[2].weight.is_meta
 
 
 def test_widen_inside_autocast_after_a_forward_names_the_cause() -> None:
@@ -596,8 +598,7 @@ def test_widen_without_a_scheme_uses_the_default_scheme() -> None:
     assert emb.kind is EmbeddingKind.OUTPUT_PRESERVING  # not critical: it says so
     for la, lb in zip(emb.layers, ref.layers):
         assert torch.equal(la.source, lb.source) and torch.equal(la.coef, lb.coef)
-        assert la.fan_out_offset is not None and lb.fan_out_offset is not None
-        assert torch.equal(la.fan_out_offset, lb.fan_out_offset)
+    assert emb.noise == ref.noise == 4.0 and emb.seed == ref.seed
     for k, v in a.state_dict().items():
         assert torch.equal(v, b.state_dict()[k]), k
     # the symmetric split stays one argument away, and critical
@@ -614,7 +615,7 @@ def test_default_widening_preserves_the_function(dtype: torch.dtype) -> None:
     narrow = copy.deepcopy(net)
     x = random_inputs(ARCH, 32, dtype=dtype)
     emb = widen(net, [9, 11], generator=torch.Generator().manual_seed(4))
-    assert all(lm.fan_out_offset is not None for lm in emb.layers)  # the noise is there
+    assert emb.noise == 4.0 and emb.kind is EmbeddingKind.OUTPUT_PRESERVING  # the noise is there
     assert_function_preserved(narrow, net, x)
     if dtype == torch.float64:
         with torch.no_grad():
@@ -632,5 +633,5 @@ def test_default_widening_preserves_the_function_in_half_precision(dtype: torch.
     narrow = copy.deepcopy(net)
     x = random_inputs(8, 64, dtype=dtype)
     emb = widen(net, [40, 25], generator=torch.Generator().manual_seed(1))
-    assert all(lm.fan_out_offset is not None for lm in emb.layers)
+    assert emb.noise == 4.0
     assert_function_preserved(narrow, net, x)

@@ -343,6 +343,10 @@ def _sequential() -> nn.Sequential:
         ),
         (torch_embed.Null(fan_in_std=0.5), None, False),
         (torch_embed.RandomPad(), None, False),
+        # Net2Net's noise: one implementation (graph.gather), one seed per embedding
+        # drawn after the units, so the same bits on both paths
+        (torch_embed.Net2Net(noise=4.0), None, True),
+        (torch_embed.Net2Net(noise=0.5, select="cyclic"), None, True),
     ],
 )
 def test_sequential_plans_as_today_for_every_scheme(
@@ -381,7 +385,7 @@ def test_sequential_plans_as_today_for_every_scheme(
 @pytest.mark.parametrize("scheme", [torch_embed.Split(alpha=1 / 3), torch_embed.Net2Net()])
 def test_float32_tensors_are_rounded_as_on_the_mlp_path(scheme: Scheme) -> None:
     """Coefficients such as 1/3 are not float32 numbers: both paths multiply in float64
-    and round once (embedding._put), so a float32 Sequential widened by group names gets
+    and round once (graph.gather._put), so a float32 Sequential widened by group names gets
     the MLP path's bits, and those are the float64 products rounded once."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2))
@@ -401,3 +405,25 @@ def test_float32_tensors_are_rounded_as_on_the_mlp_path(scheme: Scheme) -> None:
     rows, cols = emb.layers[1].source, emb.layers[0]
     reference = (net[2].weight.detach().double()[rows][:, cols.source] * cols.coef).float()
     assert torch.equal(wide[2].weight.detach(), reference)
+
+
+def test_float32_net2net_noise_is_the_same_on_both_paths() -> None:
+    """The default scheme's noise comes from one implementation: a float32 Sequential
+    widened as an MLP and by group names gets the same bits, the noise included (shares
+    such as 1/3 are not float32 numbers, so the noise scales rounded columns)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2))
+    x = torch.randn(6, 3)
+    today, wide, plain = copy.deepcopy(net), copy.deepcopy(net), copy.deepcopy(net)
+    emb = widen(today, [12, 11], generator=torch.Generator().manual_seed(5))
+    assert isinstance(emb, Embedding) and emb.noise == 4.0
+    traced = widen(wide, {"0": 12, "2": 11}, example_inputs=x, generator=_g5())
+    assert isinstance(traced, GroupEmbedding) and traced.noise == 4.0
+    for (n, a), b in zip(wide.state_dict().items(), today.state_dict().values()):
+        assert torch.equal(a, b), n
+    widen(plain, [12, 11], torch_embed.Net2Net(), generator=_g5())
+    assert not torch.equal(plain[2].weight, today[2].weight)  # the noise is there
+
+
+def _g5() -> torch.Generator:
+    return torch.Generator().manual_seed(5)

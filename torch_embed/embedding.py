@@ -20,6 +20,7 @@ Parameter sets are dictionaries keyed like ``Sequential.state_dict()`` (``"0.wei
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -30,6 +31,7 @@ import torch
 from torch import Tensor
 
 from torch_embed._sequential import Layout, LinearLayer
+from torch_embed.graph.gather import AxisMap, map_tensors
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -78,105 +80,6 @@ def _check_amplification(where: str, scale: Tensor) -> None:
         )
 
 
-# elements per row block when gathering a weight matrix: the scratch stays small next
-# to the matrix, and there are few enough ops that thread synchronisation (CPU) or
-# kernel launches (accelerators) do not dominate (4096 -> 8192 MLP, 2 cores: 1 << 22
-# was fastest with 2 threads and within 15% of the best with 1; bench/widen.py)
-_BLOCK_CPU = 1 << 22
-_BLOCK_DEVICE = 1 << 24
-# elements per float64 chunk when a lower-precision block is scaled by float64
-# coefficients on CPU (2 MiB: in cache; 1 << 18 to 1 << 20 were within 10% of each
-# other on a 2-core EPYC, 8192 x 8192 float32)
-_CHUNK_MIXED = 1 << 18
-
-
-def _in_dtype(factor: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``factor`` (float64, CPU) on ``device``, in ``dtype`` when that is exact.
-
-    A product of two ``dtype`` numbers is rounded once, like the float64 product
-    rounded to ``dtype``; otherwise the float64 factor is kept (see :func:`_put`).
-    """
-    low = factor.to(dtype)
-    keep = low if bool((low.to(factor.dtype) == factor).all()) else factor
-    return keep.to(device)
-
-
-def _put(dst: Tensor, src: Tensor, factor: Tensor | None) -> None:
-    """``dst = src * factor``, computed in the wider dtype and rounded once.
-
-    ``dst`` and ``src`` are ``(rows, cols)``; ``factor`` is ``(cols,)``, ``(rows, 1)`` or
-    ``(rows, cols)``. A float64 factor with a lower-precision ``dst`` on CPU goes through
-    a small float64 scratch, chunk by chunk: three vectorized passes that stay in cache
-    are faster than one mixed-dtype multiply (which casts element by element), and give
-    the same bits. End to end, ``python bench/widen.py --threads 1,0 --alpha
-    0.3333333333333333`` (bench/RESULTS.md) went from 5.2x / 5.8x of the allocate+copy
-    bound with the mixed-dtype multiply (at commit 139039f) to 2.08x / 1.98x with the
-    scratch (one / two threads).
-    """
-    if factor is None:
-        dst.copy_(src)
-    elif factor.dtype == dst.dtype or dst.device.type != "cpu":
-        torch.mul(src, factor, out=dst)
-    else:
-        rows, cols = dst.shape
-        step = max(1, _CHUNK_MIXED // max(cols, 1))
-        buf = torch.empty(min(step, rows), cols, dtype=factor.dtype, device=dst.device)
-        per_row = factor.dim() == 2 and factor.shape[0] == rows
-        for i in range(0, rows, step):
-            j = min(i + step, rows)
-            wide = buf[: j - i]
-            wide.copy_(src[i:j])
-            wide.mul_(factor[i:j] if per_row else factor)
-            dst[i:j].copy_(wide)
-
-
-def _scratch(buf: Tensor, rows: int, cols: int) -> Tensor:
-    """A ``(rows, cols)`` scratch tensor: ``buf`` itself once it has been allocated."""
-    if tuple(buf.shape) != (rows, cols):
-        buf = torch.empty(rows, cols, dtype=buf.dtype, device=buf.device)
-    return buf
-
-
-def _columns(factor: Tensor | None, cols: slice) -> Tensor | None:
-    """The part of a block factor that applies to the columns ``cols``."""
-    if factor is None or (factor.dim() == 2 and factor.shape[1] == 1):
-        return factor  # none, or one factor per row
-    return factor[cols] if factor.dim() == 1 else factor[:, cols]
-
-
-_CPU = torch.device("cpu")
-
-
-class _Moved:
-    """CPU-side map tensors on the state's devices, each distinct one moved once per call.
-
-    A blocking host-to-device copy waits for the device, and one map serves several
-    tensors (a layer's weight rows, bias and BatchNorm entries, the next weight's
-    columns; on a traced model every tensor of a width group): the apply paths move
-    their index maps and factors through one of these per call, which keys them by
-    value (host work only).
-    """
-
-    def __init__(self) -> None:
-        self._done: dict[tuple[torch.device, torch.dtype, tuple[int, ...], bytes], Tensor] = {}
-
-    def __call__(self, t: Tensor, device: torch.device) -> Tensor:
-        """``t`` (a CPU tensor) on ``device``."""
-        if t.device == device:
-            return t
-        value = t.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
-        key = (device, t.dtype, tuple(t.shape), value)
-        if key not in self._done:
-            self._done[key] = t.to(device)
-        return self._done[key]
-
-    def null(self, lm: LayerMap | None, device: torch.device) -> Tensor | None:
-        """Positions of the null neurons of ``lm`` on ``device`` (``None``: there are none)."""
-        if lm is None or not bool(lm.null_mask.any()):
-            return None
-        return self(lm.null_mask.nonzero().flatten(), device)
-
-
 def _warn_missing_bias(name: str, cols: LayerMap | None) -> None:
     """Warn when null fan-out columns need a bias gradient that is not being mapped.
 
@@ -199,12 +102,6 @@ def _warn_missing_bias(name: str, cols: LayerMap | None) -> None:
         UserWarning,
         stacklevel=5,
     )
-
-
-def _identity_prefix(index: Tensor) -> int:
-    """Length of the longest prefix of ``index`` equal to ``0, 1, 2, ...``."""
-    ok = index == torch.arange(index.numel(), device=index.device)
-    return int(ok.cumprod(0).sum()) if ok.numel() else 0
 
 
 _Mode = Literal["param", "grad", "sq"]
@@ -365,6 +262,18 @@ class Embedding:
     Attributes:
         layout: The narrow network's structure.
         layers: One :class:`LayerMap` per hidden layer.
+        noise: Net2Net's symmetric noise on the fan-out of copies (``apply`` only; ``0``:
+            none): the copies of one narrow neuron are paired in index order, and in the
+            next Linear's weight the pair's columns get ``+N`` and ``-N``,
+            ``N = noise · (w/c) · ε`` (``w/c`` the copy's column), ``ε ~ N(0, 1)`` per
+            entry drawn from ``seed`` and the weight's name, so ``apply`` is repeatable;
+            an odd copy stays noise-free. The noise is drawn on the narrow rows of that
+            weight, before they are copied (a copy of a next-layer neuron keeps its
+            original's fan-in). The copies carry equal values, so the output
+            is kept (to rounding); gradients map as without noise (the map of the
+            embedding's critical part). The same noise as a traced model's
+            (:class:`~torch_embed.graph.embedding.GroupEmbedding`), from the same code.
+        seed: The seed of that noise.
 
     Example:
         >>> import torch
@@ -386,6 +295,9 @@ class Embedding:
     layout: Layout
     layers: tuple[LayerMap, ...]
     _notes: tuple[str, ...] = field(default=(), repr=False)
+    noise: float = 0.0
+    seed: int = 0
+    _cache: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._validate()
@@ -441,6 +353,8 @@ class Embedding:
 
     # ------------------------------------------------------------------ validation
     def _validate(self) -> None:
+        if not math.isfinite(self.noise) or self.noise < 0:
+            raise ValueError(f"noise must be a finite number >= 0, got {self.noise!r}")
         narrow = self.layout.hidden_widths
         if len(self.layers) != len(narrow):
             raise ValueError(
@@ -536,6 +450,11 @@ class Embedding:
                     f"(layer {self.layout.linears[l + 1].name}) has no bias to absorb "
                     f"their gradient"
                 )
+        for l in self._noisy_layers() if self.noise else ():
+            preserving.append(
+                f"hidden layer {l}: fan-out offsets (symmetric noise, Net2Net noise "
+                f"{self.noise:g}) break the gradient map"
+            )
         if not preserving and not broken and self._row_scales() is None:
             preserving.append(
                 "the matrix coefficients violate the backward condition (no error scalings β "
@@ -547,12 +466,29 @@ class Embedding:
             return EmbeddingKind.OUTPUT_PRESERVING, tuple(preserving)
         return EmbeddingKind.CRITICAL, ()
 
+    def _noisy_layers(self) -> list[int]:
+        """The hidden layers where a narrow neuron has a pair of copies for ``noise``."""
+        return [
+            l
+            for l, lm in enumerate(self.layers)
+            if bool((torch.bincount(lm.source[lm.source >= 0]) > 1).any())
+        ]
+
+    def _noisy(self) -> bool:
+        """Whether some narrow neuron has a pair of copies (for ``noise`` to perturb)."""
+        return bool(self._noisy_layers())
+
     def _row_scales(self) -> list[Tensor] | None:
-        """Error scalings β per hidden layer (wide,), or None if they do not exist.
+        """Error scalings β per hidden layer (wide,), or None if they do not exist (cached).
 
         For a copy ``j`` of a neuron, the back-propagated error is ``β_j`` times the
         narrow one; this is what scales the fan-in gradients.
         """
+        if "betas" not in self._cache:
+            self._cache["betas"] = self._compute_row_scales()
+        return self._cache["betas"]  # type: ignore[no-any-return]
+
+    def _compute_row_scales(self) -> list[Tensor] | None:
         scales: list[Tensor] = []
         beta_next: Tensor | None = None  # None = output layer, β = 1
         for l in range(len(self.layers) - 1, -1, -1):
@@ -628,213 +564,80 @@ class Embedding:
         return self._map(moments, "sq")
 
     def _map(self, state: Mapping[str, Tensor], mode: _Mode) -> dict[str, Tensor]:
-        out = dict(state)
-        row_scales = self._row_scales() if mode != "param" else None
-        if mode != "param" and row_scales is None:
-            raise ValueError(
-                "this embedding's coefficients admit no linear gradient map (the backward "
-                "condition fails), so gradients and optimizer state cannot be mapped"
-            )
-        L = len(self.layout.linears)
-        widths = self.wide_widths
-        moved = _Moved()
+        what = {"param": "apply", "grad": "grad", "sq": "second"}[mode]
+        if mode != "param":
+            if self._row_scales() is None:
+                raise ValueError(
+                    "this embedding's coefficients admit no linear gradient map (the backward "
+                    "condition fails), so gradients and optimizer state cannot be mapped"
+                )
+            for k, lin in enumerate(self.layout.linears):
+                if k and f"{lin.name}.weight" in state and f"{lin.name}.bias" not in state:
+                    _warn_missing_bias(lin.name, self.layers[k - 1])
+        axes, null_values = self._axes()
+        return map_tensors(
+            axes, state, what, noise=self.noise, seed=self.seed, null_values=null_values
+        )
+
+    def _axes(self) -> tuple[tuple[AxisMap, ...], dict[str, Tensor]]:
+        """Every changing tensor axis as an AxisMap, and the null units' values (cached).
+
+        The null units' constant values ``σ(β)`` are keyed by the weight they feed.
+
+        Hidden layer ``k``'s map copies the rows of Linear ``k`` (weight axis 0 with the
+        null units' fan-in rows, bias with fill ``β``, or 0 before a BatchNorm), the
+        entries of its BatchNorm1d (weight, bias, running mean and variance; null fills
+        1, ``β``, 0, 1) and splits the columns of Linear ``k + 1`` (coefficients, fan-out
+        offsets); gradients scale the copies by the error scalings
+        (:meth:`_row_scales`). The MLP is mapped by the engine of traced models
+        (:func:`~torch_embed.graph.gather.map_tensors`).
+        """
+        if "axes" in self._cache:
+            return self._cache["axes"]  # type: ignore[no-any-return]
+        betas = self._row_scales()
+        axes: list[AxisMap] = []
+        null_values: dict[str, Tensor] = {}
         for k, lin in enumerate(self.layout.linears):
-            rows = self.layers[k] if k < L - 1 else None
-            cols = self.layers[k - 1] if k > 0 else None
-            wkey = f"{lin.name}.weight"
-            if mode != "param" and wkey in state and f"{lin.name}.bias" not in state:
-                _warn_missing_bias(lin.name, cols)
-            if wkey in state:
-                out[wkey] = self._map_weight(
-                    state[wkey],
-                    rows,
-                    cols,
-                    mode,
-                    row_scales[k] if (row_scales is not None and rows is not None) else None,
-                    state.get(f"{lin.name}.bias"),
-                    widths[k],
-                    moved,
+            w = f"{lin.name}.weight"
+            if k:
+                # the columns first, as the traced planner orders a Linear's axes: Net2Net's
+                # noise is drawn on the narrow rows and copied with them, so a copy of a
+                # neuron of the next layer keeps its original's fan-in
+                cols = self.layers[k - 1]
+                axes.append(
+                    AxisMap(w, 1, "split", cols.source, cols.coef, offset=cols.fan_out_offset)
                 )
-            bkey = f"{lin.name}.bias"
-            if rows is not None and bkey in state:
-                hidden = self.layout.hidden[k]
-                null_fill = 0.0 if (mode != "param" or hidden.batchnorm is not None) else None
-                out[bkey] = self._map_vector(
-                    state[bkey],
-                    rows,
-                    mode,
-                    row_scales[k] if row_scales is not None else None,
-                    null_fill,
-                    moved,
-                )
-            if rows is not None and self.layout.hidden[k].batchnorm is not None:
-                bn = self.layout.hidden[k].batchnorm
-                scale = row_scales[k] if row_scales is not None else None
-                fills: dict[str, float | None] = {
-                    "weight": 1.0,
-                    "bias": None,  # the null bias β: BN(constant) = its bias
-                    "running_mean": 0.0,
-                    "running_var": 1.0,
+                value = torch.where(cols.null_mask, cols.null_value, 0.0)
+                if bool((value != 0).any()):
+                    null_values[w] = value
+            if k < len(self.layers):
+                lm = self.layers[k]
+                copy = {
+                    "source": lm.source,
+                    "coef": lm.coef if lm.is_vector else (~lm.null_mask).to(torch.float64),
+                    "beta": betas[k] if betas is not None else None,
                 }
-                for suffix, fill in fills.items():
-                    key = f"{bn}.{suffix}"
-                    if key not in state:
-                        continue
-                    if suffix.startswith("running"):
-                        # buffers are statistics, not parameters: always copied
-                        out[key] = self._map_vector(state[key], rows, "param", None, fill, moved)
-                    else:
-                        out[key] = self._map_vector(
-                            state[key], rows, mode, scale, fill if mode == "param" else 0.0, moved
+                rows = lm.null_fan_in
+                axes.append(AxisMap(w, 0, "copy", **copy, null_rows=rows))  # type: ignore[arg-type]
+                bn = self.layout.hidden[k].batchnorm
+                bias = lm.null_bias if bn is None else None
+                axes.append(AxisMap(f"{lin.name}.bias", 0, "copy", **copy, null_fill=bias))  # type: ignore[arg-type]
+                if bn is not None:
+                    one = torch.ones(lm.wide, dtype=torch.float64)
+                    fills = {"weight": one, "bias": lm.null_bias, "running_var": one}
+                    for suffix in ("weight", "bias", "running_mean", "running_var"):
+                        axes.append(
+                            AxisMap(
+                                f"{bn}.{suffix}",
+                                0,
+                                "copy",
+                                **copy,  # type: ignore[arg-type]
+                                null_fill=fills.get(suffix),
+                                buffer=suffix.startswith("running"),
+                            )
                         )
-        return out
-
-    @staticmethod
-    def _map_vector(
-        v: Tensor,
-        rows: LayerMap,
-        mode: _Mode,
-        scale: Tensor | None,
-        null_fill: float | None,
-        moved: _Moved,
-    ) -> Tensor:
-        dev = v.device
-        out = v.index_select(0, moved(rows.source.clamp(min=0), dev))
-        if mode != "param" and scale is not None:
-            s = moved(scale if mode == "grad" else scale**2, dev)
-            out = (out.to(torch.float64) * s).to(v.dtype)
-        null = moved.null(rows, dev)
-        if null is not None:
-            if null_fill is None:
-                bias = moved(rows.null_bias[rows.null_mask], dev)
-                fill = bias.to(v.dtype)
-                out.index_copy_(0, null, fill)
-            else:
-                out.index_fill_(0, null, null_fill)
-        return out
-
-    def _map_weight(
-        self,
-        w: Tensor,
-        rows: LayerMap | None,
-        cols: LayerMap | None,
-        mode: _Mode,
-        row_scale: Tensor | None,
-        bias: Tensor | None,
-        wide_in: int,
-        moved: _Moved,
-    ) -> Tensor:
-        dev, dt = w.device, w.dtype
-        r = c = None
-        if rows is not None:
-            r = moved(rows.source.clamp(min=0), dev)
-        if cols is not None:
-            c = moved(cols.source.clamp(min=0), dev)
-        # Factors are float64; an in-place op of a lower-precision tensor with a float64
-        # one computes in float64 and rounds once, so no float64 copy is needed.
-        col_factor: Tensor | None = None  # (wide_in,) or (rows, wide_in) coefficients
-        offset: Tensor | None = None
-        row_factor: Tensor | None = None  # error scalings of the rows (grad / sq)
-        if mode == "param" and cols is not None:
-            if not cols.is_vector or bool((cols.coef != 1).any()):
-                col_factor = cols.coef
-            if cols.fan_out_offset is not None:
-                offset = moved(cols.fan_out_offset, dev)
-        if mode != "param" and row_scale is not None:
-            row_factor = row_scale if mode == "grad" else row_scale**2
-        if col_factor is not None:
-            col_factor = moved(_in_dtype(col_factor, dt, _CPU), dev)
-        if row_factor is not None:
-            row_factor = moved(_in_dtype(row_factor, dt, _CPU), dev)
-        n_rows = int(r.numel()) if r is not None else w.shape[0]
-        n_cols = int(c.numel()) if c is not None else w.shape[1]
-        out = torch.empty(n_rows, n_cols, dtype=dt, device=dev)
-        # one gather into the final allocation, by row blocks so temporaries stay small
-        block_size = _BLOCK_CPU if dev.type == "cpu" else _BLOCK_DEVICE
-        step = max(1, min(n_rows, block_size // max(n_cols, 1)))
-        # rows and columns that stay in place (the usual "originals first") are sliced,
-        # not gathered
-        # (decided on the CPU index maps, so that "meta" tensors work too)
-        same = _identity_prefix(cols.source) if cols is not None else 0
-        same_rows = _identity_prefix(rows.source) if rows is not None else n_rows
-        # scratch for gathered rows / columns, allocated once and reused by every block
-        row_buf = torch.empty(0, dtype=dt, device=dev)
-        col_buf = torch.empty(0, dtype=dt, device=dev)
-        for i in range(0, n_rows, step):
-            j = min(i + step, n_rows)
-            block = out[i:j]
-            # the factor of this block (columns in "param" mode, rows otherwise)
-            fac = None
-            if col_factor is not None:
-                fac = col_factor if col_factor.dim() == 1 else col_factor[i:j]
-            elif row_factor is not None:
-                fac = row_factor[i:j, None]
-            if c is None:
-                assert r is not None  # a Linear is next to at least one hidden layer
-                if j <= same_rows:
-                    _put(block, w[i:j], fac)
-                elif fac is None:
-                    torch.index_select(w, 0, r[i:j], out=block)
-                else:
-                    row_buf = _scratch(row_buf, step, w.shape[1])
-                    _put(block, torch.index_select(w, 0, r[i:j], out=row_buf[: j - i]), fac)
-            else:
-                if r is None or j <= same_rows:
-                    src = w[i:j]
-                else:
-                    row_buf = _scratch(row_buf, step, w.shape[1])
-                    src = torch.index_select(w, 0, r[i:j], out=row_buf[: j - i])
-                if same == n_cols:
-                    _put(block, src, fac)
-                elif same:
-                    _put(block[:, :same], src[:, :same], _columns(fac, slice(0, same)))
-                    col_buf = _scratch(col_buf, step, n_cols - same)
-                    extra = torch.index_select(src, 1, c[same:], out=col_buf[: j - i])
-                    _put(block[:, same:], extra, _columns(fac, slice(same, None)))
-                elif fac is None:
-                    torch.index_select(src, 1, c, out=block)
-                else:
-                    col_buf = _scratch(col_buf, step, n_cols)
-                    _put(block, torch.index_select(src, 1, c, out=col_buf[: j - i]), fac)
-            if offset is not None:
-                block.add_(offset[i:j])
-        # null neurons are addressed by index lists made on the CPU (a boolean mask on
-        # the tensors' device would need data: "meta" tensors have none)
-        null_rows = moved.null(rows, dev)
-        if mode == "param":
-            if null_rows is not None:
-                assert rows is not None
-                if rows.null_fan_in is not None:
-                    fan_in = moved(rows.null_fan_in[rows.null_mask], dev).to(dt)
-                    out.index_copy_(0, null_rows, fan_in)
-                else:
-                    out.index_fill_(0, null_rows, 0)
-        else:
-            null_cols = moved.null(cols, dev)
-            if null_cols is not None:
-                assert cols is not None
-                nv = moved(cols.null_value[cols.null_mask], dev)
-                if bias is not None:
-                    b = bias.index_select(0, r) if r is not None else bias
-                    b = b.to(torch.float64)
-                    scale = None
-                    if row_scale is not None:
-                        scale = moved(row_scale, dev)
-                        b = b * scale
-                    if mode == "grad":
-                        fill = b[:, None] * nv[None, :]
-                    else:  # second moments of a product: scale² times the bias moment
-                        fill = b[:, None] * nv[None, :] ** 2
-                        if scale is not None:
-                            fill = fill * scale[:, None]
-                    if null_rows is not None:
-                        fill.index_fill_(0, null_rows, 0)
-                    out.index_copy_(1, null_cols, fill.to(dt))
-                else:
-                    out.index_fill_(1, null_cols, 0)
-            if null_rows is not None:
-                out.index_fill_(0, null_rows, 0)
-        return out
+        self._cache["axes"] = (tuple(axes), null_values)
+        return self._cache["axes"]  # type: ignore[no-any-return]
 
     def restrict(self, wide_state: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Pull a wide parameter set back to the narrow one it embeds (``Bᵀ``).
@@ -942,8 +745,18 @@ class Embedding:
         """Compose: first ``self`` (narrow → mid), then ``other`` (mid → wide).
 
         Raises:
-            ValueError: If ``other`` does not start from ``self``'s wide widths.
+            ValueError: If ``other`` does not start from ``self``'s wide widths, or either
+                carries Net2Net's noise (a perturbation proportional to the weights it is
+                applied to, drawn per pair of copies: no gather of the composition; plan
+                with ``Net2Net(noise=0.0)`` to compose).
         """
+        for emb in (self, other):
+            if emb.noise and emb._noisy():
+                raise ValueError(
+                    f"cannot compose an embedding with Net2Net noise ({emb.noise:g}): the "
+                    f"noise is a random perturbation of the next layer's columns, not a "
+                    f"gather; plan with Net2Net(noise=0.0) to compose"
+                )
         if other.narrow_widths != self.wide_widths:
             raise ValueError(
                 f"cannot compose: the second embedding starts from widths "
@@ -1019,9 +832,15 @@ class Embedding:
         order that keeps every current coefficient non-zero.
 
         Raises:
-            ValueError: If the embedding uses matrix coefficients, fan-out offsets or
-                non-zero null fan-ins: those are not compositions of one-step pieces.
+            ValueError: If the embedding uses matrix coefficients, fan-out offsets,
+                non-zero null fan-ins or Net2Net noise: those are not compositions of
+                one-step pieces.
         """
+        if self.noise and self._noisy():
+            raise ValueError(
+                f"Net2Net noise ({self.noise:g}) is not a chain of one-step embeddings; "
+                f"plan with Net2Net(noise=0.0) to decompose"
+            )
         for l, lm in enumerate(self.layers):
             if (
                 not lm.is_vector

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import torch
@@ -361,17 +361,6 @@ def _null_value(module: nn.Module, layout: Layout, layer: int, bias: Tensor) -> 
     return value
 
 
-def _weight_data(module: nn.Module, name: str, what: str, instead: str) -> Tensor:
-    """The weight of the Linear ``name``, refusing "meta" tensors (they hold no values)."""
-    w: Tensor = _linear(module, name).weight.detach()
-    if w.is_meta:
-        raise ValueError(
-            f"{what} reads the values of the weight of layer {name!r} (Linear), but it is on "
-            f"the 'meta' device and has none; {instead}, or materialize the module first"
-        )
-    return w
-
-
 def _rand(n: int, generator: torch.Generator | None) -> Tensor:
     return torch.rand(n, generator=generator, dtype=torch.float64)
 
@@ -501,8 +490,10 @@ def plan_units(
     The one planner of both paths: :func:`torch_embed.graph.plan.plan_maps` calls it
     per width group, for :func:`plan` (an MLP's hidden layers, every one) and
     :func:`torch_embed.graph.plan.plan_groups` (the grown groups of a traced model).
-    What a scheme adds beyond the map of units (Net2Net's fan-out noise, random
-    fan-ins, random biases) is tensor-level and stays with each path.
+    What a scheme adds beyond the map of units is tensor-level: random fan-ins and
+    random biases stay with each path; Net2Net's fan-out noise is one seed per
+    embedding, drawn after the units, and added when the embedding is applied by the
+    engine both paths share (:func:`torch_embed.graph.gather.map_tensors`).
 
     Args:
         cfg: The scheme.
@@ -869,37 +860,16 @@ def _plan_net2net(
     generator: torch.Generator | None,
 ) -> Embedding:
     _real(cfg.noise, "Net2Net.noise", nonnegative=True)
-    current = layout.hidden_widths
     maps = _units(cfg, module, layout, groups, widths, generator)
-    sources = [lm.source for lm in maps]
-    offsets: list[Tensor | None] = []
-    for l, src in enumerate(sources):
-        if cfg.noise == 0:
-            offsets.append(None)
-            continue
-        w_next = _weight_data(
-            module,
-            layout.linears[l + 1].name,
-            f"Net2Net(noise={cfg.noise})"
-            + (" (the default scheme)" if cfg == DEFAULT_SCHEME else ""),
-            "use a scheme without noise (Net2Net(), 'split')",
-        ).to("cpu", torch.float64)
-        off = torch.zeros(w_next.shape[0], src.numel(), dtype=torch.float64)
-        for s in range(current[l]):
-            copies = (src == s).nonzero().flatten().tolist()
-            c = len(copies)
-            for a, b in zip(copies[0::2], copies[1::2]):
-                n = cfg.noise * w_next[:, s] / c
-                n = n * torch.randn(n.shape, generator=generator, dtype=torch.float64)
-                off[:, a], off[:, b] = n, -n
-        if l + 1 < len(sources):  # the next hidden layer is widened too: copy rows
-            nxt = sources[l + 1]
-            off = off[nxt.clamp(min=0)]
-            off[nxt < 0] = 0
-        # no pair of copies (nothing added, or single copies): no offsets, so the
-        # embedding stays critical and decomposes into steps like an equal split
-        offsets.append(off if bool((off != 0).any()) else None)
-    return _finish(module, layout, maps, None, offsets)
+    emb = _finish(module, layout, maps)
+    if cfg.noise == 0:
+        return emb
+    # the noise itself is drawn when the embedding is applied, from this seed, by the
+    # gather engine both paths share (torch_embed.graph.gather.map_tensors); no pair
+    # of copies (nothing added, or single copies): no noise, so the embedding stays
+    # critical and decomposes into steps like an equal split
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    return replace(emb, noise=float(cfg.noise), seed=seed) if emb._noisy() else emb
 
 
 def _plan_general(
