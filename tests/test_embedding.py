@@ -23,7 +23,7 @@ from torch import nn
 
 from torch_embed._sequential import read_sequential
 from torch_embed.embedding import Embedding, EmbeddingKind, LayerMap
-from torch_embed.schemes import General, Net2Net, Null, Split, plan
+from torch_embed.schemes import General, Net2Net, Null, RandomPad, Split, plan
 from torch_embed.widen import embed_, widen
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -206,6 +206,10 @@ FIRSTS = {
     # to 0)
     "offsets_cyclic": None,
     "null_fan_in": Null(bias=0.2, fan_in_std=0.4),
+    # random fan-in rows AND random fan-out columns: the new neurons' fan-out offsets on
+    # rows that are themselves new are overwritten by those rows' fan-in (regression:
+    # ``then`` added them to the fan-in, off by ~0.18 from applying the two in turn)
+    "random_pad": RandomPad(scale=0.5),
 }
 
 

@@ -795,9 +795,12 @@ class Embedding:
                     mid_rows[:, prev.null_mask] = 0
                 mid_rows[~(null & ~from_b_null)] = 0
                 fan_in = mid_rows if fan_in is None else fan_in + mid_rows
-            offset = b.fan_out_offset.clone() if b.fan_out_offset is not None else None
+            # an offset on a row that is null in its own embedding is never applied (null
+            # rows are written from their fan-in alone): drop it before composing, or the
+            # fix-up below would move it into the composed fan-in
+            offset = _live_rows(b.fan_out_offset, next_b)
             if a.fan_out_offset is not None:
-                off = a.fan_out_offset
+                off = _live_rows(a.fan_out_offset, self.layers[l + 1] if l + 1 < n else None)
                 if next_b is not None:
                     off = off[next_b.source.clamp(min=0)]
                     off[next_b.null_mask] = 0
@@ -970,6 +973,16 @@ def _one_step_null(layout: Layout, layer: int, bias: float, value: float) -> Emb
     nb[m], nv[m] = bias, value
     layers[layer] = LayerMap(torch.cat([torch.arange(m), torch.tensor([-1])]), coef, nb, nv)
     return Embedding(layout, tuple(layers))
+
+
+def _live_rows(offset: Tensor | None, rows: LayerMap | None) -> Tensor | None:
+    """``offset`` (a copy) with the rows of ``rows``' null neurons set to 0."""
+    if offset is None:
+        return None
+    offset = offset.clone()
+    if rows is not None:
+        offset[rows.null_mask] = 0
+    return offset
 
 
 def _as_matrix(lm: LayerMap, n_next: int) -> Tensor:
