@@ -27,7 +27,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from hypothesis import strategies as st
@@ -465,6 +465,27 @@ def random_pad(net: nn.Module, new: Sequence[int], g: torch.Generator) -> Embedd
 
 # ----------------------------------------------------------------------------- brute force
 F64 = torch.float64
+
+
+def symmetric_offsets(emb: Embedding, scale: float, g: torch.Generator) -> Embedding:
+    """``emb`` plus symmetric fan-out offsets ``±scale·ε`` on each pair of copies.
+
+    What ``landscape.condense`` builds, and what Net2Net's noise was before it was drawn
+    at apply time: the offsets cancel over each pair, so the function is kept.
+    """
+    wide = emb.wide_widths
+    layers = []
+    for l, lm in enumerate(emb.layers):
+        off = torch.zeros(wide[l + 2], lm.wide, dtype=torch.float64)
+        for s in range(int(lm.source.max()) + 1):
+            copies = (lm.source == s).nonzero().flatten().tolist()
+            for a, b in zip(copies[0::2], copies[1::2]):
+                n = scale * torch.randn(wide[l + 2], generator=g, dtype=torch.float64)
+                off[:, a], off[:, b] = n, -n
+        layers.append(replace(lm, fan_out_offset=off))
+    return Embedding(emb.layout, tuple(layers))
+
+
 SMOOTH_ACTIVATIONS: dict[str, type[nn.Module]] = {
     "tanh": nn.Tanh,
     "sigmoid": nn.Sigmoid,

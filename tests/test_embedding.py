@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import importlib
 import zlib
-from dataclasses import replace
 from functools import reduce
 
 import pytest
@@ -18,6 +17,7 @@ from cases import (
     general_matrix,
     general_vector,
     random_pad,
+    symmetric_offsets,
 )
 from torch import nn
 
@@ -214,20 +214,8 @@ FIRSTS = {
 
 
 def _with_offsets(net: nn.Module, widths: list[int], g: torch.Generator) -> Embedding:
-    """A cyclic equal split plus symmetric fan-out offsets ``±0.3·ε`` on its pairs of
-    copies (what ``landscape.condense`` and the former planned Net2Net noise build)."""
-    emb = plan(net, widths, Net2Net(select="cyclic"), generator=g)
-    wide = emb.wide_widths
-    layers = []
-    for l, lm in enumerate(emb.layers):
-        off = torch.zeros(wide[l + 2], lm.wide, dtype=F64)
-        for s in range(int(lm.source.max()) + 1):
-            copies = (lm.source == s).nonzero().flatten().tolist()
-            for a, b in zip(copies[0::2], copies[1::2]):
-                n = 0.3 * torch.randn(wide[l + 2], generator=g, dtype=F64)
-                off[:, a], off[:, b] = n, -n
-        layers.append(replace(lm, fan_out_offset=off))
-    return Embedding(emb.layout, tuple(layers))
+    """A cyclic equal split plus symmetric fan-out offsets ``±0.3·ε`` on its pairs."""
+    return symmetric_offsets(plan(net, widths, Net2Net(select="cyclic"), generator=g), 0.3, g)
 
 
 SECONDS = {

@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from cases import Arch, build_mlp, random_coefficients, random_inputs
+from cases import Arch, build_mlp, random_coefficients, random_inputs, symmetric_offsets
 from torch import nn
 
 from torch_embed.embedding import Embedding, EmbeddingKind
@@ -85,21 +85,6 @@ def test_matrix_general_keeps_the_output_and_maps_gradients_like_autograd() -> N
     assert float(mapped["2.weight"][:, null].abs().max()) > 1e-6
 
 
-def _with_offsets(emb: Embedding, g: torch.Generator) -> Embedding:
-    """``emb`` plus condense-style fan-out offsets: ``±n`` on each pair of copies."""
-    wide = emb.wide_widths
-    layers = []
-    for l, lm in enumerate(emb.layers):
-        off = torch.zeros(wide[l + 2], lm.wide, dtype=F64)
-        for s in range(int(lm.source.max()) + 1):
-            copies = (lm.source == s).nonzero().flatten().tolist()
-            for a, b in zip(copies[0::2], copies[1::2]):
-                n = 0.2 * torch.randn(wide[l + 2], generator=g, dtype=F64)
-                off[:, a], off[:, b] = n, -n
-        layers.append(replace(lm, fan_out_offset=off))
-    return Embedding(emb.layout, tuple(layers))
-
-
 def _dense_apply(emb: Embedding, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Every wide weight from the definition, in float64: rows copied (null rows: their
     fan-in), columns times their coefficient, plus the offset."""
@@ -127,11 +112,11 @@ def _dense_apply(emb: Embedding, state: dict[str, torch.Tensor]) -> dict[str, to
 def test_offsets_and_null_fan_in_rows_are_the_definition(kind: str) -> None:
     net = build_mlp(ARCH3, seed=3)
     if kind == "offsets":
-        emb = _with_offsets(plan(net, [7, 8, 5], Split(alpha=0.5), generator=_g(3)), _g(4))
+        emb = symmetric_offsets(plan(net, [7, 8, 5], Split(alpha=0.5), generator=_g(3)), 0.2, _g(4))
     elif kind == "null_fan_in":
         emb = plan(net, [7, 8, 5], Null(bias=0.2, fan_in_std=0.7), generator=_g(3))
     else:  # offsets on copies, then null neurons with a fan-in beside them
-        split = _with_offsets(plan(net, [6, 7, 4], Split(), generator=_g(5)), _g(4))
+        split = symmetric_offsets(plan(net, [6, 7, 4], Split(), generator=_g(5)), 0.2, _g(4))
         mid = copy.deepcopy(net)
         embed_(mid, split)
         emb = split.then(plan(mid, [8, 9, 6], Null(bias=0.2, fan_in_std=0.7), generator=_g(6)))
