@@ -1,4 +1,4 @@
-"""More Hugging Face families: Qwen3, Gemma, Gemma2 and Phi-3 grow, and their configs follow.
+"""More Hugging Face families: Qwen3, Gemma 1-3 and Phi-3 grow, and their configs follow.
 
 Tiny random models (hidden 16, 2 layers, 4 query heads on 2 kv heads of head_dim 4)
 are built offline in float64; their FFN width, heads and residual width are grown.
@@ -10,7 +10,7 @@ give the same), the narrow model's tensors (a refused request leaves them as the
   embedding: the head_dim is rigid, for the rotary embedding.
 - **Phi-3** fuses q, k, v in ``qkv_proj`` and gate, up in ``gate_up_proj``; its forward
   slices ``qkv`` by sizes read from the config, so its heads do not grow.
-- **Gemma/Gemma2** scale their RMSNorm by ``1 + weight`` and the token embedding by
+- **Gemma 1-3** scale their RMSNorm by ``1 + weight`` and the token embedding by
   ``embed_scale = √hidden_size`` (a buffer set from the config): the residual width
   grows by uniform copies only (untied), and the config cannot hold it (a rebuilt model
   would scale by √D'); zero-fill is refused.
@@ -47,12 +47,16 @@ BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "gemma2": lambda: transformers.Gemma2ForCausalLM(
         transformers.Gemma2Config(head_dim=4, **_SIZES)
     ),
+    "gemma3": lambda: transformers.Gemma3ForCausalLM(
+        transformers.Gemma3TextConfig(head_dim=4, **_SIZES)
+    ),
     "phi3": lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(pad_token_id=0, **_SIZES)),
 }
 FFN = {
     "qwen3": "model.layers.{}.mlp.gate_proj",
     "gemma": "model.layers.{}.mlp.gate_proj",
     "gemma2": "model.layers.{}.mlp.gate_proj",
+    "gemma3": "model.layers.{}.mlp.gate_proj",
     "phi3": "model.layers.{}.mlp.gate_up_proj",
 }
 GREEDY = {"max_new_tokens": 10, "min_new_tokens": 10, "do_sample": False}
@@ -114,7 +118,7 @@ def test_ffn_grows_and_the_config_rebuilds_it(name: str, tmp_path: Path) -> None
     assert torch.equal(_greedy(again, ids), greedy)
 
 
-@pytest.mark.parametrize("name", ["qwen3", "gemma", "gemma2"])
+@pytest.mark.parametrize("name", ["qwen3", "gemma", "gemma2", "gemma3"])
 def test_kv_heads_grow_and_the_config_rebuilds_them(name: str, tmp_path: Path) -> None:
     """kv heads 2 -> 4 in both layers (query heads 4 -> 8 with them, GQA map kept)."""
     model, ids = _build(name), _ids()
@@ -211,7 +215,7 @@ def _untied(name: str) -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize("name", ["gemma", "gemma2"])
+@pytest.mark.parametrize("name", ["gemma", "gemma2", "gemma3"])
 def test_gemma_residual_copies_keep_the_config_for_the_embedding_scale(name: str) -> None:
     """Copies of the residual keep the output; ``√hidden_size`` keeps the config as it was.
 
@@ -232,7 +236,7 @@ def test_gemma_residual_copies_keep_the_config_for_the_embedding_scale(name: str
     assert model.config.hidden_size == 16
 
 
-@pytest.mark.parametrize("name", ["gemma", "gemma2"])
+@pytest.mark.parametrize("name", ["gemma", "gemma2", "gemma3"])
 @pytest.mark.parametrize("width", [24, 32])
 def test_gemma_zero_fill_is_refused(name: str, width: int) -> None:
     """γ = 1 + w: the zero-fill's γ × √(D/D') is affine in w; refused, nothing changed."""

@@ -8,8 +8,8 @@ Three things make a ``transformers`` model widen like any other traced model:
   logits only.
 - **Handlers** (:mod:`torch_embed.graph.handlers`) for the module classes whose sizes
   live in attributes: ``transformers.pytorch_utils.Conv1D`` (GPT-2; its weight is
-  ``(in, out)``: ``nx``, ``nf``) and the LLaMA, Qwen2, Mistral, Qwen3, Phi-3, Gemma and
-  Gemma2 RMSNorms (no shape attribute; eps is ``variance_epsilon`` or ``eps``). They
+  ``(in, out)``: ``nx``, ``nf``) and the LLaMA, Qwen2, Mistral, Qwen3, Phi-3 and Gemma 1-3
+  RMSNorms (no shape attribute; eps is ``variance_epsilon`` or ``eps``). They
   are registered by
   :func:`register_handlers` the first time a handler is looked up for a module of the
   ``transformers`` package, so ``import torch_embed`` never imports ``transformers``.
@@ -20,7 +20,7 @@ Three things make a ``transformers`` model widen like any other traced model:
 - **Config fields.** :func:`config_updates` gives the new ``hidden_size``,
   ``intermediate_size`` (``n_inner``), ``num_attention_heads``,
   ``num_key_value_heads``, ``head_dim`` and eps fields of a widened BERT, GPT-2,
-  LLaMA, Qwen2, Mistral, Qwen3, Phi-3, Gemma or Gemma2 model, read from its new tensor
+  LLaMA, Qwen2, Mistral, Qwen3, Phi-3 or Gemma (1, 2, 3 text) model, read from its new tensor
   shapes and module attributes. They are checked by building the model class from the
   new config on the ``meta`` device and comparing every parameter and buffer shape and
   every float attribute its modules derive from the config (Gemma's embedding scale
@@ -122,6 +122,7 @@ _RMS_NORMS = (
     ("transformers.models.phi3.modeling_phi3", "Phi3RMSNorm"),
     ("transformers.models.gemma.modeling_gemma", "GemmaRMSNorm"),
     ("transformers.models.gemma2.modeling_gemma2", "Gemma2RMSNorm"),
+    ("transformers.models.gemma3.modeling_gemma3", "Gemma3RMSNorm"),
 )
 
 
@@ -266,6 +267,7 @@ _FIELDS: dict[str, Callable[[_View], dict[str, list[Any]]]] = {
     "qwen3": _llama,
     "gemma": _llama,
     "gemma2": _llama,
+    "gemma3_text": _llama,
     "phi3": _phi3,
     "gpt2": _gpt2,
     "bert": _bert,
@@ -352,12 +354,14 @@ _MODULE_RULES: dict[str, Callable[[_View, str, nn.Module], dict[str, object]]] =
     "Qwen3Attention": _gqa_attention,
     "GemmaAttention": _gqa_attention,
     "Gemma2Attention": _gqa_attention,
+    "Gemma3Attention": _gqa_attention,
     "LlamaMLP": _gated_mlp,
     "Qwen2MLP": _gated_mlp,
     "MistralMLP": _gated_mlp,
     "Qwen3MLP": _gated_mlp,
     "GemmaMLP": _gated_mlp,
     "Gemma2MLP": _gated_mlp,
+    "Gemma3MLP": _gated_mlp,
 }
 
 
