@@ -264,3 +264,33 @@ def test_one_plus_weight_norms_are_recognised() -> None:
     assert not scales_by_one_plus_weight(LlamaRMSNorm)
     assert not scales_by_one_plus_weight(Qwen3RMSNorm)
     assert not scales_by_one_plus_weight(nn.RMSNorm)
+
+
+def _tied_qwen3() -> nn.Module:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        cfg = transformers.Qwen3Config(head_dim=4, tie_word_embeddings=True, **_SIZES)
+        model = transformers.Qwen3ForCausalLM(cfg).float().eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # type: ignore[union-attr]
+    return model
+
+
+def test_tied_qwen3_residual_copies_are_refused_naming_the_written_out_norm() -> None:
+    """HF's RMSNorm is written out in forward: no norm op whose reader the fold can see."""
+    model, ids = _tied_qwen3(), _ids()
+    weight = model.model.embed_tokens.weight.clone()  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match=r"written out in their forward \(`model\.norm`.*Null\(\)"):
+        torch_embed.widen(model, {"model.norm": 32}, "split", example_inputs=(ids,))
+    assert torch.equal(model.model.embed_tokens.weight, weight)  # type: ignore[union-attr]
+
+
+def test_tied_qwen3_residual_zero_fill_keeps_the_tie() -> None:
+    """Null units need no fold: 0 as embedding columns and as head columns."""
+    model, ids = _tied_qwen3(), _ids()
+    before, greedy = _logits(model, ids), _greedy(model, ids)
+    with pytest.warns(UserWarning, match=r"`rms_norm_eps` would need one value"):  # q_norm's
+        torch_embed.widen(model, {"model.norm": 24}, torch_embed.Null(), example_inputs=(ids,))
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # type: ignore[union-attr]
+    assert model.lm_head.weight.shape == (VOCAB, 24)  # type: ignore[union-attr]
+    assert _rel(_logits(model, ids), before) <= 1e-5
+    assert torch.equal(_greedy(model, ids), greedy)
