@@ -1,4 +1,4 @@
-"""More Hugging Face families: Qwen3, Gemma 1-3 and Phi-3 grow, and their configs follow.
+"""More Hugging Face families: Mistral, Qwen3, Gemma 1-3 and Phi-3 grow; their configs follow.
 
 Tiny random models (hidden 16, 2 layers, 4 query heads on 2 kv heads of head_dim 4)
 are built offline in float64; their FFN width, heads and residual width are grown.
@@ -42,6 +42,9 @@ _SIZES = {
 }  # fmt: skip
 
 BUILDERS: dict[str, Callable[[], nn.Module]] = {
+    "mistral": lambda: transformers.MistralForCausalLM(
+        transformers.MistralConfig(head_dim=4, **_SIZES)
+    ),
     "qwen3": lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(head_dim=4, **_SIZES)),
     "gemma": lambda: transformers.GemmaForCausalLM(transformers.GemmaConfig(head_dim=4, **_SIZES)),
     "gemma2": lambda: transformers.Gemma2ForCausalLM(
@@ -53,6 +56,7 @@ BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "phi3": lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(pad_token_id=0, **_SIZES)),
 }
 FFN = {
+    "mistral": "model.layers.{}.mlp.gate_proj",
     "qwen3": "model.layers.{}.mlp.gate_proj",
     "gemma": "model.layers.{}.mlp.gate_proj",
     "gemma2": "model.layers.{}.mlp.gate_proj",
@@ -118,7 +122,7 @@ def test_ffn_grows_and_the_config_rebuilds_it(name: str, tmp_path: Path) -> None
     assert torch.equal(_greedy(again, ids), greedy)
 
 
-@pytest.mark.parametrize("name", ["qwen3", "gemma", "gemma2", "gemma3"])
+@pytest.mark.parametrize("name", ["mistral", "qwen3", "gemma", "gemma2", "gemma3"])
 def test_kv_heads_grow_and_the_config_rebuilds_them(name: str, tmp_path: Path) -> None:
     """kv heads 2 -> 4 in both layers (query heads 4 -> 8 with them, GQA map kept)."""
     model, ids = _build(name), _ids()
