@@ -144,6 +144,7 @@ def test_kv_heads_grow_and_the_config_rebuilds_them(name: str, tmp_path: Path) -
 
 
 RESIDUAL = [
+    pytest.param("mistral", 32, torch_embed.Split(alpha=0.5), 1e-6, id="mistral-copies-x2"),
     pytest.param("qwen3", 32, torch_embed.Split(alpha=0.5), 1e-6, id="qwen3-copies-x2"),
     pytest.param("phi3", 32, torch_embed.Split(alpha=0.5), 1e-5, id="phi3-copies-x2"),
     pytest.param("phi3", 24, torch_embed.Null(), 1e-5 * 16 / 24, id="phi3-zero-fill-24"),

@@ -285,7 +285,19 @@ def _mismatches(model: nn.Module, config: Any, view: _View) -> list[str]:
     with warnings.catch_warnings(), torch.device("meta"):
         warnings.simplefilter("ignore")
         fresh = type(model)(config)
+    shapes = {
+        n: tuple(t.shape)
+        for n, t in [
+            *fresh.named_parameters(remove_duplicate=False),
+            *fresh.named_buffers(remove_duplicate=False),
+        ]
+    }
     out = []
+    for name, tensor in view.state:
+        want = view.shape(name, tensor)
+        got = shapes.get(name)
+        if got != want:
+            out.append(f"`{name}` is {want}, the config builds {got}")
     modules = dict(fresh.named_modules())
     for fqn, module in model.named_modules():
         twin = modules.get(fqn)
@@ -293,21 +305,9 @@ def _mismatches(model: nn.Module, config: Any, view: _View) -> list[str]:
             built = vars(twin).get(attr)
             if not isinstance(value, float) or not isinstance(built, float):
                 continue
-            want = view.attr(module, attr)
-            if not math.isclose(want, built, rel_tol=1e-12):
-                out.append(f"`{fqn}.{attr}` is {want:.6g}, the config builds {built:.6g}")
-    built = {
-        n: tuple(t.shape)
-        for n, t in [
-            *fresh.named_parameters(remove_duplicate=False),
-            *fresh.named_buffers(remove_duplicate=False),
-        ]
-    }
-    for name, tensor in view.state:
-        want = view.shape(name, tensor)
-        got = built.get(name)
-        if got != want:
-            out.append(f"`{name}` is {want}, the config builds {got}")
+            now = view.attr(module, attr)
+            if not math.isclose(now, built, rel_tol=1e-12):
+                out.append(f"`{fqn}.{attr}` is {now:.6g}, the config builds {built:.6g}")
     return out
 
 
