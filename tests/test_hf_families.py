@@ -299,3 +299,37 @@ def test_tied_qwen3_residual_zero_fill_keeps_the_tie() -> None:
     assert model.lm_head.weight.shape == (VOCAB, 24)  # type: ignore[union-attr]
     assert _rel(_logits(model, ids), before) <= 1e-5
     assert torch.equal(_greedy(model, ids), greedy)
+
+
+class _NormedQK(nn.Module):
+    """Attention with q and k normalised over head_dim (Qwen3's q_norm), no rotary embedding."""
+
+    def __init__(self, d: int = 8, heads: int = 2, head_dim: int = 4) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.q, self.k = nn.Linear(d, heads * head_dim), nn.Linear(d, heads * head_dim)
+        self.v, self.o = nn.Linear(d, heads * head_dim), nn.Linear(heads * head_dim, d)
+        self.q_norm, self.k_norm = nn.RMSNorm(head_dim, eps=1e-6), nn.RMSNorm(head_dim, eps=1e-6)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        shape = (b, t, self.heads, self.head_dim)
+        q = self.q_norm(self.q(x).view(shape)).transpose(1, 2)
+        k = self.k_norm(self.k(x).view(shape)).transpose(1, 2)
+        v = self.v(x).view(b, t, self.heads, -1).transpose(1, 2)
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(b, t, -1))  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("scheme", ["split", torch_embed.Null()])
+def test_head_dim_under_q_norm_is_refused_naming_the_norm(scheme: object) -> None:
+    """Without a rotary embedding, q_norm alone refuses the head_dim: nothing changes."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = nn.Sequential(_NormedQK()).double()
+    x = torch.randn(2, 5, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"RMSNorm at `0\.q_norm`.*attention head_dim"):
+        torch_embed.widen(model, {"0.q[1]": 6}, scheme, example_inputs=x)  # type: ignore[arg-type]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert model[0].head_dim == 4
