@@ -8,8 +8,9 @@ Three things make a ``transformers`` model widen like any other traced model:
   logits only.
 - **Handlers** (:mod:`torch_embed.graph.handlers`) for the module classes whose sizes
   live in attributes: ``transformers.pytorch_utils.Conv1D`` (GPT-2; its weight is
-  ``(in, out)``: ``nx``, ``nf``) and ``LlamaRMSNorm`` / ``Qwen2RMSNorm`` (no shape
-  attribute; eps is ``variance_epsilon``). They are registered by
+  ``(in, out)``: ``nx``, ``nf``) and the LLaMA, Qwen2, Mistral, Qwen3, Phi-3 and Gemma 1-3
+  RMSNorms (no shape attribute; eps is ``variance_epsilon`` or ``eps``). They
+  are registered by
   :func:`register_handlers` the first time a handler is looked up for a module of the
   ``transformers`` package, so ``import torch_embed`` never imports ``transformers``.
 - **Attributes copied from the config** in ``__init__`` that no own tensor shows and
@@ -19,17 +20,24 @@ Three things make a ``transformers`` model widen like any other traced model:
 - **Config fields.** :func:`config_updates` gives the new ``hidden_size``,
   ``intermediate_size`` (``n_inner``), ``num_attention_heads``,
   ``num_key_value_heads``, ``head_dim`` and eps fields of a widened BERT, GPT-2,
-  LLaMA, Qwen2 or Mistral model, read from its new tensor shapes and module
-  attributes. They are checked by building the model class from the new config on the
-  ``meta`` device and comparing every parameter and buffer shape: only a config that
-  rebuilds the widened model is set (so ``save_pretrained``/``from_pretrained``
-  round-trips). Per-layer widths, which one config number cannot hold, leave the
-  config as it was, with a ``UserWarning`` that says why.
+  LLaMA, Qwen2, Mistral, Qwen3, Phi-3 or Gemma (1, 2, 3 text) model, read from its new tensor
+  shapes and module attributes. They are checked by building the model class from the
+  new config on the ``meta`` device and comparing every parameter and buffer shape and
+  every float attribute its modules derive from the config (Gemma's embedding scale
+  ``√hidden_size``): only a config that rebuilds the widened model is set (so
+  ``save_pretrained``/``from_pretrained`` round-trips). Per-layer widths, which one
+  config number cannot hold, leave the config as it was, with a ``UserWarning`` that
+  says why.
+- **Norms that scale by ``1 + weight``** (Gemma's RMSNorms, found by
+  :func:`scales_by_one_plus_weight`): the zero-fill's gain on ``γ`` would be an affine
+  map of the stored weight, so it is refused before anything changes.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
+import math
 import re
 import sys
 import warnings
@@ -46,6 +54,7 @@ __all__ = [
     "config_updates",
     "is_transformers_model",
     "register_handlers",
+    "scales_by_one_plus_weight",
     "tracing",
     "transformers_updates",
 ]
@@ -109,6 +118,11 @@ _RMS_NORMS = (
     ("transformers.models.llama.modeling_llama", "LlamaRMSNorm"),
     ("transformers.models.qwen2.modeling_qwen2", "Qwen2RMSNorm"),
     ("transformers.models.mistral.modeling_mistral", "MistralRMSNorm"),
+    ("transformers.models.qwen3.modeling_qwen3", "Qwen3RMSNorm"),
+    ("transformers.models.phi3.modeling_phi3", "Phi3RMSNorm"),
+    ("transformers.models.gemma.modeling_gemma", "GemmaRMSNorm"),
+    ("transformers.models.gemma2.modeling_gemma2", "Gemma2RMSNorm"),
+    ("transformers.models.gemma3.modeling_gemma3", "Gemma3RMSNorm"),
 )
 
 
@@ -186,7 +200,31 @@ def _llama(v: _View) -> dict[str, list[Any]]:
         "num_attention_heads": [r / d for r, d in zip(q, head_dims)],
         "num_key_value_heads": [r / d for r, d in zip(k, head_dims)],
         "head_dim": head_dims,  # after the heads: its default is hidden_size // heads
-        "rms_norm_eps": v.module_attrs(r".*RMSNorm", "variance_epsilon"),
+        "rms_norm_eps": _rms_eps(v),
+    }
+
+
+def _rms_eps(v: _View) -> list[Any]:
+    """The eps of every RMSNorm: ``variance_epsilon`` (LLaMA, Qwen, Phi-3) or ``eps`` (Gemma)."""
+    return [*v.module_attrs(r".*RMSNorm", "variance_epsilon"), *v.module_attrs(r".*RMSNorm", "eps")]
+
+
+def _phi3(v: _View) -> dict[str, list[Any]]:
+    """Phi-3: q, k, v fused in ``qkv_proj``, gate and up in ``gate_up_proj``.
+
+    ``qkv_proj`` has ``(heads + 2·kv_heads)·head_dim`` rows, ``o_proj``
+    ``heads·head_dim`` columns, ``gate_up_proj`` ``2·intermediate_size`` rows.
+    """
+    head_dims = v.module_attrs(r"\.self_attn$", "head_dim")
+    qkv = v.sizes(r"\.self_attn\.qkv_proj\.weight$", 0)
+    o = v.sizes(r"\.self_attn\.o_proj\.weight$", 1)
+    return {
+        "hidden_size": v.sizes(r"embed_tokens\.weight$", 1),
+        "intermediate_size": [r / 2 for r in v.sizes(r"\.mlp\.gate_up_proj\.weight$", 0)],
+        "num_attention_heads": [c / d for c, d in zip(o, head_dims)],
+        "num_key_value_heads": [(r - c) / (2 * d) for r, c, d in zip(qkv, o, head_dims)],
+        "head_dim": head_dims,  # Phi3Config has none: read as hidden_size // heads
+        "rms_norm_eps": _rms_eps(v),
     }
 
 
@@ -226,17 +264,28 @@ _FIELDS: dict[str, Callable[[_View], dict[str, list[Any]]]] = {
     "llama": _llama,
     "qwen2": _llama,
     "mistral": _llama,
+    "qwen3": _llama,
+    "gemma": _llama,
+    "gemma2": _llama,
+    "gemma3_text": _llama,
+    "phi3": _phi3,
     "gpt2": _gpt2,
     "bert": _bert,
 }
 
 
 def _mismatches(model: nn.Module, config: Any, view: _View) -> list[str]:
-    """Tensors whose shape differs between the widened model and one built from ``config``."""
+    """What differs between the widened model and one built from ``config``.
+
+    Every parameter and buffer shape, and every float attribute a module derives from
+    the config in ``__init__`` (Gemma's embedding scale ``√hidden_size``, an attention's
+    ``scaling``, a norm's eps): a model rebuilt with another constant computes another
+    function, and on the ``meta`` device only the attributes show the constants.
+    """
     with warnings.catch_warnings(), torch.device("meta"):
         warnings.simplefilter("ignore")
         fresh = type(model)(config)
-    built = {
+    shapes = {
         n: tuple(t.shape)
         for n, t in [
             *fresh.named_parameters(remove_duplicate=False),
@@ -246,9 +295,19 @@ def _mismatches(model: nn.Module, config: Any, view: _View) -> list[str]:
     out = []
     for name, tensor in view.state:
         want = view.shape(name, tensor)
-        got = built.get(name)
+        got = shapes.get(name)
         if got != want:
             out.append(f"`{name}` is {want}, the config builds {got}")
+    modules = dict(fresh.named_modules())
+    for fqn, module in model.named_modules():
+        twin = modules.get(fqn)
+        for attr, value in vars(module).items() if twin is not None else ():
+            built = vars(twin).get(attr)
+            if not isinstance(value, float) or not isinstance(built, float):
+                continue
+            now = view.attr(module, attr)
+            if not math.isclose(now, built, rel_tol=1e-12):
+                out.append(f"`{fqn}.{attr}` is {now:.6g}, the config builds {built:.6g}")
     return out
 
 
@@ -292,9 +351,17 @@ _MODULE_RULES: dict[str, Callable[[_View, str, nn.Module], dict[str, object]]] =
     "LlamaAttention": _gqa_attention,
     "Qwen2Attention": _gqa_attention,
     "MistralAttention": _gqa_attention,
+    "Qwen3Attention": _gqa_attention,
+    "GemmaAttention": _gqa_attention,
+    "Gemma2Attention": _gqa_attention,
+    "Gemma3Attention": _gqa_attention,
     "LlamaMLP": _gated_mlp,
     "Qwen2MLP": _gated_mlp,
     "MistralMLP": _gated_mlp,
+    "Qwen3MLP": _gated_mlp,
+    "GemmaMLP": _gated_mlp,
+    "Gemma2MLP": _gated_mlp,
+    "Gemma3MLP": _gated_mlp,
 }
 
 
@@ -319,6 +386,7 @@ def transformers_updates(
     """
     if "transformers" not in sys.modules or not shapes:
         return [], []
+    _refuse_offset_fill(model, updates)
     view = _View(model, shapes, _merged(updates))
     extra: list[tuple[object, dict[str, object]]] = []
     for fqn, module in model.named_modules():
@@ -340,6 +408,66 @@ def transformers_updates(
         extra.extend(config)
         caveats.extend(why)
     return extra, caveats
+
+
+_ONE_PLUS_WEIGHT = re.compile(r"\b1(?:\.0*)?\s*\+\s*self\.weight\b")
+
+
+_ONE_PLUS_WEIGHT_SEEN: dict[type, bool] = {}
+
+
+def scales_by_one_plus_weight(cls: type[nn.Module]) -> bool:
+    """Whether ``cls.forward`` multiplies by ``1 + self.weight`` (Gemma's RMSNorms).
+
+    Such a norm's scale is ``γ = 1 + w``: its weight ``w`` is stored as ``γ − 1``.
+
+    >>> from torch import nn
+    >>> scales_by_one_plus_weight(nn.RMSNorm)
+    False
+    """
+    if cls not in _ONE_PLUS_WEIGHT_SEEN:
+        try:
+            source = inspect.getsource(cls.forward)
+        except (OSError, TypeError):  # no source (a compiled or dynamically made class)
+            source = ""
+        _ONE_PLUS_WEIGHT_SEEN[cls] = _ONE_PLUS_WEIGHT.search(source) is not None
+    return _ONE_PLUS_WEIGHT_SEEN[cls]
+
+
+def _refuse_offset_fill(
+    model: nn.Module, updates: Sequence[tuple[object, Mapping[str, object]]]
+) -> None:
+    """Refuse a zero-fill of the stream a ``(1 + weight)`` RMSNorm normalises.
+
+    The zero-fill (graph/fill.py) keeps an RMSNorm's output by ``γ_old × √(D/D')``
+    with eps × D/D' (its eps update is how it shows here). With ``γ = 1 + w`` that is
+    ``w' = √(D/D')·(1 + w) − 1``: an affine map of the stored weight, which the
+    planner's maps (linear in every tensor) would write as ``√(D/D')·w``. Called
+    before anything is installed, so the model is left as it was.
+
+    Raises:
+        ValueError: Such a norm's eps is rescaled; the message names it and the rule.
+    """
+    from torch_embed.graph.fill import EPS_ATTRIBUTES  # fill imports the tracer, which imports hf
+
+    names = {id(m): fqn for fqn, m in model.named_modules()}
+    for module, values in updates:
+        if not isinstance(module, nn.Module):
+            continue
+        cls = type(module)
+        if not cls.__module__.startswith("transformers."):
+            continue
+        if not set(values) & set(EPS_ATTRIBUTES) or not scales_by_one_plus_weight(cls):
+            continue
+        raise ValueError(
+            f"widen: {cls.__name__} at `{names.get(id(module), '?')}` scales by (1 + weight) "
+            f"(γ = 1 + w, Gemma's RMSNorm): the zero-fill of the stream it normalises keeps "
+            f"its output with γ × √(D/D'), that is w' = √(D/D')·(1 + w) − 1, an affine map "
+            f"of the weight that torch_embed's linear maps cannot write (not supported "
+            f"yet). Grow the residual width by uniform copies (Split or Net2Net to a "
+            f"multiple of its width; a tied LM head must be untied first), or leave it as "
+            f"it is; the model was left unchanged"
+        )
 
 
 def _pretrained_roots(model: nn.Module) -> list[tuple[str, nn.Module]]:

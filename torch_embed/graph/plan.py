@@ -874,13 +874,21 @@ def fold_tied_head(
         return {key: "copy"}  # old units kept, new ones null (zero) in both uses
     norm = next((n for n in groups.norms if n.head == tensor and n.groups == (name,)), None)
     if norm is None:
+        written = [n.module for n in groups.norms if n.groups == (name,) and n.weight is None]
+        why = "which the trace does not show here"
+        if written:  # x * rsqrt(mean(x²) + eps) * w in a forward: no norm op to follow
+            why = (
+                f"and the norms over it are written out in their forward (`{written[-1]}`, "
+                f"... as Hugging Face's RMSNorms), whose output the trace does not follow to "
+                f"a head yet; under RMSNorm alone, Null() (zero-fill) needs no fold"
+            )
         raise ValueError(
             f"`{tensor}` axis {axis} both writes and reads the features of width group "
             f"{name!r} (a tied embedding / LM head: the same matrix embeds the tokens and "
             f"reads the last hidden state): copies need it copied in one use and split in "
             f"the other, which one tensor cannot be; the split can be folded into a "
             f"LayerNorm/RMSNorm's γ and β only when one linear with `{tensor}` alone reads "
-            f"that norm's output, which the trace does not show here; {untie}"
+            f"that norm's output, {why}; {untie}"
         )
     if not copies:  # mean-fill: E's new columns are means, the norm's γ_new = β_new = 0
         return {key: "copy"}
