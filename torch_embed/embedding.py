@@ -798,7 +798,9 @@ class Embedding:
             # an offset on a row that is null in its own embedding is never applied (null
             # rows are written from their fan-in alone): drop it before composing, or the
             # fix-up below would move it into the composed fan-in
-            offset = _live_rows(b.fan_out_offset, next_b)
+            offset = None
+            if b.fan_out_offset is not None:
+                offset = _live_rows(b.fan_out_offset, next_b)
             if a.fan_out_offset is not None:
                 off = _live_rows(a.fan_out_offset, self.layers[l + 1] if l + 1 < n else None)
                 if next_b is not None:
@@ -975,10 +977,8 @@ def _one_step_null(layout: Layout, layer: int, bias: float, value: float) -> Emb
     return Embedding(layout, tuple(layers))
 
 
-def _live_rows(offset: Tensor | None, rows: LayerMap | None) -> Tensor | None:
+def _live_rows(offset: Tensor, rows: LayerMap | None) -> Tensor:
     """``offset`` (a copy) with the rows of ``rows``' null neurons set to 0."""
-    if offset is None:
-        return None
     offset = offset.clone()
     if rows is not None:
         offset[rows.null_mask] = 0
