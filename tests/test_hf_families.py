@@ -329,7 +329,9 @@ def test_head_dim_under_q_norm_is_refused_naming_the_norm(scheme: object) -> Non
         model = nn.Sequential(_NormedQK()).double()
     x = torch.randn(2, 5, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=r"RMSNorm at `0\.q_norm`.*attention head_dim"):
+    # an RMSNorm's rule is uniform copies or zero-fill (mean-fill is LayerNorm's)
+    match = r"RMSNorm at `0\.q_norm`.*: uniform copies or zero-fill;.*attention head_dim"
+    with pytest.raises(ValueError, match=match):
         torch_embed.widen(model, {"0.q[1]": 6}, scheme, example_inputs=x)  # type: ignore[arg-type]
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     assert model[0].head_dim == 4

@@ -136,8 +136,13 @@ def _group_plan_rules(group: WidthGroup, cfg: Scheme) -> tuple[UnitRules, Scheme
     rules = group_rules(group)
     if zero_extended(group):
         if rules.uniform:
+            try:
+                kind = fill_kind(group)
+            except ValueError:
+                kind = None
+            fill = {"zero": " or zero-fill", "mean": " or mean-fill"}.get(kind or "", "")
             raise ValueError(
-                f"{rules.uniform}: uniform copies or mean-fill; width group {group.name!r} is "
+                f"{rules.uniform}: uniform copies{fill}; width group {group.name!r} is "
                 f"also contracted between two activations (attention head_dim), which takes "
                 f"only null (zero-extended) units: no rule keeps both"
             )
