@@ -31,7 +31,8 @@ explicit indices: a list when one group grows, else ``{group name or alias:
 indices}``), :class:`~torch_embed.Null` (a bias ``β`` needs one place to store it: a
 BatchNorm's bias, else the producer's bias; a random fan-in goes into the producers'
 weights), :class:`~torch_embed.General` (``sources`` and ``coefficients`` keyed by
-group name or alias, per-unit coefficients) and :class:`~torch_embed.RandomPad`
+group name or alias, per-unit coefficients, or a matrix for a group one Linear
+reads: :func:`_matrices`) and :class:`~torch_embed.RandomPad`
 (random producer weights, consumer columns, grouped convs' in-axis columns included, and
 biases for the new units, drawn as on the MLP path: see :func:`random_pad_biases`).
 A null channel's BatchNorm gets ``γ = 1`` and running variance 1, as on the MLP path.
@@ -494,7 +495,9 @@ def plan_maps(
         general: :class:`~torch_embed.General`: ``{group: (sources, coefficients or
             None, null bias)}``, parsed by the caller. Coefficients are one per wide
             unit, or a ``(wide_next, wide)`` matrix for a group that one Linear reads
-            (the MLP path; the :class:`~torch_embed.Embedding` checks its shares).
+            (its shares are checked by the :class:`~torch_embed.Embedding` on the MLP
+            path, by :func:`plan_groups` on the traced path, once the reader's wide
+            rows are known).
         generator: For the random choices.
         tensors: The model's parameters and buffers by FQN (``select="norm"``).
         labels: How messages name each group (the MLP path: ``"hidden layer 0"``,
