@@ -244,6 +244,15 @@ class _TwoReaders(nn.Module):
         return self.c(h) + self.d(h)
 
 
+class _Cat(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(3, 4), nn.Linear(3, 3), nn.Linear(7, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.c(torch.cat([torch.tanh(self.a(x)), torch.tanh(self.b(x))], -1))
+
+
 class _Conv(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -259,6 +268,7 @@ class _Conv(nn.Module):
         (_Residual, (5, 3), r"read by 2: `b` \(aten.linear, `b.weight` axis 1\), `c`"),
         (_TwoReaders, (5, 3), r"read by 2: `c` \(aten.linear, `c.weight` axis 1\), `d`"),
         (_Conv, (2, 3, 7, 7), r"its reader is `b` \(aten.conv2d, `b.weight` axis 1\), a conv2d"),
+        (_Cat, (5, 3), r"its reader is `c` \(aten.linear, `c.weight` axis 1\), which reads more"),
     ],
 )
 def test_matrix_refused_unless_one_linear_reads_the_group(
@@ -276,3 +286,44 @@ def test_matrix_refused_unless_one_linear_reads_the_group(
     assert info.match(match)
     for k, v in net.state_dict().items():
         assert torch.equal(v, state[k]), k
+
+
+def test_matrix_refused_under_a_rule_over_the_group() -> None:
+    """A LayerNorm over the group (uniform copies) is a rule a matrix does not keep."""
+
+    class Norm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.n, self.c = nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.c(self.n(self.a(x)))
+
+    torch.manual_seed(7)
+    net, x = Norm().double(), torch.randn(5, 3, dtype=F64)
+    C = torch.full((2, 8), 0.5, dtype=F64)
+    with pytest.raises(ValueError, match=r"no rule over the group; aten.layer_norm in `n` \("):
+        widen(net, None, General({"a": [0, 1, 2, 3] * 2}, {"a": C}), example_inputs=x)
+
+
+def test_adam_state_is_the_replay_of_the_wide_gradients() -> None:
+    """Adam after one narrow step, widened with a critical matrix General: its moments
+    are those of the wide gradient at the embedded point (autograd on a copy)."""
+    custom, _, x = _models(8)
+    gen = torch.Generator().manual_seed(9)
+    beta2, beta1 = _shares(SRC2, gen), _shares(SRC1, gen)
+    C1 = _matrix(beta1, SRC1, SRC2, beta2, ok=True)
+    g = General({"l1": SRC1, "l2": SRC2}, {"l1": C1, "l2": beta2})
+    y = torch.randn(7, 2, generator=gen, dtype=F64)
+    reference = copy.deepcopy(custom)
+    widen(reference, None, g, example_inputs=x)
+    wide = _grads(reference, x, y)  # the wide gradient at the embedded point
+    opt = torch.optim.Adam(custom.parameters(), lr=1e-3, betas=(0.8, 0.9))
+    nn.functional.mse_loss(custom(x), y).backward()
+    opt.step()
+    custom.zero_grad(set_to_none=True)
+    widen(custom, None, g, example_inputs=x, optimizer=opt)
+    for name, p in custom.named_parameters():
+        st = opt.state[p]
+        assert _rel(st["exp_avg"], 0.2 * wide[name]) <= 1e-12, name
+        assert _rel(st["exp_avg_sq"], 0.1 * wide[name] ** 2) <= 1e-12, name

@@ -775,8 +775,7 @@ def _matrices(
         lm = maps.get(g.name)
         if lm is None or lm.is_vector:
             continue
-        rules = dataclasses.replace(group_rules(g), uniform="")
-        reader = readers[g.name] = _check_one_reader(groups, g, rules)
+        reader = readers[g.name] = _check_one_reader(groups, g, group_rules(g))
         out = groups.layouts.get((reader, 0))
         if out is not None:
             rows = axis_map(out, maps)[0].numel() if set(out.groups()) & set(maps) else out.size
