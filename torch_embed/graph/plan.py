@@ -747,6 +747,18 @@ def plan_groups(
     )
 
 
+def _per_unit(maps: Mapping[str, LayerMap]) -> dict[str, LayerMap]:
+    """``maps`` with one coefficient per unit, for every axis but a matrix's reader.
+
+    A matrix group's copied axes get 1 on copies and 0 on null units, as for MLPs; its
+    matrix goes to its one reader's axis 1 alone (:func:`_axes`).
+    """
+    return {
+        n: lm if lm.is_vector else dataclasses.replace(lm, coef=(~lm.null_mask).to(torch.float64))
+        for n, lm in maps.items()
+    }
+
+
 def _matrices(
     groups: WidthGroups, maps: Mapping[str, LayerMap], tensors: Mapping[str, Tensor] | None
 ) -> tuple[dict[str, str], dict[str, Tensor], str]:
@@ -778,7 +790,7 @@ def _matrices(
         reader = readers[g.name] = _check_one_reader(groups, g, group_rules(g))
         out = groups.layouts.get((reader, 0))
         if out is not None:
-            rows = axis_map(out, maps)[0].numel() if set(out.groups()) & set(maps) else out.size
+            rows = axis_map(out, _per_unit(maps))[0].numel()
         elif tensors is not None and reader in tensors:
             rows = tensors[reader].shape[0]
         else:
@@ -901,11 +913,7 @@ def _axes(
     biases = biases or {}
     readers = readers or {}
     betas = betas or {}
-    # a matrix group's copied axes: coefficient 1 on copies, 0 on null units (as for MLPs)
-    vec = {
-        n: lm if lm.is_vector else dataclasses.replace(lm, coef=(~lm.null_mask).to(torch.float64))
-        for n, lm in maps.items()
-    }
+    vec = _per_unit(maps)
     scalings = {n: dataclasses.replace(lm, coef=betas[n]) for n, lm in vec.items() if n in betas}
     roles: dict[tuple[str, int], str] = {}
     producers: set[tuple[str, int]] = set()
