@@ -297,7 +297,9 @@ def test_shares_are_checked_on_the_traced_path() -> None:
     matrix = torch_embed.General(
         sources={group.name: [*range(n), 0]}, coefficients={group.name: torch.ones(2, n + 1)}
     )
-    with pytest.raises(ValueError, match=r"a matrix .* is for nn.Sequential MLPs only"):
+    # a matrix (one coefficient per connection, tests/test_general_matrix_graph.py):
+    # one row per output row of the one Linear reading the group (fc2: 6)
+    with pytest.raises(ValueError, match=r"must have shape \(wide_next, wide\) = \(6, 6\)"):
         widen(model, None, matrix, example_inputs=x)
 
 

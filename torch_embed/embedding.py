@@ -175,6 +175,44 @@ def check_shares(src: Tensor, coef: Tensor, m: int, where: str) -> None:
         )
 
 
+def check_matrix_shares(src: Tensor, coef: Tensor, m: int, rows: int, where: str) -> None:
+    """Refuse a ``(rows, wide)`` matrix of coefficients that is no general embedding.
+
+    One check for an MLP's hidden layer and a traced model's width group read by one
+    Linear (``rows``: that reader's wide output rows): in every row, the coefficients of
+    each narrow unit's copies sum to 1; magnitudes within the amplification limit
+    (:func:`_check_amplification`); null units' columns are 0.
+
+    Raises:
+        ValueError: The message names ``where``, the row, the unit and the sum.
+    """
+    if tuple(coef.shape) != (rows, src.numel()):
+        raise ValueError(
+            f"{where}: a matrix of coefficients must have shape (wide_next, wide) = "
+            f"({rows}, {src.numel()}), got {tuple(coef.shape)}"
+        )
+    if not bool(torch.isfinite(coef).all()):
+        raise ValueError(
+            f"{where}: coef has non-finite entries (nan or inf); they would be written "
+            f"into the weights (a NaN never cancels out)"
+        )
+    sums = torch.zeros(rows, m, dtype=torch.float64).index_add_(
+        1, src.clamp(min=0), torch.where(src >= 0, coef, 0.0)
+    )
+    scale = torch.zeros(rows, m, dtype=torch.float64).index_add_(
+        1, src.clamp(min=0), torch.where(src >= 0, coef.abs(), 0.0)
+    )
+    _check_amplification(where, scale)
+    if bool(((sums - 1).abs() > _coef_tol(scale)).any()):
+        i, s = ((sums - 1).abs() > _coef_tol(scale)).nonzero()[0].tolist()
+        raise ValueError(
+            f"{where}: in row {i} of the next layer, the coefficients of the copies of "
+            f"narrow neuron {s} sum to {float(sums[i, s])!r}; they must sum to 1"
+        )
+    if bool((coef[:, src < 0] != 0).any()):
+        raise ValueError(f"{where}: null neurons must have coefficient 0")
+
+
 class EmbeddingKind(str, Enum):
     """What an embedding preserves.
 
@@ -381,27 +419,7 @@ class Embedding:
                     raise ValueError(f"hidden layer {l}: coef must have shape ({lm.wide},)")
                 check_shares(src, lm.coef, m, f"hidden layer {l}")
             else:
-                if tuple(lm.coef.shape) != (n_next, lm.wide):
-                    raise ValueError(
-                        f"hidden layer {l}: a matrix of coefficients must have shape "
-                        f"(wide_next, wide) = ({n_next}, {lm.wide})"
-                    )
-                sums = torch.zeros(n_next, m, dtype=torch.float64).index_add_(
-                    1, src.clamp(min=0), torch.where(src >= 0, lm.coef, 0.0)
-                )
-                scale = torch.zeros(n_next, m, dtype=torch.float64).index_add_(
-                    1, src.clamp(min=0), torch.where(src >= 0, lm.coef.abs(), 0.0)
-                )
-                _check_amplification(f"hidden layer {l}", scale)
-                if bool(((sums - 1).abs() > _coef_tol(scale)).any()):
-                    i, s = ((sums - 1).abs() > _coef_tol(scale)).nonzero()[0].tolist()
-                    raise ValueError(
-                        f"hidden layer {l}: in row {i} of the next layer, the coefficients of "
-                        f"the copies of narrow neuron {s} sum to {float(sums[i, s])!r}; they "
-                        f"must sum to 1"
-                    )
-                if bool((lm.coef[:, src < 0] != 0).any()):
-                    raise ValueError(f"hidden layer {l}: null neurons must have coefficient 0")
+                check_matrix_shares(src, lm.coef, m, n_next, f"hidden layer {l}")
             if lm.null_fan_in is not None:
                 if tuple(lm.null_fan_in.shape) != (lm.wide, wide[l]):
                     raise ValueError(

@@ -150,7 +150,9 @@ class General:
         coefficients: ``None`` (equal split over each neuron's copies) or, per hidden
             layer, ``None``, a sequence/1-D tensor with one fan-out coefficient per wide
             neuron, or a ``(wide_next, wide)`` tensor (one per wide connection). For a
-            traced model: ``{group name or alias: one coefficient per wide unit}``.
+            traced model: ``{group name or alias: one coefficient per wide unit}``, or a
+            ``(wide rows, wide)`` matrix for a group whose only reader is one Linear
+            (rows: that Linear's wide output rows).
         null_bias: The null neurons' bias: one float for all, or one per hidden layer
             (traced model: ``{group name or alias: float}``).
     """

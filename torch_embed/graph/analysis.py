@@ -79,10 +79,18 @@ _METHODS = ("auto", "hvp", "closed-form")
 def _gathers_only(embedding: GroupEmbedding, what: str) -> None:
     """Refuse axes that are no gather with coefficients (``restrict``, ``then``, ...).
 
-    A head_dim's temperature gain rescales copies and readers, and a LayerNorm's
+    Matrix coefficients (one per connection) are not one coefficient per unit; a
+    head_dim's temperature gain rescales copies and readers, and a LayerNorm's
     mean-fill writes the mean of the narrow entries into the new ones: neither is a
     copy or a null unit, which is what these functions invert, compose and count.
     """
+    matrices = sorted(n for n, lm in embedding.maps.items() if not lm.is_vector)
+    if matrices:
+        raise ValueError(
+            f"{what}: width groups {matrices} have matrix coefficients (General with one "
+            f"coefficient per connection); {what} is defined for embeddings with one "
+            f"coefficient per wide unit only"
+        )
     for a in embedding.axes:
         why = "a mean-fill" if a.mean else "a temperature gain" if a.gain is not None else ""
         if why:

@@ -124,6 +124,10 @@ class GroupEmbedding:
             ``widen``. Its fan-out column (every tap of an unpadded conv reader's) then
             has the gradient ``σ(β)·∂R/∂b`` of the reader's bias ``b`` (as for MLPs):
             :meth:`map_gradients` writes it when the bias is among the mapped tensors.
+        unmapped_gradients: Why gradients do not map linearly at all (``""``: they do):
+            :class:`~torch_embed.General` matrix coefficients that violate the backward
+            condition (no error scalings ``β`` exist, as for MLPs). :meth:`map_gradients`
+            and :meth:`map_second_moments` then raise; the reason is among ``reasons``.
     """
 
     maps: Mapping[str, LayerMap]
@@ -137,6 +141,7 @@ class GroupEmbedding:
     eps: tuple[tuple[str, float | None, float], ...] = ()
     preserves_output: bool = True
     null_values: Mapping[str, Tensor] = field(default_factory=dict)
+    unmapped_gradients: str = ""
 
     @property
     def kind(self) -> EmbeddingKind:
@@ -156,6 +161,13 @@ class GroupEmbedding:
         return tuple(dict.fromkeys(a.tensor for a in self.axes))
 
     def _map(self, tensors: Mapping[str, Tensor], what: str) -> dict[str, Tensor]:
+        if what != "apply" and self.unmapped_gradients and tensors:
+            raise ValueError(
+                f"this embedding's coefficients admit no linear gradient map "
+                f"({self.unmapped_gradients}), so gradients and optimizer state cannot be "
+                f"mapped; clear them (zero_grad, a fresh optimizer) or use coefficients "
+                f"that satisfy the backward condition"
+            )
         return map_tensors(
             self.axes,
             tensors,

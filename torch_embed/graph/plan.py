@@ -31,7 +31,8 @@ explicit indices: a list when one group grows, else ``{group name or alias:
 indices}``), :class:`~torch_embed.Null` (a bias ``β`` needs one place to store it: a
 BatchNorm's bias, else the producer's bias; a random fan-in goes into the producers'
 weights), :class:`~torch_embed.General` (``sources`` and ``coefficients`` keyed by
-group name or alias, per-unit coefficients) and :class:`~torch_embed.RandomPad`
+group name or alias, per-unit coefficients, or a matrix for a group one Linear
+reads: :func:`_matrices`) and :class:`~torch_embed.RandomPad`
 (random producer weights, consumer columns, grouped convs' in-axis columns included, and
 biases for the new units, drawn as on the MLP path: see :func:`random_pad_biases`).
 A null channel's BatchNorm gets ``γ = 1`` and running variance 1, as on the MLP path.
@@ -49,7 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from torch_embed.embedding import LayerMap, check_shares, check_sources
+from torch_embed.embedding import LayerMap, check_matrix_shares, check_shares, check_sources
 from torch_embed.graph.attention import temperature, zero_extended
 from torch_embed.graph.embedding import AxisMap, GroupEmbedding, axis_map
 from torch_embed.graph.fill import fill_kind, plan_fill
@@ -341,10 +342,11 @@ def _general(cfg: General, groups: WidthGroups) -> dict[str, tuple[Tensor, Tenso
         coef = None
         if c is not None:
             coef = torch.as_tensor(c, dtype=torch.float64).detach().clone().cpu()
-            if coef.dim() != 1:
+            if coef.dim() not in (1, 2):
                 raise ValueError(
-                    f"General.coefficients[{name!r}] must hold one coefficient per wide unit; "
-                    f"a matrix (one per connection) is for nn.Sequential MLPs only"
+                    f"General.coefficients[{name!r}] must hold one coefficient per wide unit, "
+                    f"or a (wide rows of its reader, wide) matrix (one per connection) for a "
+                    f"group one Linear reads; got shape {tuple(coef.shape)}"
                 )
         bias = _real(biases.get(name, 0.0), f"General.null_bias[{name!r}]")
         out[name] = (torch.tensor(values, dtype=torch.int64), coef, bias)
@@ -498,7 +500,9 @@ def plan_maps(
         general: :class:`~torch_embed.General`: ``{group: (sources, coefficients or
             None, null bias)}``, parsed by the caller. Coefficients are one per wide
             unit, or a ``(wide_next, wide)`` matrix for a group that one Linear reads
-            (the MLP path; the :class:`~torch_embed.Embedding` checks its shares).
+            (its shares are checked by the :class:`~torch_embed.Embedding` on the MLP
+            path, by :func:`plan_groups` on the traced path, once the reader's wide
+            rows are known).
         generator: For the random choices.
         tensors: The model's parameters and buffers by FQN (``select="norm"``).
         labels: How messages name each group (the MLP path: ``"hidden layer 0"``,
@@ -543,7 +547,7 @@ def plan_maps(
                 ) from None
             raise
         if coef.dim() == 2:
-            _check_one_reader(g, rules)
+            _check_one_reader(groups, g, rules)
         else:
             check_shares(source, coef, g.size, rules.where)
         if isinstance(unit_cfg, Null):
@@ -562,18 +566,58 @@ def plan_maps(
     return maps, fills
 
 
-def _check_one_reader(group: WidthGroup, rules: UnitRules) -> None:
-    """A matrix of coefficients (one per connection) needs one Linear reading the group."""
-    readers = [u for u in group.consumers if u.role == "consumer"]
-    plain = all(
-        (u.axis, u.offset, u.stride, u.repeats, u.groups) == (1, 0, 1, (), 1) for u in readers
+def _check_one_reader(groups: WidthGroups, group: WidthGroup, rules: UnitRules) -> str:
+    """The one Linear weight that reads ``group`` directly, for a matrix of coefficients.
+
+    A matrix (one coefficient per connection, ``(wide rows, wide)``) scales the columns of
+    one 2-D weight entry by entry: the group's only reader must be a linear on axis 1,
+    reading the group itself (no concatenation, flatten or other group on that axis), with
+    no rule over the group (a norm, a sum, ...) and no other use of that weight (a tied
+    head).
+
+    Returns:
+        The reader weight's FQN.
+
+    Raises:
+        ValueError: Naming the readers (module, op, tensor) and the rule.
+    """
+    rule = (
+        f"{rules.where}: a matrix of coefficients (one per connection) needs exactly one "
+        f"Linear reading the group, with a 2-D weight whose axis 1 is the group alone "
+        f"(no concatenation, flatten, residual add or second reader)"
     )
-    if len(group.consumers) != 1 or len(readers) != 1 or readers[0].op != "linear" or not plain:
+    readers = [u for u in group.consumers if u.role == "consumer"]
+    named = ", ".join(
+        f"`{u.module}` (aten.{u.op}, `{u.tensor}` axis {u.axis})" for u in group.consumers
+    )
+    if len(group.consumers) != 1 or len(readers) != 1:
         raise ValueError(
-            f"{rules.where}: a matrix of coefficients (one per connection) needs exactly one "
-            f"Linear reading the group, found {[u.tensor for u in group.consumers]}; give "
+            f"{rule}; it is read by {len(group.consumers)}: {named}; give one coefficient "
+            f"per wide {rules.unit}"
+        )
+    u = readers[0]
+    layout = groups.layouts.get((u.tensor, u.axis))
+    plain = (u.axis, u.offset, u.stride, u.repeats, u.groups) == (1, 0, 1, (), 1)
+    whole = layout is not None and layout.kind == "group" and layout.group == group.name
+    if u.op != "linear" or not plain or not whole:
+        raise ValueError(
+            f"{rule}; its reader is {named}"
+            + ("" if u.op == "linear" else f", a {u.op}, not a linear")
+            + ("" if plain and whole else ", which reads more than the group on that axis")
+            + f"; give one coefficient per wide {rules.unit}"
+        )
+    if group.constraints:
+        raise ValueError(
+            f"{rule}, and no rule over the group; {group.constraints[0]}; give one "
+            f"coefficient per wide {rules.unit}"
+        )
+    tied = [v.module for g in groups for v in g.producers if v.tensor == u.tensor and v.axis == 1]
+    if tied:
+        raise ValueError(
+            f"{rule}; `{u.tensor}` also writes features at `{tied[0]}` (a tied weight); give "
             f"one coefficient per wide {rules.unit}"
         )
+    return u.tensor
 
 
 def plan_groups(
@@ -633,8 +677,9 @@ def plan_groups(
         generator=generator,
         tensors=tensors,
     )
+    readers, betas, unmapped = _matrices(groups, maps, tensors)
     sizes: dict[str, tuple[int, int]] = {}
-    reasons: list[str] = []
+    reasons: list[str] = [unmapped] if unmapped else []
     gains: dict[str, float] = {}
     scales: list[tuple[str, float, float]] = []
     for g in groups:
@@ -678,7 +723,7 @@ def plan_groups(
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     axes = _axes(
         groups, maps, gains, fills, init, scale, consumers=isinstance(cfg, RandomPad),
-        biases=biases, tensors=tensors,
+        biases=biases, tensors=tensors, readers=readers, betas=betas,
     )  # fmt: skip
     if fill is not None:
         axes = tuple(
@@ -703,7 +748,101 @@ def plan_groups(
         scales=tuple(dict.fromkeys(scales)),
         eps=tuple(fill.eps) if fill is not None else (),
         preserves_output=not isinstance(cfg, RandomPad),
+        unmapped_gradients=unmapped,
     )
+
+
+def _per_unit(maps: Mapping[str, LayerMap]) -> dict[str, LayerMap]:
+    """``maps`` with one coefficient per unit, for every axis but a matrix's reader.
+
+    A matrix group's copied axes get 1 on copies and 0 on null units, as for MLPs; its
+    matrix goes to its one reader's axis 1 alone (:func:`_axes`).
+    """
+    return {
+        n: lm if lm.is_vector else dataclasses.replace(lm, coef=(~lm.null_mask).to(torch.float64))
+        for n, lm in maps.items()
+    }
+
+
+def _matrices(
+    groups: WidthGroups, maps: Mapping[str, LayerMap], tensors: Mapping[str, Tensor] | None
+) -> tuple[dict[str, str], dict[str, Tensor], str]:
+    """The reader, shares and error scalings ``β`` of every group with matrix coefficients.
+
+    A ``(wide rows, wide)`` matrix ``C`` (:class:`~torch_embed.General`, one coefficient
+    per connection) scales the columns of the group's one Linear reader ``R``
+    (:func:`_check_one_reader`); its rows are ``R``'s wide output rows, in their wide
+    order when ``R``'s output group grows too. As for MLPs
+    (:meth:`torch_embed.Embedding._row_scales`): the error of wide unit ``j`` is
+    ``β_j`` times its source's when ``Σ_{i: src(i) = h} C[i, j] β'_i`` is the same
+    ``β_j`` for every narrow output unit ``h`` of ``R`` (``β'``: the error scalings of
+    ``R``'s output units; 1 on an output that does not grow, the coefficient of a
+    copy, or ``β`` of a matrix group).
+
+    Returns:
+        ``(readers, betas, reason)``: ``{group: reader weight FQN}``, ``{group: β}`` for
+        the groups whose ``β`` exists, and why gradients do not map (``""``: they do).
+
+    Raises:
+        ValueError: A matrix of the wrong shape, or whose shares do not sum to 1 over a
+            unit's copies in some row (as :func:`~torch_embed.embedding.check_matrix_shares`).
+    """
+    readers: dict[str, str] = {}
+    for g in groups:
+        lm = maps.get(g.name)
+        if lm is None or lm.is_vector:
+            continue
+        reader = readers[g.name] = _check_one_reader(groups, g, group_rules(g))
+        out = groups.layouts.get((reader, 0))
+        if out is not None:
+            rows = axis_map(out, _per_unit(maps))[0].numel()
+        elif tensors is not None and reader in tensors:
+            rows = tensors[reader].shape[0]
+        else:
+            raise ValueError(f"`{reader}`: its output rows are not known to the planner")
+        check_matrix_shares(lm.source, lm.coef, g.size, rows, f"width group {g.name!r}")
+    betas: dict[str, Tensor] = {}
+    missing: list[str] = []
+
+    def beta(name: str) -> Tensor | None:
+        lm = maps[name]
+        if lm.is_vector:
+            return lm.coef
+        if name in betas or name in missing:
+            return betas.get(name)
+        out = groups.layouts.get((readers[name], 0))
+        rows = lm.coef.shape[0]
+        src_next, b_next, m_next = torch.arange(rows), torch.ones(rows, dtype=torch.float64), rows
+        if out is not None and set(out.groups()) & set(maps):
+            scalings = {}
+            for n in set(out.groups()) & set(maps):
+                b = beta(n)
+                if b is None:
+                    missing.append(name)
+                    return None
+                scalings[n] = dataclasses.replace(maps[n], coef=b)
+            src_next, b_next = axis_map(out, scalings)
+            m_next = out.size
+        weighted = lm.coef * b_next[:, None]  # (wide rows, wide)
+        per_row = torch.zeros(m_next, lm.wide, dtype=torch.float64).index_add_(
+            0, src_next.clamp(min=0), torch.where(src_next[:, None] >= 0, weighted, 0.0)
+        )
+        first = per_row[0]
+        if not torch.allclose(per_row, first.expand_as(per_row), rtol=1e-9, atol=1e-12):
+            missing.append(name)
+            return None
+        betas[name] = first
+        return first
+
+    for name in readers:
+        beta(name)
+    reason = ""
+    if missing:
+        reason = (
+            f"width groups {sorted(set(missing))}: the matrix coefficients violate the "
+            f"backward condition (no error scalings β make gradients map)"
+        )
+    return readers, betas, reason
 
 
 def _gradient_caveats(group: WidthGroup, lm: LayerMap) -> list[str]:
@@ -761,6 +900,8 @@ def _axes(
     consumers: bool,
     biases: Mapping[str, float] | None = None,
     tensors: Mapping[str, Tensor] | None = None,
+    readers: Mapping[str, str] | None = None,
+    betas: Mapping[str, Tensor] | None = None,
 ) -> tuple[AxisMap, ...]:
     """One :class:`AxisMap` per tensor axis that carries a grown group.
 
@@ -769,9 +910,16 @@ def _axes(
     ``init``/``scale``: random null entries of producer weights (and of consumer
     weights, grouped in-axes included, when ``consumers``), see :class:`AxisMap`;
     ``biases``: the 1-d tensors that get uniform random null entries, with their bound
-    (:func:`random_pad_biases`; no other 1-d tensor does).
+    (:func:`random_pad_biases`; no other 1-d tensor does); ``readers``: the one Linear
+    weight reading each group with matrix coefficients (its axis 1 gets the matrix, every
+    other axis of the group copies), ``betas``: their error scalings, set on the copied
+    axes (:func:`_matrices`).
     """
     biases = biases or {}
+    readers = readers or {}
+    betas = betas or {}
+    vec = _per_unit(maps)
+    scalings = {n: dataclasses.replace(lm, coef=betas[n]) for n, lm in vec.items() if n in betas}
     roles: dict[tuple[str, int], str] = {}
     producers: set[tuple[str, int]] = set()
     fills = dict(fills)
@@ -804,8 +952,13 @@ def _axes(
     for (tensor, axis), layout in groups.layouts.items():
         if not set(layout.groups()) & set(maps):
             continue
-        src, coef = axis_map(layout, maps)
+        src, coef = axis_map(layout, vec)
         role = roles.get((tensor, axis), "copy")
+        beta = None
+        if layout.kind == "group" and readers.get(layout.group) == tensor and axis == 1:
+            coef = maps[layout.group].coef.clone()
+        elif role == "copy" and set(layout.groups()) & set(scalings):
+            beta = axis_map(layout, {**vec, **scalings})[1]
         value = fills.get(tensor) if axis == 0 else None
         fill = None if value is None else torch.full((src.numel(),), value, dtype=torch.float64)
         random = init if ((tensor, axis) in producers or (consumers and role == "split")) else ""
@@ -814,7 +967,7 @@ def _axes(
             random = "uniform"
         elif random and tensors is not None and _dim(tensors, tensor) < 2:
             random = ""  # a bias or per-channel vector: only those of ``biases``
-        gain = _gain(layout, maps, gains)
+        gain = _gain(layout, vec, gains)
         out.append(
             AxisMap(
                 tensor,
@@ -826,6 +979,7 @@ def _axes(
                 null_fill=fill,
                 null_init=random,
                 init_scale=bound,
+                beta=beta,
             )
         )
     for tensor, axis, name, n_groups in grouped:
