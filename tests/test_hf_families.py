@@ -361,3 +361,26 @@ def test_head_dim_under_q_norm_is_refused_naming_the_norm(scheme: object) -> Non
         torch_embed.widen(model, {"0.q[1]": 6}, scheme, example_inputs=x)  # type: ignore[arg-type]
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     assert model[0].head_dim == 4
+
+
+@pytest.mark.parametrize("name", ["gemma", "gemma2", "gemma3"])
+def test_tied_gemma_residual_zero_fill_keeps_the_tie(name: str) -> None:
+    """Gemma ties its head by default: null units are 0 in both, the shifted norms as above."""
+    model, ids = _build(name, torch.float32), _ids()
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # type: ignore[union-attr]
+    before, greedy = _logits(model, ids), _greedy(model, ids)
+    with pytest.warns(UserWarning, match=_GEMMA_CONFIG_WARNING[name]):
+        torch_embed.widen(model, {"model.norm": 24}, torch_embed.Null(), example_inputs=(ids,))
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # type: ignore[union-attr]
+    assert model.lm_head.weight.shape == (VOCAB, 24)  # type: ignore[union-attr]
+    assert _rel(_logits(model, ids), before) <= 1e-5
+    assert torch.equal(_greedy(model, ids), greedy)
+
+
+def test_tied_gemma_residual_copies_stay_refused() -> None:
+    """Copies under a tied head need the fold into the final norm, which is written out."""
+    model, ids = _build("gemma", torch.float32), _ids()
+    weight = model.model.embed_tokens.weight.clone()  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match=r"written out in their forward \(`model\.norm`"):
+        torch_embed.widen(model, {"model.norm": 32}, "split", example_inputs=(ids,))
+    assert torch.equal(model.model.embed_tokens.weight, weight)  # type: ignore[union-attr]
