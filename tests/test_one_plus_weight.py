@@ -178,6 +178,7 @@ def test_shift_is_checked() -> None:
         _axis(mean=True)
     with pytest.raises(ValueError, match=r"not with role 'split'"):
         AxisMap("w", 0, "split", torch.tensor([0]), torch.ones(1, dtype=torch.float64), shift=1.0)
-    mixed = (_axis(), AxisMap("w", 1, "copy", torch.tensor([0]), torch.ones(1, dtype=torch.float64)))
+    ones = torch.ones(1, dtype=torch.float64)
+    mixed = (_axis(), AxisMap("w", 1, "copy", torch.tensor([0]), ones))
     with pytest.raises(ValueError, match=r"AxisMaps of 'w' give different shifts \[0\.0, 1\.0\]"):
         map_tensors(mixed, {"w": torch.zeros(3, 1)}, "apply")

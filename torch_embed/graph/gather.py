@@ -251,7 +251,8 @@ class AxisMap:
         if self.null_rows is not None:
             _check_matrix(self, "null_rows", self.null_rows, "copy", 0)
         if isinstance(self.shift, bool) or not isinstance(self.shift, (int, float)):
-            raise TypeError(f"{_where(self)}: shift must be a float, got {type(self.shift).__name__}")
+            kind = type(self.shift).__name__
+            raise TypeError(f"{_where(self)}: shift must be a float, got {kind}")
         if not math.isfinite(self.shift):
             raise ValueError(f"{_where(self)}: shift must be finite, got {self.shift}")
         if self.shift:

@@ -54,8 +54,8 @@ from torch_embed.graph.handlers import Resize, register_handler
 __all__ = [
     "config_updates",
     "is_transformers_model",
-    "register_handlers",
     "norm_offsets",
+    "register_handlers",
     "scales_by_one_plus_weight",
     "tracing",
     "transformers_updates",
