@@ -12,8 +12,9 @@ give the same), the narrow model's tensors (a refused request leaves them as the
   slices ``qkv`` by sizes read from the config, so its heads do not grow.
 - **Gemma 1-3** scale their RMSNorm by ``1 + weight`` and the token embedding by
   ``embed_scale = √hidden_size`` (a buffer set from the config): the residual width
-  grows by uniform copies only (untied), and the config cannot hold it (a rebuilt model
-  would scale by √D'); zero-fill is refused.
+  grows by uniform copies (untied) or by zero-fill, which writes the norms' stored
+  weights as ``w' = √(D/D')·(1 + w) − 1``; the config cannot hold it (a rebuilt model
+  would scale by √D').
 
 Their RMSNorms compute in float32 whatever the model's dtype, so residual growth (which
 changes the length of the norm's mean) is checked in float32 to 1e-5, as in
@@ -22,6 +23,7 @@ tests/test_hf.py.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -241,22 +243,46 @@ def test_gemma_residual_copies_keep_the_config_for_the_embedding_scale(name: str
     assert model.config.hidden_size == 16
 
 
+# Gemma 3 also warns for `rms_norm_eps`: q_norm/k_norm keep theirs (as Qwen3)
+_GEMMA_CONFIG_WARNING = {
+    "gemma": r"`model.embed_tokens.scalar_embed_scale` is 4, the config builds",
+    "gemma2": r"`model.embed_tokens.scalar_embed_scale` is 4, the config builds",
+    "gemma3": r"`rms_norm_eps` would need one value per layer",
+}
+
+
 @pytest.mark.parametrize("name", ["gemma", "gemma2", "gemma3"])
 @pytest.mark.parametrize("width", [24, 32])
-def test_gemma_zero_fill_is_refused(name: str, width: int) -> None:
-    """γ = 1 + w: the zero-fill's γ × √(D/D') is affine in w; refused, nothing changed."""
+def test_gemma_residual_zero_fill(name: str, width: int) -> None:
+    """γ = 1 + w: the zero-fill writes w' = √(D/D')·(1 + w) − 1 and w_new = −1.
+
+    The logits (float32, 1e-5) and greedy tokens are kept; the config keeps
+    ``hidden_size = 16`` (``embed_scale = √hidden_size`` would be rebuilt as √D'), with
+    a warning, so there is no save/load round trip to check.
+    """
     model, ids = _untied(name), _ids()
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    eps = [m.eps for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
-    with pytest.raises(
-        ValueError,
-        match=r"RMSNorm at `model\.layers\.0\.input_layernorm` scales by \(1 \+ weight\)",
-    ):
-        torch_embed.widen(model, {"model.norm": width}, torch_embed.Null(), example_inputs=(ids,))
-    after = model.state_dict()
-    assert all(torch.equal(after[k], v) for k, v in state.items())
-    assert eps == [m.eps for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
+    before, greedy = _logits(model, ids), _greedy(model, ids)
+    norms = {
+        n: m.weight.detach().double().clone()
+        for n, m in model.named_modules()
+        if type(m).__name__.endswith("RMSNorm") and m.weight.shape == (16,)
+    }
+    assert len(norms) >= 5  # two layers' norms and the final one
+    with pytest.warns(UserWarning, match=_GEMMA_CONFIG_WARNING[name]):
+        emb = torch_embed.widen(
+            model, {"model.norm": width}, torch_embed.Null(), example_inputs=(ids,)
+        )
+    assert emb.kind is EmbeddingKind.CRITICAL
+    assert _rel(_logits(model, ids), before) <= 1e-5
+    assert torch.equal(_greedy(model, ids), greedy)
+    c = math.sqrt(16 / width)
+    for n, w in norms.items():
+        norm = model.get_submodule(n)
+        want = torch.cat([c * (1 + w) - 1, torch.full((width - 16,), -1.0, dtype=torch.float64)])
+        assert torch.equal(norm.weight.detach(), want.float()), n  # rounded once
+        assert norm.eps == pytest.approx(1e-6 * 16 / width, rel=1e-12)
     assert model.config.hidden_size == 16
+    assert model.model.embed_tokens.scalar_embed_scale == 4.0  # type: ignore[union-attr]
 
 
 def test_one_plus_weight_norms_are_recognised() -> None:
@@ -335,3 +361,26 @@ def test_head_dim_under_q_norm_is_refused_naming_the_norm(scheme: object) -> Non
         torch_embed.widen(model, {"0.q[1]": 6}, scheme, example_inputs=x)  # type: ignore[arg-type]
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     assert model[0].head_dim == 4
+
+
+@pytest.mark.parametrize("name", ["gemma", "gemma2", "gemma3"])
+def test_tied_gemma_residual_zero_fill_keeps_the_tie(name: str) -> None:
+    """Gemma ties its head by default: null units are 0 in both, the shifted norms as above."""
+    model, ids = _build(name, torch.float32), _ids()
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # type: ignore[union-attr]
+    before, greedy = _logits(model, ids), _greedy(model, ids)
+    with pytest.warns(UserWarning, match=_GEMMA_CONFIG_WARNING[name]):
+        torch_embed.widen(model, {"model.norm": 24}, torch_embed.Null(), example_inputs=(ids,))
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # type: ignore[union-attr]
+    assert model.lm_head.weight.shape == (VOCAB, 24)  # type: ignore[union-attr]
+    assert _rel(_logits(model, ids), before) <= 1e-5
+    assert torch.equal(_greedy(model, ids), greedy)
+
+
+def test_tied_gemma_residual_copies_stay_refused() -> None:
+    """Copies under a tied head need the fold into the final norm, which is written out."""
+    model, ids = _build("gemma", torch.float32), _ids()
+    weight = model.model.embed_tokens.weight.clone()  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match=r"written out in their forward \(`model\.norm`"):
+        torch_embed.widen(model, {"model.norm": 32}, "split", example_inputs=(ids,))
+    assert torch.equal(model.model.embed_tokens.weight, weight)  # type: ignore[union-attr]

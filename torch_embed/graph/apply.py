@@ -33,7 +33,7 @@ from torch_embed.graph.embedding import GroupEmbedding
 from torch_embed.graph.fill import EPS_ATTRIBUTES
 from torch_embed.graph.groups import WidthGroups, width_groups
 from torch_embed.graph.handlers import Resize, attribute_updates
-from torch_embed.graph.hf import transformers_updates
+from torch_embed.graph.hf import norm_offsets, transformers_updates
 from torch_embed.graph.layout import AxisLayout
 from torch_embed.graph.plan import plan_groups
 from torch_embed.graph.trace import check_model
@@ -71,7 +71,10 @@ def widen_graph(
             *model.named_buffers(remove_duplicate=False),
         ]
     }
-    embedding = plan_groups(groups, new_widths, scheme, generator=generator, tensors=tensors)
+    offsets = norm_offsets(model, [n.module for n in groups.norms])
+    embedding = plan_groups(
+        groups, new_widths, scheme, generator=generator, tensors=tensors, norm_offsets=offsets
+    )
     check_shared_head_dim(model, groups, embedding.sizes)
     _warn_dead_units(model, groups, embedding)
     before = _outputs(model, args)

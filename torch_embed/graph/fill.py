@@ -25,12 +25,16 @@ width ``D → D'`` the new units are *filled* (GROWTH.md §2), with ``Null`` as 
 The eps is a module attribute (``eps``, ``variance_epsilon``, ``epsilon``) the apply
 step rescales; a norm whose eps is written into ``forward`` is refused there. An
 RMSNorm written out (``w * x * rsqrt(mean(x²) + eps)``, Hugging Face's) counts as one:
-its scale is the parameter its module multiplies the stream by.
+its scale is the parameter its module multiplies the stream by. A norm whose module
+scales by ``1 + weight`` (Gemma's RMSNorms, ``offsets``) stores ``w = γ − 1``: its
+``γ × √(D/D')`` is ``w' = √(D/D')·(1 + w) − 1`` and ``γ_new = 0`` is ``w_new = −1``
+(:attr:`~torch_embed.graph.gather.AxisMap.shift`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from torch_embed.graph.groups import WidthGroup, WidthGroups
@@ -50,9 +54,12 @@ class Fill:
         mean: ``{(tensor, axis)}``: writer axes whose new entries are the old mean.
         eps: ``(module, old eps or None, D/D')`` per norm whose eps is rescaled.
         reasons: Why the embedding is not critical (mean-fill).
+        shifts: ``{(tensor, axis): c}``: a ``γ`` axis of ``gains`` whose tensor stores
+            ``γ − c`` (:attr:`~torch_embed.graph.gather.AxisMap.shift`).
     """
 
     gains: dict[tuple[str, int], float] = field(default_factory=dict)
+    shifts: dict[tuple[str, int], float] = field(default_factory=dict)
     mean: set[tuple[str, int]] = field(default_factory=set)
     eps: list[tuple[str, float | None, float]] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
@@ -78,8 +85,14 @@ def fill_kind(group: WidthGroup) -> str | None:
     return "zero" if norms == {"rms_norm"} else "mean"
 
 
-def plan_fill(groups: WidthGroups, widths: dict[str, int]) -> Fill:
+def plan_fill(
+    groups: WidthGroups, widths: dict[str, int], offsets: Mapping[str, float] | None = None
+) -> Fill:
     """The fill of every group in ``widths`` that a norm reads (see the module docstring).
+
+    ``offsets``: ``{norm module FQN: c}`` for norms that scale by ``c + weight``
+    (:func:`torch_embed.graph.hf.scales_by_one_plus_weight`: ``c = 1``); their rescaled
+    ``γ`` axes get the shift ``c``.
 
     Raises:
         ValueError: A norm over several groups, a mean-fill writer that is not a plain
@@ -101,12 +114,17 @@ def plan_fill(groups: WidthGroups, widths: dict[str, int]) -> Fill:
                     f"{_NAMES[norm.kind]} at `{norm.module}` normalises {list(norm.groups)}: "
                     f"filling {g.name!r} needs a norm over that group alone"
                 )
-            if norm.weight is not None:
-                out.gains[(norm.weight, 0)] = math.sqrt(d / wide)
-            else:  # written out (x * rsqrt(mean(x²) + eps) * w): its module's scale
-                for u in g.producers:
-                    if u.module == norm.module and u.op == "mul" and u.role == "per-channel":
-                        out.gains[(u.tensor, u.axis)] = math.sqrt(d / wide)
+            scaled = [(norm.weight, 0)] if norm.weight is not None else []
+            if norm.weight is None:  # written out (x * rsqrt(mean(x²) + eps) * w): its scale
+                scaled = [
+                    (u.tensor, u.axis)
+                    for u in g.producers
+                    if u.module == norm.module and u.op == "mul" and u.role == "per-channel"
+                ]
+            for key in scaled:
+                out.gains[key] = math.sqrt(d / wide)
+                if (offsets or {}).get(norm.module):
+                    out.shifts[key] = float((offsets or {})[norm.module])
             out.eps.append((norm.module, norm.eps, d / wide))
         if kind == "mean":
             first = next(n.module for n in groups.norms if g.name in n.groups)

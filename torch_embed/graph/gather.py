@@ -195,6 +195,14 @@ class AxisMap:
             ``None``: the null rows are zero (or ``null_fill``/``null_init``).
         buffer: Statistics (a BatchNorm's running mean and variance): mapped as by
             ``apply`` (copied, with ``null_fill``) for gradients and second moments too.
+        shift: A finite float ``c``: the tensor stores ``γ − c``, not the ``γ`` this map
+            is written for (a Gemma RMSNorm computes ``x·(1 + w)``: ``c = 1``). ``apply``
+            maps ``t + c`` in float64 (``gain``, ``null_fill``: in ``γ``'s terms) and
+            subtracts ``c``, rounding once to the tensor's dtype: ``w' = g·(1 + w) − 1``,
+            and a null entry with ``γ = 0`` stores ``−c``. Gradients and second moments
+            map as for ``γ`` (``∂L/∂w = ∂L/∂γ``). Only on a copied (``"copy"``) axis, not
+            with ``mean``, ``null_init``, ``offset``, ``null_rows`` or ``buffer``; every
+            axis of one tensor has the same ``shift``.
     """
 
     tensor: str
@@ -212,6 +220,7 @@ class AxisMap:
     offset: Tensor | None = None
     null_rows: Tensor | None = None
     buffer: bool = False
+    shift: float = 0.0
     _cache: dict[Any, Any] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -241,6 +250,29 @@ class AxisMap:
             _check_matrix(self, "offset", self.offset, "split", 1)
         if self.null_rows is not None:
             _check_matrix(self, "null_rows", self.null_rows, "copy", 0)
+        if isinstance(self.shift, bool) or not isinstance(self.shift, (int, float)):
+            kind = type(self.shift).__name__
+            raise TypeError(f"{_where(self)}: shift must be a float, got {kind}")
+        if not math.isfinite(self.shift):
+            raise ValueError(f"{_where(self)}: shift must be finite, got {self.shift}")
+        if self.shift:
+            clash = [
+                name
+                for name, on in (
+                    ("role 'split'", self.role != "copy"),
+                    ("mean", self.mean),
+                    ("null_init", bool(self.null_init)),
+                    ("offset", self.offset is not None),
+                    ("null_rows", self.null_rows is not None),
+                    ("buffer", self.buffer),
+                )
+                if on
+            ]
+            if clash:
+                raise ValueError(
+                    f"{_where(self)}: shift (a stored γ − {self.shift:g}) is for a copied "
+                    f"per-channel scale only, not with {', '.join(clash)}"
+                )
 
     def _index(self) -> tuple[int, Tensor]:
         """``(keep, tail)``: the identity prefix's length and the other sources (cached).
@@ -372,6 +404,16 @@ def map_tensors(
             continue
         how = "apply" if all(a.buffer for a in group) else what
         t = tensors[name]
+        shifts = {a.shift for a in group}
+        if len(shifts) > 1:
+            raise ValueError(
+                f"AxisMaps of {name!r} give different shifts {sorted(shifts)}: one tensor "
+                f"stores one γ − shift"
+            )
+        shift = shifts.pop() if how == "apply" else 0.0
+        dtype = t.dtype
+        if shift:  # map γ = t + shift in float64, subtract the shift, round once
+            t = t.to(torch.float64) + shift
         # plain axes first: a grouped in-axis reads the (new) output segments
         todo = sorted(group, key=lambda a: a.groups > 1)
         while todo:
@@ -408,6 +450,8 @@ def map_tensors(
                     null = a._null()
                     rows = moved(a.null_rows[null], t.device).to(t.dtype)
                     t.index_copy_(0, moved(null, t.device), rows)
+        if shift:
+            t = (t - shift).to(dtype)
         out[name] = t
     if what != "apply":
         for name, value in (null_values or {}).items():

@@ -29,8 +29,9 @@ Three things make a ``transformers`` model widen like any other traced model:
   config number cannot hold, leave the config as it was, with a ``UserWarning`` that
   says why.
 - **Norms that scale by ``1 + weight``** (Gemma's RMSNorms, found by
-  :func:`scales_by_one_plus_weight`): the zero-fill's gain on ``γ`` would be an affine
-  map of the stored weight, so it is refused before anything changes.
+  :func:`scales_by_one_plus_weight`; :func:`norm_offsets` names them for the planner):
+  the zero-fill's gain on ``γ`` is an affine map of the stored weight,
+  ``w' = √(D/D')·(1 + w) − 1`` (:attr:`torch_embed.graph.gather.AxisMap.shift`).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import math
 import re
 import sys
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -53,6 +54,7 @@ from torch_embed.graph.handlers import Resize, register_handler
 __all__ = [
     "config_updates",
     "is_transformers_model",
+    "norm_offsets",
     "register_handlers",
     "scales_by_one_plus_weight",
     "tracing",
@@ -386,7 +388,6 @@ def transformers_updates(
     """
     if "transformers" not in sys.modules or not shapes:
         return [], []
-    _refuse_offset_fill(model, updates)
     view = _View(model, shapes, _merged(updates))
     extra: list[tuple[object, dict[str, object]]] = []
     for fqn, module in model.named_modules():
@@ -434,40 +435,27 @@ def scales_by_one_plus_weight(cls: type[nn.Module]) -> bool:
     return _ONE_PLUS_WEIGHT_SEEN[cls]
 
 
-def _refuse_offset_fill(
-    model: nn.Module, updates: Sequence[tuple[object, Mapping[str, object]]]
-) -> None:
-    """Refuse a zero-fill of the stream a ``(1 + weight)`` RMSNorm normalises.
+def norm_offsets(model: nn.Module, modules: Iterable[str]) -> dict[str, float]:
+    """``{FQN: 1.0}`` for each of ``modules`` that scales by ``1 + weight``.
 
-    The zero-fill (graph/fill.py) keeps an RMSNorm's output by ``γ_old × √(D/D')``
-    with eps × D/D' (its eps update is how it shows here). With ``γ = 1 + w`` that is
-    ``w' = √(D/D')·(1 + w) − 1``: an affine map of the stored weight, which the
-    planner's maps (linear in every tensor) would write as ``√(D/D')·w``. Called
-    before anything is installed, so the model is left as it was.
+    The zero-fill (graph/fill.py) keeps an RMSNorm's output with ``γ_old × √(D/D')``;
+    for these norms that is ``w' = √(D/D')·(1 + w) − 1`` on the stored weight
+    (:attr:`torch_embed.graph.gather.AxisMap.shift`). A name that is not a submodule of
+    ``model`` is left out.
 
-    Raises:
-        ValueError: Such a norm's eps is rescaled; the message names it and the rule.
+    >>> from torch import nn
+    >>> norm_offsets(nn.Sequential(nn.RMSNorm(4)), ["0"])
+    {}
     """
-    from torch_embed.graph.fill import EPS_ATTRIBUTES  # fill imports the tracer, which imports hf
-
-    names = {id(m): fqn for fqn, m in model.named_modules()}
-    for module, values in updates:
-        if not isinstance(module, nn.Module):
+    out: dict[str, float] = {}
+    for fqn in dict.fromkeys(modules):
+        try:
+            module = model.get_submodule(fqn)
+        except AttributeError:
             continue
-        cls = type(module)
-        if not cls.__module__.startswith("transformers."):
-            continue
-        if not set(values) & set(EPS_ATTRIBUTES) or not scales_by_one_plus_weight(cls):
-            continue
-        raise ValueError(
-            f"widen: {cls.__name__} at `{names.get(id(module), '?')}` scales by (1 + weight) "
-            f"(γ = 1 + w, Gemma's RMSNorm): the zero-fill of the stream it normalises keeps "
-            f"its output with γ × √(D/D'), that is w' = √(D/D')·(1 + w) − 1, an affine map "
-            f"of the weight that torch_embed's linear maps cannot write (not supported "
-            f"yet). Grow the residual width by uniform copies (Split or Net2Net to a "
-            f"multiple of its width; a tied LM head must be untied first), or leave it as "
-            f"it is; the model was left unchanged"
-        )
+        if scales_by_one_plus_weight(type(module)):
+            out[fqn] = 1.0
+    return out
 
 
 def _pretrained_roots(model: nn.Module) -> list[tuple[str, nn.Module]]:

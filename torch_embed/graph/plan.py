@@ -627,6 +627,7 @@ def plan_groups(
     *,
     generator: torch.Generator | None = None,
     tensors: Mapping[str, Tensor] | None = None,
+    norm_offsets: Mapping[str, float] | None = None,
 ) -> GroupEmbedding:
     """Plan the embedding of a traced model's groups to ``new_widths``.
 
@@ -640,6 +641,9 @@ def plan_groups(
         tensors: The model's parameters and buffers by FQN; read by ``select="norm"``
             and by :class:`~torch_embed.RandomPad` (the shapes: which tensors are
             biases, and the fan-in that bounds them).
+        norm_offsets: ``{norm module FQN: c}`` for norms that scale by ``c + weight``
+            (Gemma's ``1 + w``): a zero-fill rescales their stored weight affinely
+            (:func:`torch_embed.graph.fill.plan_fill`).
 
     Raises:
         ValueError: Unknown or rigid groups, widths the group's rules forbid (the
@@ -691,7 +695,7 @@ def plan_groups(
         if gain != 1.0:
             gains[g.name] = gain
         scales.extend(patch)
-    fill = plan_fill(groups, widths) if isinstance(cfg, Null) else None
+    fill = plan_fill(groups, widths, norm_offsets) if isinstance(cfg, Null) else None
     noise, seed = 0.0, 0
     init, scale = "", 0.0
     if isinstance(cfg, Net2Net) and cfg.noise > 0:
@@ -733,6 +737,7 @@ def plan_groups(
                 if (a.tensor, a.axis) in fill.gains
                 else a.gain,
                 mean=(a.tensor, a.axis) in fill.mean,
+                shift=fill.shifts.get((a.tensor, a.axis), a.shift),
             )
             for a in axes
         )
