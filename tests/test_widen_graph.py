@@ -40,7 +40,8 @@ SCHEMES: list[Scheme] = [
     DEFAULT_SCHEME,  # Net2Net with exact symmetric noise
 ]
 RULE = re.compile(
-    r"(LayerNorm|GroupNorm|RMSNorm) at `[\w.]+`: uniform copies or mean-fill|grouped conv at "
+    r"(LayerNorm at `[\w.]+`: uniform copies or mean-fill|RMSNorm at `[\w.]+`: uniform copies "
+    r"or zero-fill|GroupNorm at `[\w.]+`: uniform copies \()|grouped conv at "
     r"`[\w.]+` \(groups=\d+\): every group must grow by the same amount|a 3-way split adds 2"
 )
 
@@ -656,3 +657,28 @@ def test_default_scheme_noise_breaks_symmetry_and_keeps_output() -> None:
     again = emb.apply(narrow)
     for n, t in model.state_dict().items():
         assert torch.equal(again[n], t), n
+
+
+class _RMSNormed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.norm, self.fc2 = nn.Linear(4, 6), nn.RMSNorm(6), nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.norm(self.fc1(x)))  # type: ignore[no-any-return]
+
+
+def test_a_norm_refusal_names_its_own_fill() -> None:
+    """Split to a non-multiple under an RMSNorm: the message names zero-fill, RMSNorm's
+    rule (it said "mean-fill", LayerNorm's, for every norm), and the model is unchanged;
+    Null then grows it at that width."""
+    torch.manual_seed(0)
+    model = _RMSNormed().double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    before = model(x).detach()
+    with pytest.raises(ValueError, match=r"RMSNorm at `norm`: uniform copies or zero-fill \("):
+        torch_embed.widen(model, {"fc1": 9}, "split", example_inputs=x)
+    assert model.fc1.out_features == 6
+    torch_embed.widen(model, {"fc1": 9}, torch_embed.Null(), example_inputs=x)
+    assert model.fc1.out_features == 9
+    assert float((model(x).detach() - before).abs().max()) <= 1e-12 * float(before.abs().max())

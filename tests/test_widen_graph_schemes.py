@@ -44,7 +44,8 @@ CASES = [
     "convnext_block",
 ]
 RULE = re.compile(
-    r"(LayerNorm|GroupNorm|RMSNorm) at `[\w.]+`: uniform copies or mean-fill|grouped conv at "
+    r"(LayerNorm at `[\w.]+`: uniform copies or mean-fill|RMSNorm at `[\w.]+`: uniform copies "
+    r"or zero-fill|GroupNorm at `[\w.]+`: uniform copies \()|grouped conv at "
     r"`[\w.]+` \(groups=\d+\): every group must grow by the same amount"
 )
 

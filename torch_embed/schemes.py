@@ -431,6 +431,9 @@ class UnitRules:
         unit: What messages call one of its units (``"neuron"``, ``"unit"``).
         uniform: Why every unit must be copied the same number of times (``"LayerNorm
             at `ln`"``); empty when nothing requires it.
+        fill: The null units that keep ``uniform``'s norm exact at any width under the
+            ``Null`` scheme (``"zero-fill"`` under RMSNorm, ``"mean-fill"`` under
+            LayerNorm); empty when there are none (GroupNorm).
         segments: Copies stay in their source's segment (``segments`` contiguous equal
             parts), every segment grows by the same amount (GroupNorm, grouped conv).
         segmented: Why (``"grouped conv at `c` (groups=4)"``).
@@ -445,6 +448,12 @@ class UnitRules:
     segmented: str = ""
     no_copies: str = ""
     no_null: str = ""
+    fill: str = ""
+
+    @property
+    def uniform_rule(self) -> str:
+        """What ``uniform`` allows: ``"uniform copies"``, ``"... or zero-fill"``, ..."""
+        return "uniform copies" + (f" or {self.fill}" if self.fill else "")
 
 
 def _kway(alpha: object) -> list[float] | None:
@@ -538,12 +547,12 @@ def plan_units(
         raise ValueError(f"{rules.no_null}; use Split")
     if extra and null and rules.uniform:
         raise ValueError(
-            f"{rules.uniform}: uniform copies or mean-fill (every unit copied the same number "
+            f"{rules.uniform}: {rules.uniform_rule} (every unit copied the same number "
             f"of times); null units change its statistics ({rules.where})"
         )
     if rules.uniform and w % m:
         raise ValueError(
-            f"{rules.uniform}: uniform copies or mean-fill (every unit copied the same number "
+            f"{rules.uniform}: {rules.uniform_rule} (every unit copied the same number "
             f"of times): {rules.where} of {m} units cannot become {w}, which is not a "
             f"multiple of {m}"
         )
@@ -571,7 +580,7 @@ def plan_units(
             )
         if select is not None:
             raise ValueError(
-                f"{rules.uniform}: uniform copies or mean-fill (every unit copied the same "
+                f"{rules.uniform}: {rules.uniform_rule} (every unit copied the same "
                 f"number of times): explicit select indices cannot be used for {rules.where}"
             )
         chosen = [
@@ -685,7 +694,7 @@ def _general_units(
     if rules.uniform and w > m:
         if bool((~valid).any()) or bool((counts != counts[0]).any()):
             raise ValueError(
-                f"{rules.uniform}: uniform copies or mean-fill (every unit copied the same "
+                f"{rules.uniform}: {rules.uniform_rule} (every unit copied the same "
                 f"number of times): General.sources for {rules.where} copies its units "
                 f"{sorted(set(counts.tolist()))} times"
                 + (" and adds null units" if bool((~valid).any()) else "")

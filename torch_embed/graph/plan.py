@@ -80,6 +80,8 @@ _UNIFORM = ("layer_norm", "rms_norm", "mean", "var", "norm", "group_norm")
 _SEGMENTED = ("group_norm", "grouped_conv")
 _REFUSED = ("softmax",)
 _NORM_NAMES = {"layer_norm": "LayerNorm", "rms_norm": "RMSNorm", "group_norm": "GroupNorm"}
+#: The Null scheme's fill that keeps each norm exact at any width (graph/fill.py)
+_FILLS = {"layer_norm": "mean-fill", "rms_norm": "zero-fill"}
 
 
 def group_rules(group: WidthGroup) -> UnitRules:
@@ -90,7 +92,7 @@ def group_rules(group: WidthGroup) -> UnitRules:
             activations over the group), naming the op.
     """
     uniform, segments, why = False, 1, ""
-    no_copies = no_null = ""
+    no_copies = no_null = fill = ""
     for c in group.constraints:
         if c.kind in _REFUSED:
             raise ValueError(
@@ -100,6 +102,7 @@ def group_rules(group: WidthGroup) -> UnitRules:
         if c.kind in _UNIFORM and not uniform:
             uniform = True
             why = f"{_NORM_NAMES.get(c.kind, c.kind)} at `{c.module}`"
+            fill = _FILLS.get(c.kind, "")
         if c.kind in _SEGMENTED and c.groups > 1:
             segments = math.lcm(segments, c.groups)
             if not why:
@@ -116,6 +119,7 @@ def group_rules(group: WidthGroup) -> UnitRules:
         why,
         no_copies,
         no_null,
+        fill,
     )
 
 
