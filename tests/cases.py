@@ -573,3 +573,18 @@ def brute_gradient(
 def counts(ev: torch.Tensor, tol: float) -> tuple[int, int, int]:
     """``(negative, zero, positive)`` counts of eigenvalues ``ev`` with zero tolerance ``tol``."""
     return (int((ev < -tol).sum()), int((ev.abs() <= tol).sum()), int((ev > tol).sum()))
+
+
+def adam_replay(
+    emb: object, init: dict[str, torch.Tensor], grads: list[dict[str, torch.Tensor]], lr: float
+) -> tuple[dict[str, nn.Parameter], torch.optim.Adam]:
+    """Adam replayed on the wide model: start at ``emb.apply(init)`` (the embedded narrow
+    start), then one step per narrow gradient mapped by ``emb.map_gradients``. What an
+    optimizer whose state ``widen`` mapped must hold (the brute-force reference)."""
+    replay = {n: nn.Parameter(t.clone()) for n, t in emb.apply(init).items()}  # type: ignore[attr-defined]
+    optimizer = torch.optim.Adam(list(replay.values()), lr=lr)
+    for grad in grads:
+        for n, g in emb.map_gradients(grad).items():  # type: ignore[attr-defined]
+            replay[n].grad = g
+        optimizer.step()
+    return replay, optimizer

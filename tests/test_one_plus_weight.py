@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from cases import adam_replay
 from torch import Tensor, nn
 
 import torch_embed
@@ -139,12 +140,7 @@ def test_adam_state_equals_replay() -> None:
         model, {"embed": 13}, torch_embed.Null(), example_inputs=(idx,), optimizer=optimizer
     )
     assert isinstance(emb, GroupEmbedding)
-    replay = {n: nn.Parameter(t.clone()) for n, t in emb.apply(init).items()}
-    replay_opt = torch.optim.Adam(list(replay.values()), lr=0.01)
-    for grad in grads:
-        for n, g in emb.map_gradients(grad).items():
-            replay[n].grad = g
-        replay_opt.step()
+    replay, replay_opt = adam_replay(emb, init, grads, lr=0.01)
     for n, p in model.named_parameters():
         got, want = optimizer.state[p], replay_opt.state[replay[n]]
         for key in ("exp_avg", "exp_avg_sq"):

@@ -14,6 +14,7 @@ import warnings
 import pytest
 import torch
 import transformers
+from cases import adam_replay
 from torch import Tensor, nn
 from zoo_transformers import GPT, Llama, greedy
 
@@ -112,12 +113,7 @@ def test_tied_gpt_gradients_and_adam_map() -> None:
         assert p.grad is not None and mapped[n] is not None, n
         scale = max(float(narrow[n].abs().max()), 1e-3)
         assert float((p.grad - mapped[n]).abs().max()) <= 1e-11 * scale, n
-    replay = {n: nn.Parameter(t.clone()) for n, t in emb.apply(init).items()}
-    replay_opt = torch.optim.Adam(list(replay.values()), lr=0.01)
-    for grad in grads:
-        for n, g in emb.map_gradients(grad).items():
-            replay[n].grad = g
-        replay_opt.step()
+    replay, replay_opt = adam_replay(emb, init, grads, lr=0.01)
     for n, p in model.named_parameters():
         got, want = optimizer.state[p], replay_opt.state[replay[name.get(n, n)]]
         for key in ("exp_avg", "exp_avg_sq"):
