@@ -213,6 +213,31 @@ def check_matrix_shares(src: Tensor, coef: Tensor, m: int, rows: int, where: str
         raise ValueError(f"{where}: null neurons must have coefficient 0")
 
 
+def matrix_row_scales(
+    coef: Tensor, src_next: Tensor, beta_next: Tensor, m_next: int
+) -> Tensor | None:
+    """The error scalings ``β`` of a layer with a ``(wide_next, wide)`` coefficient matrix.
+
+    Wide unit ``j``'s back-propagated error is ``β_j`` times its source's when
+    ``Σ_{i: src_next(i) = h} coef[i, j]·β_next[i]`` is the same for every narrow unit
+    ``h`` of the next layer (``src_next``: the sources of the next layer's wide units,
+    ``-1`` null; ``beta_next``: their error scalings; ``m_next``: its narrow width). One
+    rule for an MLP's hidden layer and a traced width group read by one Linear.
+
+    Returns:
+        ``β`` (``(wide,)`` float64), or ``None`` when the sums differ (no linear gradient
+        map: the backward condition fails).
+    """
+    weighted = coef * beta_next[:, None]  # (wide_next, wide)
+    per_row = torch.zeros(m_next, coef.shape[1], dtype=torch.float64).index_add_(
+        0, src_next.clamp(min=0), torch.where(src_next[:, None] >= 0, weighted, 0.0)
+    )
+    beta = per_row[0]
+    if not torch.allclose(per_row, beta.expand_as(per_row), rtol=1e-9, atol=1e-12):
+        return None
+    return beta
+
+
 class EmbeddingKind(str, Enum):
     """What an embedding preserves.
 
@@ -534,14 +559,10 @@ class Embedding:
                     if beta_next is None
                     else self.layers[l + 1].source
                 )
-                m_next = int(src_next.max()) + 1
-                weighted = lm.coef * b_next[:, None]  # (wide_next, wide)
-                per_row = torch.zeros(m_next, lm.wide, dtype=torch.float64).index_add_(
-                    0, src_next.clamp(min=0), torch.where(src_next[:, None] >= 0, weighted, 0.0)
-                )
-                beta = per_row[0]
-                if not torch.allclose(per_row, beta.expand_as(per_row), rtol=1e-9, atol=1e-12):
+                matrix_beta = matrix_row_scales(lm.coef, src_next, b_next, int(src_next.max()) + 1)
+                if matrix_beta is None:
                     return None
+                beta = matrix_beta
             scales.append(beta)
             beta_next = beta
         scales.reverse()

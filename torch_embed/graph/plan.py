@@ -50,7 +50,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from torch_embed.embedding import LayerMap, check_matrix_shares, check_shares, check_sources
+from torch_embed.embedding import (
+    LayerMap,
+    check_matrix_shares,
+    check_shares,
+    check_sources,
+    matrix_row_scales,
+)
 from torch_embed.graph.attention import temperature, zero_extended
 from torch_embed.graph.embedding import AxisMap, GroupEmbedding, axis_map
 from torch_embed.graph.fill import fill_kind, plan_fill
@@ -832,12 +838,8 @@ def _matrices(
                 scalings[n] = dataclasses.replace(maps[n], coef=b)
             src_next, b_next = axis_map(out, scalings)
             m_next = out.size
-        weighted = lm.coef * b_next[:, None]  # (wide rows, wide)
-        per_row = torch.zeros(m_next, lm.wide, dtype=torch.float64).index_add_(
-            0, src_next.clamp(min=0), torch.where(src_next[:, None] >= 0, weighted, 0.0)
-        )
-        first = per_row[0]
-        if not torch.allclose(per_row, first.expand_as(per_row), rtol=1e-9, atol=1e-12):
+        first = matrix_row_scales(lm.coef, src_next, b_next, m_next)
+        if first is None:
             missing.append(name)
             return None
         betas[name] = first
